@@ -1,0 +1,23 @@
+# The README's two commands: `make demo` (main job on the embedded tiny preset) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint demo clean
+
+setup:
+	@bash scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup
+	@bash scripts/setup-test-deps.sh
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: setup
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,42 @@
+"""Shared fixtures. Ray tests start a capped local instance and shut it down; never `ray stop`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV_DATA = (ROOT.parent / "shared" / "data" / "dev").resolve()
+ASSET_PHOTOS = ROOT / "assets" / "photos"
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def dev_photos() -> list[Path]:
+    """Real photos for tests: ../shared/data/dev when present (CI has it), else the photos the project ships."""
+    root = DEV_DATA if DEV_DATA.is_dir() else ASSET_PHOTOS
+    return sorted(p for p in root.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    return dev_photos()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray with 2 CPUs and a capped object store, shut down after the module."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,91 @@
+"""Data-side configuration: curation and feature precompute (the Ray Data jobs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .schema import option
+
+
+@dataclass
+class CrawlConfig:
+    timeout_s: float = option(10.0, "Per-request timeout in seconds.", gt=0)
+    max_bytes: int = option(20 * 2**20, "Byte cap of one response body; larger answers are rejected (oversize).",
+                            ge=1)
+    max_redirects: int = option(5, "Redirects followed before a URL is rejected (redirect loop).", ge=0)
+    retries: int = option(2, "Retries for retryable failures (timeouts, 429, 5xx).", ge=0)
+    backoff_s: float = option(0.5, "Base of the exponential backoff between retries (Retry-After wins).", ge=0)
+    max_retry_after_s: float = option(30.0, "Longest Retry-After honoured; longer waits count as failures.", ge=0)
+    per_domain_rps: float = option(10.0, "Per-domain rate limit in requests per second (per worker).", gt=0)
+    per_domain_concurrency: int = option(4, "Concurrent requests per domain (per worker).", ge=1)
+    concurrency: int = option(32, "Concurrent requests per worker in total.", ge=1)
+    user_agent: str = option("vosr-curate/0.1 (+https://github.com/vosr-on-ray)", "User-Agent header sent.")
+    respect_noai: bool = option(True, "Skip responses with X-Robots-Tag noai / noimageai (img2dataset style).")
+    allow_private: bool = option(False, "Allow URLs that resolve to private, loopback or link-local addresses.")
+    allow_hosts: list[str] = option([], "Hosts or IPs allowed even when private (e.g. 127.0.0.1 in tests).")
+
+
+@dataclass
+class FilterConfig:
+    min_short_side: int = option(256, "Reject images whose short side is below this (paper s4.1 resolution "
+                                 "filter).", ge=1)
+    max_aspect_ratio: float = option(3.0, "Reject images whose long/short side ratio exceeds this.", ge=1)
+    max_pixels: int = option(64_000_000, "Decompression-bomb cap on width*height.", ge=1)
+    min_gradient: float = option(0.0, "Reject images whose mean gradient magnitude (0-255 scale) at the analysis "
+                                 "size is below this.", ge=0)
+    min_entropy: float = option(0.0, "Reject images whose grey-level entropy (bits) is below this.", ge=0)
+    analysis_size: int = option(256, "Short side the image is resized to before the gradient/entropy analysis.",
+                                ge=16)
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = option(True, "Run exact and near-duplicate removal.")
+    hamming: int = option(6, "Near-duplicate pHash Hamming radius k (banded LSH uses k+1 bands).", ge=0, le=31)
+    max_bucket: int = option(1000, "Cap on the size of one LSH bucket; larger buckets are split and counted.",
+                             ge=2)
+
+
+@dataclass
+class BalanceConfig:
+    enabled: bool = option(True, "Cap each category (MetaCLIP-style) after dedup.")
+    per_category_cap: int = option(1_000_000, "Most images kept per category t.", ge=1)
+    num_clusters: int = option(8, "k of k-means when the sources give no category.", ge=1)
+    sample_size: int = option(10_000, "Images sampled to fit the k-means centroids.", ge=1)
+
+
+@dataclass
+class CurateConfig:
+    sources: list[str] = option([], "Inputs: URL list files (.txt/.csv/.parquet with a url column), local "
+                                "folders, or s3:// prefixes.")
+    output: str = option("outputs/curated", "Output folder or s3:// prefix for the curated Parquet shards.")
+    rows_per_shard: int = option(256, "Rows per input block = per output shard.", ge=1)
+    num_shards_hint: int = option(0, "Input partitioning hint (0 = automatic).", ge=0)
+    crawl: CrawlConfig = option(CrawlConfig(), "HTTP crawl.")
+    filters: FilterConfig = option(FilterConfig(), "Quality filters.")
+    dedup: DedupConfig = option(DedupConfig(), "Exact and perceptual dedup.")
+    balance: BalanceConfig = option(BalanceConfig(), "Category balancing.")
+    s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
+
+
+@dataclass
+class PrecomputeConfig:
+    input: str = option("outputs/curated", "Curated shards (folder or s3:// prefix).")
+    output: str = option("outputs/features", "Feature shards output (folder or s3:// prefix).")
+    mode: str = option("materialize", "materialize (write K variants per image) or online (stream, write nothing).",
+                       choices=["materialize", "online"])
+    variants: int = option(2, "K, seeded LR variants per image.", ge=1)
+    dtype: str = option("float16", "Storage dtype of latents and tokens.", choices=["float16", "bfloat16", "float32"])
+    batch_size: int = option(8, "Encoder batch size.", ge=1)
+    encoder_concurrency: int = option(1, "Encoder actors.", ge=1)
+    num_gpus_per_encoder: float = option(0.0, "GPUs per encoder actor (0 on CPU machines).", ge=0)
+    rows_per_shard: int = option(64, "Images per feature shard.", ge=1)
+    s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
+
+
+@dataclass
+class DataConfig:
+    resolution: int = option(64, "HR crop size in pixels (METHOD.md s1: 512; paper's first stage 256).", ge=8)
+    holdout_fraction: float = option(0.1, "Fraction of ids held out for validation (chosen by id hash).", ge=0,
+                                     lt=1)
+    extra: dict[str, str] = field(default_factory=dict, metadata={"doc": "Free-form notes carried into metadata."})

@@ -1,0 +1,80 @@
+"""Training, distillation, inference, serving and evaluation configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .schema import option
+
+
+@dataclass
+class TrainConfig:
+    features: str = option("outputs/features", "Feature shards to train on, or the curated shards when online.")
+    online: bool = option(False, "Degrade and encode inside the data pipeline instead of reading features.")
+    storage_path: str = option("outputs/checkpoints", "Ray Train RunConfig storage (folder or s3://).")
+    steps: int = option(200, "Optimiser steps (paper: 400K per stage).", ge=1)
+    batch_size: int = option(8, "Global batch size (split across workers; paper: 256 at 512 px).", ge=1)
+    grad_accum: int = option(1, "Gradient accumulation micro-steps per optimiser step.", ge=1)
+    lr: float = option(1e-4, "Learning rate, constant after warm-up (paper Table 5: 1e-4 / 5e-5 / 2e-5).", gt=0)
+    warmup_steps: int = option(0, "Linear warm-up steps (paper: 0).", ge=0)
+    weight_decay: float = option(0.01, "AdamW weight decay on all parameters (paper Table 5).", ge=0)
+    betas: list[float] = option([0.9, 0.95], "AdamW betas (paper Table 5).")
+    grad_clip: float = option(1.0, "Global gradient-norm clip (paper Table 5).", gt=0)
+    ema_decay: float = option(0.9999, "EMA decay (paper Table 5).", ge=0, le=1)
+    num_workers: int = option(1, "Ray Train workers.", ge=1)
+    use_gpu: bool = option(False, "Give each worker a GPU (bf16 autocast there; fp32 on CPU).")
+    strategy: str = option("ddp", "Parallelism: ddp or fsdp.", choices=["ddp", "fsdp"])
+    checkpoint_every: int = option(50, "Steps between checkpoints.", ge=1)
+    keep_checkpoints: int = option(2, "Checkpoints kept (Ray CheckpointConfig num_to_keep).", ge=1)
+    max_failures: int = option(2, "Ray Train FailureConfig max_failures.", ge=-1)
+    validate_every: int = option(100, "Steps between validations (0 = only at the end).", ge=0)
+    val_images: int = option(4, "Held-out images used for validation.", ge=0)
+    log_every: int = option(10, "Steps between metric logs.", ge=1)
+    init_from: str = option("", "Checkpoint folder to start from (progressive stage; RoPE positions rebuilt).")
+    fail_at_step: int = option(-1, "Fault injection: a worker raises once at this step (-1 = off).", ge=-1)
+    s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
+
+
+@dataclass
+class DistillTrainConfig:
+    teacher: str = option("", "Teacher checkpoint folder (its EMA weights are used).")
+    register_name: str = option("vosr-student", "MLflow registered-model name of the student (empty = none).")
+
+
+@dataclass
+class InferenceConfig:
+    mode: str = option("onestep", "onestep (student) or multistep (teacher with guidance).",
+                       choices=["onestep", "multistep"])
+    checkpoint: str = option("", "Checkpoint folder or MLflow model URI (models:/name/version).")
+    tile_size: int = option(0, "Tile size in pixels (0 = no tiling; METHOD.md s8: 512 -> 64 latents).", ge=0)
+    tile_overlap: int = option(0, "Tile overlap in pixels (at least tile/8 latents is used).", ge=0)
+    color_fix: str = option("adain", "Colour fix against the bicubic LR: adain (default), wavelet, none.",
+                            choices=["adain", "wavelet", "none"])
+    upscale: int = option(4, "Upscale factor of the input (x4).", ge=1)
+    seed: int = option(42, "Noise seed (reference: 42).")
+    device: str = option("auto", "Device: auto, cpu or cuda.", choices=["auto", "cpu", "cuda"])
+
+
+@dataclass
+class ServeConfig:
+    host: str = option("127.0.0.1", "HTTP host of Ray Serve.")
+    port: int = option(8000, "HTTP port of Ray Serve.", ge=1, le=65535)
+    max_batch_size: int = option(8, "@serve.batch max batch size.", ge=1)
+    batch_wait_timeout_s: float = option(0.05, "@serve.batch wait timeout.", ge=0)
+    min_replicas: int = option(1, "Autoscaling minimum replicas.", ge=0)
+    max_replicas: int = option(1, "Autoscaling maximum replicas.", ge=1)
+    target_ongoing_requests: float = option(8.0, "Autoscaling target ongoing requests per replica.", gt=0)
+    max_body_bytes: int = option(20 * 2**20, "Largest accepted request body (413 above).", ge=1)
+    max_pixels: int = option(4_000_000, "Largest accepted input width*height (413 above).", ge=1)
+    api_key: str = option("", "When set, every request must send it as X-API-Key (401 otherwise).")
+
+
+@dataclass
+class EvalConfig:
+    hr_dir: str = option("", "Folder of HR images.")
+    lr_dir: str = option("", "Folder of paired LR images (empty = degrade HR with eval.degrade_preset).")
+    degrade_preset: str = option("realesrgan", "Degradation used to make LR when lr_dir is empty.",
+                                 choices=["realesrgan", "bicubic"])
+    crop: int = option(0, "Centre-crop HR to this size first (paper: 512; 0 = full image).", ge=0)
+    guidance_sweep: list[float] = option([-0.5, 0.0, 0.5, 1.0], "Guidance scales of the sweep plot (paper Fig. 4).")
+    output: str = option("outputs/eval", "Folder for the JSON, markdown table and plots.")

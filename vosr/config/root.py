@@ -1,0 +1,129 @@
+"""The one configuration schema every job loads: presets, YAML files and `--set` overrides."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import CurateConfig, DataConfig, PrecomputeConfig
+from .jobs import DistillTrainConfig, EvalConfig, InferenceConfig, ServeConfig, TrainConfig
+from .method import AutoencoderConfig, DegradeConfig, DistillConfig, FlowConfig, ModelConfig, SemanticConfig
+from .run import RunConfig
+from .schema import ConfigError, _closest, build, explain, option, parse_override, set_path, to_dict
+
+# Presets fill the method sections; a config file and --set overrides go on top.
+# Real-preset numbers: METHOD.md s4 table and paper A.3 (patch 2, MLP ratio 4, D/depth/heads).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model": {"hidden_size": 96, "depth": 4, "num_heads": 4},
+        "autoencoder": {"name": "pixel", "downsample": 4},
+        "semantic": {"name": "tiny_vit", "input_size": 64, "layer": 2, "width": 64, "depth": 3,
+                     "num_heads": 4, "patch_size": 8},
+        "data": {"resolution": 64},
+    },
+    "vosr-0.5b": {
+        "model": {"hidden_size": 1024, "depth": 28, "num_heads": 16},
+        "autoencoder": {"name": "sd21", "downsample": 8},
+        "semantic": {"name": "dinov2_vitb14", "input_size": 448, "layer": 8},
+        "data": {"resolution": 512},
+    },
+    "vosr-1.4b": {
+        "model": {"hidden_size": 1536, "depth": 36, "num_heads": 24},
+        "autoencoder": {"name": "qwen2d", "downsample": 8},
+        "semantic": {"name": "dinov2_vitl14", "input_size": 448, "layer": 17},
+        "data": {"resolution": 512},
+    },
+}
+
+
+@dataclass
+class Config:
+    preset: str = option("tiny", "Preset that fills model/autoencoder/semantic/data before the file's values.",
+                         choices=list(PRESETS))
+    run: RunConfig = option(RunConfig(), "Run naming, seed, Ray and MLflow.")
+    model: ModelConfig = option(ModelConfig(), "DiT backbone (METHOD.md s4).")
+    autoencoder: AutoencoderConfig = option(AutoencoderConfig(), "Latent space (METHOD.md s2).")
+    semantic: SemanticConfig = option(SemanticConfig(), "Semantic encoder (METHOD.md s3).")
+    flow: FlowConfig = option(FlowConfig(), "Flow matching, partial conditioning, guidance, sampler (METHOD.md s5-6).")
+    distill: DistillConfig = option(DistillConfig(), "One-step distillation (METHOD.md s7).")
+    degrade: DegradeConfig = option(DegradeConfig(), "Training-pair degradation (METHOD.md s1).")
+    data: DataConfig = option(DataConfig(), "Crops and splits.")
+    curate: CurateConfig = option(CurateConfig(), "Curation job (pipelines/curate.py).")
+    precompute: PrecomputeConfig = option(PrecomputeConfig(), "Feature precompute job (pipelines/precompute.py).")
+    train: TrainConfig = option(TrainConfig(), "Training jobs (training/pretrain.py, training/distill.py).")
+    distill_job: DistillTrainConfig = option(DistillTrainConfig(), "Distillation job specifics.")
+    inference: InferenceConfig = option(InferenceConfig(), "Upscaling (CLI, Serve, evaluation).")
+    serve: ServeConfig = option(ServeConfig(), "Ray Serve application.")
+    eval: EvalConfig = option(EvalConfig(), "Evaluation runner.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset, then `data`, then `section.key=value` overrides; validated against the schema."""
+    tree: dict[str, Any] = copy.deepcopy(data or {})
+    if not isinstance(tree, dict):
+        raise ConfigError("a configuration file must hold a mapping at the top level")
+    for text in overrides:
+        path, value = parse_override(text)
+        set_path(tree, path, value)
+    preset = tree.get("preset", "tiny")
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: {preset!r} is not valid; valid values (closest first): "
+                          f"{_closest(str(preset), PRESETS)}")
+    merged = _merge(copy.deepcopy(PRESETS[preset]), tree)
+    return build(Config, merged)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (or only the preset defaults when `path` is None) plus overrides."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a configuration file must hold a mapping at the top level")
+        data = loaded
+    return config_from_dict(data, overrides)
+
+
+def explain_config(section: str | None = None) -> str:
+    """Documentation of every key with its default (tiny preset defaults shown)."""
+    cfg = config_from_dict({})
+    if section:
+        names = [f.name for f in dataclasses.fields(Config)]
+        if section not in names:
+            raise ConfigError(f"unknown section '{section}'; valid sections (closest first): "
+                              f"{_closest(section, names)}")
+        f = next(f for f in dataclasses.fields(Config) if f.name == section)
+        tp = type(getattr(cfg, section))
+        if dataclasses.is_dataclass(tp):
+            return "\n".join([f"[{section}]  {f.metadata['doc']}", *explain(tp, section, getattr(cfg, section))])
+        return "\n".join(explain(Config, "", cfg)[:1])
+    return "\n".join(explain(Config, "", cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
