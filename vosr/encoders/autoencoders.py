@@ -1,0 +1,224 @@
+"""Latent autoencoders (METHOD.md s2): the SD2.1 VAE, the Qwen-Image VAE on single frames, and a pixel codec.
+
+Every codec maps images in [-1, 1] [B, 3, H, W] to *scaled* latents [B, C, H/f, W/f] (the tensors the DiT sees)
+and back. H and W must be multiples of f: padding to that multiple is the caller's job (METHOD.md s0 - the
+upscaler pads with reflection and crops back); other sizes are refused with a clear error.
+Weights are read from local folders only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .specs import autoencoder_spec, lookup
+from .weights import MissingWeightsError, files_sha256, find_diffusers_folder, offline
+
+SD21_SCALE = 0.18215  # METHOD.md s2: latent = sample * 0.18215, no shift
+PIXEL_SCALE = 2.0  # pixel codec: [-1, 1] pixels (std ~0.5 on photos) times 2 -> unit-ish latents; exact in fp32
+
+
+def _check_image(x: torch.Tensor, f: int, name: str) -> None:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name}.encode expects images [B, 3, H, W], got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h % f or w % f:
+        raise ValueError(f"{name}.encode: image size {h}x{w} is not a multiple of the autoencoder factor {f}; "
+                         f"pad to a multiple of {f} first (reflect) and crop the output back (METHOD.md s0)")
+
+
+def _check_latent(z: torch.Tensor, c: int, name: str) -> None:
+    if z.ndim != 4 or z.shape[1] != c:
+        raise ValueError(f"{name}.decode expects latents [B, {c}, h, w], got shape {tuple(z.shape)}")
+
+
+class PixelCodec:
+    """Weight-free space-to-depth codec: each f x f pixel block becomes 3 f^2 channels, times PIXEL_SCALE.
+
+    decode(encode(x)) == x bit for bit for x in [-1, 1] (scaling by a power of two is exact). `sample` and
+    `generator` are accepted for interface parity and ignored: the codec is deterministic.
+    """
+
+    name = "pixel"
+
+    def __init__(self, downsample: int, device: str | torch.device = "cpu"):
+        self.downsample = int(downsample)
+        self.latent_channels = 3 * self.downsample ** 2
+        self.device = torch.device(device)
+        self.codec = f"pixel-s2d-f{self.downsample}-x{PIXEL_SCALE:g}"
+
+    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
+        _check_image(x, self.downsample, self.name)
+        return F.pixel_unshuffle(x.to(self.device, torch.float32), self.downsample) * PIXEL_SCALE
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        _check_latent(z, self.latent_channels, self.name)
+        x = F.pixel_shuffle(z.to(self.device, torch.float32) / PIXEL_SCALE, self.downsample)
+        return x.clamp(-1.0, 1.0)
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "weights_sha256": hashlib.sha256(self.codec.encode()).hexdigest(),
+                "codec": self.codec, "scaling": f"latent = pixel_unshuffle(x, {self.downsample}) * {PIXEL_SCALE:g}",
+                "latent_channels": self.latent_channels, "downsample": self.downsample}
+
+
+class _DiffusersVAE:
+    """Common part of the two diffusers VAEs: frozen fp32 module, posterior sample or mode, clamped decode."""
+
+    name = ""
+    latent_channels = 0
+    downsample = 8
+
+    def __init__(self, vae: torch.nn.Module, folder, sample_default: bool, device):
+        self.device = torch.device(device)
+        self.vae = vae.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.folder = folder
+        self.sample_default = bool(sample_default)
+        self.weights_sha256 = files_sha256(sorted(folder.glob("*.safetensors")), folder)
+
+    def _posterior(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def _draw(self, x: torch.Tensor, sample: bool | None, generator: torch.Generator | None) -> torch.Tensor:
+        _check_image(x, self.downsample, self.name)
+        sample = self.sample_default if sample is None else bool(sample)
+        with torch.no_grad():
+            post = self._posterior(x.to(self.device, torch.float32))
+            return post.sample(generator=generator) if sample else post.mode()
+
+
+class SD21VAE(_DiffusersVAE):
+    """SD2.1 VAE (diffusers AutoencoderKL): latent = posterior sample (or mode) * 0.18215 (METHOD.md s2)."""
+
+    name = "sd21"
+    latent_channels = 4
+
+    def __init__(self, vae, folder, sample_default: bool, device):
+        super().__init__(vae, folder, sample_default, device)
+        cfg_scale = getattr(vae.config, "scaling_factor", SD21_SCALE)
+        if abs(float(cfg_scale) - SD21_SCALE) > 1e-6:
+            warnings.warn(f"sd21 VAE at {folder} declares scaling_factor {cfg_scale}; VOSR uses {SD21_SCALE} "
+                          "(METHOD.md s2)", stacklevel=3)
+        if vae.config.latent_channels != self.latent_channels:
+            raise ValueError(f"sd21 VAE at {folder} has {vae.config.latent_channels} latent channels, expected 4")
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        if self.downsample != 8:
+            warnings.warn(f"sd21 VAE at {folder} has spatial factor {self.downsample}, the SD2.1 VAE has 8",
+                          stacklevel=3)
+
+    def _posterior(self, x):
+        return self.vae.encode(x).latent_dist
+
+    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
+        return self._draw(x, sample, generator) * SD21_SCALE
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        _check_latent(z, self.latent_channels, self.name)
+        with torch.no_grad():
+            x = self.vae.decode(z.to(self.device, torch.float32) / SD21_SCALE).sample
+        return x.clamp(-1.0, 1.0)
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "weights_sha256": self.weights_sha256,
+                "scaling": f"latent = posterior * {SD21_SCALE}", "latent_channels": self.latent_channels,
+                "downsample": self.downsample}
+
+
+class Qwen2DVAE(_DiffusersVAE):
+    """Qwen-Image VAE (diffusers AutoencoderKLQwenImage) on single frames, per-channel normalised latents.
+
+    z = (sample - mean_c) / std_c with the 16 latents_mean / latents_std of the model config (METHOD.md s2);
+    decode runs the full decoder on z * std + mean and clamps to [-1, 1]. The temporal axis (one frame) is
+    added before the 3D-causal VAE and removed after it.
+    """
+
+    name = "qwen2d"
+    latent_channels = 16
+
+    def __init__(self, vae, folder, sample_default: bool, device):
+        super().__init__(vae, folder, sample_default, device)
+        cfg = vae.config
+        if cfg.z_dim != self.latent_channels:
+            raise ValueError(f"qwen2d VAE at {folder} has z_dim {cfg.z_dim}, expected 16")
+        if len(cfg.latents_mean) != cfg.z_dim or len(cfg.latents_std) != cfg.z_dim:
+            raise ValueError(f"qwen2d VAE at {folder}: latents_mean/latents_std must have {cfg.z_dim} entries")
+        self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.downsample = int(vae.spatial_compression_ratio)
+        if self.downsample != 8:
+            warnings.warn(f"qwen2d VAE at {folder} has spatial factor {self.downsample}, Qwen-Image has 8",
+                          stacklevel=3)
+
+    def _posterior(self, x):
+        return self.vae.encode(x.unsqueeze(2)).latent_dist
+
+    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
+        s = self._draw(x, sample, generator).squeeze(2)
+        return (s - self.mean) / self.std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        _check_latent(z, self.latent_channels, self.name)
+        with torch.no_grad():
+            raw = z.to(self.device, torch.float32) * self.std + self.mean
+            x = self.vae.decode(raw.unsqueeze(2)).sample.squeeze(2)
+        return x.clamp(-1.0, 1.0)
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "weights_sha256": self.weights_sha256,
+                "scaling": "latent = (posterior - latents_mean[c]) / latents_std[c]",
+                "latents_mean": [float(v) for v in self.mean.flatten()],
+                "latents_std": [float(v) for v in self.std.flatten()],
+                "latent_channels": self.latent_channels, "downsample": self.downsample}
+
+
+_SD21_HOW = ("Provide a local copy of the Hugging Face folder stabilityai/stable-diffusion-2-1/vae (config.json + "
+             "diffusion_pytorch_model.safetensors), e.g. fetched beforehand with `huggingface-cli download "
+             "stabilityai/stable-diffusion-2-1 --include 'vae/*' --local-dir DIR`, and set autoencoder.path=DIR "
+             "(the folder itself or its parent holding vae/). Nothing is downloaded by VOSR.")
+_QWEN_HOW = ("Provide a local copy of the Hugging Face folder Qwen/Qwen-Image/vae (config.json + "
+             "diffusion_pytorch_model.safetensors), e.g. fetched beforehand with `huggingface-cli download "
+             "Qwen/Qwen-Image --include 'vae/*' --local-dir DIR`, and set autoencoder.path=DIR "
+             "(the folder itself or its parent holding vae/). Nothing is downloaded by VOSR.")
+
+
+def _build_pixel(ae_cfg, device):
+    return PixelCodec(ae_cfg.downsample, device)
+
+
+def _build_sd21(ae_cfg, device):
+    from diffusers import AutoencoderKL
+
+    folder = find_diffusers_folder(ae_cfg.path, "sd21 VAE", _SD21_HOW)
+    with offline():
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    return SD21VAE(vae, folder, ae_cfg.sample_posterior, device)
+
+
+def _build_qwen2d(ae_cfg, device):
+    from diffusers import AutoencoderKLQwenImage
+
+    folder = find_diffusers_folder(ae_cfg.path, "qwen2d VAE", _QWEN_HOW)
+    with offline():
+        vae = AutoencoderKLQwenImage.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    return Qwen2DVAE(vae, folder, ae_cfg.sample_posterior, device)
+
+
+AUTOENCODERS = {"pixel": _build_pixel, "sd21": _build_sd21, "qwen2d": _build_qwen2d}
+
+
+def build_autoencoder(ae_cfg, device: str | torch.device = "cpu"):
+    """Build the configured autoencoder from local weights (see the module docstring for the interface)."""
+    builder = lookup(AUTOENCODERS, "autoencoder", ae_cfg.name)
+    codec = builder(ae_cfg, device)
+    spec = autoencoder_spec(ae_cfg)
+    if codec.latent_channels != spec.latent_channels:
+        raise ValueError(f"{ae_cfg.name}: built codec has {codec.latent_channels} latent channels but the static "
+                         f"spec says {spec.latent_channels}")
+    return codec
+
+
+__all__ = ["AUTOENCODERS", "MissingWeightsError", "PixelCodec", "Qwen2DVAE", "SD21VAE", "build_autoencoder"]

@@ -1,0 +1,202 @@
+"""Frozen semantic encoders (METHOD.md s3): DINOv2 ViT-B/14, ViT-L/14 and a tiny fixed-seed ViT, all timm.
+
+Input: the x4-upsampled LR image in [0, 1] [B, 3, H, W]. It is bicubic-resized to exactly input_size x input_size
+(aspect ratio ignored, as the reference does), clipped to [0, 1], ImageNet-normalised, and run through the ViT up
+to and including block `layer` (0-based). The output is that block's residual-stream tokens with the CLS token
+(and any register tokens) removed and no final norm: [B, (input_size // patch)^2, dim] float32.
+
+One code path for every encoder: timm's `VisionTransformer`. Weight files (`semantic.path`) may be .safetensors
+or .pth (read with torch.load(weights_only=True), never an arbitrary unpickle) in either key layout:
+  - timm layout (e.g. model.safetensors of the HF repo timm/vit_base_patch14_dinov2.lvd142m), or
+  - the original facebookresearch/dinov2 layout (dinov2_vitb14_pretrain.pth / dinov2_vitl14_pretrain.pth,
+    with mask_token; block_chunks=0 as in the torch.hub models).
+Both go through timm's own checkpoint filter, which also resamples the positional embedding from the
+checkpoint's grid (37x37 at 518 px) to the input grid (32x32 at 448) - bicubic without antialias, matching the
+original DINOv2 interpolation as closely as timm allows.
+
+tiny_vit: weights drawn from a fixed seed (semantic.seed) unless semantic.path is given. Its random weights carry
+NO semantics: it exists so the tiny preset exercises the exact conditioning path on a CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .specs import DINOV2_ARCH, lookup, semantic_arch, semantic_spec
+from .weights import MissingWeightsError, file_sha256, state_dict_sha256
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # METHOD.md s3
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DINOV2_LAYER_SCALE_INIT = 1e-5  # DINOv2 blocks carry LayerScale (ls1/ls2), as in timm's *_dinov2 models
+
+_HOW = {
+    "dinov2_vitb14": "a local copy of dinov2_vitb14_pretrain.pth (facebookresearch/dinov2 release) or of "
+                     "model.safetensors from the HF repo timm/vit_base_patch14_dinov2.lvd142m",
+    "dinov2_vitl14": "a local copy of dinov2_vitl14_pretrain.pth (facebookresearch/dinov2 release) or of "
+                     "model.safetensors from the HF repo timm/vit_large_patch14_dinov2.lvd142m",
+}
+
+
+def make_vit(arch: dict[str, int], input_size: int, layer_scale: bool) -> nn.Module:
+    """The timm VisionTransformer used by every semantic encoder (no head; CLS token, absolute positions)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=input_size, patch_size=arch["patch_size"], embed_dim=arch["dim"],
+                             depth=arch["depth"], num_heads=arch["num_heads"], num_classes=0,
+                             init_values=DINOV2_LAYER_SCALE_INIT if layer_scale else None)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or .pth file (pth: weights_only unpickling; 'model'/'state_dict' unwrapped)."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p), device="cpu")
+    if p.suffix in (".pth", ".pt", ".bin"):
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict", "teacher"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+        if not isinstance(state, dict):
+            raise ValueError(f"{p}: expected a state dict of tensors, found {type(state).__name__}")
+        return state
+    raise ValueError(f"{p}: unsupported weights file type {p.suffix!r}; use .safetensors or .pth")
+
+
+def load_vit_weights(vit: nn.Module, path: str | Path) -> None:
+    """Load timm- or original-DINOv2-layout weights into `vit` (strict), resampling the position grid."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the hub models' head is Identity
+    state = checkpoint_filter_fn(state, vit, interpolation="bicubic", antialias=False)
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the semantic ViT: missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]} (arch and key layout must match; see "
+                         "vosr/encoders/semantic.py)")
+
+
+def seeded_vit(arch: dict[str, int], input_size: int, layer_scale: bool, seed: int) -> nn.Module:
+    """A ViT whose random weights depend only on `seed` (drawn on the CPU generator, any device later)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return make_vit(arch, input_size, layer_scale)
+
+
+class SemanticEncoder(nn.Module):
+    """Frozen ViT feature extractor: upsampled LR in [0, 1] -> raw block-`layer` tokens [B, N, dim] float32."""
+
+    def __init__(self, name: str, vit: nn.Module, input_size: int, layer: int, weights_sha256: str,
+                 source: str):
+        super().__init__()
+        depth = len(vit.blocks)
+        if not 0 <= layer < depth:
+            raise ValueError(f"semantic.layer {layer} is out of range for {name} with {depth} blocks "
+                             f"(0-based; METHOD.md s3: 8 for ViT-B/14, 17 for ViT-L/14)")
+        vit.prune_intermediate_layers(indices=[layer], prune_norm=True, prune_head=True)  # blocks > layer unused
+        self.name = name
+        self.vit = vit
+        self.input_size = int(input_size)
+        self.layer = int(layer)
+        self.dim = int(vit.embed_dim)
+        grid = vit.patch_embed.grid_size
+        self.num_tokens = int(grid[0] * grid[1])
+        self.weights_sha256 = weights_sha256
+        self.source = source
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):  # frozen: always eval (no dropout / drop-path)
+        return super().train(False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Bicubic resize to input_size^2 (aspect ignored), clip to [0, 1], ImageNet normalisation."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"semantic encoder expects images [B, 3, H, W] in [0, 1], got {tuple(x.shape)}")
+        x = x.to(self.mean.device, torch.float32)
+        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
+        return (x.clamp(0.0, 1.0) - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.preprocess(x).to(self.vit.patch_embed.proj.weight.dtype)
+            (tokens,) = self.vit.forward_intermediates(x, indices=[self.layer], norm=False, stop_early=True,
+                                                       output_fmt="NLC", intermediates_only=True)
+        return tokens.float()
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "weights_sha256": self.weights_sha256, "layer": self.layer,
+                "input_size": self.input_size, "dim": self.dim, "num_tokens": self.num_tokens,
+                "source": self.source}
+
+
+def _weights_path(sem_cfg) -> Path | None:
+    if not sem_cfg.path:
+        return None
+    p = Path(sem_cfg.path).expanduser()
+    if not p.is_file():
+        how = _HOW.get(sem_cfg.name, "a weights file saved from this encoder (timm layout)")
+        raise MissingWeightsError(f"semantic encoder {sem_cfg.name}: weights file {p} not found. Provide {how} "
+                                  "at that path (downloaded by you beforehand; VOSR downloads nothing).")
+    return p
+
+
+def _build_dinov2(sem_cfg) -> SemanticEncoder:
+    arch = dict(lookup(DINOV2_ARCH, "semantic encoder", sem_cfg.name))
+    path = _weights_path(sem_cfg)
+    if path is None:
+        if not sem_cfg.allow_random:
+            raise MissingWeightsError(
+                f"semantic encoder {sem_cfg.name}: semantic.path is empty. Set semantic.path to {_HOW[sem_cfg.name]}"
+                " (downloaded by you beforehand; VOSR downloads nothing), or set semantic.allow_random=true for "
+                "tests/benchmarks only.")
+        warnings.warn(f"semantic encoder {sem_cfg.name} runs with RANDOM weights (semantic.allow_random=true): "
+                      "its tokens carry NO semantics; use this only for tests and benchmarks", stacklevel=3)
+        vit = seeded_vit(arch, sem_cfg.input_size, True, sem_cfg.seed)
+        return SemanticEncoder(sem_cfg.name, vit, sem_cfg.input_size, sem_cfg.layer,
+                               state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})")
+    vit = make_vit(arch, sem_cfg.input_size, True)
+    load_vit_weights(vit, path)
+    return SemanticEncoder(sem_cfg.name, vit, sem_cfg.input_size, sem_cfg.layer, file_sha256(path), str(path))
+
+
+def _build_tiny_vit(sem_cfg) -> SemanticEncoder:
+    """Small ViT for the tiny preset: fixed-seed random weights (no semantics) or weights from semantic.path."""
+    arch = semantic_arch(sem_cfg)
+    if arch["dim"] % arch["num_heads"]:
+        raise ValueError(f"semantic.width {arch['dim']} must be divisible by semantic.num_heads {arch['num_heads']}")
+    path = _weights_path(sem_cfg)
+    if path is None:
+        vit = seeded_vit(arch, sem_cfg.input_size, False, sem_cfg.seed)
+        return SemanticEncoder("tiny_vit", vit, sem_cfg.input_size, sem_cfg.layer,
+                               state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})")
+    vit = make_vit(arch, sem_cfg.input_size, False)
+    load_vit_weights(vit, path)
+    return SemanticEncoder("tiny_vit", vit, sem_cfg.input_size, sem_cfg.layer, file_sha256(path), str(path))
+
+
+SEMANTIC_ENCODERS = {"tiny_vit": _build_tiny_vit, "dinov2_vitb14": _build_dinov2, "dinov2_vitl14": _build_dinov2}
+
+
+def build_semantic_encoder(sem_cfg, device: str | torch.device = "cpu") -> SemanticEncoder:
+    """Build the configured frozen semantic encoder on `device` (see the module docstring)."""
+    builder = lookup(SEMANTIC_ENCODERS, "semantic encoder", sem_cfg.name)
+    enc = builder(sem_cfg)
+    spec = semantic_spec(sem_cfg)
+    if (enc.dim, enc.num_tokens) != (spec.dim, spec.num_tokens):
+        raise ValueError(f"{sem_cfg.name}: built encoder gives {enc.num_tokens} tokens of width {enc.dim}, the "
+                         f"static spec says {spec.num_tokens} x {spec.dim}")
+    return enc.to(device)
+
+
+__all__ = ["SEMANTIC_ENCODERS", "SemanticEncoder", "build_semantic_encoder", "load_vit_weights", "make_vit",
+           "read_state_dict"]
