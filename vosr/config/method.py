@@ -100,9 +100,92 @@ class DistillConfig:
     onestep_steps: int = option(1, "Steps of the few-step student sampler at inference (1 = one-step).", ge=1)
 
 
+_SIZES = [7, 9, 11, 13, 15, 17, 19, 21]  # Real-ESRGAN kernel_range: odd sizes 7..21 (METHOD.md s1)
+_FAMILIES = ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
+_FAMILY_PROBS = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # METHOD.md s1 random_mixed_kernels
+
+
+def _check_probs(name: str, probs: list[float], n: int) -> None:
+    if len(probs) != n:
+        raise ConfigError(f"{name}: expected {n} probabilities, got {len(probs)}")
+    if any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+        raise ConfigError(f"{name}: probabilities must be >= 0 and sum to 1, got {probs}")
+
+
+def _check_range(name: str, rng: list[float]) -> None:
+    if len(rng) != 2 or rng[0] > rng[1]:
+        raise ConfigError(f"{name}: expected [low, high] with low <= high, got {rng}")
+
+
+@dataclass
+class RealESRGANConfig:
+    """Every constant of the second-order Real-ESRGAN x4 degradation (METHOD.md s1, params_realsr.yml)."""
+
+    kernel_sizes: list[int] = option(_SIZES, "Odd blur/sinc kernel sizes drawn uniformly (METHOD.md s1: 7..21).")
+    kernel_pad_to: int = option(21, "Every kernel is zero-padded to this size (METHOD.md s1: 21).", ge=1)
+    kernel_families: list[str] = option(_FAMILIES, "Kernel families of random_mixed_kernels.")
+    kernel_probs: list[float] = option(_FAMILY_PROBS, "Probabilities of the first-stage families (METHOD.md s1).")
+    sinc_prob: float = option(0.1, "Probability that k1 is a sinc (circular low-pass) kernel.", ge=0, le=1)
+    blur_sigma: list[float] = option([0.2, 3.0], "Gaussian sigma range of k1 (METHOD.md s1).")
+    betag_range: list[float] = option([0.5, 4.0], "Generalised-Gaussian beta range of k1.")
+    betap_range: list[float] = option([1.0, 2.0], "Plateau beta range of k1.")
+    kernel_probs2: list[float] = option(_FAMILY_PROBS, "Probabilities of the second-stage families.")
+    sinc_prob2: float = option(0.1, "Probability that k2 is a sinc kernel.", ge=0, le=1)
+    blur_sigma2: list[float] = option([0.2, 1.5], "Gaussian sigma range of k2 (METHOD.md s1).")
+    betag_range2: list[float] = option([0.5, 4.0], "Generalised-Gaussian beta range of k2.")
+    betap_range2: list[float] = option([1.0, 2.0], "Plateau beta range of k2.")
+    final_sinc_prob: float = option(0.8, "Probability of the final sinc filter; otherwise a delta (METHOD.md s1).",
+                                    ge=0, le=1)
+    resize_modes: list[str] = option(["area", "bilinear", "bicubic"], "Interpolation modes drawn uniformly for "
+                                     "every resize, including the resize back to HR size.")
+    resize_prob: list[float] = option([0.2, 0.7, 0.1], "Stage-1 up / down / keep probabilities.")
+    resize_range: list[float] = option([0.15, 1.5], "Stage-1 factor: down ~ U(low, 1), up ~ U(1, high).")
+    gaussian_noise_prob: float = option(0.5, "Stage-1 probability of Gaussian (else Poisson) noise.", ge=0, le=1)
+    noise_range: list[float] = option([1.0, 30.0], "Stage-1 Gaussian sigma range, in 8-bit levels (/255).")
+    poisson_scale_range: list[float] = option([0.05, 3.0], "Stage-1 Poisson scale range.")
+    gray_noise_prob: float = option(0.4, "Stage-1 probability that the noise is grey (shared by channels).",
+                                    ge=0, le=1)
+    jpeg_range: list[float] = option([30.0, 95.0], "Stage-1 JPEG quality range.")
+    second_blur_prob: float = option(0.8, "Probability of the stage-2 blur with k2.", ge=0, le=1)
+    resize_prob2: list[float] = option([0.3, 0.4, 0.3], "Stage-2 up / down / keep probabilities.")
+    resize_range2: list[float] = option([0.3, 1.2], "Stage-2 factor s of the size (ori/scale)*s.")
+    gaussian_noise_prob2: float = option(0.5, "Stage-2 probability of Gaussian (else Poisson) noise.", ge=0, le=1)
+    noise_range2: list[float] = option([1.0, 25.0], "Stage-2 Gaussian sigma range, in 8-bit levels (/255).")
+    poisson_scale_range2: list[float] = option([0.05, 2.5], "Stage-2 Poisson scale range.")
+    gray_noise_prob2: float = option(0.4, "Stage-2 grey-noise probability.", ge=0, le=1)
+    jpeg_range2: list[float] = option([30.0, 95.0], "Final-step JPEG quality range.")
+    final_order_prob: float = option(0.5, "Probability of [resize + sinc] then JPEG (else JPEG first) "
+                                     "(METHOD.md s1: 50/50).", ge=0, le=1)
+
+    def validate(self) -> None:
+        n = len(self.kernel_families)
+        for fam in self.kernel_families:
+            if fam not in _FAMILIES:
+                raise ConfigError(f"degrade.realesrgan.kernel_families: unknown family {fam!r}; known: {_FAMILIES}")
+        _check_probs("degrade.realesrgan.kernel_probs", self.kernel_probs, n)
+        _check_probs("degrade.realesrgan.kernel_probs2", self.kernel_probs2, n)
+        _check_probs("degrade.realesrgan.resize_prob", self.resize_prob, 3)
+        _check_probs("degrade.realesrgan.resize_prob2", self.resize_prob2, 3)
+        for mode in self.resize_modes:
+            if mode not in ("area", "bilinear", "bicubic", "nearest"):
+                raise ConfigError(f"degrade.realesrgan.resize_modes: unknown mode {mode!r}")
+        if not self.kernel_sizes or any(k % 2 == 0 or k < 1 or k > self.kernel_pad_to for k in self.kernel_sizes):
+            raise ConfigError("degrade.realesrgan.kernel_sizes: odd sizes no larger than kernel_pad_to, got "
+                              f"{self.kernel_sizes}")
+        for name in ("blur_sigma", "betag_range", "betap_range", "blur_sigma2", "betag_range2", "betap_range2",
+                     "resize_range", "noise_range", "poisson_scale_range", "jpeg_range", "resize_range2",
+                     "noise_range2", "poisson_scale_range2", "jpeg_range2"):
+            _check_range(f"degrade.realesrgan.{name}", getattr(self, name))
+        for name in ("jpeg_range", "jpeg_range2"):
+            lo, hi = getattr(self, name)
+            if lo < 1 or hi > 100:
+                raise ConfigError(f"degrade.realesrgan.{name}: JPEG quality must lie in [1, 100]")
+
+
 @dataclass
 class DegradeConfig:
     preset: str = option("realesrgan", "Degradation preset: realesrgan (second-order Real-ESRGAN x4, METHOD.md s1) "
                          "or bicubic (classic x4 bicubic down).", choices=["realesrgan", "bicubic"])
     scale: int = option(4, "Super-resolution factor (x4 in the paper).", ge=1)
     resize_back: bool = option(True, "Resize the LR back to HR size (resize_bak=True, METHOD.md s1) before encoding.")
+    realesrgan: RealESRGANConfig = option(RealESRGANConfig(), "Parameters of the realesrgan preset (METHOD.md s1).")
