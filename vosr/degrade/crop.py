@@ -31,5 +31,5 @@ def random_crop(img: Image.Image, resolution: int, seed: int) -> tuple[np.ndarra
     g = torch.Generator().manual_seed(int(seed))
     left = int(torch.randint(0, w - resolution + 1, (1,), generator=g).item())
     top = int(torch.randint(0, h - resolution + 1, (1,), generator=g).item())
-    arr = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    arr = np.array(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
     return np.ascontiguousarray(arr), [left, top, resolution, resolution]
