@@ -75,7 +75,7 @@ class _DiffusersVAE:
 
     def __init__(self, vae: torch.nn.Module, folder, sample_default: bool, device):
         self.device = torch.device(device)
-        self.vae = vae.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)  # loaded as fp32 (METHOD.md s2)
         self.folder = folder
         self.sample_default = bool(sample_default)
         self.weights_sha256 = files_sha256(sorted(folder.glob("*.safetensors")), folder)
@@ -194,7 +194,8 @@ def _build_sd21(ae_cfg, device):
 
     folder = find_diffusers_folder(ae_cfg.path, "sd21 VAE", _SD21_HOW)
     with offline():
-        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                            torch_dtype=torch.float32, low_cpu_mem_usage=False)
     return SD21VAE(vae, folder, ae_cfg.sample_posterior, device)
 
 
@@ -203,7 +204,8 @@ def _build_qwen2d(ae_cfg, device):
 
     folder = find_diffusers_folder(ae_cfg.path, "qwen2d VAE", _QWEN_HOW)
     with offline():
-        vae = AutoencoderKLQwenImage.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        vae = AutoencoderKLQwenImage.from_pretrained(str(folder), local_files_only=True,
+                                                     use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)
     return Qwen2DVAE(vae, folder, ae_cfg.sample_posterior, device)
 
 
