@@ -38,7 +38,8 @@ class AutoencoderConfig:
     name: str = option("pixel", "Autoencoder registry name: pixel (weight-free space-to-depth codec), sd21 "
                        "(SD2.1 VAE, 4 channels), qwen2d (Qwen-Image VAE on single frames, 16 channels).",
                        choices=["pixel", "sd21", "qwen2d"])
-    path: str = option("", "Local folder with the VAE weights (diffusers layout). Unused by pixel.")
+    path: str = option("", "Local folder with the VAE weights in diffusers layout (config.json + *.safetensors): "
+                       "the vae folder itself or a repo folder holding vae/. Unused by pixel. Nothing is downloaded.")
     downsample: int = option(4, "Spatial factor of the pixel codec (sd21 and qwen2d are fixed at 8).", ge=1)
     sample_posterior: bool = option(True, "Encode with a posterior sample (reference behaviour) instead of the mode.")
     inference_sample_posterior: bool = option(True, "Posterior sample at inference too (METHOD.md s0: mode is an "
@@ -50,7 +51,8 @@ class SemanticConfig:
     name: str = option("tiny_vit", "Semantic encoder registry name: tiny_vit (small ViT, fixed-seed random weights; "
                        "carries no semantics), dinov2_vitb14, dinov2_vitl14.",
                        choices=["tiny_vit", "dinov2_vitb14", "dinov2_vitl14"])
-    path: str = option("", "Local weights file (.pth or .safetensors) for DINOv2; nothing is downloaded.")
+    path: str = option("", "Local weights file (.pth or .safetensors; timm or original DINOv2 key layout) for DINOv2, "
+                       "optional for tiny_vit; nothing is downloaded.")
     layer: int = option(2, "Block whose output is used, 0-based, CLS removed, no final norm (METHOD.md s3: 8 for "
                         "ViT-B/14, 17 for ViT-L/14).", ge=0)
     input_size: int = option(64, "Square input size the upsampled LR is bicubic-resized to (448 for DINOv2 -> "
@@ -61,7 +63,7 @@ class SemanticConfig:
     depth: int = option(3, "tiny_vit only: number of blocks.", ge=1)
     num_heads: int = option(4, "tiny_vit only: attention heads.", ge=1)
     patch_size: int = option(8, "tiny_vit only: patch size in pixels.", ge=1)
-    seed: int = option(1234, "tiny_vit only: seed of its fixed random weights.")
+    seed: int = option(1234, "Seed of the fixed random weights of tiny_vit (and of DINOv2 under allow_random).")
 
 
 @dataclass

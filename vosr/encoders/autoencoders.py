@@ -44,6 +44,7 @@ class PixelCodec:
     """
 
     name = "pixel"
+    sample_default = False  # deterministic: no posterior to sample
 
     def __init__(self, downsample: int, device: str | torch.device = "cpu"):
         self.downsample = int(downsample)
