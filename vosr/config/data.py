@@ -66,20 +66,37 @@ class CurateConfig:
     dedup: DedupConfig = option(DedupConfig(), "Exact and perceptual dedup.")
     balance: BalanceConfig = option(BalanceConfig(), "Category balancing.")
     s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
+    cpus_per_block: float = option(1.0, "CPUs Ray reserves per stage-1 block task (lower it for crawl-bound "
+                                   "URL lists so more blocks fetch at once).", gt=0)
+    fail_after_blocks: int = option(0, "Testing aid: stop with an error after this many stage-1 blocks finish in "
+                                    "this run (simulates a killed job; 0 = off).", ge=0)
+    fail_after_shards: int = option(0, "Testing aid: stop with an error after this many final shards are written "
+                                    "in this run (0 = off).", ge=0)
 
 
 @dataclass
 class PrecomputeConfig:
-    input: str = option("outputs/curated", "Curated shards (folder or s3:// prefix).")
-    output: str = option("outputs/features", "Feature shards output (folder or s3:// prefix).")
+    input: str = option("outputs/curated", "Curated output root (folder or s3:// prefix) whose shards/ are read.")
+    output: str = option("outputs/features", "Feature output root (folder or s3:// prefix).")
     mode: str = option("materialize", "materialize (write K variants per image) or online (stream, write nothing).",
                        choices=["materialize", "online"])
-    variants: int = option(2, "K, seeded LR variants per image.", ge=1)
-    dtype: str = option("float16", "Storage dtype of latents and tokens.", choices=["float16", "bfloat16", "float32"])
-    batch_size: int = option(8, "Encoder batch size.", ge=1)
-    encoder_concurrency: int = option(1, "Encoder actors.", ge=1)
-    num_gpus_per_encoder: float = option(0.0, "GPUs per encoder actor (0 on CPU machines).", ge=0)
-    rows_per_shard: int = option(64, "Images per feature shard.", ge=1)
+    variants: int = option(2, "K, seeded LR variants per image (each with its own crop and degradation).", ge=1)
+    dtype: str = option("float16", "Storage dtype of latents and tokens (bfloat16 is stored as uint16 bits).",
+                        choices=["float16", "bfloat16", "float32"])
+    batch_size: int = option(8, "Encoder batch size (rows of (image, variant) per actor call).", ge=1)
+    encoder_concurrency: int = option(1, "Encoder actors in the pool.", ge=1)
+    num_gpus_per_encoder: float = option(0.0, "GPUs per encoder actor (0 on CPU machines; the actor uses CUDA "
+                                         "when this is > 0).", ge=0)
+    num_cpus_per_encoder: float = option(1.0, "CPUs reserved per encoder actor.", ge=0)
+    degrade_batch_size: int = option(4, "Images per decode+crop+degrade CPU task batch.", ge=1)
+    num_cpus_per_degrade: float = option(1.0, "CPUs per decode+crop+degrade task.", gt=0)
+    rows_per_shard: int = option(64, "Unused for sharding (one feature shard per curated shard, so resumption is "
+                                 "deterministic); kept as the row-group size of the Parquet writer.", ge=1)
+    compression: str = option("zstd", "Parquet compression of feature shards.",
+                              choices=["zstd", "snappy", "lz4", "none"])
+    max_shards: int = option(0, "Process at most this many pending input shards (0 = all).", ge=0)
+    fail_after_shards: int = option(0, "Fault injection for tests: abort the run after writing this many shards "
+                                    "(0 = never).", ge=0)
     s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
 
 

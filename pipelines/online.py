@@ -1,0 +1,51 @@
+"""Online mode: the precompute stages as a streaming Ray Dataset that training consumes; nothing is written.
+
+    ds = online_dataset(cfg)                       # rows with the feature-shard schema (pipelines/feature_schema.py)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=B):
+        tensors = decode_feature_rows(batch, online_metadata(cfg))
+
+Same stage functions as pipelines/precompute.py (read_curated -> make_pairs -> Encoder), so for the same ids,
+variants and global seed both modes give identical degraded bytes and equal encodings (METHOD.md s0). A training
+loop that wants fresh degradations every epoch passes `variants=range(e * K, (e + 1) * K)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines import curate_schema, feature_schema  # noqa: E402
+from pipelines.feature_stages import degrade_and_encode, read_curated, strip_helpers  # noqa: E402
+
+
+def online_metadata(cfg) -> dict:
+    """What `_vosr_features.json` would say for this config (shapes, dtype, encoder identities)."""
+    from pipelines.precompute import encoder_identities
+
+    ae_id, sem_id = encoder_identities(cfg)
+    return feature_schema.build_metadata(cfg, ae_id, sem_id)
+
+
+def _drop_failed(batch):
+    import pyarrow.compute as pc
+
+    return strip_helpers(batch.filter(pc.equal(batch.column("error"), "")))
+
+
+def online_dataset(cfg, variants: Iterable[int] | None = None):
+    """A streaming ray.data.Dataset of feature rows (id, variant, seed, crop_box, image_size, hr_latent, lr_latent,
+    sem_tokens, degrade_params). Bad images are dropped (the materialised job counts them in its stats)."""
+    from pipelines.ray_env import init_ray
+
+    init_ray(cfg)
+    pcfg = cfg.precompute
+    files = curate_schema.shard_files(pcfg.input, pcfg.s3_endpoint_url)
+    if not files:
+        raise FileNotFoundError(f"no curated shards under {pcfg.input}/{curate_schema.SHARDS_DIR}")
+    vs = list(range(pcfg.variants)) if variants is None else [int(v) for v in variants]
+    ds = read_curated(files, pcfg.s3_endpoint_url)
+    ds = degrade_and_encode(ds, cfg, vs)
+    return ds.map_batches(_drop_failed, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
