@@ -30,7 +30,8 @@ def read_curated(files: list[str], endpoint_url: str = ""):
     fs, _ = storage.open_fs(files[0], endpoint_url)
     paths = [storage.open_fs(f, endpoint_url)[1] for f in files]
     # Dropped rows (kept = false, no image bytes) are skipped in make_pairs; see pipelines/curate_schema.py.
-    return ray.data.read_parquet(paths, filesystem=fs, columns=CURATED_COLUMNS + ["kept"], include_paths=True)
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
+    return ds.select_columns(CURATED_COLUMNS + ["kept", "path"])
 
 
 def make_pairs(batch: dict[str, np.ndarray], cfg_dict: dict, variants: list[int]) -> dict[str, np.ndarray]:
