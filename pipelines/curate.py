@@ -1,0 +1,394 @@
+"""Curation job: URL lists / folders / s3:// prefixes -> curated Parquet shards (paper s4.1 data recipe).
+
+    python pipelines/curate.py --config configs/curate/local.yaml [--set curate.output=...]
+    ray job submit --working-dir . -- python pipelines/curate.py --config configs/curate/urls.yaml
+
+Stages (each a named step below; Ray Data throughout, only counters reach the driver):
+  plan      sources -> input blocks (byte/row ranges of URL lists, runs of files), each named by a hash
+  stage 1   per block: fetch -> safe decode -> filters -> hashes/embedding -> ledger shard (skipped if present)
+  dedup     exact (pixel sha256 group-by) + near (banded-LSH group-by on pHash) -> edges -> components
+  balance   category from the list, else k-means on the cheap embedding; cap each category at t (seeded)
+  write     per block: final shard (CURATED_SCHEMA) + stats JSON, atomically; summary.json at the root
+A run killed at any point and re-run skips finished blocks and shards and ends with the same kept set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+
+from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, STAGE1_DIR, SUMMARY_FILE  # noqa: E402
+from pipelines.curation import balance, dedup, writer  # noqa: E402
+from pipelines.curation.raytools import column_sums, partitions  # noqa: E402
+from pipelines.curation.sources import Unit, plan_units  # noqa: E402
+from pipelines.curation.stage1 import run_unit, stage1_uri  # noqa: E402
+from vosr import storage  # noqa: E402
+
+STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
+                  "list_category", "embedding"]
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the fail_after_* testing knobs to simulate a job killed mid-way."""
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage1_salt(ccfg) -> str:
+    """What a block's ledger depends on besides its inputs: the filters and the schema version."""
+    return _fingerprint(SCHEMA_VERSION, asdict(ccfg.filters))
+
+
+# ------------------------------------------------------------------------------------------- stage 1
+
+def _stage1_task(row: dict, ccfg) -> dict:
+    return run_unit(Unit.from_row(row), row["key"], ccfg)
+
+
+def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
+    import ray.data
+
+    ep = ccfg.s3_endpoint_url
+    done = {Path(p).name[:-len(".parquet")] for p in
+            storage.list_files(storage.join(ccfg.output, STAGE1_DIR), ".parquet", ep)}
+    pending = [(u, k) for u, k in zip(units, keys) if k not in done]
+    log(f"[curate] stage 1: {len(units)} blocks, {len(units) - len(pending)} already done, {len(pending)} to run")
+    counts = {"blocks_run": 0, "blocks_skipped": len(units) - len(pending)}
+    if not pending:
+        return counts
+    items = [{**u.to_row(), "key": k} for u, k in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map(_stage1_task, fn_kwargs={"ccfg": ccfg}, num_cpus=ccfg.cpus_per_block)
+    for i, res in enumerate(ds.iter_rows(), 1):
+        st = json.loads(res["stats"]) if res["stats"] else {}
+        counts["blocks_run"] += 1
+        log(f"[curate] stage 1 block {i}/{len(pending)} {res['unit']}: seen {st.get('seen', 0)} ok {st.get('ok', 0)}"
+            f" in {st.get('seconds', 0):.2f}s")
+        if ccfg.fail_after_blocks and i >= ccfg.fail_after_blocks:
+            raise InjectedFault(f"fail_after_blocks={ccfg.fail_after_blocks} reached")
+    return counts
+
+
+# ------------------------------------------------------------------------------------------- dedup
+
+def _where(batch: pa.Table, column: str, op: str, value=None) -> pa.Table:
+    """Row filter on a pyarrow batch: op in eq, gt, le, null, notnull (explicit, no expression parser)."""
+    col = batch[column]
+    if value is not None:
+        value = pa.scalar(value, type=col.type)
+    mask = {"eq": lambda: pc.equal(col, value), "gt": lambda: pc.greater(col, value),
+            "le": lambda: pc.less_equal(col, value), "null": lambda: pc.is_null(col),
+            "notnull": lambda: pc.is_valid(col)}[op]()
+    return batch.filter(pc.fill_null(mask, False))
+
+
+def _flag_unlabelled(batch: pa.Table) -> pa.Table:
+    flag = pc.cast(pc.is_null(batch["list_category"]), pa.int8())
+    return batch.append_column("unlabelled", flag)
+
+
+def where(ds, column: str, op: str, value=None):
+    return ds.map_batches(_where, fn_kwargs={"column": column, "op": op, "value": value}, batch_format="pyarrow")
+
+
+def stage_dedup(meta, ccfg, info: dict):
+    """Duplicate decisions (DECISION_SCHEMA rows for the dropped duplicates) as a Ray Dataset, or None."""
+    dcfg = ccfg.dedup
+    n = meta.count()
+    edges_all = (meta.select_columns(["key", "sha256", "phash"])
+                 .map_batches(dedup.explode_buckets, fn_kwargs={"k": dcfg.hamming}, batch_format="pyarrow")
+                 .groupby("bucket", num_partitions=partitions(n * (dcfg.hamming + 2)))
+                 .map_groups(dedup.bucket_edges, fn_kwargs={"k": dcfg.hamming, "cap": dcfg.max_bucket},
+                             batch_format="pyarrow")).materialize()
+    sums = column_sums(edges_all, ["#a", "overflow"])
+    marks = edges_all.count() - sums["#a"]
+    info["bucket_overflow"] = {"buckets": marks, "rows": sums["overflow"]}
+    info["duplicate_edges"] = sums["#a"]
+    log(f"[curate] dedup: {info['duplicate_edges']} verified edges (exact + near), overflow {info['bucket_overflow']}")
+    if info["duplicate_edges"] == 0:
+        return None
+    edges = where(edges_all, "a", "notnull").select_columns(["a", "b"])
+    stars = dedup.connected_components(edges, column_sums, num_partitions=partitions(info["duplicate_edges"]),
+                                       log=log)
+    return stars.map_batches(_star_decisions, batch_format="pyarrow")
+
+
+def _star_decisions(batch: pa.Table) -> pa.Table:
+    a = batch["a"].to_pylist()
+    b = batch["b"].to_pylist()
+    n = len(a)
+    return pa.table({
+        "unit": [dedup.key_unit(k) for k in a], "row": [dedup.key_row(k) for k in a],
+        "kind": [writer.KIND_DECISION] * n, "id": [dedup.key_id(k) for k in a], "category": [None] * n,
+        "category_source": [None] * n, "duplicate_of": [dedup.key_id(k) for k in b], "drop_reason": ["duplicate"] * n,
+    }, schema=writer.DECISION_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------- balance
+
+def fit_centres(meta, ccfg, seed: int, info: dict):
+    """k-means centres on a deterministic sample of the rows without a listed category (None if none)."""
+    bcfg = ccfg.balance
+    n = column_sums(meta, ["unlabelled"])["unlabelled"]
+    info["unlabelled"] = n
+    if n == 0:
+        return None
+    frac = min(1.0, 2.0 * bcfg.sample_size / n)
+    threshold = min(2**63 - 1, int(frac * 2**63))
+    sample = (where(meta, "unlabelled", "eq", 1).select_columns(["id", "embedding"])
+              .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "kmeans-sample"},
+                           batch_format="pyarrow")
+              .map_batches(_where, fn_kwargs={"column": "prio", "op": "le", "value": threshold},
+                           batch_format="pyarrow")
+              .take_all())
+    sample.sort(key=lambda r: (r["prio"], r["id"]))
+    sample = sample[:bcfg.sample_size]
+    x = np.asarray([r["embedding"] for r in sample], dtype=np.float64)
+    centres = balance.kmeans_fit(x, bcfg.num_clusters, seed)
+    log(f"[curate] balance: k-means with k={len(centres)} fitted on {len(x)} of {n} unlabelled rows")
+    return centres
+
+
+def _merge_key_groups(group: pa.Table) -> pa.Table:
+    """Join by node key: a row's category record and, when present, its duplicate record."""
+    rows = group.to_pylist()
+    dup = next((r for r in rows if r["drop_reason"] == "duplicate"), None)
+    base = next((r for r in rows if r["drop_reason"] != "duplicate"), None)
+    if dup is not None:
+        out = {**dup, "category": base["category"] if base else None,
+               "category_source": base["category_source"] if base else None}
+    else:
+        out = base
+    out = {k: out[k] for k in writer.DECISION_SCHEMA.names}
+    return pa.Table.from_pylist([out], schema=writer.DECISION_SCHEMA)
+
+
+def _category_rows(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return pa.table({
+        "unit": batch["unit"], "row": batch["row"], "kind": pa.array([writer.KIND_DECISION] * n, pa.int8()),
+        "id": batch["id"], "category": batch["category"], "category_source": batch["category_source"],
+        "duplicate_of": pa.nulls(n, pa.string()), "drop_reason": pa.nulls(n, pa.string()),
+    }, schema=writer.DECISION_SCHEMA)
+
+
+def _with_key(batch: pa.Table) -> pa.Table:
+    keys = [f"{u}{int(r):08d}" for u, r in zip(batch["unit"].to_pylist(), batch["row"].to_pylist())]
+    return batch.append_column("rk", pa.array(keys, pa.string()))
+
+
+def _apply_cap(group: pa.Table, cap: int) -> pa.Table:
+    marked = balance.cap_group(group, cap)
+    reason = pc.if_else(marked["capped"], pa.scalar("category_cap"), pa.scalar(None, pa.string()))
+    return marked.set_column(marked.schema.get_field_index("drop_reason"), "drop_reason", reason).select(
+        writer.DECISION_SCHEMA.names)
+
+
+def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
+    """All per-row decisions (duplicate / category_cap / kept with its category) as a Ray Dataset."""
+    cats = (meta.select_columns(["unit", "row", "id", "list_category", "embedding"])
+            .map_batches(balance.assign_categories, fn_kwargs={"centres": centres}, batch_format="pyarrow")
+            .map_batches(_category_rows, batch_format="pyarrow"))
+    cap_can_bind = ccfg.balance.enabled and meta.count() > ccfg.balance.per_category_cap
+    if not cap_can_bind:  # no category can exceed t: the writer merges category and duplicate records by row
+        return cats if dup_decisions is None else cats.union(dup_decisions)
+    if dup_decisions is not None:
+        merged = (cats.union(dup_decisions).map_batches(_with_key, batch_format="pyarrow")
+                  .groupby("rk", num_partitions=partitions(meta.count())).map_groups(_merge_key_groups, batch_format="pyarrow")
+                  .select_columns(writer.DECISION_SCHEMA.names))
+    else:
+        merged = cats
+    merged = merged.materialize()
+    dups = where(merged, "drop_reason", "eq", "duplicate")
+    singles = (where(merged, "drop_reason", "null")
+               .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "balance"},
+                            batch_format="pyarrow")
+               .groupby("category", num_partitions=partitions(meta.count()))
+               .map_groups(_apply_cap, fn_kwargs={"cap": ccfg.balance.per_category_cap}, batch_format="pyarrow"))
+    return dups.union(singles)
+
+
+# ------------------------------------------------------------------------------------------- write
+
+def stage_write(decisions, keys: list[str], ccfg, resume: bool):
+    import ray.data
+
+    markers = ray.data.from_arrow(pa.table({
+        "unit": keys, "row": pa.array([-1] * len(keys), pa.int32()),
+        "kind": pa.array([writer.KIND_MARKER] * len(keys), pa.int8()), "id": pa.nulls(len(keys), pa.string()),
+        "category": pa.nulls(len(keys), pa.string()), "category_source": pa.nulls(len(keys), pa.string()),
+        "duplicate_of": pa.nulls(len(keys), pa.string()), "drop_reason": pa.nulls(len(keys), pa.string()),
+    }, schema=writer.DECISION_SCHEMA))
+    allrows = markers if decisions is None else markers.union(decisions)
+    return allrows.groupby("unit", num_partitions=partitions(len(keys), 64)).map_groups(
+        writer.write_unit_shard, fn_kwargs={"output": ccfg.output, "endpoint_url": ccfg.s3_endpoint_url,
+                                            "resume": resume}, batch_format="pyarrow")
+
+
+def remove_stale_shards(ccfg, keys: list[str]) -> int:
+    ep = ccfg.s3_endpoint_url
+    want = {f"part-{k}" for k in keys}
+    fs, _ = storage.open_fs(ccfg.output, ep)
+    removed = 0
+    for f in storage.list_files(storage.join(ccfg.output, SHARDS_DIR), endpoint_url=ep):
+        name = Path(f).name
+        stem = name.split(".", 1)[0]
+        if stem not in want:
+            fs.delete_file(storage.open_fs(f, ep)[1])
+            removed += 1
+    return removed
+
+
+# ------------------------------------------------------------------------------------------- job
+
+def _merge_counts(total: dict, part: dict) -> None:
+    for k, v in part.items():
+        if k == "unit":
+            continue
+        if isinstance(v, dict):
+            _merge_counts(total.setdefault(k, {}), v)
+        else:
+            total[k] = total.get(k, 0) + v
+
+
+def run(cfg) -> dict:
+    import ray.data
+
+    from pipelines.ray_env import init_ray
+
+    ccfg = cfg.curate
+    if not ccfg.sources:
+        raise ValueError("curate.sources is empty: give URL lists, folders or s3:// prefixes")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "")
+                                                               .split(os.pathsep) if p])
+    init_ray(cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    t0 = time.perf_counter()
+    ep = ccfg.s3_endpoint_url
+
+    # plan
+    units = plan_units(ccfg.sources, ccfg.rows_per_shard, ep)
+    salt = stage1_salt(ccfg)
+    keys = [u.key(salt) for u in units]
+    if len(set(keys)) != len(keys):
+        dupes = [k for k, n in Counter(keys).items() if n > 1]
+        raise ValueError(f"the same input block appears twice in curate.sources (block {dupes[0]})")
+    log(f"[curate] plan: {len(units)} input blocks from {len(ccfg.sources)} sources -> {ccfg.output}")
+    storage.makedirs(ccfg.output, ep)
+
+    # stage 1
+    s1 = stage_fetch_analyse(units, keys, ccfg)
+    t1 = time.perf_counter()
+
+    # stage 2: dedup + balance from the ledgers
+    info: dict = {}
+    fp2 = _fingerprint(sorted(keys), asdict(ccfg.dedup), asdict(ccfg.balance), cfg.run.seed, SCHEMA_VERSION)
+    fp_uri = storage.join(ccfg.output, "_stage2.json")
+    resume = storage.exists(fp_uri, ep) and json.loads(storage.read_bytes(fp_uri, ep))["fingerprint"] == fp2
+    if not resume:
+        storage.write_bytes_atomic(fp_uri, json.dumps({"fingerprint": fp2, "blocks": len(keys)}).encode(), ep)
+    info["stale_shards_removed"] = remove_stale_shards(ccfg, keys)
+    fs, _ = storage.open_fs(ccfg.output, ep)
+    paths = [storage.open_fs(stage1_uri(ccfg.output, k), ep)[1] for k in keys]
+    meta = None
+    n_ok = 0
+    if paths:
+        meta = (ray.data.read_parquet(paths, filesystem=fs, columns=STAGE1_COLUMNS)
+                .map_batches(_where, fn_kwargs={"column": "reason", "op": "eq", "value": "ok"},
+                             batch_format="pyarrow")
+                .map_batches(dedup.add_node_keys, batch_format="pyarrow")
+                .map_batches(_flag_unlabelled, batch_format="pyarrow")
+                .materialize())
+        n_ok = meta.count()
+    decisions = None
+    if n_ok:
+        dups = stage_dedup(meta, ccfg, info) if ccfg.dedup.enabled else None
+        centres = fit_centres(meta, ccfg, cfg.run.seed, info) if ccfg.balance.enabled else None
+        decisions = stage_balance(meta, dups, centres, ccfg, cfg.run.seed)
+    totals: dict = {}
+    written = skipped = 0
+    for res in stage_write(decisions, keys, ccfg, resume).iter_rows():
+        _merge_counts(totals, json.loads(res["stats"]))
+        written += not res["skipped"]
+        skipped += bool(res["skipped"])
+        if ccfg.fail_after_shards and written >= ccfg.fail_after_shards:
+            raise InjectedFault(f"fail_after_shards={ccfg.fail_after_shards} reached")
+    t2 = time.perf_counter()
+
+    summary = {
+        "schema_version": SCHEMA_VERSION, "output": ccfg.output, "blocks": len(keys),
+        "stage1_blocks_run": s1["blocks_run"], "stage1_blocks_skipped": s1["blocks_skipped"],
+        "shards_written": written, "shards_skipped": skipped,
+        "seen": totals.get("seen", 0), "fetched": totals.get("fetched", 0), "ok": totals.get("ok", 0),
+        "failed": totals.get("failed", {}), "filtered": totals.get("filtered", {}),
+        "duplicates": totals.get("duplicates", 0), "capped": totals.get("capped", 0), "kept": totals.get("kept", 0),
+        "kept_by_category": dict(sorted(totals.get("kept_by_category", {}).items())),
+        **info,
+        "seconds": {"stage1": round(t1 - t0, 3), "stage2": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
+    }
+    summary["throughput_images_per_s"] = round(summary["seen"] / max(t2 - t0, 1e-9), 3)
+    summary["stage1_images_per_s"] = round(
+        summary["seen"] / max(t1 - t0, 1e-9), 3) if s1["blocks_run"] == len(keys) else None
+    storage.write_bytes_atomic(storage.join(ccfg.output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(), ep)
+    if cfg.run.mlflow.enabled:
+        _track(cfg, summary)
+    return summary
+
+
+def _flat(prefix: str, d: dict, out: dict) -> dict:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flat(key + ".", v, out)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = v
+    return out
+
+
+def _track(cfg, summary: dict) -> None:
+    import mlflow
+
+    from vosr.config import to_dict
+    from vosr.tracking import setup_mlflow
+
+    setup_mlflow(cfg)
+    with mlflow.start_run(run_name=f"{cfg.run.name}-curate"):
+        params = {k: v for k, v in _flat("curate.", to_dict(cfg.curate), {}).items()}
+        params["curate.sources"] = ",".join(cfg.curate.sources)[:500]
+        mlflow.log_params(params)
+        mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in _flat("", summary, {}).items()})
+        mlflow.log_dict(summary, "curate_summary.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vosr.jobargs import parse_job_args
+
+    cfg, _ = parse_job_args("Curate web images into Parquet shards (Ray Data).", argv)
+    summary = run(cfg)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""Versioned schema of curated shards (the contract between curate and precompute).
+
+Layout under the output root (a folder or an s3:// prefix):
+
+    summary.json                      run summary: counts by reason, throughput, shard list
+    shards/part-<key>.parquet         curated rows (CURATED_SCHEMA), one shard per input block
+    shards/part-<key>.stats.json      per-shard stats (seen, fetched, failed/filtered by reason, duplicates, kept)
+    _stage1/<key>.parquet             stage-1 ledger: every input row with its outcome (STAGE1_SCHEMA)
+    _stage1/<key>.stats.json          stage-1 counts of that block
+    _stage2.json                      fingerprint of the decisions the final shards were written with
+
+Choice on dropped rows: every image that passed decoding and the quality filters has a row in the final
+shards. Rows kept for training have `kept = true` and `duplicate_of = null`. Near/exact duplicates have
+`kept = false`, `duplicate_of = <id of the kept representative>` and `drop_reason = "duplicate"`; rows cut by
+the per-category cap have `kept = false`, `drop_reason = "category_cap"`. Dropped rows carry no image bytes
+(`image = null`) to save storage; the bytes stay in `_stage1/` for a re-run with other settings. Inputs that
+failed to fetch or decode or were filtered out appear only in `_stage1/` and in the stats.
+
+Readers use `read_kept(uri)` (Ray Data) or `read_kept_table(uri)` (pyarrow), or filter with `KEPT_FILTER`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vosr import storage
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"vosr.curate.schema_version"
+
+CURATED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),       # content-derived id: blake2b(bytes sha256 | source)
+        pa.field("source", pa.string()),                   # URL or file URI
+        pa.field("image", pa.binary()),                    # original encoded bytes (null for dropped rows)
+        pa.field("format", pa.string()),                   # jpeg, png, webp, ...
+        pa.field("width", pa.int32()),                     # after EXIF orientation
+        pa.field("height", pa.int32()),
+        pa.field("sha256", pa.string()),                   # of the decoded RGB pixels (exact dedup key)
+        pa.field("phash", pa.int64()),                     # 64-bit pHash, bits as signed int64
+        pa.field("dhash", pa.int64()),                     # 64-bit dHash, bits as signed int64
+        pa.field("gradient", pa.float32()),                # mean gradient magnitude (0-255) at analysis size
+        pa.field("entropy", pa.float32()),                 # grey-level entropy (bits)
+        pa.field("category", pa.string()),                 # from the source list, else "cluster-<k>"
+        pa.field("category_source", pa.string()),          # "list" | "kmeans" | "none"
+        pa.field("duplicate_of", pa.string()),             # null for kept rows
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("drop_reason", pa.string()),              # null | "duplicate" | "category_cap"
+    ],
+    metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
+)
+
+STAGE1_SCHEMA = pa.schema(
+    [
+        pa.field("unit", pa.string(), nullable=False),     # key of the input block
+        pa.field("row", pa.int32(), nullable=False),       # position inside the block
+        pa.field("source", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),   # "ok" or the failure / filter code
+        pa.field("detail", pa.string()),
+        pa.field("list_category", pa.string()),            # category column of the URL list, if any
+        pa.field("id", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("format", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("sha256", pa.string()),
+        pa.field("phash", pa.int64()),
+        pa.field("dhash", pa.int64()),
+        pa.field("gradient", pa.float32()),
+        pa.field("entropy", pa.float32()),
+        pa.field("embedding", pa.list_(pa.float32())),
+    ],
+    metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
+)
+
+KEPT_FILTER = pc.field("kept") == pa.scalar(True)
+
+SHARDS_DIR = "shards"
+STAGE1_DIR = "_stage1"
+SUMMARY_FILE = "summary.json"
+
+
+def shard_files(uri: str, endpoint_url: str = "") -> list[str]:
+    """The final shard files under a curate output root, sorted."""
+    return storage.list_files(storage.join(uri, SHARDS_DIR), ".parquet", endpoint_url)
+
+
+def check_schema(schema: pa.Schema) -> None:
+    """Raise a clear error if a shard was written with another schema version."""
+    meta = schema.metadata or {}
+    version = meta.get(SCHEMA_VERSION_KEY)
+    if version is None or int(version) != SCHEMA_VERSION:
+        raise ValueError(f"curated shard has schema version {version!r}, this code reads {SCHEMA_VERSION}")
+    missing = [f.name for f in CURATED_SCHEMA if f.name not in schema.names]
+    if missing:
+        raise ValueError(f"curated shard lacks columns {missing}")
+
+
+def read_kept_table(uri: str, endpoint_url: str = "", columns: list[str] | None = None) -> pa.Table:
+    """All kept rows of a curate output root as one pyarrow table (small data / tests; no Ray)."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in shard_files(uri, endpoint_url):
+        fs, path = storage.open_fs(f, endpoint_url)
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        check_schema(pf.schema_arrow)
+        t = pf.read(columns=None)
+        t = t.filter(pc.equal(t["kept"], True))
+        tables.append(t.select(columns) if columns else t)
+    if not tables:
+        schema = CURATED_SCHEMA if not columns else pa.schema([CURATED_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def read_kept(uri: str, endpoint_url: str = "", columns: list[str] | None = None):
+    """Kept rows of a curate output root as a Ray Dataset (streams; nothing gathered on the driver)."""
+    import ray.data
+
+    files = shard_files(uri, endpoint_url)
+    if not files:
+        raise FileNotFoundError(f"no curated shards under {storage.join(uri, SHARDS_DIR)}")
+    fs, _ = storage.open_fs(files[0], endpoint_url)
+    paths = [storage.open_fs(f, endpoint_url)[1] for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns and sorted(set(columns) | {"kept"}),
+                               filter=KEPT_FILTER)
+    if columns and "kept" not in columns:
+        ds = ds.select_columns(columns)
+    return ds

@@ -1,0 +1,94 @@
+"""Final curated shards: one per input block, built from the block's stage-1 ledger and the stage-2 decisions
+for its rows, written atomically (stats JSON first, the Parquet shard last as the completion mark)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.curate_schema import CURATED_SCHEMA, SHARDS_DIR
+from pipelines.curation.stage1 import FILTER_REASONS, stage1_uri, table_bytes
+from vosr import storage
+from vosr.imageio import DECODE_REASONS
+
+DECISION_SCHEMA = pa.schema([
+    pa.field("unit", pa.string()), pa.field("row", pa.int32()), pa.field("kind", pa.int8()),
+    pa.field("id", pa.string()), pa.field("category", pa.string()), pa.field("category_source", pa.string()),
+    pa.field("duplicate_of", pa.string()), pa.field("drop_reason", pa.string()),
+])
+KIND_MARKER, KIND_DECISION = 0, 1
+RESULT_SCHEMA = pa.schema([pa.field("unit", pa.string()), pa.field("skipped", pa.bool_()),
+                           pa.field("stats", pa.string())])
+
+
+def shard_uri(output: str, unit: str, suffix: str = ".parquet") -> str:
+    return storage.join(output, SHARDS_DIR, f"part-{unit}{suffix}")
+
+
+def ledger_counts(ledger: pa.Table) -> dict:
+    reasons = Counter(ledger["reason"].to_pylist())
+    ok = reasons.pop("ok", 0)
+    filtered = {r: n for r, n in reasons.items() if r in FILTER_REASONS}
+    failed = {r: n for r, n in reasons.items() if r not in FILTER_REASONS}
+    fetch_failed = sum(n for r, n in failed.items() if r not in DECODE_REASONS)
+    seen = ledger.num_rows
+    return {"seen": seen, "fetched": seen - fetch_failed, "ok": ok, "failed": dict(sorted(failed.items())),
+            "filtered": dict(sorted(filtered.items()))}
+
+
+def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, resume: bool) -> pa.Table:
+    unit = group["unit"][0].as_py()
+    target = shard_uri(output, unit)
+    stats_uri = shard_uri(output, unit, ".stats.json")
+    if resume and storage.exists(target, endpoint_url) and storage.exists(stats_uri, endpoint_url):
+        stats = storage.read_bytes(stats_uri, endpoint_url).decode()
+        return pa.table({"unit": [unit], "skipped": [True], "stats": [stats]}, schema=RESULT_SCHEMA)
+    fs, path = storage.open_fs(stage1_uri(output, unit), endpoint_url)
+    with fs.open_input_file(path) as f:
+        ledger = pq.read_table(f)
+    decisions: dict[int, dict] = {}
+    for d in group.filter(pa.compute.equal(group["kind"], KIND_DECISION)).to_pylist():
+        cur = decisions.setdefault(d["row"], {"category": None, "category_source": None, "duplicate_of": None,
+                                              "drop_reason": None})
+        if d["category"] is not None:  # the category record (possibly with a cap drop)
+            cur["category"], cur["category_source"] = d["category"], d["category_source"]
+        if d["drop_reason"] == "duplicate":
+            cur["duplicate_of"], cur["drop_reason"] = d["duplicate_of"], "duplicate"
+        elif d["drop_reason"] is not None and cur["drop_reason"] is None:
+            cur["drop_reason"] = d["drop_reason"]
+    ok = ledger.filter(pa.compute.equal(ledger["reason"], "ok")).sort_by("row")
+    rows = []
+    cats: Counter = Counter()
+    dup = capped = kept_n = 0
+    for r in ok.to_pylist():
+        d = decisions.get(r["row"])
+        if d is None:
+            raise RuntimeError(f"no stage-2 decision for row {r['row']} of block {unit}")
+        drop = d["drop_reason"]
+        kept = drop is None
+        dup += drop == "duplicate"
+        capped += drop == "category_cap"
+        if kept:
+            kept_n += 1
+            cats[d["category"]] += 1
+        rows.append({"id": r["id"], "source": r["source"], "image": r["image"] if kept else None,
+                     "format": r["format"], "width": r["width"], "height": r["height"], "sha256": r["sha256"],
+                     "phash": r["phash"], "dhash": r["dhash"], "gradient": r["gradient"], "entropy": r["entropy"],
+                     "category": d["category"], "category_source": d["category_source"],
+                     "duplicate_of": d["duplicate_of"] if drop == "duplicate" else None, "kept": kept,
+                     "drop_reason": drop})
+    table = pa.Table.from_pylist(rows, schema=CURATED_SCHEMA)
+    stats = {"unit": unit, **ledger_counts(ledger), "duplicates": dup, "capped": capped, "kept": kept_n,
+             "kept_by_category": dict(sorted(cats.items()))}
+    text = json.dumps(stats, indent=1)
+    storage.write_bytes_atomic(stats_uri, text.encode(), endpoint_url)
+    storage.write_bytes_atomic(target, table_bytes(table), endpoint_url)
+    return pa.table({"unit": [unit], "skipped": [False], "stats": [text]}, schema=RESULT_SCHEMA)
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
