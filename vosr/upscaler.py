@@ -1,0 +1,254 @@
+"""Upscale images of any size with a VOSR checkpoint: one-step/few-step (student) or guided multi-step.
+
+Pipeline for a batch of same-size LR images (METHOD.md s8 with the project's decisions of s0):
+1. PIL bicubic upsample to exactly (w*u, h*u), to [0, 1] (this is also the colour-fix reference).
+2. Reflect-pad to a multiple of downsample*patch so the latent grid patchifies (METHOD.md s0); crop back at the end.
+3. Autoencoder-encode the whole padded image once ([-1, 1] in; posterior sample or mode per
+   autoencoder.inference_sample_posterior; each image draws from its own seeded generator).
+4. Semantic tokens of the whole image, or, when tiling, of each tile's matching pixel crop, encoded once.
+5. One full-size noise latent per image from its own seed, so a result never depends on the batch it is in.
+6. Euler integration with vosr.flow's velocity functions; with tiling the velocity is the Gaussian blend of the
+   tile velocities at every step (vosr.tiling.TiledVelocity).
+7. Decode the whole latent once, clamp, crop back, colour fix against the bicubic LR (adain default), and convert
+   to 8-bit by ROUNDING. The reference converts with ToPILImage, which truncates (floor), so its outputs are on
+   average half a grey level darker; rounding is the unbiased choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vosr import flow
+from vosr.colorfix import COLOR_FIXES, color_fix
+from vosr.seeding import derive_seed
+from vosr.tiling import TiledVelocity, reflect_pad, tile_grid
+
+MODES = ("onestep", "multistep")
+SCHEDULES = ("linear", "cosine")
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """Everything that changes one upscale call. `steps` = 0 means the mode's default."""
+
+    mode: str = "onestep"
+    steps: int = 0
+    guidance: float = 0.5
+    weak_strength: float = 0.15
+    schedule: str = "linear"
+    tile_size: int = 0
+    tile_overlap: int = 0
+    tile_batch: int = 4
+    color_fix: str = "adain"
+    upscale: int = 4
+    seed: int = 42
+
+    def validate(self) -> UpscaleOptions:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {list(SCHEDULES)}")
+        if self.color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix {self.color_fix!r} is not one of {list(COLOR_FIXES)}")
+        for name, lo in (("steps", 0), ("tile_size", 0), ("tile_overlap", 0), ("tile_batch", 1), ("upscale", 1)):
+            if int(getattr(self, name)) < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
+        if not 0.0 <= self.weak_strength <= 1.0:
+            raise ValueError(f"weak_strength must be in [0, 1], got {self.weak_strength}")
+        return self
+
+    def replace(self, **changes: Any) -> UpscaleOptions:
+        return dataclasses.replace(self, **changes).validate()
+
+    def batch_key(self) -> tuple:
+        """Options that must be equal for images to share one forward pass (seed and colour fix need not)."""
+        return (self.mode, self.steps, self.guidance, self.weak_strength, self.schedule, self.tile_size,
+                self.tile_overlap, self.tile_batch, self.upscale)
+
+
+def options_from_config(cfg) -> UpscaleOptions:
+    """Defaults from the config: inference.* plus flow.* (multi-step) and distill.onestep_steps (one-step)."""
+    inf = cfg.inference
+    return UpscaleOptions(
+        mode=inf.mode, steps=0, guidance=cfg.flow.guidance_scale, weak_strength=cfg.flow.weak_strength,
+        schedule=cfg.flow.schedule, tile_size=inf.tile_size, tile_overlap=inf.tile_overlap,
+        tile_batch=inf.tile_batch, color_fix=inf.color_fix, upscale=inf.upscale, seed=inf.seed,
+    ).validate()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("inference.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def pil_to_batch(images: Sequence[Image.Image]) -> torch.Tensor:
+    arrs = [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def batch_to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> 8-bit RGB images, rounded to nearest (not truncated like the reference)."""
+    arr = torch.round(x.detach().float().clamp(0, 1) * 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a), "RGB") for a in arr]
+
+
+def bicubic_upsample(img: Image.Image, factor: int) -> Image.Image:
+    """PIL bicubic to exactly (w*u, h*u) (METHOD.md s8 preprocessing)."""
+    img = img.convert("RGB")
+    if factor == 1:
+        return img
+    return img.resize((img.width * factor, img.height * factor), Image.BICUBIC)
+
+
+class Upscaler:
+    """Load once, upscale many. `checkpoint`: a checkpoint folder (config.json + model.safetensors) or a loaded
+    (model, cfg) pair; `cfg`: the run's Config, whose inference/flow options are the defaults of each call.
+
+    The checkpoint's own config decides the model, autoencoder and semantic encoder; a non-empty
+    autoencoder.path / semantic.path in `cfg` points at local weights on this machine instead.
+    """
+
+    def __init__(self, checkpoint: str | Path | tuple, cfg=None, device: str | None = None,
+                 use_ema: bool = True):
+        from vosr.encoders import build_autoencoder, build_semantic_encoder
+
+        if isinstance(checkpoint, tuple):
+            model, ckpt_cfg = checkpoint[0], checkpoint[1]
+            self.meta: dict[str, Any] = {}
+            self.checkpoint = "<in-memory>"
+        else:
+            from vosr.checkpoint import load_checkpoint
+
+            folder = str(checkpoint)
+            if "://" not in folder and not (Path(folder) / "config.json").is_file():
+                raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json); pass a folder "
+                                        "holding config.json + model.safetensors or a models:/ URI resolved by "
+                                        "inference/model_uri.py")
+            model, ckpt_cfg, self.meta = load_checkpoint(folder, use_ema=use_ema, device="cpu")
+            self.checkpoint = folder
+        run_cfg = cfg if cfg is not None else ckpt_cfg
+        self.cfg = run_cfg
+        self.model_cfg = ckpt_cfg
+        self.device = pick_device(device or run_cfg.inference.device)
+        ae_cfg = ckpt_cfg.autoencoder
+        sem_cfg = ckpt_cfg.semantic
+        if cfg is not None and cfg.autoencoder.path:
+            ae_cfg = dataclasses.replace(ae_cfg, path=cfg.autoencoder.path)
+        if cfg is not None and cfg.semantic.path:
+            sem_cfg = dataclasses.replace(sem_cfg, path=cfg.semantic.path)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.autoencoder = build_autoencoder(ae_cfg, device=self.device)
+        self.semantic = build_semantic_encoder(sem_cfg, device=self.device)
+        self.sample_posterior = bool(ae_cfg.inference_sample_posterior)
+        self.factor = int(self.autoencoder.downsample)
+        self.patch = int(getattr(model, "patch_size", ckpt_cfg.model.patch_size))
+        self.multiple = self.factor * self.patch
+        self.is_student = bool(getattr(model, "is_student", False))
+        self.defaults = options_from_config(run_cfg)
+        self.onestep_steps = int(run_cfg.distill.onestep_steps)
+        self.multistep_steps = int(run_cfg.flow.steps)
+
+    # --- public API -------------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "preset": self.model_cfg.preset, "student": self.is_student,
+                "device": str(self.device), "autoencoder": self.autoencoder.identity().get("name"),
+                "downsample": self.factor, "patch": self.patch,
+                "defaults": dataclasses.asdict(self.defaults)}
+
+    def resolve(self, options: UpscaleOptions | None = None, **overrides: Any) -> UpscaleOptions:
+        opts = (options or self.defaults).replace(**overrides) if overrides else (options or self.defaults)
+        opts = opts.validate()
+        if opts.mode == "multistep" and self.is_student:
+            raise ValueError("mode=multistep needs a multi-step (teacher) checkpoint; this checkpoint is the "
+                             "one-step student (guidance is distilled into it, METHOD.md s7)")
+        if opts.mode == "onestep" and not self.is_student:
+            raise ValueError("mode=onestep needs a distilled student checkpoint; this is a multi-step teacher")
+        if opts.steps == 0:
+            opts = opts.replace(steps=self.onestep_steps if opts.mode == "onestep" else self.multistep_steps)
+        return opts
+
+    def upscale(self, image: Image.Image, options: UpscaleOptions | None = None, **overrides: Any) -> Image.Image:
+        return self.upscale_batch([image], options, **overrides)[0]
+
+    @torch.inference_mode()
+    def upscale_batch(self, images: Sequence[Image.Image], options: UpscaleOptions | None = None,
+                      seeds: Sequence[int] | None = None, color_fixes: Sequence[str] | None = None,
+                      **overrides: Any) -> list[Image.Image]:
+        """Upscale same-size images in one batch; per-image seeds and colour fixes may differ."""
+        if not images:
+            return []
+        opts = self.resolve(options, **overrides)
+        sizes = {im.size for im in images}
+        if len(sizes) != 1:
+            raise ValueError(f"upscale_batch needs images of one size, got {sorted(sizes)}")
+        seeds = list(seeds) if seeds is not None else [opts.seed] * len(images)
+        fixes = list(color_fixes) if color_fixes is not None else [opts.color_fix] * len(images)
+        if len(seeds) != len(images) or len(fixes) != len(images):
+            raise ValueError("seeds and color_fixes need one entry per image")
+        for fix in fixes:
+            if fix not in COLOR_FIXES:
+                raise ValueError(f"color_fix {fix!r} is not one of {list(COLOR_FIXES)}")
+        up = pil_to_batch([bicubic_upsample(im, opts.upscale) for im in images]).to(self.device)
+        out = self._sample(up, opts, seeds)
+        fixed = torch.cat([color_fix(out[i:i + 1], up[i:i + 1], fixes[i]) for i in range(len(images))])
+        return batch_to_pil(fixed)
+
+    # --- internals --------------------------------------------------------------------------------------------
+    def _velocity_maker(self, opts: UpscaleOptions):
+        if opts.mode == "multistep":
+            return lambda lq, sem: flow.multistep_velocity_fn(self.model, lq, sem, opts.guidance, opts.weak_strength)
+        return lambda lq, sem: flow.fewstep_velocity_fn(self.model, lq, sem)
+
+    def _timesteps(self, opts: UpscaleOptions) -> torch.Tensor:
+        # the student's few-step sampler always runs on a linear schedule (METHOD.md s7)
+        return flow.timesteps(opts.steps, opts.schedule if opts.mode == "multistep" else "linear")
+
+    def _encode(self, padded01: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        lats = []
+        for i, seed in enumerate(seeds):
+            g = torch.Generator(device=self.device).manual_seed(derive_seed(int(seed), "posterior"))
+            lats.append(self.autoencoder.encode(padded01[i:i + 1] * 2 - 1, sample=self.sample_posterior,
+                                                generator=g))
+        return torch.cat(lats).float()
+
+    def _noise(self, lq: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        out = []
+        for seed in seeds:
+            g = torch.Generator(device="cpu").manual_seed(int(seed))
+            out.append(torch.randn(lq.shape[1:], generator=g, dtype=torch.float32))
+        return torch.stack(out).to(self.device, lq.dtype)
+
+    def _sample(self, up01: torch.Tensor, opts: UpscaleOptions, seeds: Sequence[int]) -> torch.Tensor:
+        padded, (h, w) = reflect_pad(up01, self.multiple)
+        lq = self._encode(padded, seeds)
+        noise = self._noise(lq, seeds)
+        make = self._velocity_maker(opts)
+        lh, lw = lq.shape[-2:]
+        if opts.tile_size > 0:
+            grid = tile_grid(lh, lw, opts.tile_size, opts.tile_overlap, self.factor, self.patch)
+            sem_tiles = []
+            for tile in grid.tiles:
+                ys, xs = tile.pixel_slice(self.factor)
+                sem_tiles.append(self.semantic(padded[:, :, ys, xs]).float())
+            velocity = TiledVelocity(make, lq, sem_tiles, grid, opts.tile_batch)
+        else:
+            velocity = make(lq, self.semantic(padded).float())
+        z0 = flow.euler_sample(velocity, noise, self._timesteps(opts))
+        x = self.autoencoder.decode(z0).clamp(-1, 1)
+        return ((x[:, :, :h, :w] + 1) / 2).clamp(0, 1)
+
+
+def load_upscaler(checkpoint: str, cfg=None, device: str | None = None) -> Upscaler:
+    """A checkpoint folder; `models:/` URIs are resolved by inference/model_uri.py before this is called."""
+    return Upscaler(checkpoint, cfg, device=device)
