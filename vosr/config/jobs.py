@@ -43,38 +43,60 @@ class DistillTrainConfig:
 
 @dataclass
 class InferenceConfig:
-    mode: str = option("onestep", "onestep (student) or multistep (teacher with guidance).",
+    mode: str = option("onestep", "onestep (distilled student, few-step with distill.onestep_steps) or multistep "
+                       "(teacher with guidance flow.guidance_scale, flow.steps Euler steps).",
                        choices=["onestep", "multistep"])
     checkpoint: str = option("", "Checkpoint folder or MLflow model URI (models:/name/version).")
-    tile_size: int = option(0, "Tile size in pixels (0 = no tiling; METHOD.md s8: 512 -> 64 latents).", ge=0)
-    tile_overlap: int = option(0, "Tile overlap in pixels (at least tile/8 latents is used).", ge=0)
-    color_fix: str = option("adain", "Colour fix against the bicubic LR: adain (default), wavelet, none.",
+    tile_size: int = option(0, "Tile size in pixels of the upsampled image (0 = no tiling; METHOD.md s8: 512 -> "
+                            "64 latents at f=8).", ge=0)
+    tile_overlap: int = option(0, "Tile overlap in pixels (at least tile/8 latents is used, METHOD.md s8).", ge=0)
+    tile_batch: int = option(4, "Tiles run through the DiT per forward pass when tiling.", ge=1)
+    color_fix: str = option("adain", "Colour fix against the bicubic LR: adain (default), wavelet (a Gaussian "
+                            "low/high swap, named as in the reference), none.",
                             choices=["adain", "wavelet", "none"])
-    upscale: int = option(4, "Upscale factor of the input (x4).", ge=1)
-    seed: int = option(42, "Noise seed (reference: 42).")
+    upscale: int = option(4, "Upscale factor of the input (x4; the LR is PIL-bicubic upsampled by it first).", ge=1)
+    seed: int = option(42, "Noise seed (reference: 42); each image draws from its own generator.")
     device: str = option("auto", "Device: auto, cpu or cuda.", choices=["auto", "cpu", "cuda"])
 
 
 @dataclass
 class ServeConfig:
-    host: str = option("127.0.0.1", "HTTP host of Ray Serve.")
+    host: str = option("127.0.0.1", "HTTP host of Ray Serve (loopback by default).")
     port: int = option(8000, "HTTP port of Ray Serve.", ge=1, le=65535)
-    max_batch_size: int = option(8, "@serve.batch max batch size.", ge=1)
+    max_batch_size: int = option(8, "@serve.batch max batch size (1 = no batching).", ge=1)
     batch_wait_timeout_s: float = option(0.05, "@serve.batch wait timeout.", ge=0)
     min_replicas: int = option(1, "Autoscaling minimum replicas.", ge=0)
     max_replicas: int = option(1, "Autoscaling maximum replicas.", ge=1)
     target_ongoing_requests: float = option(8.0, "Autoscaling target ongoing requests per replica.", gt=0)
+    max_ongoing_requests: int = option(64, "Requests a replica accepts at once (more wait in the proxy queue).",
+                                       ge=1)
+    replica_cpus: float = option(1.0, "CPUs reserved per replica (ray_actor_options.num_cpus).", gt=0)
+    replica_gpus: float = option(0.0, "GPUs reserved per replica (ray_actor_options.num_gpus).", ge=0)
     max_body_bytes: int = option(20 * 2**20, "Largest accepted request body (413 above).", ge=1)
     max_pixels: int = option(4_000_000, "Largest accepted input width*height (413 above).", ge=1)
-    api_key: str = option("", "When set, every request must send it as X-API-Key (401 otherwise).")
+    max_steps: int = option(50, "Largest `steps` query value accepted (422 above).", ge=1)
+    api_key: str = option("", "When set, every request must send it as X-API-Key (401 otherwise); the upload page "
+                          "itself is static and asks for the key.")
+    app_name: str = option("vosr", "Ray Serve application name.")
+    route_prefix: str = option("/", "Route prefix of the application.")
 
 
 @dataclass
 class EvalConfig:
-    hr_dir: str = option("", "Folder of HR images.")
-    lr_dir: str = option("", "Folder of paired LR images (empty = degrade HR with eval.degrade_preset).")
-    degrade_preset: str = option("realesrgan", "Degradation used to make LR when lr_dir is empty.",
-                                 choices=["realesrgan", "bicubic"])
-    crop: int = option(0, "Centre-crop HR to this size first (paper: 512; 0 = full image).", ge=0)
+    hr_dir: str = option("", "Folder of HR images (or a benchmark folder holding HR/ and LR/).")
+    lr_dir: str = option("", "Folder of paired LR images (empty = HR/../LR when it exists, else degrade HR with "
+                         "eval.degrade_preset).")
+    degrade_preset: str = option("realesrgan", "Degradation used to make LR when there is no LR folder (seeded "
+                                 "per image from run.seed).", choices=["realesrgan", "bicubic"])
+    crop: int = option(0, "Centre-crop HR to this size and LR to crop/scale first (paper: 512 GT / 128 LR; "
+                       "0 = full image).", ge=0)
+    max_images: int = option(0, "Evaluate at most this many images (0 = all).", ge=0)
+    teacher: str = option("", "Multi-step checkpoint (folder or models:/ URI) for the multi-step rows and the "
+                          "guidance sweep; empty = no multi-step rows.")
     guidance_sweep: list[float] = option([-0.5, 0.0, 0.5, 1.0], "Guidance scales of the sweep plot (paper Fig. 4).")
-    output: str = option("outputs/eval", "Folder for the JSON, markdown table and plots.")
+    sweep_steps: int = option(0, "Euler steps of the multi-step rows and the sweep (0 = flow.steps).", ge=0)
+    iqa_metrics: list[str] = option(["lpips", "dists", "niqe", "musiq", "maniqa", "topiq_nr", "afine"],
+                                    "pyiqa metrics to try (reported as skipped with the reason when pyiqa or its "
+                                    "weights are missing).")
+    output: str = option("outputs/eval", "Folder for the JSON, markdown table, plots and (optionally) images.")
+    save_images: bool = option(False, "Also write each row's SR images under <output>/images/<row>/.")
