@@ -33,12 +33,20 @@ class TrainConfig:
     init_from: str = option("", "Checkpoint folder to start from (progressive stage; RoPE positions rebuilt).")
     fail_at_step: int = option(-1, "Fault injection: a worker raises once at this step (-1 = off).", ge=-1)
     s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
+    adam_eps: float = option(1e-8, "AdamW epsilon (METHOD.md s5: 1e-8).", gt=0)
+    cpus_per_worker: float = option(1.0, "CPUs reserved per Ray Train worker (also its torch thread count on CPU).",
+                                    gt=0)
+    shuffle_buffer: int = option(64, "Rows in each worker's local shuffle buffer (0 = no local shuffle).", ge=0)
+    tf32: bool = option(True, "Allow TF32 matmuls on GPU (METHOD.md s5: TF32 enabled).")
+    cache_data: bool = option(False, "Materialise the (small) training set in the object store once, so epochs "
+                              "do not re-read the shards; leave off for large feature sets.")
 
 
 @dataclass
 class DistillTrainConfig:
     teacher: str = option("", "Teacher checkpoint folder (its EMA weights are used).")
     register_name: str = option("vosr-student", "MLflow registered-model name of the student (empty = none).")
+    teacher_use_ema: bool = option(True, "Load the teacher's EMA weights (METHOD.md s7: the multi-step EMA).")
 
 
 @dataclass

@@ -1,0 +1,50 @@
+"""One-step distillation of the multi-step teacher on Ray Train (METHOD.md s7), registered in MLflow.
+
+    python training/distill.py --config configs/distill/tiny.yaml --set distill_job.teacher=<checkpoint folder>
+
+The student starts from the teacher's EMA weights plus a fresh target-time embedding; the teacher is frozen.
+The loss is recursive consistency (distill.method=rcgm, default) or shortcut, with the teacher guidance omega
+from distill.omega. At the end the student's final checkpoint is registered in the MLflow model registry under
+distill_job.register_name; the summary JSON carries the registered version.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.job import run_job  # noqa: E402
+from vosr.jobargs import parse_job_args  # noqa: E402
+
+
+def _register(cfg):
+    def after_fit(summary, result, paths, tracking_uri, run_id):
+        name = cfg.distill_job.register_name
+        if not name or not tracking_uri or result.checkpoint is None:
+            return {"registered_model": None}
+        from training.registry import register_student
+
+        with tempfile.TemporaryDirectory(prefix="vosr-student-") as tmp:
+            folder = result.checkpoint.to_directory(str(Path(tmp) / "checkpoint"))
+            version = register_student(folder, name, tracking_uri, run_id)
+        return {"registered_model": {"name": name, "version": version, "uri": f"models:/{name}/{version}"}}
+    return after_fit
+
+
+def run(cfg) -> dict:
+    return run_job(cfg, "distill", after_fit=_register(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_job_args("Distil the VOSR teacher into a one-step student on Ray Train.", argv)
+    summary = run(cfg)
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""The driver side shared by pretrain.py and distill.py, as named stages:
+
+resolve_run -> finished_summary (a finished run does nothing new) -> connect -> open_data -> start_tracking ->
+fit (Ray TorchTrainer; FailureConfig retries, resumes from the latest checkpoint in the run's storage) ->
+summarise -> (distill: register) -> finish (summary.json + done marker in the storage path, MLflow run closed).
+
+A re-submitted job with the same run name and storage path resumes by itself: Ray Train finds the run's
+checkpoint snapshot there and `ray.train.get_checkpoint()` hands the latest one to the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vosr import storage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_INFO = "_vosr_run.json"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class RunPaths:
+    storage_uri: str      # train.storage_path, absolute when local
+    name: str             # run.name: the Ray Train run folder and the MLflow run name
+    run_uri: str          # storage_uri/name
+    endpoint: str
+
+    def file(self, name: str) -> str:
+        return storage.join(self.run_uri, name)
+
+
+def resolve_run(cfg: Any) -> RunPaths:
+    tc = cfg.train
+    uri = tc.storage_path
+    if not storage.is_remote(uri):
+        uri = str(Path(uri.removeprefix("file://")).resolve())
+    return RunPaths(uri, cfg.run.name, storage.join(uri, cfg.run.name), tc.s3_endpoint_url)
+
+
+def _read_json(uri: str, endpoint: str) -> dict[str, Any] | None:
+    if not storage.exists(uri, endpoint):
+        return None
+    return json.loads(storage.read_bytes(uri, endpoint))
+
+
+def _write_json(uri: str, data: dict[str, Any], endpoint: str) -> None:
+    storage.write_bytes_atomic(uri, json.dumps(data, indent=2, sort_keys=True).encode(), endpoint)
+
+
+def finished_summary(paths: RunPaths) -> dict[str, Any] | None:
+    """The stored summary when this run already finished (its done marker exists)."""
+    from training.loop import DONE_MARKER
+
+    done = _read_json(paths.file(DONE_MARKER), paths.endpoint)
+    if done is None:
+        return None
+    summary = _read_json(paths.file(SUMMARY), paths.endpoint) or {}
+    return {**summary, "skipped": True, "reason": "run already finished (done marker present)",
+            "steps_this_submission": 0}
+
+
+def connect(cfg: Any) -> None:
+    from pipelines.ray_env import init_ray
+
+    # A locally started Ray inherits this environment, so workers can import the project.
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(REPO_ROOT) not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *parts])
+    init_ray(cfg)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # keeps job logs readable
+
+
+def start_tracking(cfg: Any, paths: RunPaths, job: str) -> tuple[str, str]:
+    """(tracking URI, MLflow run id). A resumed run continues the MLflow run it started."""
+    if not cfg.run.mlflow.enabled:
+        return "", ""
+    from mlflow.tracking import MlflowClient
+
+    from vosr.config.schema import flatten
+    from vosr.tracking import resolve_tracking_uri, setup_mlflow
+
+    exp_id = setup_mlflow(cfg)
+    uri = resolve_tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    info = _read_json(paths.file(RUN_INFO), paths.endpoint)
+    if info and info.get("tracking_uri") == uri:
+        run_id = info["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "vosr.resubmitted", "true")
+        return uri, run_id
+    run = client.create_run(exp_id, run_name=paths.name, tags={"vosr.job": job, "vosr.preset": cfg.preset,
+                                                               "vosr.storage": paths.run_uri})
+    from training.tracking import RunLogger
+
+    params = {k: v for k, v in flatten(cfg.to_dict()).items()}
+    RunLogger(uri, run.info.run_id).params(params)
+    _write_json(paths.file(RUN_INFO), {"run_id": run.info.run_id, "tracking_uri": uri,
+                                       "experiment_id": exp_id, "job": job}, paths.endpoint)
+    return uri, run.info.run_id
+
+
+def _storage_filesystem(paths: RunPaths):
+    if storage.is_remote(paths.storage_uri):
+        fs, path = storage.open_fs(paths.storage_uri, paths.endpoint)
+        return fs, path
+    return None, paths.storage_uri
+
+
+def _worker_env() -> dict[str, Any] | None:
+    import ray
+
+    if "working_dir" in (ray.get_runtime_context().runtime_env or {}):
+        return None  # `ray job submit --working-dir .` already ships the project to every worker
+    return {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
+
+
+def fit(cfg: Any, job: str, paths: RunPaths, datasets: dict[str, Any], tracking_uri: str, run_id: str):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from training.loop import train_loop_per_worker
+
+    tc = cfg.train
+    fs, storage_path = _storage_filesystem(paths)
+    spec = {"job": job, "cfg": cfg.to_dict(), "run_uri": paths.run_uri, "endpoint": paths.endpoint,
+            "tracking_uri": tracking_uri, "run_id": run_id}
+    resources = {"CPU": tc.cpus_per_worker}
+    run_config = ray.train.RunConfig(
+        name=paths.name, storage_path=storage_path, storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        worker_runtime_env=_worker_env())
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=spec,
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=run_config, datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+    return trainer.fit()
+
+
+def checkpoint_uri(paths: RunPaths, checkpoint: Any) -> str:
+    if checkpoint is None:
+        return ""
+    return f"s3://{checkpoint.path}" if storage.is_remote(paths.storage_uri) else checkpoint.path
+
+
+def summarise(cfg: Any, job: str, paths: RunPaths, result: Any, run_id: str, wall_s: float,
+              start_step: int) -> dict[str, Any]:
+    metrics = dict(result.metrics or {})
+    steps = int(metrics.get("step", 0))
+    run_steps = max(steps - start_step, 0)
+    losses = {k.removeprefix("train/"): v for k, v in metrics.items()
+              if k.startswith("train/") and "loss" in k}
+    return {
+        "job": job,
+        "run_name": paths.name,
+        "steps": steps,
+        "steps_this_submission": run_steps,
+        "global_batch": cfg.train.batch_size,
+        "num_workers": cfg.train.num_workers,
+        "samples_per_s": round(run_steps * cfg.train.batch_size / max(wall_s, 1e-9), 3),
+        "samples_per_s_last_window": metrics.get("train/samples_per_s"),
+        "wall_s": round(wall_s, 2),
+        "final_losses": losses,
+        "validation": {k: v for k, v in metrics.items() if k.startswith("val/")},
+        "checkpoint_uri": checkpoint_uri(paths, result.checkpoint),
+        "storage_uri": paths.run_uri,
+        "mlflow_run_id": run_id,
+    }
+
+
+def latest_step(paths: RunPaths) -> int:
+    """Step of the latest finished checkpoint in the run's storage (0 when none)."""
+    files = storage.list_files(paths.run_uri, "config.json", paths.endpoint)
+    steps = []
+    for f in files:
+        folder = f.rsplit("/", 2)[-2]
+        if folder.startswith("checkpoint_"):
+            try:
+                steps.append(int(folder.split("_", 1)[1]))
+            except ValueError:
+                continue
+    return max(steps, default=0)
+
+
+def finish(paths: RunPaths, summary: dict[str, Any], tracking_uri: str, run_id: str) -> None:
+    from training.loop import DONE_MARKER
+
+    _write_json(paths.file(SUMMARY), summary, paths.endpoint)
+    _write_json(paths.file(DONE_MARKER), {"steps": summary["steps"], "time": time.time()}, paths.endpoint)
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.log_dict(run_id, summary, "summary.json")
+        client.set_terminated(run_id, "FINISHED")
+
+
+def fail_tracking(tracking_uri: str, run_id: str) -> None:
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, "FAILED")
+
+
+def run_job(cfg: Any, job: str, after_fit=None) -> dict[str, Any]:
+    """The whole driver for `job` ("pretrain" or "distill"). `after_fit(summary, result, paths)` may add keys."""
+    from training.data import training_datasets
+
+    stage_s: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def timed(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stage_s[name] = round(now - clock, 2)
+        clock = now
+
+    paths = resolve_run(cfg)
+    done = finished_summary(paths)
+    if done is not None:
+        return done
+    connect(cfg)
+    timed("connect")
+    train_ds, val_ds, data_info = training_datasets(cfg)
+    timed("open_data")
+    tracking_uri, run_id = start_tracking(cfg, paths, job)
+    timed("start_tracking")
+    start_step = latest_step(paths)
+    t0 = time.perf_counter()
+    try:
+        result = fit(cfg, job, paths, {"train": train_ds, "val": val_ds}, tracking_uri, run_id)
+    except BaseException:
+        fail_tracking(tracking_uri, run_id)
+        raise
+    timed("fit")
+    summary = summarise(cfg, job, paths, result, run_id, time.perf_counter() - t0, start_step)
+    summary["data"] = {k: v for k, v in data_info.items() if k != "metadata"}
+    if after_fit is not None:
+        summary.update(after_fit(summary, result, paths, tracking_uri, run_id) or {})
+        timed("after_fit")
+    summary["stage_s"] = stage_s
+    finish(paths, summary, tracking_uri, run_id)
+    return summary

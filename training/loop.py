@@ -1,0 +1,311 @@
+"""The Ray Train worker loop shared by pretrain.py and distill.py.
+
+Per worker: build the objective's model -> restore (latest Ray checkpoint, else `train.init_from`) -> wrap for
+DDP/FSDP -> stream its data shard -> optimise (AdamW, clip, constant LR with warm-up, EMA, accumulation) ->
+log (rank 0, MLflow) -> validate (rank 0) -> checkpoint (rank 0 writes, every rank reports).
+
+Randomness: each optimiser step of each rank draws from its own generator seeded by
+vosr.seeding.rank_seed(seed, rank, step) (METHOD.md s0: ranks never share a stream), so a resumed run draws the
+same numbers it would have drawn without the interruption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DONE_MARKER = "_vosr_done.json"
+FAULT_MARKER = "_vosr_fault_injected_step{step}"
+
+
+class FaultInjected(RuntimeError):
+    """Raised once by one worker at train.fail_at_step (fault-injection option)."""
+
+
+class ModelCall:
+    """Calls the wrapped (DDP/FSDP) module but exposes the inner model's attributes (is_student, ...)."""
+
+    def __init__(self, wrapped: nn.Module, inner: nn.Module):
+        self._wrapped = wrapped
+        self._inner = inner
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def local_micro_batch(global_batch: int, world: int, accum: int) -> int:
+    """The global batch is split across workers and accumulation micro-steps (METHOD.md s5: global batch)."""
+    if global_batch % (world * accum):
+        raise ValueError(f"train.batch_size {global_batch} must be divisible by num_workers x grad_accum "
+                         f"({world} x {accum})")
+    return global_batch // (world * accum)
+
+
+def lr_at(step: int, base_lr: float, warmup: int) -> float:
+    """Constant LR after an optional linear warm-up (METHOD.md s5: constant_with_warmup, 0 warm-up)."""
+    if warmup > 0 and step <= warmup:
+        return base_lr * step / warmup
+    return base_lr
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device):
+    # METHOD.md s5: bf16 autocast for the DiT with fp32 master weights on GPU; plain fp32 on CPU.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _wrap(model: nn.Module, strategy: str, world: int) -> nn.Module:
+    import ray.train.torch
+
+    if world == 1:
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=None)
+    return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=strategy)
+
+
+def _full_state(wrapped: nn.Module, fsdp: bool) -> dict[str, torch.Tensor] | None:
+    """FSDP: gather the unsharded model state (every rank must call this; only rank 0 gets it). DDP: None."""
+    if not fsdp:
+        return None
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        return wrapped.state_dict()
+
+
+def _update_ema(ema, wrapped: nn.Module, model: nn.Module, fsdp: bool) -> None:
+    if not fsdp:
+        ema.update(model)
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(wrapped, writeback=False):  # the EMA keeps a full (unsharded) copy per rank
+        ema.update(model)
+
+
+def _storage_uri(spec: dict[str, Any]) -> str:
+    return spec["run_uri"]
+
+
+def _inject_fault(spec: dict[str, Any], step: int, rank: int, world: int) -> None:
+    """train.fail_at_step: the last rank raises once; a marker in the run's storage keeps retries from re-firing."""
+    from vosr import storage
+
+    if rank != world - 1:
+        return
+    marker = storage.join(_storage_uri(spec), FAULT_MARKER.format(step=step))
+    endpoint = spec.get("endpoint", "")
+    if storage.exists(marker, endpoint):
+        return
+    storage.write_bytes_atomic(marker, json.dumps({"step": step, "rank": rank, "time": time.time()}).encode(),
+                               endpoint)
+    raise FaultInjected(f"fault injection: rank {rank} fails at step {step} (train.fail_at_step)")
+
+
+def _load_weights(folder: Path, model: nn.Module, ema) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    ema_file = folder / "ema_model.safetensors"
+    ema.load_state_dict(load_file(str(ema_file)) if ema_file.is_file() else model.state_dict())
+
+
+def _mean_across_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    if world == 1 or not values:
+        return values
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def train_loop_per_worker(spec: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker. `spec`: job, cfg (dict), run_uri, endpoint, tracking_uri, run_id."""
+    import ray.train
+
+    from training.data import BatchStream
+    from training.objectives import make_objective
+    from training.tracking import RunLogger
+    from training.train_state import restore_train_state
+    from vosr.checkpoint import load_train_state
+    from vosr.config import config_from_dict
+    from vosr.ema import EMA
+    from vosr.seeding import generator, rank_seed
+
+    t_start = time.perf_counter()
+    cfg = config_from_dict(spec["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(tc.use_gpu)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    elif tc.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    micro = local_micro_batch(tc.batch_size, world, tc.grad_accum)
+
+    # --- stage: model and EMA, restored from the latest checkpoint or `train.init_from` ----------------------
+    torch.manual_seed(rank_seed(cfg.run.seed, 0, -1))  # same init on every rank (DDP also broadcasts rank 0)
+    objective = make_objective(spec["job"], cfg, device)
+    model = objective.build_model().to(device)
+    ema = EMA(model, tc.ema_decay)
+    position: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
+    resumed_from = None
+    init_info: dict[str, Any] = {}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            _load_weights(Path(d), model, ema)
+    elif tc.init_from:
+        init_info = objective.init_from(model, tc.init_from)
+        ema.reset(model)  # METHOD.md s5: EMA re-initialised from the loaded checkpoint
+
+    # --- stage: parallel wrapper and optimiser ---------------------------------------------------------------
+    fsdp = tc.strategy == "fsdp" and world > 1
+    wrapped = _wrap(model, tc.strategy, world)
+    call = ModelCall(wrapped, model)
+    # METHOD.md s5: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01 on all parameters, no groups
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.adam_eps,
+                            weight_decay=tc.weight_decay)
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = load_train_state(str(d))
+        if saved:
+            # FSDP: optimiser moments are sharded; they are not saved, so they restart from zero
+            position = restore_train_state(saved, None if fsdp else opt, device)
+        resumed_from = int(position["step"])
+
+    logger = RunLogger(spec.get("tracking_uri", ""), spec.get("run_id", ""), enabled=rank == 0)
+    if rank == 0 and resumed_from is not None:
+        logger.metrics({"train/resumed_from_step": resumed_from}, step=resumed_from)
+    if rank == 0 and init_info:
+        logger.params({f"init.{k}": v for k, v in init_info.items()})
+
+    validator = None
+    if rank == 0 and tc.val_images > 0:
+        from training.validation import Validator
+
+        validator = Validator(cfg, objective, ray.train.get_dataset_shard("val"), device)
+
+    stream = BatchStream(ray.train.get_dataset_shard("train"), micro, seed=cfg.run.seed, rank=rank,
+                         shuffle_buffer=tc.shuffle_buffer, device=device, epoch=position["epoch"],
+                         batch_in_epoch=position["batch_in_epoch"])
+
+    if rank == 0:
+        logger.metrics({"train/setup_s": time.perf_counter() - t_start}, step=int(position["step"]))
+
+    # --- stage: optimise --------------------------------------------------------------------------------
+    step = int(position["step"])
+    samples = int(position["samples"])
+    window_t0, window_samples = time.perf_counter(), 0
+    last: dict[str, float] = {}
+    model.train()
+    while step < tc.steps:
+        step += 1
+        if tc.fail_at_step == step:
+            _inject_fault(spec, step, rank, world)
+        lr = lr_at(step, tc.lr, tc.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        gen = generator(rank_seed(cfg.run.seed, rank, step))
+        stats_sum: dict[str, float] = {}
+        for k in range(tc.grad_accum):
+            batch = next(stream)
+            sync = contextlib.nullcontext() if (k == tc.grad_accum - 1 or world == 1) else wrapped.no_sync()
+            with sync:
+                with _autocast(device):
+                    loss, stats = objective.loss(call, batch, gen)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {step} on rank {rank}")
+                (loss / tc.grad_accum).backward()
+            for key, v in stats.items():
+                if isinstance(v, (int, float)):
+                    stats_sum[key] = stats_sum.get(key, 0.0) + float(v) / tc.grad_accum
+        # METHOD.md s5: global-norm clip 1.0
+        if fsdp:
+            grad_norm = wrapped.clip_grad_norm_(tc.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _update_ema(ema, wrapped, model, fsdp)
+        samples += tc.batch_size
+        window_samples += tc.batch_size
+
+        is_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
+        is_log = step % tc.log_every == 0 or is_ckpt
+        if is_log:
+            stats_sum["grad_norm"] = float(grad_norm)
+            mean = _mean_across_ranks(stats_sum, world, device)
+            now = time.perf_counter()
+            throughput = window_samples / max(now - window_t0, 1e-9)
+            window_t0, window_samples = now, 0
+            last = {f"train/{k}": v for k, v in mean.items()}
+            last.update({"train/lr": lr, "train/samples_per_s": throughput, "train/epoch": stream.epoch})
+            logger.metrics(last, step=step)
+
+        val_due = tc.validate_every > 0 and step % tc.validate_every == 0
+        if validator is not None and (val_due or step == tc.steps):
+            vm = validator.run(ema.module, step, logger)
+            last.update(vm)
+
+        if is_ckpt:
+            position = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch,
+                        "samples": samples}
+            full = _full_state(wrapped, fsdp)
+            metrics = {"step": step, "samples": samples, **{k: v for k, v in last.items()
+                                                             if isinstance(v, (int, float)) and math.isfinite(v)}}
+            if rank == 0:
+                with tempfile.TemporaryDirectory(prefix="vosr-ckpt-") as tmp:
+                    folder = Path(tmp)
+                    _save(folder, cfg, model, full, ema, None if fsdp else opt, position, spec)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                                     checkpoint_dir_name=f"checkpoint_{step:08d}")
+            else:
+                ray.train.report(metrics)
+    stream.close()
+
+
+def _save(folder: Path, cfg, model: nn.Module, full_state: dict[str, torch.Tensor] | None, ema, opt,
+          position: dict[str, Any], spec: dict[str, Any]) -> None:
+    """One resumable checkpoint in the method library's format plus optimiser/RNG/data position."""
+    from training.train_state import build_train_state
+    from vosr.checkpoint import save_checkpoint
+
+    if full_state is not None:
+        model = _detached_copy(model, full_state)
+    save_checkpoint(str(folder), cfg, model, ema=ema.module,
+                    extra={"job": spec["job"], "step": position["step"], "mlflow_run_id": spec.get("run_id", "")},
+                    train_state=build_train_state(opt, position))
+
+
+def _detached_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model).cpu()
+    clone.load_state_dict(state)
+    return clone

@@ -1,0 +1,34 @@
+"""Multi-step teacher pretraining on Ray Train (METHOD.md s5), tracked in MLflow, fault tolerant.
+
+    python training/pretrain.py --config configs/train/tiny.yaml [--set train.steps=50 ...]
+    ray job submit --working-dir . -- python training/pretrain.py --config configs/train/tiny.yaml
+
+Stages (training/job.py): resolve run -> skip if finished -> connect -> open data -> start tracking -> fit ->
+summarise -> finish. Prints the summary JSON and writes it to <train.storage_path>/<run.name>/summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.job import run_job  # noqa: E402
+from vosr.jobargs import parse_job_args  # noqa: E402
+
+
+def run(cfg) -> dict:
+    return run_job(cfg, "pretrain")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_job_args("Pretrain the multi-step VOSR teacher on Ray Train.", argv)
+    summary = run(cfg)
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
