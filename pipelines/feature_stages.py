@@ -39,6 +39,7 @@ def make_pairs(batch: dict[str, np.ndarray], cfg_dict: dict, variants: list[int]
 
     A bad image gives one row per variant with `error` set to its reason code (counted downstream, never fatal).
     """
+    import cv2
     import torch
 
     from vosr.config import config_from_dict
@@ -47,6 +48,7 @@ def make_pairs(batch: dict[str, np.ndarray], cfg_dict: dict, variants: list[int]
     from vosr.seeding import sample_seed
 
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)
     cfg = config_from_dict(cfg_dict)
     res, gseed = int(cfg.data.resolution), int(cfg.run.seed)
     max_pixels = int(cfg.curate.filters.max_pixels)

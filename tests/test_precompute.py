@@ -51,10 +51,10 @@ def curated(tmp_path_factory, photos):
     return root, rows
 
 
-def _cfg(curated_root, out, **pre):
+def _cfg(curated_root, out, mlflow: bool = False, **pre):
     return config_from_dict({
         "preset": "tiny",
-        "run": {"seed": 3, "mlflow": {"enabled": False}, "output_root": str(out.parent)},
+        "run": {"seed": 3, "mlflow": {"enabled": mlflow}, "output_root": str(out.parent)},
         "precompute": {"input": str(curated_root), "output": str(out), "variants": K, "batch_size": 4,
                        "degrade_batch_size": 2, **pre},
     })
@@ -76,9 +76,9 @@ def materialised(ray_local, curated, tmp_path_factory):
     interrupted = {"shards": sorted(p.name for p in (out / "shards").glob("*.parquet")),
                    "tmp": sorted(p.name for p in (out / "shards").glob("*.tmp-*")),
                    "first": pq.read_table(out / "shards" / "part-00000.parquet")}
-    cfg = _cfg(curated[0], out)
     lines: list[str] = []
-    summary = run(cfg, log=lines.append)
+    summary = run(_cfg(curated[0], out, mlflow=True), log=lines.append)  # tracked in <out>/../mlflow.db
+    cfg = _cfg(curated[0], out)
     return cfg, out, summary, lines, interrupted
 
 
@@ -164,6 +164,18 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
     assert first.equals(interrupted["first"])
     again = run(cfg, log=lambda s: None)
     assert again["shards_skipped"] == 2 and again["shards_written"] == 0
+
+
+def test_mlflow_run_logged(materialised):
+    import mlflow
+
+    cfg, out, summary, _, _ = materialised
+    mlflow.set_tracking_uri(f"sqlite:///{out.parent / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["vosr"], output_format="list")
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.data.params["precompute.variants"] == str(K)
+    assert r.data.metrics["rows"] == summary["rows"] and r.data.metrics["shards_skipped"] == 1
 
 
 def test_mismatched_features_are_refused(materialised, curated):

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .crop import random_crop, upscale_short_side
+from .crop import random_crop, upscale_short_side, upscaled_size
 from .presets import PRESETS, get_preset
 
-__all__ = ["degrade", "random_crop", "upscale_short_side", "PRESETS", "get_preset"]
+__all__ = ["degrade", "random_crop", "upscale_short_side", "upscaled_size", "PRESETS", "get_preset"]
 
 
 def degrade(hr01: torch.Tensor, seeds: Sequence[int], cfg, timings: dict | None = None

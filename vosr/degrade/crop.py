@@ -10,18 +10,21 @@ import torch
 from PIL import Image
 
 
-def upscale_short_side(img: Image.Image, resolution: int) -> Image.Image:
-    w, h = img.size
+def upscaled_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) after the short-side upscale (unchanged when the short side is already >= resolution)."""
+    w, h = size
     short = min(w, h)
     if short >= resolution:
-        return img
+        return w, h
     s = resolution / short
-    size = (max(resolution, math.ceil(w * s - 1e-9)), max(resolution, math.ceil(h * s - 1e-9)))
     if w <= h:
-        size = (resolution, size[1])
-    else:
-        size = (size[0], resolution)
-    return img.resize(size, Image.BICUBIC)
+        return resolution, max(resolution, math.ceil(h * s - 1e-9))
+    return max(resolution, math.ceil(w * s - 1e-9)), resolution
+
+
+def upscale_short_side(img: Image.Image, resolution: int) -> Image.Image:
+    size = upscaled_size(img.size, resolution)
+    return img if size == img.size else img.resize(size, Image.BICUBIC)
 
 
 def random_crop(img: Image.Image, resolution: int, seed: int) -> tuple[np.ndarray, list[int]]:

@@ -28,21 +28,30 @@ def _trim(kernel: torch.Tensor) -> torch.Tensor:
 
 
 def filter2d(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Blur [1, C, H, W] with a 2D kernel, reflect padding (Real-ESRGAN filter2D).
+    """Blur [1, C, H, W] with a 2D kernel (correlation, as conv2d), reflect padding (Real-ESRGAN filter2D).
 
+    CPU tensors go through OpenCV (cv2.filter2D switches to a DFT for large kernels: several times faster than a
+    direct 21x21 conv on one core); other devices use torch conv2d. Both use reflect-101 borders (torch "reflect").
     Images smaller than the kernel radius (only at tiny debug resolutions) fall back to replicate padding,
     because reflect padding needs the pad to be smaller than the image.
     """
-    k = _trim(kernel).to(img.dtype).to(img.device)
+    k = _trim(kernel)
     if k.shape[0] == 1:
-        return img * k[0, 0]
+        return img * float(k[0, 0])
     p = k.shape[0] // 2
     _, c, h, w = img.shape
-    mode = "reflect" if p < h and p < w else "replicate"
-    x = F.pad(img, (p, p, p, p), mode=mode)
+    reflect = p < h and p < w
+    if img.device.type == "cpu":
+        x = img[0].permute(1, 2, 0).contiguous().numpy()
+        border = cv2.BORDER_REFLECT_101 if reflect else cv2.BORDER_REPLICATE
+        out = cv2.filter2D(x, -1, k.numpy().astype(np.float32), borderType=border)
+        if out.ndim == 2:
+            out = out[:, :, None]
+        return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)[None].to(img.dtype)
+    kk = k.to(img.dtype).to(img.device)
+    x = F.pad(img, (p, p, p, p), mode="reflect" if reflect else "replicate")
     x = x.reshape(c, 1, h + 2 * p, w + 2 * p)
-    out = F.conv2d(x, k[None, None])
-    return out.reshape(1, c, h, w)
+    return F.conv2d(x, kk[None, None]).reshape(1, c, h, w)
 
 
 def resize(img: torch.Tensor, mode: str, size: tuple[int, int] | None = None,
@@ -72,8 +81,10 @@ def gaussian_noise(img: torch.Tensor, sigma: float, gray: bool, g: torch.Generat
 
 def _poisson_noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     # Real-ESRGAN: quantise to 8 bits, count distinct levels, round up to a power of two, sample Poisson.
-    x = (x * 255.0).round().clamp(0, 255) / 255.0
-    levels = 2 ** math.ceil(math.log2(max(int(torch.unique(x).numel()), 1)))
+    q = (x * 255.0).round().clamp(0, 255)
+    x = q / 255.0
+    distinct = int((torch.bincount(q.flatten().to(torch.int64), minlength=256) > 0).sum())  # == unique(x).numel()
+    levels = 2 ** math.ceil(math.log2(max(distinct, 1)))
     lam = (x * levels).to("cpu", torch.float32)
     out = torch.poisson(lam, generator=g).to(x.device, x.dtype) / levels
     return out - x
