@@ -72,21 +72,18 @@ def rcgm_rollout(student: nn.Module, z_t: torch.Tensor, t: torch.Tensor, r: torc
     return disp
 
 
-def distill_loss(student: nn.Module, teacher: nn.Module | None, hq: torch.Tensor, lq: torch.Tensor,
-                 sem: torch.Tensor, distill_cfg, flow_cfg, generator: torch.Generator | None
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Base + consistency_weight * (RCGM | shortcut) loss for one batch (METHOD.md s7)."""
+def distill_inputs(student: nn.Module, teacher: nn.Module | None, hq: torch.Tensor, lq: torch.Tensor,
+                   sem: torch.Tensor, distill_cfg, flow_cfg, generator: torch.Generator | None) -> dict[str, Any]:
+    """Draw (t, r), eps, the LR augmentation and the 90/10 input mix, and compute the teacher target."""
     b, dev = hq.shape[0], hq.device
     t, r = sample_t_r(b, generator, dev)
     eps = randn(hq.shape, generator, dev).to(hq.dtype)
     z_t = interpolate(hq, eps, t)
-    lq_noised, _ = lr_noise_augment(lq, flow_cfg, generator)
+    lq_noised, a = lr_noise_augment(lq, flow_cfg, generator)
     weak = rand((b,), generator, dev) < flow_cfg.cfg_ratio
-    wmask = _bcast(weak, lq).bool()
     ws = distill_cfg.weak_strength  # fixed 0.1 in distillation (METHOD.md s7)
-    lq_in = torch.where(wmask, ws * lq, lq_noised)
+    lq_in = torch.where(_bcast(weak, lq).bool(), ws * lq, lq_noised)
     sem_in = torch.where(_bcast(weak, sem).bool(), torch.zeros_like(sem), sem)
-
     if teacher is not None:
         teacher.eval()
         v_guide = teacher_target(teacher, z_t, t, lq_noised, lq, sem, distill_cfg.omega, ws)
@@ -94,6 +91,18 @@ def distill_loss(student: nn.Module, teacher: nn.Module | None, hq: torch.Tensor
         with torch.no_grad():
             v_w = student(z_t, t, ws * lq, torch.zeros_like(sem), r=t).float()
         v_guide = guide(v_w, velocity_target(hq, eps).float(), distill_cfg.omega)
+    return {"t": t, "r": r, "eps": eps, "z_t": z_t, "a": a, "lq_noised": lq_noised, "weak": weak,
+            "lq_in": lq_in, "sem_in": sem_in, "v_guide": v_guide}
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module | None, hq: torch.Tensor, lq: torch.Tensor,
+                 sem: torch.Tensor, distill_cfg, flow_cfg, generator: torch.Generator | None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Base + consistency_weight * (RCGM | shortcut) loss for one batch (METHOD.md s7)."""
+    d = distill_inputs(student, teacher, hq, lq, sem, distill_cfg, flow_cfg, generator)
+    b = hq.shape[0]
+    t, r, z_t, lq_in, sem_in, v_guide, weak = (d[k] for k in ("t", "r", "z_t", "lq_in", "sem_in", "v_guide",
+                                                               "weak"))
 
     # base (r = t) and the compressed prediction u (t -> r) in one doubled forward, both with grad
     out = student(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([lq_in, lq_in]),
