@@ -1,0 +1,140 @@
+"""The upload page in headless Debian Chromium, driven over the DevTools protocol (websockets), against the real
+Serve application on loopback. Chromium comes from scripts/setup-test-deps.sh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_serve import free_port
+from test_upscale import make_checkpoint
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def page_service(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from inference.serve import start
+    from vosr.config import config_from_dict
+
+    root = tmp_path_factory.mktemp("page")
+    folder = make_checkpoint(root / "student", student=True)
+    cfg = config_from_dict({}, [f"serve.port={free_port()}", "serve.replica_cpus=1", "inference.device=cpu",
+                                f"inference.checkpoint={folder}"])
+    url = start(cfg)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium with remote debugging on a free loopback port; yields the DevTools HTTP base URL."""
+    assert Path(CHROMIUM).exists(), "chromium missing: run `bash scripts/setup-test-deps.sh`"
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    port = free_port()
+    proc = subprocess.Popen(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
+         f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1", f"--user-data-dir={profile}",
+         "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/json/version", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("headless chromium did not start") from None
+            time.sleep(0.3)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+class DevTools:
+    """Minimal DevTools-protocol client: numbered commands over one page websocket."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+
+    async def send(self, method: str, **params):
+        self.next_id += 1
+        msg_id = self.next_id
+        await self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(await self.ws.recv())
+            if reply.get("id") == msg_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    async def evaluate(self, expression: str):
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result.get("result", {}).get("value")
+
+    async def wait_for(self, expression: str, timeout: float):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            await asyncio.sleep(0.2)
+        status = await self.evaluate("document.getElementById('status').textContent")
+        raise TimeoutError(f"timed out waiting for {expression}; page status: {status}")
+
+
+def page_ws_url(base: str) -> str:
+    with urllib.request.urlopen(f"{base}/json/list", timeout=10) as resp:
+        targets = json.load(resp)
+    pages = [t for t in targets if t.get("type") == "page"]
+    assert pages, targets
+    return pages[0]["webSocketDebuggerUrl"]
+
+
+def test_upload_shows_input_and_result_side_by_side(page_service, browser, photos, tmp_path):
+    import websockets
+
+    photo = tmp_path / "photo.jpg"
+    Image.open(photos[2]).convert("RGB").resize((36, 26), Image.BICUBIC).save(photo, quality=92)
+
+    async def drive():
+        async with websockets.connect(page_ws_url(browser), max_size=2**24) as ws:
+            dt = DevTools(ws)
+            await dt.send("Page.enable")
+            await dt.send("Page.navigate", url=f"{page_service}/")
+            await dt.wait_for("document.readyState === 'complete' && !!document.getElementById('file')", 60)
+            doc = await dt.send("DOM.getDocument")
+            node = await dt.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
+            await dt.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(photo)])
+            await dt.wait_for("document.getElementById('result-img').dataset.ready === '1'", 90)
+            return await dt.evaluate(
+                "(() => { const i = document.getElementById('input-img'), r = document.getElementById('result-img');"
+                " const a = i.getBoundingClientRect(), b = r.getBoundingClientRect();"
+                " return {input: [i.naturalWidth, i.naturalHeight], result: [r.naturalWidth, r.naturalHeight],"
+                " side_by_side: Math.abs(a.top - b.top) < 2 && b.left > a.right - 1,"
+                " caption: document.getElementById('result-size').textContent,"
+                " status: document.getElementById('status').textContent}; })()")
+
+    info = asyncio.run(drive())
+    assert info["input"] == [36, 26], info
+    assert info["result"] == [144, 104], info
+    assert info["side_by_side"], info
+    assert info["caption"] == "144\u00d7104" and info["status"].startswith("Done"), info
