@@ -3,6 +3,7 @@ after a fault, metadata compatibility checks. Starts a real local Ray (ray_local
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -16,6 +17,8 @@ from PIL import Image
 
 from pipelines import feature_schema as fsch
 from pipelines.curate_schema import CURATED_SCHEMA
+from tests.helpers.s3_fixture import s3_server
+from vosr import storage
 from vosr.config import config_from_dict
 
 pytestmark = pytest.mark.slow
@@ -29,10 +32,15 @@ def _png(img: Image.Image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory, photos):
-    """Curated shards (CURATED_SCHEMA): 5 real photos at small sizes (one below the crop size), one corrupt image
-    and one dropped duplicate row, in two shards."""
-    root = tmp_path_factory.mktemp("curated")
+def s3():
+    with s3_server() as site:
+        yield site
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, photos, s3):
+    """Curated shards (CURATED_SCHEMA) in S3 (real moto server on loopback): 5 real photos at small sizes (one
+    below the crop size), one corrupt image and one dropped duplicate row, in two shards."""
     rows = []
     for i, p in enumerate(photos[:5]):
         with Image.open(p) as im:
@@ -45,58 +53,66 @@ def curated(tmp_path_factory, photos):
                     "width": 10, "height": 10, "kept": True})
     rows.append({"id": "dup0", "source": "y", "image": None, "kept": False, "duplicate_of": rows[0]["id"],
                  "drop_reason": "duplicate"})
-    (root / "shards").mkdir()
-    for s, part in enumerate((rows[:4], rows[4:])):
-        pq.write_table(pa.Table.from_pylist(part, schema=CURATED_SCHEMA), root / "shards" / f"part-{s:05d}.parquet")
-    return root, rows
+    for i, part in enumerate((rows[:4], rows[4:])):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(part, schema=CURATED_SCHEMA), buf)
+        s3.put_bytes(buf.getvalue(), f"curated/shards/part-{i:05d}.parquet")
+    return s3.uri("curated"), rows
 
 
-def _cfg(curated_root, out, mlflow: bool = False, **pre):
+def _cfg(curated_root, out, local, endpoint="", mlflow: bool = False, **pre):
     return config_from_dict({
         "preset": "tiny",
-        "run": {"seed": 3, "mlflow": {"enabled": mlflow}, "output_root": str(out.parent)},
+        "run": {"seed": 3, "mlflow": {"enabled": mlflow}, "output_root": str(local)},
         "precompute": {"input": str(curated_root), "output": str(out), "variants": K, "batch_size": 4,
-                       "degrade_batch_size": 2, **pre},
+                       "degrade_batch_size": 2, "s3_endpoint_url": endpoint, **pre},
     })
 
 
-def _read(out) -> pa.Table:
-    files = sorted((out / "shards").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files])
+def _read(out: str, ep: str, name: str | None = None) -> pa.Table:
+    files = storage.list_files(storage.join(out, "shards"), ".parquet", ep)
+    if name:
+        files = [f for f in files if f.endswith("/" + name)]
+    return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(f, ep))) for f in files])
+
+
+def _json(uri: str, ep: str) -> dict:
+    return json.loads(storage.read_bytes(uri, ep))
 
 
 @pytest.fixture(scope="module")
-def materialised(ray_local, curated, tmp_path_factory):
-    """The precompute job, killed by fault injection after its first shard, then re-run to completion."""
+def materialised(s3, ray_local, curated, tmp_path_factory):
+    """The precompute job on s3:// in and out, killed by fault injection after its first shard, then re-run to
+    completion. (s3 starts before Ray so the workers inherit its test credentials.)"""
     from pipelines.precompute import FaultInjected, run
 
-    out = tmp_path_factory.mktemp("run") / "features"
+    local = tmp_path_factory.mktemp("run")
+    out, ep = s3.uri("features"), s3.endpoint_url
     with pytest.raises(FaultInjected):
-        run(_cfg(curated[0], out, fail_after_shards=1), log=lambda s: None)
-    interrupted = {"shards": sorted(p.name for p in (out / "shards").glob("*.parquet")),
-                   "tmp": sorted(p.name for p in (out / "shards").glob("*.tmp-*")),
-                   "first": pq.read_table(out / "shards" / "part-00000.parquet")}
+        run(_cfg(curated[0], out, local, ep, fail_after_shards=1), log=lambda s: None)
+    interrupted = {"keys": s3.keys("features/shards/"), "first": _read(out, ep, "part-00000.parquet")}
     lines: list[str] = []
-    summary = run(_cfg(curated[0], out, mlflow=True), log=lines.append)  # tracked in <out>/../mlflow.db
-    cfg = _cfg(curated[0], out)
-    return cfg, out, summary, lines, interrupted
+    summary = run(_cfg(curated[0], out, local, ep, mlflow=True), log=lines.append)  # tracked in local/mlflow.db
+    cfg = _cfg(curated[0], out, local, ep)
+    return cfg, out, summary, lines, interrupted, local
 
 
 def test_materialised_shards_rows_and_summary(materialised, curated):
-    cfg, out, summary, lines, _ = materialised
+    cfg, out, summary, lines, _, _ = materialised
+    ep = cfg.precompute.s3_endpoint_url
     rows = curated[1]
     good = [r for r in rows if r["kept"] and r["id"] != "corrupt0"]
     second = [r for r in rows[4:] if r["kept"]]
     assert summary["shards_written"] == 1 and summary["rows"] == len(second) * K
     assert any("shard part-00001.parquet" in ln for ln in lines)  # progress is visible
-    assert json.loads((out / "summary.json").read_text())["rows"] == len(second) * K
+    assert _json(storage.join(out, "summary.json"), ep)["rows"] == len(second) * K
     assert set(summary["stored_bytes_per_row_by_column"]) >= {"hr_latent", "lr_latent", "sem_tokens"}
-    stats = json.loads((out / "shards" / "part-00000.stats.json").read_text())
+    stats = _json(storage.join(out, "shards", "part-00000.stats.json"), ep)
     assert stats["failed_rows_by_reason"] == {"decode:not_image": K}
-    table = _read(out)
+    table = _read(out, ep)
     keys = list(zip(table.column("id").to_pylist(), table.column("variant").to_pylist()))
     assert sorted(keys) == sorted((r["id"], v) for r in good for v in range(K))
-    meta = fsch.read_metadata(str(out))
+    meta = fsch.read_metadata(out, ep)
     assert meta["variants"] == K and meta["resolution"] == 64 and meta["dtype"] == "float16"
     assert meta["autoencoder"]["name"] == "pixel" and len(meta["autoencoder"]["weights_sha256"]) == 64
     assert meta["semantic"]["name"] == "tiny_vit" and meta["latent_shape"] == [48, 16, 16]
@@ -110,8 +126,9 @@ def test_rows_match_direct_library_computation(materialised, curated):
     from vosr.features import encode_views
     from vosr.seeding import sample_seed
 
-    cfg, out, _, _, _ = materialised
-    table = _read(out)
+    cfg, out, _, _, _, _ = materialised
+    ep = cfg.precompute.s3_endpoint_url
+    table = _read(out, ep)
     dec = fsch.decode_feature_rows(table)
     by_id = {r["id"]: r for r in curated[1]}
     ae, sem = build_autoencoder(cfg.autoencoder), build_semantic_encoder(cfg.semantic)
@@ -136,11 +153,12 @@ def test_rows_match_direct_library_computation(materialised, curated):
 def test_online_equals_materialised(materialised, ray_local):
     from pipelines.online import online_dataset, online_metadata
 
-    cfg, out, _, _, _ = materialised
+    cfg, out, _, _, _, _ = materialised
+    ep = cfg.precompute.s3_endpoint_url
     ds = online_dataset(cfg)
     batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     online = pa.concat_tables(batches).sort_by([("id", "ascending"), ("variant", "ascending")])
-    stored = _read(out).sort_by([("id", "ascending"), ("variant", "ascending")])
+    stored = _read(out, ep).sort_by([("id", "ascending"), ("variant", "ascending")])
     assert online.num_rows == stored.num_rows
     for col in ("id", "variant", "seed", "crop_box", "image_size", "degrade_params"):
         assert online.column(col).to_pylist() == stored.column(col).to_pylist(), col
@@ -152,16 +170,17 @@ def test_online_equals_materialised(materialised, ray_local):
 
 
 def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
-    """The killed run left exactly one complete shard and no partial file; the re-run skipped it, wrote the other
-    and left the first untouched; both equal the direct library computation (test above) and the online mode."""
+    """The killed run left exactly one complete shard (plus its stats) and no partial object; the re-run skipped
+    it, wrote the other and left the first untouched; all rows equal the direct library computation (test above)
+    and the online mode."""
     from pipelines.precompute import run
 
-    cfg, out, summary, _, interrupted = materialised
-    assert interrupted["shards"] == ["part-00000.parquet"] and interrupted["tmp"] == []
+    cfg, out, summary, _, interrupted, _ = materialised
+    ep = cfg.precompute.s3_endpoint_url
+    assert interrupted["keys"] == ["features/shards/part-00000.parquet", "features/shards/part-00000.stats.json"]
     assert summary["shards_skipped"] == 1 and summary["shards_written"] == 1
     assert summary["images"] == len({r["id"] for r in curated[1][4:] if r["kept"]})
-    first = pq.read_table(out / "shards" / "part-00000.parquet")
-    assert first.equals(interrupted["first"])
+    assert _read(out, ep, "part-00000.parquet").equals(interrupted["first"])
     again = run(cfg, log=lambda s: None)
     assert again["shards_skipped"] == 2 and again["shards_written"] == 0
 
@@ -169,8 +188,8 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
 def test_mlflow_run_logged(materialised):
     import mlflow
 
-    cfg, out, summary, _, _ = materialised
-    mlflow.set_tracking_uri(f"sqlite:///{out.parent / 'mlflow.db'}")
+    cfg, out, summary, _, _, local = materialised
+    mlflow.set_tracking_uri(f"sqlite:///{local / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["vosr"], output_format="list")
     assert len(runs) == 1
     r = runs[0]
@@ -181,11 +200,12 @@ def test_mlflow_run_logged(materialised):
 def test_mismatched_features_are_refused(materialised, curated):
     from pipelines.precompute import ensure_metadata, run
 
-    cfg, out, _, _, _ = materialised
-    meta = fsch.read_metadata(str(out))
+    cfg, out, _, _, _, _ = materialised
+    ep = cfg.precompute.s3_endpoint_url
+    meta = fsch.read_metadata(out, ep)
     fsch.check_compatible(meta, cfg)  # the config it was made with passes
     with pytest.raises(fsch.FeatureMismatchError, match="semantic.layer"):
-        fsch.check_compatible(meta, _cfg(curated[0], out).replace(
+        fsch.check_compatible(meta, cfg.replace(
             semantic=config_from_dict({"semantic": {"layer": 1}}).semantic))
     with pytest.raises(fsch.FeatureMismatchError, match="data.resolution"):
         fsch.check_compatible(meta, config_from_dict({"preset": "tiny", "data": {"resolution": 128}}))
@@ -198,9 +218,10 @@ def test_mismatched_features_are_refused(materialised, curated):
         fsch.check_compatible(meta, cfg, dict(meta["autoencoder"], scaling="latent = x * 2"), meta["semantic"])
     # a resumed run into the same output with another K or seed is refused before anything is written
     with pytest.raises(fsch.FeatureMismatchError, match="variants"):
-        ensure_metadata(_cfg(curated[0], out, variants=3), meta["autoencoder"], meta["semantic"])
+        ensure_metadata(cfg.replace(precompute=dataclasses.replace(cfg.precompute, variants=3)),
+                        meta["autoencoder"], meta["semantic"])
     with pytest.raises(ValueError, match="online"):
-        run(_cfg(curated[0], out, mode="online"))
+        run(cfg.replace(precompute=dataclasses.replace(cfg.precompute, mode="online")))
 
 
 def test_bf16_storage_roundtrip_is_bit_exact():
@@ -211,3 +232,18 @@ def test_bf16_storage_roundtrip_is_bit_exact():
     vals = np.asarray(arr.flatten()).reshape(3, -1)
     back = fsch._decode_tensor(vals, (4, 2, 2), "bfloat16")
     assert torch.equal(back, x.to(torch.bfloat16).float())
+
+
+def test_decode_numpy_batches_as_ray_hands_them_out():
+    """Ray Data's batch_format="numpy" renders fixed-size-list columns as object arrays of 1-D arrays."""
+    x = torch.randn(3, 4, 2, 2)
+    y = torch.randn(3, 2, 3)
+    obj = lambda t: np.array([r for r in t.reshape(3, -1).half().numpy()] + [None], dtype=object)[:3]  # noqa: E731
+    batch = {"id": np.array(["a", "b", "c"], dtype=object), "variant": np.array([0, 1, 0], np.int32),
+             "seed": np.array([5, 6, 7], np.int64), "hr_latent": obj(x), "lr_latent": obj(x), "sem_tokens": obj(y)}
+    meta = {"latent_shape": [4, 2, 2], "sem_shape": [2, 3], "dtype": "float16"}
+    d = fsch.decode_feature_rows(batch, meta)
+    assert torch.equal(d["hr_latent"], x.half().float()) and torch.equal(d["sem_tokens"], y.half().float())
+    assert d["id"] == ["a", "b", "c"] and d["seed"].tolist() == [5, 6, 7]
+    with pytest.raises(ValueError, match="metadata"):
+        fsch.decode_feature_rows(batch)
