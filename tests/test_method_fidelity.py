@@ -553,3 +553,17 @@ def test_degradation_order_and_sizes(monkeypatch, final_order, blur2):
     back = log[-2]
     assert back["out_shape"][-2:] == (64, 64) and back["args"][1] == "bicubic"  # resize back to HR size
     assert lr.shape == hr.shape and torch.equal(lr * 255, (lr * 255).round())  # 8-bit last
+
+
+def test_blur_is_reflect_padded_correlation_with_the_padded_kernel():
+    """Real-ESRGAN filter2D: F.pad(reflect, 21 // 2) then conv2d (correlation) with the 21x21 zero-padded kernel."""
+    from vosr.degrade.ops import filter2d
+
+    g = torch.Generator().manual_seed(17)
+    img = torch.rand(1, 3, 40, 48, generator=g)
+    small = torch.rand(7, 7, generator=g, dtype=torch.float64)  # asymmetric: correlation != convolution
+    k = F.pad(small / small.sum(), (7, 7, 7, 7))
+    want = F.conv2d(F.pad(img.double(), (10, 10, 10, 10), mode="reflect").view(3, 1, 60, 68), k[None, None])
+    got = filter2d(img, k)
+    assert got.shape == img.shape
+    torch.testing.assert_close(got.double(), want.view(1, 3, 40, 48), atol=2e-6, rtol=0)
