@@ -185,6 +185,22 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
     assert again["shards_skipped"] == 2 and again["shards_written"] == 0
 
 
+def test_command_line_entry_point(materialised, capsys):
+    """`python pipelines/precompute.py --config configs/precompute/tiny.yaml --set ...` (here on the finished
+    output: everything is skipped, the summary JSON is printed)."""
+    from pipelines.precompute import main
+
+    cfg, out, _, _, _, local = materialised
+    rc = main(["--config", "configs/precompute/tiny.yaml", "--set", f"precompute.input={cfg.precompute.input}",
+               "--set", f"precompute.output={out}", "--set", "precompute.s3_endpoint_url="
+               f"{cfg.precompute.s3_endpoint_url}", "--set", "run.seed=3", "--set", "precompute.variants=2",
+               "--set", f"run.output_root={local}", "--set", "run.mlflow.enabled=false"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    printed = json.loads(text[text.index("\n{") + 1:])
+    assert printed["shards_skipped"] == 2 and printed["shards_written"] == 0 and printed["output"] == out
+
+
 def test_mlflow_run_logged(materialised):
     import mlflow
 
