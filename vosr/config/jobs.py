@@ -99,6 +99,7 @@ class EvalConfig:
     crop: int = option(0, "Centre-crop HR to this size and LR to crop/scale first (paper: 512 GT / 128 LR; "
                        "0 = full image).", ge=0)
     max_images: int = option(0, "Evaluate at most this many images (0 = all).", ge=0)
+    dataset_name: str = option("", "Dataset name in the table (empty = the folder name).")
     teacher: str = option("", "Multi-step checkpoint (folder or models:/ URI) for the multi-step rows and the "
                           "guidance sweep; empty = no multi-step rows.")
     guidance_sweep: list[float] = option([-0.5, 0.0, 0.5, 1.0], "Guidance scales of the sweep plot (paper Fig. 4).")

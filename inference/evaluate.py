@@ -1,0 +1,343 @@
+"""Evaluate SR settings on a benchmark folder: `python inference/evaluate.py --config configs/eval/tiny.yaml`.
+
+Stages:
+1. pairs      - paired folders (HR/ + LR/, matched by file stem) or HR only, degraded with eval.degrade_preset
+                (seeded per image from run.seed); optional centre crop (paper: 512 GT / 128 LR).
+2. settings   - rows: bicubic, the one-step student (inference.checkpoint), and the multi-step teacher
+                (eval.teacher) at each guidance scale of eval.guidance_sweep.
+3. metrics    - PSNR / SSIM on Y (BT.601, border = scale; vosr.metrics), and the pyiqa metrics when the iqa extra
+                and their weights are present (otherwise listed as skipped, with the reason).
+4. report     - summary.json, table.md laid out like the paper's Table 1, guidance_sweep.png like its Fig. 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+# Table 1 column order of the paper: (column title, metric key, higher is better, full-reference)
+TABLE_COLUMNS = [
+    ("PSNR↑", "psnr", True), ("SSIM↑", "ssim", True), ("LPIPS↓", "lpips", False), ("DISTS↓", "dists", False),
+    ("AFINE-FR↓", "afine", False), ("NIQE↓", "niqe", False), ("MUSIQ↑", "musiq", True),
+    ("MANIQA↑", "maniqa", True), ("AFINE-NR↓", "afine_nr", False), ("TOPIQ-NR↑", "topiq_nr", True),
+]
+FULL_REFERENCE = {"psnr", "ssim", "lpips", "dists", "afine"}
+
+
+@dataclasses.dataclass
+class Pair:
+    name: str
+    hr: Any   # PIL RGB
+    lr: Any   # PIL RGB, HR size / scale
+
+
+# --- stage 1: pairs ------------------------------------------------------------------------------------------
+
+def _images(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _centre_box(w: int, h: int, cw: int, ch: int) -> tuple[int, int, int, int]:
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def _load(path: Path):
+    from vosr.imageio import decode_image
+
+    return decode_image(path.read_bytes(), max_pixels=400_000_000)
+
+
+def resolve_folders(ecfg) -> tuple[Path, Path | None]:
+    hr = Path(ecfg.hr_dir)
+    if not hr.is_dir():
+        raise FileNotFoundError(f"eval.hr_dir {hr} is not a folder")
+    if (hr / "HR").is_dir():                     # a benchmark folder with HR/ (and maybe LR/)
+        lr = Path(ecfg.lr_dir) if ecfg.lr_dir else (hr / "LR" if (hr / "LR").is_dir() else None)
+        return hr / "HR", lr
+    if ecfg.lr_dir:
+        return hr, Path(ecfg.lr_dir)
+    return hr, None
+
+
+def load_pairs(cfg) -> tuple[list[Pair], dict[str, Any]]:
+    """Pairs at exact scale (HR = scale x LR), centre-cropped when eval.crop > 0; skipped files with reasons."""
+    from vosr.degrade import degrade
+    from vosr.imageio import ImageDecodeError, image_to_tensor, tensor_to_image
+    from vosr.seeding import sample_seed
+
+    ecfg, scale = cfg.eval, cfg.inference.upscale
+    hr_dir, lr_dir = resolve_folders(ecfg)
+    hr_files = _images(hr_dir)
+    lr_files = _images(lr_dir) if lr_dir else {}
+    names = sorted(hr_files)
+    if ecfg.max_images:
+        names = names[:ecfg.max_images]
+    info: dict[str, Any] = {"hr_dir": str(hr_dir), "lr_dir": str(lr_dir) if lr_dir else None,
+                            "lr_source": "paired" if lr_dir else f"degrade:{ecfg.degrade_preset}", "scale": scale,
+                            "crop": ecfg.crop, "skipped": {}}
+    pairs: list[Pair] = []
+    dcfg = dataclasses.replace(cfg.degrade, preset=ecfg.degrade_preset, scale=scale, resize_back=False)
+    for name in names:
+        try:
+            hr = _load(hr_files[name])
+            if lr_dir:
+                if name not in lr_files:
+                    info["skipped"][name] = "no LR partner"
+                    continue
+                lr = _load(lr_files[name])
+                if hr.width < lr.width * scale or hr.height < lr.height * scale:
+                    info["skipped"][name] = f"HR {hr.size} smaller than {scale} x LR {lr.size}"
+                    continue
+                hr = hr.crop((0, 0, lr.width * scale, lr.height * scale))        # mod-crop to the pair
+                if ecfg.crop:
+                    lc = ecfg.crop // scale
+                    if lr.width < lc or lr.height < lc:
+                        info["skipped"][name] = f"LR {lr.size} smaller than the crop {lc}"
+                        continue
+                    box = _centre_box(lr.width, lr.height, lc, lc)
+                    lr = lr.crop(box)
+                    hr = hr.crop(tuple(v * scale for v in box))
+            else:
+                if ecfg.crop:
+                    if hr.width < ecfg.crop or hr.height < ecfg.crop:
+                        info["skipped"][name] = f"HR {hr.size} smaller than the crop {ecfg.crop}"
+                        continue
+                    hr = hr.crop(_centre_box(hr.width, hr.height, ecfg.crop, ecfg.crop))
+                hr = hr.crop((0, 0, hr.width // scale * scale, hr.height // scale * scale))
+                seed = sample_seed(cfg.run.seed, name, 0, "eval-degrade")
+                lr_t, _ = degrade(image_to_tensor(hr)[None], [seed], dcfg)
+                lr = tensor_to_image(lr_t[0])
+        except ImageDecodeError as exc:
+            info["skipped"][name] = f"decode: {exc.reason}"
+            continue
+        pairs.append(Pair(name, hr, lr))
+    info["images"] = len(pairs)
+    return pairs, info
+
+
+# --- stage 2: settings -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Setting:
+    label: str
+    group: str          # "Multi-step", "One-step" or "Baseline" (Table 1 grouping)
+    upscaler: Any       # None for bicubic
+    overrides: dict[str, Any]
+    guidance: float | None = None
+
+
+def build_settings(cfg) -> tuple[list[Setting], dict[str, str]]:
+    from inference.model_uri import resolve_model
+    from vosr.upscaler import Upscaler
+
+    settings = [Setting("Bicubic", "Baseline", None, {})]
+    sources: dict[str, str] = {}
+    ecfg = cfg.eval
+    if cfg.inference.checkpoint:
+        folder = resolve_model(cfg.inference.checkpoint, cfg)
+        sources["student"] = str(folder)
+        up = Upscaler(folder, cfg)
+        label = f"VOSR-{up.model_cfg.preset}-os"
+        settings.append(Setting(label, "One-step", up, {"mode": "onestep"}))
+    if ecfg.teacher:
+        folder = resolve_model(ecfg.teacher, cfg)
+        sources["teacher"] = str(folder)
+        tcfg = cfg.replace(inference=dataclasses.replace(cfg.inference, mode="multistep"))
+        up = Upscaler(folder, tcfg)
+        steps = ecfg.sweep_steps or cfg.flow.steps
+        scales = list(dict.fromkeys([cfg.flow.guidance_scale, *ecfg.guidance_sweep]))
+        for s in scales:
+            label = f"VOSR-{up.model_cfg.preset}-ms (s={s:g})"
+            settings.append(Setting(label, "Multi-step", up, {"mode": "multistep", "guidance": float(s),
+                                                               "steps": steps}, guidance=float(s)))
+    return settings, sources
+
+
+# --- stage 3: metrics ------------------------------------------------------------------------------------------
+
+class IQAMetrics:
+    """pyiqa metrics that could be created here; the others are recorded with the reason they were skipped."""
+
+    def __init__(self, names: list[str], device: str = "cpu"):
+        self.metrics: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}
+        try:
+            import pyiqa  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - a missing or broken optional extra
+            for n in names:
+                self.skipped[n] = f"pyiqa not installed (pip install '.[iqa]'): {type(exc).__name__}"
+            return
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")   # weights must already be on disk; never download
+        for n in names:
+            try:
+                self.metrics[n] = pyiqa.create_metric(n, device=device, as_loss=False)
+            except Exception as exc:  # noqa: BLE001 - missing weights surface as many error types
+                self.skipped[n] = f"pyiqa metric unavailable (weights missing or unknown name): {str(exc)[:160]}"
+
+    def __call__(self, sr, hr) -> dict[str, float]:
+        if not self.metrics:
+            return {}
+        from vosr.imageio import image_to_tensor
+
+        x, ref = image_to_tensor(sr)[None], image_to_tensor(hr)[None]
+        out = {}
+        for name, metric in self.metrics.items():
+            val = metric(x, ref) if name in FULL_REFERENCE else metric(x)
+            out[name] = float(val.mean())
+        return out
+
+
+def score(sr, hr, scale: int, iqa: IQAMetrics) -> dict[str, float]:
+    from vosr.metrics import psnr_y, ssim_y
+
+    return {"psnr": psnr_y(hr, sr, border=scale), "ssim": ssim_y(hr, sr, border=scale), **iqa(sr, hr)}
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label).strip("_")
+
+
+def evaluate_setting(setting: Setting, pairs: list[Pair], cfg, iqa: IQAMetrics, image_dir: Path | None) -> dict:
+    from vosr.seeding import derive_seed
+    from vosr.upscaler import bicubic_upsample
+
+    scale = cfg.inference.upscale
+    per_image: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    for pair in pairs:
+        if setting.upscaler is None:
+            sr = bicubic_upsample(pair.lr, scale)
+        else:
+            seed = derive_seed(cfg.inference.seed, pair.name)   # reproducible, distinct noise per image
+            sr = setting.upscaler.upscale(pair.lr, seed=seed, **setting.overrides)
+        if image_dir is not None:
+            folder = image_dir / _slug(setting.label)
+            folder.mkdir(parents=True, exist_ok=True)
+            sr.save(folder / f"{pair.name}.png")
+        per_image[pair.name] = score(sr, pair.hr, scale, iqa)
+    keys = sorted({k for m in per_image.values() for k in m})
+    means = {k: _mean([m[k] for m in per_image.values() if k in m]) for k in keys}
+    return {"label": setting.label, "group": setting.group, "guidance": setting.guidance,
+            "options": setting.overrides, "metrics": means, "per_image": per_image,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# --- stage 4: report -------------------------------------------------------------------------------------------
+
+def markdown_table(rows: list[dict], dataset: str, skipped: dict[str, str]) -> str:
+    """Rows grouped like Table 1 (Dataset | Setting | Method | metrics); skipped metrics shown as n/a."""
+    head = "| Dataset | Setting | Method | " + " | ".join(c for c, _, _ in TABLE_COLUMNS) + " |"
+    sep = "|" + "---|" * (3 + len(TABLE_COLUMNS))
+    lines = [head, sep]
+    order = {"Baseline": 0, "Multi-step": 1, "One-step": 2}
+    first = True
+    for row in sorted(rows, key=lambda r: order.get(r["group"], 9)):
+        cells = []
+        for _, key, _ in TABLE_COLUMNS:
+            v = row["metrics"].get(key)
+            cells.append("n/a" if v is None or not math.isfinite(v) else f"{v:.4f}")
+        lines.append(f"| {dataset if first else ''} | {row['group']} | {row['label']} | " + " | ".join(cells) + " |")
+        first = False
+    notes = [f"- {k}: {v}" for k, v in sorted(skipped.items())]
+    if notes:
+        lines += ["", "Skipped metrics (n/a above):", *notes]
+    lines += ["", "PSNR/SSIM on Y (YCbCr BT.601), border crop = scale. ↑ higher is better, ↓ lower is better."]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plot(rows: list[dict], path: Path, title: str) -> str | None:
+    """Guidance scale vs two metrics (paper Fig. 4: LPIPS and MUSIQ; PSNR and SSIM when those are skipped)."""
+    sweep = sorted((r for r in rows if r["guidance"] is not None), key=lambda r: r["guidance"])
+    if len(sweep) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    have = set(sweep[0]["metrics"])
+    left, right = ("lpips", "musiq") if {"lpips", "musiq"} <= have else ("psnr", "ssim")
+    xs = [r["guidance"] for r in sweep]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    ax.plot(xs, [r["metrics"][left] for r in sweep], "o-", color="tab:red", label=left.upper())
+    ax.set_xlabel("guidance scale s")
+    ax.set_ylabel(left.upper(), color="tab:red")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r["metrics"][right] for r in sweep], "s--", color="tab:blue", label=right.upper())
+    ax2.set_ylabel(right.upper(), color="tab:blue")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return f"{left}+{right}"
+
+
+def run(cfg) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ecfg = cfg.eval
+    out = Path(ecfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs, info = load_pairs(cfg)                                    # stage 1
+    if not pairs:
+        raise ValueError(f"no image pairs to evaluate in {info['hr_dir']} (skipped: {info['skipped']})")
+    settings, sources = build_settings(cfg)                          # stage 2
+    device = settings[1].upscaler.device.type if len(settings) > 1 else "cpu"
+    iqa = IQAMetrics(list(ecfg.iqa_metrics), device=device)          # stage 3
+    image_dir = out / "images" if ecfg.save_images else None
+    rows = [evaluate_setting(s, pairs, cfg, iqa, image_dir) for s in settings]
+    hr_path = Path(info["hr_dir"]).resolve()
+    dataset = ecfg.dataset_name or (hr_path.parent.name if hr_path.name == "HR" else hr_path.name)
+    table = markdown_table(rows, dataset, iqa.skipped)               # stage 4
+    (out / "table.md").write_text(table)
+    plot = sweep_plot(rows, out / "guidance_sweep.png",
+                      f"{dataset}: effect of guidance scale (VOSR-ms, {len(pairs)} images)")
+    summary = {
+        "dataset": dataset, "data": info, "models": sources,
+        "rows": [{k: v for k, v in r.items() if k != "per_image"} for r in rows],
+        "metrics_skipped": iqa.skipped, "metrics_computed": sorted({"psnr", "ssim", *iqa.metrics}),
+        "table": str(out / "table.md"), "plot": str(out / "guidance_sweep.png") if plot else None,
+        "plot_metrics": plot, "seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out / "summary.json").write_text(json.dumps({**summary, "per_image": {r["label"]: r["per_image"]
+                                                                              for r in rows}}, indent=2))
+    summary["summary_json"] = str(out / "summary.json")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vosr.jobargs import parse_job_args
+
+    cfg, _ = parse_job_args("VOSR evaluation: PSNR/SSIM-Y (+ pyiqa), Table 1 and the guidance sweep.", argv)
+    try:
+        summary = run(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The evaluation runner: paired folders and degraded HR, Table-1 markdown, the guidance sweep plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_upscale import make_checkpoint
+
+from vosr.config import config_from_dict
+from vosr.metrics import psnr_y
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The test machine's 2 cores are shared: one intra-op thread avoids OpenMP spin contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-models")
+    return make_checkpoint(root / "student", True), make_checkpoint(root / "teacher", False)
+
+
+@pytest.fixture(scope="module")
+def hr_folder(photos, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    (root / "HR").mkdir()
+    for p in photos[:3]:
+        img = Image.open(p).convert("RGB")
+        left, top = img.width // 2 - 50, img.height // 2 - 45
+        img.crop((left, top, left + 100, top + 90)).save(root / "HR" / f"{p.stem}.png")
+    return root
+
+
+def test_degraded_hr_with_all_rows(models, hr_folder, tmp_path):
+    from inference.evaluate import main, run
+
+    student, teacher = models
+    out = tmp_path / "eval"
+    cfg = config_from_dict({}, [f"eval.hr_dir={hr_folder / 'HR'}", "eval.degrade_preset=bicubic", "eval.crop=64",
+                                f"eval.output={out}", f"inference.checkpoint={student}", f"eval.teacher={teacher}",
+                                "eval.guidance_sweep=[-0.5, 1.0]", "eval.sweep_steps=2", "inference.device=cpu",
+                                "eval.save_images=true"])
+    summary = run(cfg)
+    labels = [r["label"] for r in summary["rows"]]
+    assert labels == ["Bicubic", "VOSR-tiny-os", "VOSR-tiny-ms (s=0.5)", "VOSR-tiny-ms (s=-0.5)",
+                      "VOSR-tiny-ms (s=1)"]
+    assert summary["data"]["images"] == 3 and summary["data"]["lr_source"] == "degrade:bicubic"
+    # pyiqa is an optional extra: absent here, every perceptual metric is reported as skipped with the reason
+    assert set(summary["metrics_skipped"]) == {"lpips", "dists", "niqe", "musiq", "maniqa", "topiq_nr", "afine"}
+    assert all("pyiqa" in reason for reason in summary["metrics_skipped"].values())
+    # the bicubic row is recomputed independently from the saved images and the degraded LR (seeded: stable)
+    saved = json.loads((out / "summary.json").read_text())
+    name = sorted(saved["per_image"]["Bicubic"])[0]
+    sr = np.asarray(Image.open(out / "images" / "Bicubic" / f"{name}.png"))
+    assert sr.shape == (64, 64, 3)
+    hr = np.asarray(Image.open(hr_folder / "HR" / f"{name}.png").convert("RGB"))[13:77, 18:82]
+    assert saved["per_image"]["Bicubic"][name]["psnr"] == pytest.approx(psnr_y(hr, sr, border=4), abs=1e-9)
+    bicubic = summary["rows"][0]["metrics"]
+    assert 15 < bicubic["psnr"] < 70 and 0 < bicubic["ssim"] < 1
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0].startswith("| Dataset | Setting | Method | PSNR↑ | SSIM↑ | LPIPS↓")
+    assert "| One-step | VOSR-tiny-os |" in table and "n/a" in table and "Skipped metrics" in table
+    png = Image.open(out / "guidance_sweep.png")
+    assert png.size[0] > 300 and summary["plot_metrics"] == "psnr+ssim"
+    # the same run from the command line gives the same bicubic numbers (seeded degradation)
+    assert main(["--set", f"eval.hr_dir={hr_folder / 'HR'}", "--set", "eval.degrade_preset=bicubic", "--set",
+                 "eval.crop=64", "--set", f"eval.output={tmp_path / 'again'}"]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["rows"][0]["metrics"] == summary["rows"][0]["metrics"]
+    assert [r["label"] for r in again["rows"]] == ["Bicubic"]
+
+
+def test_paired_folders_and_reasons(models, hr_folder, tmp_path):
+    from inference.evaluate import run
+
+    student, _ = models
+    bench = tmp_path / "paired"
+    (bench / "HR").mkdir(parents=True)
+    (bench / "LR").mkdir()
+    names = sorted(p.stem for p in (hr_folder / "HR").iterdir())
+    for n in names[:2]:
+        hr = Image.open(hr_folder / "HR" / f"{n}.png")
+        hr.save(bench / "HR" / f"{n}.png")
+        hr.resize((25, 22), Image.BICUBIC).save(bench / "LR" / f"{n}.png")     # HR is mod-cropped to 100 x 88
+    Image.open(hr_folder / "HR" / f"{names[2]}.png").save(bench / "HR" / "lonely.png")
+    (bench / "HR" / "broken.png").write_bytes(b"\x89PNG not really")
+    (bench / "LR" / "broken.png").write_bytes(b"\x89PNG not really")
+    cfg = config_from_dict({}, [f"eval.hr_dir={bench}", f"eval.output={tmp_path / 'out'}",
+                                f"inference.checkpoint={student}", "inference.device=cpu"])
+    summary = run(cfg)
+    assert summary["data"]["lr_source"] == "paired" and summary["data"]["images"] == 2
+    assert summary["data"]["skipped"]["lonely"] == "no LR partner"
+    assert summary["data"]["skipped"]["broken"].startswith("decode")
+    assert summary["plot"] is None                        # no teacher: no sweep
+    assert [r["label"] for r in summary["rows"]] == ["Bicubic", "VOSR-tiny-os"]
+    assert summary["dataset"] == "paired"
