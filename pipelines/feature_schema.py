@@ -139,10 +139,13 @@ def decode_feature_rows(batch: Any, meta: dict | None = None) -> dict[str, Any]:
         schema = batch.schema
         for name in TENSOR_COLUMNS:
             fmeta = schema.field(name).metadata or {}
-            if b"vosr.shape" not in fmeta:
+            if b"vosr.shape" in fmeta:  # self-describing (Parquet keeps field metadata)
+                shape, dtype = tuple(json.loads(fmeta[b"vosr.shape"])), fmeta[b"vosr.dtype"].decode()
+            elif meta is not None:  # some Ray operations drop field metadata: fall back to the dataset metadata
+                shape, dtype = tuple(meta["sem_shape" if name == "sem_tokens" else "latent_shape"]), meta["dtype"]
+            else:
                 raise ValueError(f"column {name} lacks its vosr.shape metadata; pass the dataset metadata")
-            shape = tuple(json.loads(fmeta[b"vosr.shape"]))
-            out[name] = _decode_tensor(_column_to_numpy(batch.column(name)), shape, fmeta[b"vosr.dtype"].decode())
+            out[name] = _decode_tensor(_column_to_numpy(batch.column(name)), shape, dtype)
         cols = {n: batch.column(n).to_pylist() for n in ("id", "variant", "seed")}
     else:
         if meta is None:

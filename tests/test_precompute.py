@@ -263,3 +263,10 @@ def test_decode_numpy_batches_as_ray_hands_them_out():
     assert d["id"] == ["a", "b", "c"] and d["seed"].tolist() == [5, 6, 7]
     with pytest.raises(ValueError, match="metadata"):
         fsch.decode_feature_rows(batch)
+    # an Arrow batch whose field metadata was dropped on the way decodes with the dataset metadata
+    bare = pa.table({"id": ["a", "b", "c"], "variant": pa.array([0, 1, 0], pa.int32()), "seed": [5, 6, 7],
+                     "hr_latent": fsch.tensor_to_arrow(x, "float16"), "lr_latent": fsch.tensor_to_arrow(x, "float16"),
+                     "sem_tokens": fsch.tensor_to_arrow(y, "float16")})
+    assert torch.equal(fsch.decode_feature_rows(bare, meta)["lr_latent"], x.half().float())
+    with pytest.raises(ValueError, match="vosr.shape"):
+        fsch.decode_feature_rows(bare)
