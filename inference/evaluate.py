@@ -139,30 +139,40 @@ class Setting:
     guidance: float | None = None
 
 
+def _teacher_rows(up, cfg) -> list[Setting]:
+    """Multi-step rows: the configured guidance scale, then each scale of the sweep (paper Fig. 4)."""
+    steps = cfg.eval.sweep_steps or cfg.flow.steps
+    scales = list(dict.fromkeys([cfg.flow.guidance_scale, *cfg.eval.guidance_sweep]))
+    return [Setting(f"VOSR-{up.model_cfg.preset}-ms (s={s:g})", "Multi-step", up,
+                    {"mode": "multistep", "guidance": float(s), "steps": steps}, guidance=float(s))
+            for s in scales]
+
+
 def build_settings(cfg) -> tuple[list[Setting], dict[str, str]]:
+    """Bicubic, then inference.checkpoint (one-step row for a student, multi-step rows + sweep for a teacher),
+    then eval.teacher's multi-step rows."""
     from inference.model_uri import resolve_model
     from vosr.upscaler import Upscaler
 
     settings = [Setting("Bicubic", "Baseline", None, {})]
     sources: dict[str, str] = {}
-    ecfg = cfg.eval
+    # every row passes its mode explicitly, so inference.mode does not have to match the checkpoint's kind
     if cfg.inference.checkpoint:
         folder = resolve_model(cfg.inference.checkpoint, cfg)
-        sources["student"] = str(folder)
         up = Upscaler(folder, cfg)
-        label = f"VOSR-{up.model_cfg.preset}-os"
-        settings.append(Setting(label, "One-step", up, {"mode": "onestep"}))
-    if ecfg.teacher:
-        folder = resolve_model(ecfg.teacher, cfg)
-        sources["teacher"] = str(folder)
-        tcfg = cfg.replace(inference=dataclasses.replace(cfg.inference, mode="multistep"))
-        up = Upscaler(folder, tcfg)
-        steps = ecfg.sweep_steps or cfg.flow.steps
-        scales = list(dict.fromkeys([cfg.flow.guidance_scale, *ecfg.guidance_sweep]))
-        for s in scales:
-            label = f"VOSR-{up.model_cfg.preset}-ms (s={s:g})"
-            settings.append(Setting(label, "Multi-step", up, {"mode": "multistep", "guidance": float(s),
-                                                               "steps": steps}, guidance=float(s)))
+        if up.is_student:
+            sources["student"] = str(folder)
+            settings.append(Setting(f"VOSR-{up.model_cfg.preset}-os", "One-step", up, {"mode": "onestep"}))
+        else:
+            sources["teacher"] = str(folder)
+            settings += _teacher_rows(up, cfg)
+    if cfg.eval.teacher:
+        folder = resolve_model(cfg.eval.teacher, cfg)
+        up = Upscaler(folder, cfg)
+        if up.is_student:
+            raise ValueError(f"eval.teacher {cfg.eval.teacher} is a one-step student, not a multi-step teacher")
+        sources["teacher" if "teacher" not in sources else "eval_teacher"] = str(folder)
+        settings += _teacher_rows(up, cfg)
     return settings, sources
 
 

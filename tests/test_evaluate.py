@@ -103,3 +103,10 @@ def test_paired_folders_and_reasons(models, hr_folder, tmp_path):
     assert summary["plot"] is None                        # no teacher: no sweep
     assert [r["label"] for r in summary["rows"]] == ["Bicubic", "VOSR-tiny-os"]
     assert summary["dataset"] == "paired"
+    # a teacher given as inference.checkpoint (as the demo chain does) gives the multi-step rows and the sweep
+    cfg = config_from_dict({}, [f"eval.hr_dir={bench}", f"eval.output={tmp_path / 'out2'}",
+                                f"inference.checkpoint={models[1]}", "inference.mode=multistep",
+                                "eval.guidance_sweep=[0.0]", "eval.sweep_steps=1", "inference.device=cpu"])
+    summary = run(cfg)
+    assert [r["label"] for r in summary["rows"]] == ["Bicubic", "VOSR-tiny-ms (s=0.5)", "VOSR-tiny-ms (s=0)"]
+    assert summary["plot"] and summary["models"] == {"teacher": models[1]}
