@@ -25,7 +25,7 @@ class EMA:
         src = dict(model.named_parameters())
         for name, p_ema in self.module.named_parameters():
             p = src[name].detach()
-            p_ema.lerp_(p.to(p_ema.dtype), 1.0 - self.decay)
+            p_ema.lerp_(p.to(p_ema.device, p_ema.dtype), 1.0 - self.decay)
         for name, b in model.named_buffers():  # buffers (none in the DiT) are copied as is
             self.module.get_buffer(name).copy_(b)
         self.num_updates += 1
