@@ -115,16 +115,20 @@ def apply(hr: torch.Tensor, p: dict, g: torch.Generator, rc, scale: int, resize_
     t = tick("noise", t)
     # final step
     lr_size = (ori_h // scale, ori_w // scale)
-    if p["final_order"] == "resize_sinc_then_jpeg":
-        x = ops.filter2d(ops.resize(x, p["final_resize_mode"], size=lr_size), sinc)
+    def resize_sinc(x: torch.Tensor, t: float) -> tuple[torch.Tensor, float]:
+        x = ops.resize(x, p["final_resize_mode"], size=lr_size)
         t = tick("resize", t)
+        x = ops.filter2d(x, sinc)
+        return x, tick("blur", t)
+
+    if p["final_order"] == "resize_sinc_then_jpeg":
+        x, t = resize_sinc(x, t)
         x = ops.jpeg(x.clamp(0, 1), p["jpeg2"]["quality_int"])
         t = tick("jpeg", t)
     else:
         x = ops.jpeg(x.clamp(0, 1), p["jpeg2"]["quality_int"])
         t = tick("jpeg", t)
-        x = ops.filter2d(ops.resize(x, p["final_resize_mode"], size=lr_size), sinc)
-        t = tick("resize", t)
+        x, t = resize_sinc(x, t)
     if resize_back:
         x = ops.resize(x, p["resize_back_mode"], size=(ori_h, ori_w))
     x = ops.quantize8(x)
