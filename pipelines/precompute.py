@@ -271,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     from vosr.jobargs import parse_job_args
 
     cfg, _ = parse_job_args("Precompute VOSR features (HR latents, K LR variants with semantic tokens).", argv)
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except (FileNotFoundError, feature_schema.FeatureMismatchError) as exc:
+        print(f"precompute error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -270,3 +270,13 @@ def test_decode_numpy_batches_as_ray_hands_them_out():
     assert torch.equal(fsch.decode_feature_rows(bare, meta)["lr_latent"], x.half().float())
     with pytest.raises(ValueError, match="vosr.shape"):
         fsch.decode_feature_rows(bare)
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    from pipelines.precompute import main
+
+    rc = main(["--config", "configs/precompute/tiny.yaml", "--set", f"precompute.input={tmp_path / 'none'}",
+               "--set", f"precompute.output={tmp_path / 'out'}", "--set", "run.mlflow.enabled=false"])
+    assert rc == 1
+    assert "no curated shards under" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
