@@ -1,9 +1,9 @@
 """Teacher pretraining on real local Ray Train (2 workers), real MLflow, real feature shards from photos.
 
-One fault-injected run covers: the loss falls, MLflow holds params/metrics/the validation grid, a worker killed
-mid-run is restored from the last checkpoint with continuous step numbers, and a re-submitted finished job does
-nothing new. A second run on s3:// storage (moto server) with an MLflow tracking server process is interrupted
-(no retries left) and resumes when re-submitted.
+One scenario on s3:// storage (moto server) tracked by an MLflow server process (sqlite backend): a job whose
+worker dies with no retries left stops; re-submitted, it resumes from its last checkpoint, survives a second worker
+loss through FailureConfig, finishes with continuous step numbers, a falling loss and the params, metrics and
+validation grids in MLflow; re-submitted once more, it does nothing new.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)  # the moto server accepts any key; workers inherit this environment
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice finished/failed workers sooner
 
 
 def pick_photos(photos, fraction: float, n_train: int, n_val: int) -> list[Path]:
@@ -74,60 +75,16 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def _s3(uri: str, endpoint: str):
+    """vosr.storage with s3fs's per-process listing cache dropped (the objects come from Ray workers)."""
+    from vosr import storage
+
+    storage.fsspec_fs(uri, endpoint).invalidate_cache()
+    return storage
+
+
 def _metric_steps(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
-def test_fault_injected_run_restores_logs_and_skips_when_resubmitted(ray_local, features, tmp_path):
-    from mlflow.tracking import MlflowClient
-    from PIL import Image
-
-    from training.pretrain import run
-    from vosr.checkpoint import load_checkpoint, load_train_state
-
-    cfg = tiny_cfg(tmp_path, features, "ft", "train.steps=8", "train.checkpoint_every=2",
-                   "train.validate_every=4", "train.fail_at_step=5", "train.max_failures=1")
-    summary = run(cfg)
-
-    assert summary["steps"] == 8 and summary["steps_this_submission"] == 8
-    run_dir = tmp_path / "ckpt" / "ft"
-    assert (run_dir / "_vosr_fault_injected_step5").is_file(), "the fault was never injected"
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
-    ckpt = Path(summary["checkpoint_uri"])
-    assert ckpt.name == "checkpoint_00000008"
-    model, _, meta = load_checkpoint(str(ckpt))
-    assert not meta["is_student"] and meta["files"][:2] == ["model.safetensors", "ema_model.safetensors"]
-    state = load_train_state(str(ckpt))
-    assert state["position"]["step"] == 8 and state["position"]["samples"] == 64
-    assert state["optimizer"]["state"], "optimizer moments were not saved"
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = summary["mlflow_run_id"]
-    mrun = client.get_run(run_id)
-    assert mrun.info.status == "FINISHED"
-    assert mrun.info.artifact_uri.startswith("file:///"), "artifact location must be absolute"
-    params = mrun.data.params
-    assert params["train.lr"] == "0.0005" and params["train.betas"] == "[0.9, 0.95]"
-    assert params["preset"] == "tiny" and params["train.fail_at_step"] == "5"
-    # restored from the step-4 checkpoint: steps 1-4, then 5-8, no gap and no repeat
-    assert _metric_steps(client, run_id, "train/loss") == list(range(1, 9))
-    assert [m.value for m in client.get_metric_history(run_id, "train/resumed_from_step")] == [4.0]
-    for key in ("train/lr", "train/samples_per_s", "train/grad_norm", "val/psnr_y", "val/ssim_y"):
-        assert client.get_metric_history(run_id, key), f"{key} was not logged"
-    losses = [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
-    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, f"loss did not fall: {losses}"
-    grids = [a.path for a in client.list_artifacts(run_id, "validation")]
-    assert "validation/val_grid_step00000008.png" in grids
-    local = client.download_artifacts(run_id, "validation/val_grid_step00000008.png", str(tmp_path))
-    grid = Image.open(io.BytesIO(Path(local).read_bytes()))
-    assert grid.size[0] > 3 * 64 and grid.size[1] > 2 * 64  # LR | sample | HR, one row per held-out image
-
-    n_loss = len(client.get_metric_history(run_id, "train/loss"))
-    again = run(cfg)
-    assert again["skipped"] is True and again["steps_this_submission"] == 0 and again["steps"] == 8
-    assert len(client.get_metric_history(run_id, "train/loss")) == n_loss
-    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_00000006", "checkpoint_00000008"]
-    del model
 
 
 @pytest.fixture()
@@ -163,29 +120,73 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=20)
 
 
-def test_interrupted_run_on_s3_resumes_when_resubmitted(ray_local, features, tmp_path, moto_s3, mlflow_server):
+def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_local, features, tmp_path, moto_s3,
+                                                                          mlflow_server):
     import ray.train
     from mlflow.tracking import MlflowClient
+    from PIL import Image
 
     from training.pretrain import run
     from vosr import storage
+    from vosr.checkpoint import load_checkpoint, load_train_state
 
-    cfg = tiny_cfg(tmp_path, features, "s3run", "train.steps=4", "train.checkpoint_every=2",
-                   "train.validate_every=0", "train.fail_at_step=3", "train.max_failures=0",
-                   "train.storage_path=s3://vosr-runs/ckpt", f"train.s3_endpoint_url={moto_s3}",
-                   f"run.mlflow.tracking_uri={mlflow_server}")
-    with pytest.raises(ray.train.TrainingFailedError):
-        run(cfg)  # no retries left: the job stops after the step-2 checkpoint
-    files = storage.list_files("s3://vosr-runs/ckpt/s3run", "", moto_s3)
-    assert any(f.endswith("checkpoint_00000002/model.safetensors") for f in files)
-    assert not any("checkpoint_00000004" in f for f in files)
-
-    summary = run(cfg)  # re-submitted as is: resumes from the step-2 checkpoint on S3
-    assert summary["steps"] == 4 and summary["steps_this_submission"] == 2
-    assert summary["checkpoint_uri"] == "s3://vosr-runs/ckpt/s3run/checkpoint_00000004"
-    assert storage.exists("s3://vosr-runs/ckpt/s3run/checkpoint_00000004/config.json", moto_s3)
+    base = ["train.steps=8", "train.checkpoint_every=2", "train.validate_every=4",
+            "train.storage_path=s3://vosr-runs/ckpt", f"train.s3_endpoint_url={moto_s3}",
+            f"run.mlflow.tracking_uri={mlflow_server}"]
+    run_uri = "s3://vosr-runs/ckpt/pt"
     client = MlflowClient(tracking_uri=mlflow_server)
-    run_id = summary["mlflow_run_id"]
-    assert _metric_steps(client, run_id, "train/loss") == [1, 2, 3, 4]
-    assert [m.value for m in client.get_metric_history(run_id, "train/resumed_from_step")] == [2.0]
-    assert client.get_run(run_id).info.status == "FINISHED"
+
+    # 1. a worker dies at step 5 with no retries left: the job stops after the step-4 checkpoint
+    with pytest.raises(ray.train.TrainingFailedError):
+        run(tiny_cfg(tmp_path, features, "pt", *base, "train.fail_at_step=5", "train.max_failures=0"))
+    files = _s3(run_uri, moto_s3).list_files(run_uri, "", moto_s3)
+    assert any(f.endswith("checkpoint_00000004/model.safetensors") for f in files)
+    assert not any("checkpoint_00000006" in f for f in files)
+    assert _s3(run_uri, moto_s3).exists(f"{run_uri}/_vosr_fault_injected_step5", moto_s3)
+    run_id = json.loads(_s3(run_uri, moto_s3).read_bytes(f"{run_uri}/_vosr_run.json", moto_s3))["run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    # 2. re-submitted: resumes from step 4; a worker dies again at step 7 and FailureConfig restores step 6
+    cfg = tiny_cfg(tmp_path, features, "pt", *base, "train.fail_at_step=7", "train.max_failures=1")
+    summary = run(cfg)
+    assert summary["steps"] == 8 and summary["steps_this_submission"] == 4
+    assert summary["mlflow_run_id"] == run_id, "a resumed job continues its MLflow run"
+    assert summary["checkpoint_uri"] == f"{run_uri}/checkpoint_00000008"
+    assert _s3(run_uri, moto_s3).exists(f"{run_uri}/_vosr_fault_injected_step7", moto_s3)
+    assert json.loads(_s3(run_uri, moto_s3).read_bytes(f"{run_uri}/summary.json", moto_s3))["steps"] == 8
+
+    local = tmp_path / "final"
+    ray.train.Checkpoint(summary["checkpoint_uri"].removeprefix("s3://"),
+                         filesystem=storage.open_fs(run_uri, moto_s3)[0]).to_directory(str(local))
+    _, _, meta = load_checkpoint(str(local))
+    assert not meta["is_student"] and meta["files"][:2] == ["model.safetensors", "ema_model.safetensors"]
+    state = load_train_state(str(local))
+    assert state["position"]["step"] == 8 and state["position"]["samples"] == 64
+    assert state["optimizer"]["state"], "optimizer moments were not saved"
+
+    mrun = client.get_run(run_id)
+    assert mrun.info.status == "FINISHED"
+    assert mrun.info.artifact_uri.startswith("file:///"), "artifact location must be absolute"
+    params = mrun.data.params
+    assert params["train.lr"] == "0.0005" and params["train.betas"] == "[0.9, 0.95]"
+    assert params["preset"] == "tiny" and params["train.grad_clip"] == "1.0"
+    # steps 1-4 | resumed from 4: 5-6 | worker lost at 7, restored from 6: 7-8 -- no gap and no repeat
+    assert _metric_steps(client, run_id, "train/loss") == list(range(1, 9))
+    assert [m.value for m in client.get_metric_history(run_id, "train/resumed_from_step")] == [4.0, 6.0]
+    for key in ("train/lr", "train/samples_per_s", "train/grad_norm", "val/psnr_y", "val/ssim_y"):
+        assert client.get_metric_history(run_id, key), f"{key} was not logged"
+    losses = [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, f"loss did not fall: {losses}"
+    grids = [a.path for a in client.list_artifacts(run_id, "validation")]
+    assert {"validation/val_grid_step00000004.png", "validation/val_grid_step00000008.png"} <= set(grids)
+    png = client.download_artifacts(run_id, "validation/val_grid_step00000008.png", str(tmp_path))
+    grid = Image.open(io.BytesIO(Path(png).read_bytes()))
+    assert grid.size[0] > 3 * 64 and grid.size[1] > 2 * 64  # LR | sample | HR, one row per held-out image
+
+    # 3. re-submitted once finished: nothing new
+    n_loss = len(client.get_metric_history(run_id, "train/loss"))
+    again = run(cfg)
+    assert again["skipped"] is True and again["steps_this_submission"] == 0 and again["steps"] == 8
+    assert len(client.get_metric_history(run_id, "train/loss")) == n_loss
+    ckpts = {f.split("/")[-2] for f in _s3(run_uri, moto_s3).list_files(run_uri, "config.json", moto_s3)}
+    assert ckpts == {"checkpoint_00000006", "checkpoint_00000008"}  # keep_checkpoints = 2

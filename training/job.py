@@ -43,7 +43,15 @@ def resolve_run(cfg: Any) -> RunPaths:
     return RunPaths(uri, cfg.run.name, storage.join(uri, cfg.run.name), tc.s3_endpoint_url)
 
 
+def fresh_listing(uri: str, endpoint: str) -> None:
+    """Forget cached S3 listings: s3fs caches directory listings per process, and the markers and checkpoints
+    read here are written by other processes (Ray workers, earlier submissions)."""
+    if uri.startswith("s3://"):
+        storage.fsspec_fs(uri, endpoint).invalidate_cache()
+
+
 def _read_json(uri: str, endpoint: str) -> dict[str, Any] | None:
+    fresh_listing(uri, endpoint)
     if not storage.exists(uri, endpoint):
         return None
     return json.loads(storage.read_bytes(uri, endpoint))
@@ -180,6 +188,7 @@ def summarise(cfg: Any, job: str, paths: RunPaths, result: Any, run_id: str, wal
 
 def latest_step(paths: RunPaths) -> int:
     """Step of the latest finished checkpoint in the run's storage (0 when none)."""
+    fresh_listing(paths.run_uri, paths.endpoint)
     files = storage.list_files(paths.run_uri, "config.json", paths.endpoint)
     steps = []
     for f in files:

@@ -36,7 +36,8 @@ class PretrainObjective:
         """Progressive stage: load another checkpoint's EMA weights; RoPE follows this run's grid."""
         from vosr.checkpoint import load_checkpoint
 
-        src, src_cfg, _ = load_checkpoint(folder, use_ema=True, device="cpu")
+        src, src_cfg, _ = load_checkpoint(folder, use_ema=True, device="cpu",
+                                          endpoint_url=self.cfg.train.s3_endpoint_url)
         state = _strip_positions(src.state_dict())
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if "rope" not in k and "freqs" not in k]
