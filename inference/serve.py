@@ -347,7 +347,7 @@ def start(cfg, blocking: bool = False) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}{prefix}"
 
 
-def smoke(cfg, image: str | Path, out: str | Path, timeout_s: float = 120.0) -> dict[str, Any]:
+def smoke(cfg, image: str | Path, out: str | Path, timeout_s: float = 300.0) -> dict[str, Any]:
     """Start the service, POST one image, save the PNG answer, stop the application. Returns a summary."""
     import urllib.request
 
@@ -377,21 +377,34 @@ def smoke(cfg, image: str | Path, out: str | Path, timeout_s: float = 120.0) -> 
         serve.delete(cfg.serve.app_name)
 
 
+def default_request(path: Path, size: int = 256, scale: int = 4) -> Path:
+    """A small LR request: bicubic x1/scale of the centre crop of the first shipped photo."""
+    from PIL import Image
+
+    photo = sorted(q for q in (ROOT / "assets" / "photos").iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg"))[0]
+    with Image.open(photo) as im:
+        im = im.convert("RGB")
+        c = min(size, *im.size)
+        left, top = (im.width - c) // 2, (im.height - c) // 2
+        lr = im.crop((left, top, left + c, top + c)).resize((c // scale, c // scale), Image.BICUBIC)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lr.save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     from vosr.jobargs import job_parser, parse_job_args
 
     p = job_parser(__doc__.split("\n")[0])
     p.add_argument("--smoke", metavar="OUT_PNG", default=None,
                    help="start, upscale one image (--image), save the answer here, stop")
-    p.add_argument("--image", default=str(ROOT / "assets" / "photos"),
-                   help="image (or folder: its first image) for --smoke")
+    p.add_argument("--image", default=None,
+                   help="LR image for --smoke (default: a 64 px bicubic x1/4 of a shipped photo's centre crop)")
     cfg, args = parse_job_args(__doc__.split("\n")[0], argv, parser=p)
     started = _ray_init(cfg)
     try:
         if args.smoke:
-            img = Path(args.image)
-            if img.is_dir():
-                img = sorted(q for q in img.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg"))[0]
+            img = Path(args.image) if args.image else default_request(Path(args.smoke).parent / "request.png")
             summary = smoke(cfg, img, args.smoke)
             print(json.dumps(summary, indent=2))
             return 0
