@@ -1,6 +1,6 @@
 """CPU timings of the DiT: tiny preset forward+backward at its training size, vosr-0.5b forward at 256x256.
 
-    .venv/bin/python benchmarks/bench_model.py [--tiny-batch 8] [--big-batch 1] [--repeats 3] [--threads 0]
+    .venv/bin/python benchmarks/bench_model.py [--tiny-batch 8] [--big-batch 1] [--repeats 3] [--threads 1]
     .venv/bin/python benchmarks/bench_model.py --skip-big      # tiny only
 
 Random weights built from the presets (no checkpoints). vosr-0.5b at 256x256 px is a 32x32 SD latent = 16x16 = 256
@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny-batch", type=int, default=8)
     p.add_argument("--big-batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default; on a shared "
+                   "box 1 avoids OpenMP oversubscription stalls)")
     p.add_argument("--skip-big", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
