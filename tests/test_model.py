@@ -258,3 +258,16 @@ def test_latent_not_multiple_of_patch_raises():
     z, t, lq, sem = tiny_inputs(1, 16, 16)
     with pytest.raises(ValueError, match="latent channels"):
         m(z[:, :4], t, lq[:, :4], sem)
+
+
+def test_prepared_semantic_context_gives_the_same_velocity():
+    m = with_output_layer(build_dit(tiny_cfg(), student=True))
+    z, t, lq, sem = tiny_inputs(2, 8, 12)
+    with torch.no_grad():
+        ctx = m.prepare_semantic(sem)
+        ref = m(z, t, lq, sem, r=t * 0.5)
+        got = m(z, t, lq, ctx, r=t * 0.5)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    assert len(ctx.kv) == len(m.blocks)
+    with pytest.raises(ValueError, match="prepared for batch"):
+        m(z[:1], t[:1], lq[:1], ctx)

@@ -121,12 +121,21 @@ def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, ts) -> torch.Tens
     return z
 
 
+def _prepared(model, sem: torch.Tensor):
+    """Semantic keys/values computed once for all steps when the model offers it (same numbers, fewer FLOPs)."""
+    prepare = getattr(model, "prepare_semantic", None)
+    if prepare is None:
+        return sem
+    with torch.no_grad():
+        return prepare(sem)
+
+
 def multistep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor, scale: float,
                           weak_strength: float = 0.15) -> VelocityFn:
     """Guided teacher velocity: conditioned branch (clean lq, a = 1, full tokens) and weak branch
     (weak_strength * lq, zeroed raw tokens) in ONE doubled batch (METHOD.md s6)."""
     lq2 = torch.cat([lq, weak_strength * lq])
-    sem2 = torch.cat([sem, torch.zeros_like(sem)])
+    sem2 = _prepared(model, torch.cat([sem, torch.zeros_like(sem)]))
 
     def fn(z: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         b = z.shape[0]
@@ -140,6 +149,7 @@ def multistep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor, scale: flo
 
 def fewstep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor) -> VelocityFn:
     """Student velocity f(z, t, r = t_next) with clean lq and full tokens, no CFG (METHOD.md s7)."""
+    sem = _prepared(model, sem)
 
     def fn(z: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         b = z.shape[0]

@@ -42,7 +42,7 @@ class DiTBlock(nn.Module):
         # adaLN-single: per-block learned table added to the shared t_block output (PixArt), N(0,1)/sqrt(D)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, c0: torch.Tensor, ctx: torch.Tensor,
+    def forward(self, x: torch.Tensor, c0: torch.Tensor, ctx,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, _, d = x.shape
         mods = self.scale_shift_table[None].to(c0.dtype) + c0.view(b, 6, d)
@@ -65,6 +65,21 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class SemanticContext:
+    """Projected semantic tokens with every block's cross-attention keys/values, computed once.
+
+    They depend only on the raw tokens, not on z_t, t or r, so a sampler can reuse them at every step (exactly the
+    same numbers as recomputing them). Build with `VOSRDiT.prepare_semantic(sem)`; pass in place of `sem`."""
+
+    def __init__(self, raw_shape: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.shape = raw_shape
+        self.kv = kv
+
+    @property
+    def batch(self) -> int:
+        return self.shape[0]
 
 
 class VOSRDiT(nn.Module):
@@ -138,6 +153,16 @@ class VOSRDiT(nn.Module):
         return self._rope_cache[key]
 
     # --- forward --------------------------------------------------------------------------------------------
+    def prepare_semantic(self, sem: torch.Tensor) -> SemanticContext:
+        """Project raw tokens once (LN + MLP) and precompute each block's cross-attention keys/values."""
+        self._check_sem(sem, sem.shape[0] if sem.ndim == 3 else -1)
+        ctx = self.sem_proj(sem.to(self.sem_proj.fc1.weight.dtype))
+        return SemanticContext(tuple(sem.shape), [blk.cross_attn.keys_values(ctx) for blk in self.blocks])
+
+    def _check_sem(self, sem: torch.Tensor, b: int) -> None:
+        if sem.ndim != 3 or sem.shape[0] != b or sem.shape[-1] != self.sem_dim:
+            raise ValueError(f"semantic tokens must be [{b}, N, {self.sem_dim}], got {tuple(sem.shape)}")
+
     def condition(self, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
         """c = emb_t(t) (+ emb_r(r) * (t - r) for the student, METHOD.md s4)."""
         c = self.t_embedder(t)
@@ -165,7 +190,7 @@ class VOSRDiT(nn.Module):
             raise ValueError(f"time must be a scalar or shape [{b}], got {tuple(t.shape)}")
         return t.float()
 
-    def forward(self, z_t: torch.Tensor, t: Any, lq: torch.Tensor, sem: torch.Tensor,
+    def forward(self, z_t: torch.Tensor, t: Any, lq: torch.Tensor, sem: torch.Tensor | SemanticContext,
                 r: Any = None) -> torch.Tensor:
         if z_t.ndim != 4 or z_t.shape != lq.shape:
             raise ValueError(f"z_t {tuple(z_t.shape)} and lq {tuple(lq.shape)} must both be [B, C, h, w]")
@@ -176,8 +201,11 @@ class VOSRDiT(nn.Module):
         if h % p or w % p:
             raise ValueError(f"latent size {h}x{w} is not a multiple of the patch size {p}; pad the input "
                              "(the upscaler reflect-pads to the latent/patch multiple)")
-        if sem.ndim != 3 or sem.shape[0] != b or sem.shape[-1] != self.sem_dim:
-            raise ValueError(f"semantic tokens must be [{b}, N, {self.sem_dim}], got {tuple(sem.shape)}")
+        if isinstance(sem, SemanticContext):
+            if sem.batch != b:
+                raise ValueError(f"semantic context was prepared for batch {sem.batch}, got batch {b}")
+        else:
+            self._check_sem(sem, b)
         t = self._batch_time(t, b, z_t.device)
         r = None if r is None else self._batch_time(r, b, z_t.device)
         gh, gw = h // p, w // p
@@ -185,10 +213,14 @@ class VOSRDiT(nn.Module):
         x = self.x_embedder(torch.cat([lq, z_t], dim=1)).flatten(2).transpose(1, 2)
         c_emb = self.condition(t, r)
         c0 = self.t_block(c_emb)
-        ctx = self.sem_proj(sem.to(self.sem_proj.fc1.weight.dtype))  # once per forward, shared by all blocks
+        if isinstance(sem, SemanticContext):
+            ctxs = sem.kv
+        else:
+            ctx = self.sem_proj(sem.to(self.sem_proj.fc1.weight.dtype))  # once per forward, shared by all blocks
+            ctxs = [ctx] * len(self.blocks)
         rope = self.rope(gh, gw, x.device)
-        for block in self.blocks:
-            x = block(x, c0, ctx, rope)
+        for block, ctx_b in zip(self.blocks, ctxs):
+            x = block(x, c0, ctx_b, rope)
         x = self.final_layer(x, c_emb)
         return self.unpatchify(x, gh, gw)
 

@@ -109,11 +109,15 @@ class CrossAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    def keys_values(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised keys and values of the semantic tokens (they depend on neither z_t nor t)."""
+        return self.k_norm(self._heads(self.k(ctx))), self._heads(self.v(ctx))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`ctx`: projected tokens [B, M, D], or their precomputed (keys, values) from `keys_values`."""
         b, n, d = x.shape
         q = self.q_norm(self._heads(self.q(x)))
-        k = self.k_norm(self._heads(self.k(ctx)))
-        v = self._heads(self.v(ctx))
+        k, v = ctx if isinstance(ctx, tuple) else self.keys_values(ctx)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
