@@ -1,0 +1,415 @@
+"""The demo's report: outputs/demo/report.md and report.html from what the chain's jobs wrote.
+
+Sources, all produced by the jobs themselves: the stage summaries (summaries/<stage>.json, the JSON each job
+printed), the evaluation outputs (eval_teacher/, eval_student/: results JSON, table, guidance plot, images), the
+endpoint's answer (serve/), and the MLflow store (run ids). Nothing here computes a metric; it lays them out.
+
+    python demo/report.py --out outputs/demo      # rebuild the report of an earlier chain
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+STAGE_ORDER = ["curate", "precompute", "pretrain", "distill", "evaluate", "serve"]
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def stage_summaries(out: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    for key in STAGE_ORDER:
+        data = read_json(out / "summaries" / f"{key}.json")
+        if data:
+            found[key] = data
+    return found
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            return str(v)
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def stage_facts(key: str, s: dict[str, Any]) -> str:
+    """One line of the most telling numbers of a stage's summary."""
+    if not s:
+        return ""
+    if key == "curate":
+        failed = ", ".join(f"{k} {v}" for k, v in sorted((s.get("failed") or {}).items()))
+        filtered = ", ".join(f"{k} {v}" for k, v in sorted((s.get("filtered") or {}).items()))
+        return (f"{s.get('seen', '?')} URLs seen, {s.get('fetched', '?')} fetched, failed: {failed or 'none'}; "
+                f"filtered: {filtered or 'none'}; {s.get('duplicates', '?')} near/exact duplicates; "
+                f"{s.get('kept', '?')} kept in {s.get('shards_written', '?')} shards")
+    if key == "precompute":
+        parts = []
+        for name in ("images", "rows", "shards_written", "variants", "samples_per_s", "bytes_per_sample"):
+            if name in s:
+                parts.append(f"{name.replace('_', ' ')} {_fmt(s[name])}")
+        return "; ".join(parts) or ", ".join(f"{k} {_fmt(v)}" for k, v in list(s.items())[:6]
+                                             if not isinstance(v, (dict, list)))
+    if key in ("pretrain", "distill"):
+        losses = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in sorted((s.get("final_losses") or {}).items()))
+        reg = (s.get("registered_model") or {}).get("uri")
+        return (f"{s.get('steps', '?')} steps x batch {s.get('global_batch', '?')} on {s.get('num_workers', '?')} "
+                f"Ray Train workers, {_fmt(s.get('samples_per_s', 0.0))} samples/s; final {losses or 'loss n/a'}"
+                + (f"; registered as `{reg}`" if reg else ""))
+    if key.startswith("evaluate"):
+        return f"{s.get('images', s.get('num_images', '?'))} held-out images; results in `{s.get('output', '')}`"
+    if key == "serve":
+        return (f"POST {s.get('input_size')} px -> PNG {s.get('output_size')} px, HTTP {s.get('status')}, "
+                f"{s.get('seconds')} s")
+    return ""
+
+
+def mlflow_runs(out: Path, since: float | None = None) -> list[dict[str, Any]]:
+    """Runs of the demo's MLflow store (newest chain first), as (name, id, status, job)."""
+    db = out / "mlflow.db"
+    if not db.is_file():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db.resolve()}")
+    runs = []
+    for exp in client.search_experiments():
+        for r in client.search_runs([exp.experiment_id], max_results=200, order_by=["attributes.start_time ASC"]):
+            if since is not None and r.info.start_time / 1000.0 < since - 1:
+                continue
+            runs.append({"experiment": exp.name, "name": r.info.run_name, "run_id": r.info.run_id,
+                         "status": r.info.status, "start": r.info.start_time / 1000.0})
+    runs.sort(key=lambda r: r["start"])
+    return runs
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------
+
+def evaluation(out: Path) -> dict[str, Any]:
+    """inference/evaluate.py's summary.json: rows (label, group, guidance, metrics{psnr, ssim}, seconds), data."""
+    return read_json(out / "eval" / "summary.json")
+
+
+def evaluation_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for r in ev.get("rows", []):
+        group = r.get("group", "")
+        kind = {"Baseline": "bicubic", "Multi-step": "teacher", "One-step": "student"}.get(group, group)
+        m = r.get("metrics") or {}
+        rows.append({"label": r.get("label", ""), "kind": kind, "guidance": r.get("guidance"),
+                     "psnr_y": m.get("psnr"), "ssim_y": m.get("ssim"), "seconds": r.get("seconds"),
+                     "options": r.get("options", {})})
+    return rows
+
+
+def quality_bar(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Teacher (its best guidance row, and every row) and student against bicubic on PSNR-Y."""
+    def psnr(r):
+        v = r.get("psnr_y")
+        return v if isinstance(v, (int, float)) else float("-inf")
+
+    bic = next((psnr(r) for r in rows if r["kind"] == "bicubic"), None)
+    teacher = [r for r in rows if r["kind"] == "teacher"]
+    student = [r for r in rows if r["kind"] == "student"]
+    best_t = max(teacher, key=psnr) if teacher else None
+    best_s = max(student, key=psnr) if student else None
+    ok_t = bool(bic is not None and best_t is not None and psnr(best_t) > bic)
+    ok_s = bool(bic is not None and best_s is not None and psnr(best_s) > bic)
+    return {"bicubic": bic, "teacher_best": best_t, "student": best_s, "teacher_beats_bicubic": ok_t,
+            "student_beats_bicubic": ok_s,
+            "teacher_rows_beating_bicubic": [r["label"] for r in teacher if bic is not None and psnr(r) > bic],
+            "met": ok_t and ok_s}
+
+
+def _slug(label: str) -> str:  # the folder name inference/evaluate.py gives a row's images
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label).strip("_")
+
+
+def image_grid(out: Path, ev: dict[str, Any], rows: list[dict[str, Any]], bar: dict[str, Any],
+               holdout: list[str], cell: int = 192) -> Path | None:
+    """Held-out photos side by side: bicubic | teacher (best s) | student | HR (the evaluated centre crop)."""
+    from PIL import Image, ImageDraw
+
+    image_root = out / "eval" / "images"
+    if not image_root.is_dir():
+        return None
+    cols: list[tuple[str, Path | None]] = []
+    for title, row in (("bicubic", next((r for r in rows if r["kind"] == "bicubic"), None)),
+                       (f"teacher s={(bar.get('teacher_best') or {}).get('guidance')}", bar.get("teacher_best")),
+                       ("student (1 step)", bar.get("student"))):
+        if row is not None:
+            cols.append((title, image_root / _slug(row["label"])))
+    cols.append(("HR", None))
+    crop = int((ev.get("data") or {}).get("crop") or 0)
+    hr_dir = Path((ev.get("data") or {}).get("hr_dir") or out / "holdout")
+    names = sorted(p.stem for p in (cols[0][1].iterdir() if cols[0][1] and cols[0][1].is_dir() else []))
+    if not names:
+        return None
+    head = 22
+    grid = Image.new("RGB", (cell * len(cols), head + cell * len(names)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, (title, _) in enumerate(cols):
+        draw.text((j * cell + 6, 5), title, fill="black")
+    for i, name in enumerate(names):
+        for j, (_, folder) in enumerate(cols):
+            if folder is not None:
+                path = folder / f"{name}.png"
+                if not path.is_file():
+                    continue
+                img = Image.open(path).convert("RGB")
+            else:
+                src = next((p for p in hr_dir.iterdir() if p.stem == name), None) if hr_dir.is_dir() else None
+                if src is None:
+                    continue
+                img = Image.open(src).convert("RGB")
+                if crop:
+                    w, h = img.size
+                    img = img.crop(((w - crop) // 2, (h - crop) // 2, (w - crop) // 2 + crop, (h - crop) // 2 + crop))
+            grid.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (j * cell, head + i * cell))
+    path = out / "report_assets" / "grid.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+# --- writing --------------------------------------------------------------------------------------------------
+
+def _copy_asset(src: Path | None, out: Path, name: str) -> str | None:
+    if src is None or not src.is_file():
+        return None
+    dst = out / "report_assets" / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+    return dst.relative_to(out).as_posix()
+
+
+def build(out: Path, site: dict[str, Any] | None = None, holdout: list[str] | None = None,
+          total_s: float | None = None, teacher: str = "", student: str = "", since: float | None = None
+          ) -> dict[str, Any]:
+    """Everything the report shows, as data (the markdown and HTML writers only lay it out)."""
+    summaries = stage_summaries(out)
+    ev = evaluation(out)
+    rows = evaluation_rows(ev)
+    bar = quality_bar(rows)
+    grid = image_grid(out, ev, rows, bar, holdout or [])
+    plot = ev.get("plot")
+    return {
+        "out": out, "site": site or {}, "holdout": holdout or [], "total_s": total_s, "teacher": teacher,
+        "student": student, "summaries": summaries, "rows": rows, "eval": ev, "bar": bar,
+        "runs": mlflow_runs(out, since),
+        "guidance_plot": _copy_asset(Path(plot), out, "guidance_sweep.png") if plot else None,
+        "grid": grid.relative_to(out).as_posix() if grid else None,
+        "serve_in": _copy_asset(out / "serve" / "request.png", out, "serve_request.png"),
+        "serve_out": _copy_asset(out / "serve" / "answer.png", out, "serve_answer.png"),
+        "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, Python {platform.python_version()}",
+        "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+
+
+def to_markdown(d: dict[str, Any]) -> str:
+    out: Path = d["out"]
+    lines = ["# VOSR demo report", ""]
+    total = d["total_s"]
+    lines.append(f"The whole chain (crawl -> curate -> precompute -> pretrain -> distill -> evaluate -> serve) on the "
+                 f"tiny preset{f', in {total / 60:.1f} min' if total else ''}; {d['machine']}; written {d['written']}.")
+    lines.append("The tiny preset is the project's debug model: a pixel space-to-depth codec and a *randomly "
+                 "initialised* tiny ViT as the semantic encoder, which carries no semantics. Numbers below show the "
+                 "system working end to end, not the paper's quality.")
+    lines.append("")
+    bar = d["bar"]
+    if d["rows"]:
+        verdict = "met" if bar["met"] else "NOT met"
+        lines.append(f"**Quality bar ({verdict})**: teacher and student must beat bicubic on PSNR-Y on the held-out "
+                     f"photos. Bicubic {_fmt(bar['bicubic'])} dB; best teacher row "
+                     f"{_fmt((bar['teacher_best'] or {}).get('psnr_y'))} dB "
+                     f"({'beats' if bar['teacher_beats_bicubic'] else 'does not beat'} bicubic); student "
+                     f"{_fmt((bar['student'] or {}).get('psnr_y'))} dB "
+                     f"({'beats' if bar['student_beats_bicubic'] else 'does not beat'} bicubic).")
+        lines.append("")
+    lines += ["## Stages", "", "| stage | wall time (s) | what it did |", "| --- | ---: | --- |"]
+    for key, data in d["summaries"].items():
+        lines.append(f"| {key} | {_fmt(data.get('seconds', 0.0), 1)} | {stage_facts(key, data.get('summary', {}))} |")
+    lines.append("")
+    site = d["site"]
+    if site:
+        exp = ", ".join(f"{k} {v}" for k, v in sorted(site.get("expected", {}).items()))
+        lines.append(f"The crawl fetched the loopback photo site ({site.get('urls')} URLs: {exp}). "
+                     f"Held out of training and crawl: {', '.join(d['holdout'])}.")
+        lines.append("")
+    lines += ["## Evaluation on the held-out photos", ""]
+    if d["rows"]:
+        lines += [_protocol(d), ""]
+        lines += ["| method | model | guidance s | steps | PSNR-Y (dB) | SSIM-Y | vs bicubic (dB) | seconds |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        bic = d["bar"]["bicubic"]
+        for r in d["rows"]:
+            steps = r["options"].get("steps", 1 if r["kind"] == "student" else "")
+            delta = "" if r["kind"] == "bicubic" or bic is None or r["psnr_y"] is None else f"{r['psnr_y'] - bic:+.2f}"
+            g = "" if r["guidance"] is None else _fmt(float(r["guidance"]), 1)
+            lines.append(f"| {r['label']} | {r['kind']} | {g} | {steps} | {_fmt(r['psnr_y'], 3)} | "
+                         f"{_fmt(r['ssim_y'], 4)} | {delta} | {_fmt(r['seconds'], 1)} |")
+        lines.append("")
+        skipped = d["eval"].get("metrics_skipped") or {}
+        if skipped:
+            lines += [f"Perceptual metrics not computed: {', '.join(sorted(skipped))} (pyiqa or its weights absent; "
+                      "nothing is downloaded).", ""]
+    else:
+        lines += ["No evaluation results were found (eval/summary.json).", ""]
+    if d["guidance_plot"]:
+        lines += ["### Guidance sweep (teacher, like the paper's Fig. 4)", "",
+                  f"![guidance sweep]({d['guidance_plot']})", ""]
+    if d["grid"]:
+        lines += ["### Side by side (bicubic | teacher at its best s | student | HR)", "",
+                  f"![side by side]({d['grid']})", ""]
+    if d["serve_out"]:
+        s = d["summaries"].get("serve", {}).get("summary", {})
+        lines += ["## The endpoint", "",
+                  f"Ray Serve started with the registered student (`{d['student']}`), answered one request "
+                  f"({s.get('input_size')} -> {s.get('output_size')} px) and stopped.", "",
+                  "| request | answer |", "| --- | --- |",
+                  f"| ![request]({d['serve_in']}) | ![answer]({d['serve_out']}) |", ""]
+    lines += ["## MLflow", ""]
+    if d["runs"]:
+        lines += ["| run | run id | status |", "| --- | --- | --- |"]
+        lines += [f"| {r['name']} | `{r['run_id']}` | {r['status']} |" for r in d["runs"]]
+        lines.append("")
+    db = (out / "mlflow.db").resolve()
+    lines += ["Open the MLflow UI on this store:", "",
+              f"    .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --port 5000", "",
+              "then browse http://127.0.0.1:5000 (experiment `vosr-demo`; the student is under Models).", ""]
+    lines += ["## Files", "", f"- teacher checkpoint: `{d['teacher']}`", f"- student: `{d['student']}`",
+              f"- stage logs: `{(out / 'logs').as_posix()}`; stage summaries: `{(out / 'summaries').as_posix()}`", ""]
+    return "\n".join(lines)
+
+
+def _protocol(d: dict[str, Any]) -> str:
+    data = d["eval"].get("data") or {}
+    crop = data.get("crop")
+    scale = data.get("scale", 4)
+    return (f"{data.get('images', '?')} held-out photos ({', '.join(d['holdout']) or data.get('hr_dir')}), never "
+            f"crawled nor trained on. Protocol (the paper's synthetic LSDIR protocol, scaled to the tiny preset): "
+            f"{crop} px HR centre crops, LR = {data.get('lr_source', '?')} x{scale} of the HR with a fixed seed per "
+            f"image ({crop // scale if crop else '?'} px), PSNR/SSIM on Y (BT.601) with a {scale} px border crop.")
+
+
+def to_html(d: dict[str, Any], md: str) -> str:
+    """A self-contained page: the markdown's structure rendered by a tiny converter (tables, images, code)."""
+    body = []
+    in_table = False
+    in_code = False
+    for line in md.splitlines():
+        if line.startswith("    ") and not in_table:
+            if not in_code:
+                body.append("<pre><code>")
+                in_code = True
+            body.append(html.escape(line[4:]))
+            continue
+        if in_code:
+            body.append("</code></pre>")
+            in_code = False
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if all(set(c) <= set("-: ") for c in cells):
+                continue
+            if not in_table:
+                body.append("<table>")
+                body.append("<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells) + "</tr>")
+                in_table = True
+                continue
+            body.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    if in_code:
+        body.append("</code></pre>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;"
+             "text-align:left}th{background:#f3f3f3}img{max-width:100%;image-rendering:pixelated}"
+             "code{background:#f5f5f5;padding:1px 4px}pre{background:#f5f5f5;padding:8px;overflow-x:auto}")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>VOSR demo report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    """Markdown inline subset: images, `code`, **bold**."""
+    import re
+
+    parts = re.split(r"(!\[[^\]]*\]\([^)]+\)|`[^`]+`|\*\*[^*]+\*\*)", text)
+    out = []
+    for p in parts:
+        m = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", p)
+        if m:
+            out.append(f"<img alt='{html.escape(m.group(1))}' src='{html.escape(m.group(2))}'>")
+        elif p.startswith("`") and p.endswith("`") and len(p) > 1:
+            out.append(f"<code>{html.escape(p[1:-1])}</code>")
+        elif p.startswith("**") and p.endswith("**") and len(p) > 3:
+            out.append(f"<b>{html.escape(p[2:-2])}</b>")
+        else:
+            out.append(html.escape(p))
+    return "".join(out)
+
+
+def write_report(out: Path, site: dict[str, Any] | None = None,
+                 holdout: list[str] | None = None, total_s: float | None = None, teacher: str = "",
+                 student: str = "", since: float | None = None) -> dict[str, Path]:
+    d = build(Path(out), site, holdout, total_s, teacher, student, since)
+    md = to_markdown(d)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(to_html(d, md))
+    (out / "report.json").write_text(json.dumps({"quality_bar": d["bar"], "rows": d["rows"], "runs": d["runs"],
+                                                 "total_s": total_s}, indent=2, default=str))
+    return {"md": out / "report.md", "html": out / "report.html"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Rebuild the demo report from an earlier chain's outputs.")
+    p.add_argument("--out", default="outputs/demo")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    site = read_json(out / "summaries" / "site.json")
+    paths = write_report(out, site)
+    print(f"wrote {paths['md']} and {paths['html']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,361 @@
+"""The main job on the embedded default: crawl -> curate -> precompute -> pretrain -> distill -> evaluate -> serve.
+
+Every stage is the job a user submits to a cluster (`ray job submit -- python <script> --config <file>`), run here
+as `python <script> --config configs/demo/<stage>.yaml` from the repository root. All stages share one local Ray
+(started here once; each job joins it through RAY_ADDRESS, as under `ray job submit`) and one MLflow store
+(sqlite under the demo's output root). Only what a stage learns from the one before is passed with `--set`
+(the teacher checkpoint, the registered student version); everything else is in the config files.
+
+    python scripts/demo.py                     # the whole chain (make demo)
+    python scripts/demo.py --from pretrain     # re-run from a stage, reusing the earlier stages' outputs
+    python scripts/demo.py --out /tmp/demo --set train.steps=50   # extra --set goes to every stage
+
+Outputs under --out (default outputs/demo): urls.txt, curated/, features/, checkpoints/, eval*/, serve/,
+logs/<stage>.log, summaries/<stage>.json, mlflow.db + mlartifacts/, report.md and report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CONFIG_DIR = ROOT / "configs" / "demo"
+HOLDOUT_LIST = ROOT / "demo" / "holdout.txt"
+PHOTO_DIR = ROOT / "assets" / "photos"
+STAGES = ["curate", "precompute", "pretrain", "distill", "evaluate", "serve"]
+SCRIPTS = {"curate": "pipelines/curate.py", "precompute": "pipelines/precompute.py",
+           "pretrain": "training/pretrain.py", "distill": "training/distill.py",
+           "evaluate": "inference/evaluate.py", "serve": "inference/serve.py"}
+
+
+def log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def read_holdout(path: Path = HOLDOUT_LIST) -> list[str]:
+    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    missing = [n for n in names if not (PHOTO_DIR / n).is_file()]
+    if missing:
+        raise SystemExit(f"{path}: held-out photos not in {PHOTO_DIR}: {missing}")
+    return names
+
+
+def last_json_object(text: str) -> dict[str, Any] | None:
+    """The summary JSON a job prints at the end: the last parseable `{...}` that starts a line."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if not lines[i].startswith("{"):
+            continue
+        for j in range(len(lines), i, -1):
+            try:
+                obj = json.loads("\n".join(lines[i:j]))
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+@dataclass
+class StageResult:
+    name: str
+    command: list[str]
+    seconds: float = 0.0
+    returncode: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    log: str = ""
+    skipped: bool = False
+
+
+class Chain:
+    def __init__(self, out: Path, extra_sets: list[str], ray_address: str, env: dict[str, str],
+                 storage_root: str = ""):
+        self.out = out
+        self.storage_root = storage_root
+        self.extra_sets = extra_sets
+        self.ray_address = ray_address
+        self.env = env
+        self.results: dict[str, StageResult] = {}
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "summaries").mkdir(parents=True, exist_ok=True)
+
+    # -- running one job ------------------------------------------------------------------------------------
+    def command(self, stage: str, sets: list[str] | None = None, config: str | None = None,
+                extra_args: list[str] | None = None) -> list[str]:
+        cfg = config or f"configs/demo/{stage}.yaml"
+        cmd = [sys.executable, SCRIPTS[stage], "--config", cfg, *(extra_args or [])]
+        for s in [*self.base_sets(), *(sets or []), *self.extra_sets]:
+            cmd += ["--set", s]
+        return cmd
+
+    def data_uri(self, name: str) -> str:
+        """Where a stage's data lives: under --storage (e.g. s3://bucket/demo) when given, else under --out."""
+        return f"{self.storage_root.rstrip('/')}/{name}" if self.storage_root else str(self.out / name)
+
+    def base_sets(self) -> list[str]:
+        """Only when the output root or the storage is not the configs' default: move every path there."""
+        default = self.out.resolve() == (ROOT / "outputs" / "demo").resolve() and not self.storage_root
+        if default:
+            return []
+        o = str(self.out)
+        sets = [f"run.output_root={o}", f"curate.sources=[{self.data_uri('urls.txt')}]",
+                f"curate.output={self.data_uri('curated')}", f"precompute.input={self.data_uri('curated')}",
+                f"precompute.output={self.data_uri('features')}", f"train.features={self.data_uri('features')}",
+                f"train.storage_path={self.data_uri('checkpoints')}", f"eval.hr_dir={o}/holdout",
+                f"eval.output={o}/eval"]
+        if self.storage_root:
+            sets.append(f"run.mlflow.artifact_location={self.data_uri('mlartifacts')}")
+        return sets
+
+    def run(self, stage: str, sets: list[str] | None = None, key: str | None = None,
+            config: str | None = None, extra_args: list[str] | None = None) -> StageResult:
+        key = key or stage
+        cmd = self.command(stage, sets, config, extra_args)
+        res = StageResult(key, cmd)
+        log(f"stage {key}: {' '.join(cmd[1:])}")
+        t0 = time.time()
+        logfile = self.out / "logs" / f"{key}.log"
+        with open(logfile, "w") as fh:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+            chunks: list[str] = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(line)
+                chunks.append(line)
+                print(f"  [{key}] {line}", end="", flush=True)
+            res.returncode = proc.wait()
+        res.seconds = time.time() - t0
+        res.log = str(logfile)
+        res.summary = last_json_object("".join(chunks)) or {}
+        (self.out / "summaries" / f"{key}.json").write_text(json.dumps(
+            {"stage": key, "command": cmd[1:], "seconds": res.seconds, "returncode": res.returncode,
+             "summary": res.summary}, indent=2, default=str))
+        self.results[key] = res
+        if res.returncode != 0:
+            raise SystemExit(f"stage {key} failed with exit status {res.returncode}; its log: {logfile}")
+        log(f"stage {key} done in {res.seconds:.0f}s")
+        return res
+
+    def load_previous(self, key: str) -> StageResult:
+        path = self.out / "summaries" / f"{key}.json"
+        if not path.is_file():
+            raise SystemExit(f"--from needs the earlier stage {key}'s summary at {path}; run the whole chain first")
+        data = json.loads(path.read_text())
+        res = StageResult(key, data["command"], data["seconds"], data["returncode"], data["summary"],
+                          str(self.out / "logs" / f"{key}.log"), skipped=True)
+        self.results[key] = res
+        return res
+
+
+def start_local_ray(num_cpus: int, object_store_mb: int) -> str:
+    """One Ray for the whole chain; the jobs join it like `ray job submit` jobs join a cluster."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    return ray.get_runtime_context().gcs_address
+
+
+def prepare_holdout(out: Path, names: list[str]) -> Path:
+    folder = out / "holdout"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for n in names:
+        shutil.copy2(PHOTO_DIR / n, folder / n)
+    return folder
+
+
+def record_in_mlflow(chain: Chain, stage: str, res: StageResult, artifacts: list[Path]) -> None:
+    """Stages whose job keeps no MLflow run of its own (evaluate, serve) are recorded here, so the demo's MLflow
+    store holds every stage: the job's summary numbers as metrics, its outputs as artifacts."""
+    import mlflow
+
+    from vosr.config import load_config
+    from vosr.tracking import setup_mlflow
+
+    cfg = load_config(CONFIG_DIR / f"{stage}.yaml", [*chain.base_sets(), f"run.output_root={chain.out}"])
+    setup_mlflow(cfg)
+    metrics: dict[str, float] = {"stage_seconds": res.seconds}
+    for row in res.summary.get("rows", []):
+        for k, v in (row.get("metrics") or {}).items():
+            if isinstance(v, (int, float)) and v == v:
+                metrics[f"{k}.{re.sub(r'[^A-Za-z0-9_.-]+', '_', row['label']).strip('_')}"] = float(v)
+    for k in ("seconds", "status"):
+        if isinstance(res.summary.get(k), (int, float)):
+            metrics[k] = float(res.summary[k])
+    with mlflow.start_run(run_name=cfg.run.name, tags={"vosr.job": stage, "vosr.recorded_by": "demo_chain"}):
+        mlflow.log_params({"command": " ".join(res.command[1:])[:500]})
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(res.summary, f"{stage}_summary.json")
+        for a in artifacts:
+            if a.is_file():
+                mlflow.log_artifact(str(a))
+
+
+def make_request_image(out: Path, name: str, size: int = 256, scale: int = 4) -> Path:
+    """The endpoint's test request: a bicubic x1/4 of a centre crop of a held-out photo (a small LR image)."""
+    from PIL import Image
+
+    folder = out / "serve"
+    folder.mkdir(parents=True, exist_ok=True)
+    with Image.open(PHOTO_DIR / name) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        c = min(size, w, h)
+        crop = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c))
+        lr = crop.resize((c // scale, c // scale), Image.Resampling.BICUBIC)
+    path = folder / "request.png"
+    lr.save(path)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/demo", help="output root of the demo (default outputs/demo)")
+    p.add_argument("--from", dest="start", choices=STAGES, default="curate",
+                   help="start at this stage, reusing the earlier stages' outputs")
+    p.add_argument("--to", dest="stop", choices=STAGES, default="serve", help="stop after this stage")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra override passed to every stage (repeatable)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
+    p.add_argument("--object-store-mb", type=int, default=512, help="object store of the local Ray in MiB")
+    p.add_argument("--storage", default="",
+                   help="put the stages' data (URL list, curated and feature shards, checkpoints, MLflow artifacts) "
+                        "under this URI, e.g. s3://bucket/demo (endpoint from AWS_ENDPOINT_URL); default: --out")
+    p.add_argument("--max-photos", type=int, default=0,
+                   help="serve at most this many (non-held-out) photos on the crawl site (0 = all)")
+    p.add_argument("--ray-per-stage", action="store_true",
+                   help="let every job start its own local Ray instead of sharing one")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from demo.photo_server import PhotoServer
+
+    out = Path(args.out)
+    out = out if out.is_absolute() else (ROOT / out)
+    first, last = STAGES.index(args.start), STAGES.index(args.stop)
+    if first == 0 and out.exists():
+        # A fresh chain: the MLflow store stays (run history), stage outputs are rebuilt.
+        for sub in ("curated", "features", "checkpoints", "eval", "serve", "summaries", "logs", "report_assets"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    holdout = read_holdout()
+    prepare_holdout(out, holdout)
+    log(f"output root {out}; {len(holdout)} photos held out of training for evaluation: {', '.join(holdout)}")
+
+    env = dict(os.environ)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    ray_address = ""
+    if not args.ray_per_stage:
+        t0 = time.time()
+        ray_address = start_local_ray(args.num_cpus, args.object_store_mb)
+        env["RAY_ADDRESS"] = ray_address
+        # A new local Ray enables token authentication in this process's environment; the jobs need the same
+        # mode to join it (the token itself is read from the default token file).
+        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            if k in os.environ:
+                env[k] = os.environ[k]
+        log(f"local Ray at {ray_address} ({args.num_cpus} CPUs) started in {time.time() - t0:.0f}s; "
+            "every stage joins it")
+    chain = Chain(out, args.set, ray_address, env, args.storage)
+    ctx: dict[str, Any] = {"site": {}, "teacher": "", "student": ""}
+
+    def step(stage: str, fn, *keys: str) -> bool:
+        """Run `fn` when the stage is in --from..--to; before --from, reuse the stored summaries."""
+        idx = STAGES.index(stage)
+        if idx < first:
+            for key in keys or (stage,):
+                chain.load_previous(key)
+            return True
+        if idx > last:
+            return False
+        fn()
+        return True
+
+    def crawl_and_curate() -> None:
+        exclude = list(holdout)
+        if args.max_photos:
+            from demo.photo_server import list_photos
+
+            served = [p.name for p in list_photos() if p.name not in holdout]
+            exclude += served[args.max_photos:]
+        with PhotoServer(exclude=exclude) as site:
+            site.write_url_list(out / "urls.txt")
+            if args.storage:
+                from vosr import storage
+
+                storage.write_bytes_atomic(chain.data_uri("urls.txt"), (out / "urls.txt").read_bytes())
+            ctx["site"] = {"base_url": site.base_url, "expected": site.expected(), "urls": len(site.site)}
+            log(f"photo site at {site.base_url}: {len(site.site)} URLs {site.expected()}")
+            chain.run("curate")
+        (out / "summaries" / "site.json").write_text(json.dumps(ctx["site"]))
+
+    def distill() -> None:
+        if not ctx["teacher"]:
+            raise SystemExit("the pretrain summary names no teacher checkpoint (checkpoint_uri); cannot distill")
+        chain.run("distill", [f"distill_job.teacher={ctx['teacher']}"])
+
+    def evaluate() -> None:
+        # one run: bicubic, the student's one-step row and the teacher's rows at each guidance scale of the sweep
+        chain.run("evaluate", [f"inference.checkpoint={ctx['student']}", f"eval.teacher={ctx['teacher']}"])
+        record_in_mlflow(chain, "evaluate", chain.results["evaluate"], [out / "eval" / "table.md",
+                                                                      out / "eval" / "guidance_sweep.png",
+                                                                      out / "eval" / "summary.json"])
+
+    def serve() -> None:
+        request = make_request_image(out, holdout[0])
+        chain.run("serve", [f"inference.checkpoint={ctx['student']}"],
+                  extra_args=["--smoke", str(out / "serve" / "answer.png"), "--image", str(request)])
+        record_in_mlflow(chain, "serve", chain.results["serve"], [request, out / "serve" / "answer.png"])
+
+    try:
+        if step("curate", crawl_and_curate) and first > 0 and (out / "summaries" / "site.json").is_file():
+            ctx["site"] = json.loads((out / "summaries" / "site.json").read_text())
+        step("precompute", lambda: chain.run("precompute"))
+        if step("pretrain", lambda: chain.run("pretrain")):
+            ctx["teacher"] = chain.results["pretrain"].summary.get("checkpoint_uri", "")
+        if step("distill", distill):
+            dsum = chain.results["distill"].summary
+            # the registered student (models:/name/version), else the student's checkpoint folder
+            ctx["student"] = (dsum.get("registered_model") or {}).get("uri") or dsum.get("checkpoint_uri", "")
+            if not ctx["student"]:
+                raise SystemExit("the distill summary names neither a registered model nor a checkpoint")
+        step("evaluate", evaluate)
+        step("serve", serve)
+    finally:
+        if ray_address:
+            import ray
+
+            ray.shutdown()
+    total = time.time() - t_start
+    from demo.report import write_report
+
+    paths = write_report(out, ctx["site"], holdout, total, teacher=ctx["teacher"], student=ctx["student"])
+    log(f"chain ({args.start} .. {args.stop}) done in {total / 60:.1f} min; report: {paths['md']} and "
+        f"{paths['html']}")
+    return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())
