@@ -1,0 +1,133 @@
+"""Ray Serve throughput with @serve.batch (max_batch_size 8) vs without (max_batch_size 1) at client concurrency 8,
+with p50 / p99 latency; both applications run side by side in one local Ray and are measured in one run.
+Target: batched throughput >= 1.5x unbatched.
+
+    python benchmarks/bench_serve.py                       # tiny random student on CPU, 64 px LR -> 256 px
+    python benchmarks/bench_serve.py --requests 400 --size 32 --device cuda --gpus 0.5     # on a GPU machine
+
+The student is a tiny random-weight checkpoint saved and loaded like a real one. Each replica gets
+--replica-cpus CPUs and as many torch threads; the local Ray gets --num-cpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_student(folder: Path) -> str:
+    import torch
+
+    from vosr.checkpoint import save_checkpoint
+    from vosr.config import config_from_dict
+    from vosr.model import build_dit
+
+    cfg = config_from_dict({})
+    torch.manual_seed(0)
+    model = build_dit(cfg, student=True)
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_(0, 0.05)
+    save_checkpoint(str(folder), cfg, model)
+    return str(folder)
+
+
+async def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def one(i: int):
+            nonlocal errors
+            async with sem:
+                t0 = time.perf_counter()
+                r = await client.post(url, content=bodies[i % len(bodies)], params={"seed": i})
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=100)
+    return {"requests": requests, "errors": errors, "seconds": round(wall, 3),
+            "throughput_rps": round(requests / wall, 2), "p50_ms": round(q[49] * 1000, 1),
+            "p99_ms": round(q[98] * 1000, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+    from PIL import Image
+    from ray import serve
+
+    from inference.serve import build_app
+    from vosr.config import config_from_dict
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=160)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--size", type=int, default=64, help="LR side in pixels (output is 4x)")
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--wait-ms", type=float, default=20.0, help="@serve.batch wait timeout of the batched app")
+    args = p.parse_args(argv)
+
+    photos = sorted(q for q in (ROOT / "assets" / "photos").iterdir() if q.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    bodies = []
+    for path in photos[:4]:
+        buf = io.BytesIO()
+        Image.open(path).convert("RGB").resize((args.size, args.size), Image.BICUBIC).save(buf, format="PNG")
+        bodies.append(buf.getvalue())
+
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    port = free_port()
+    results = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = make_student(Path(tmp) / "student")
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            for name, batch in (("batched", 8), ("unbatched", 1)):
+                cfg = config_from_dict({}, [
+                    f"inference.checkpoint={ckpt}", f"inference.device={args.device}", f"serve.port={port}",
+                    f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={args.wait_ms / 1000}",
+                    f"serve.replica_cpus={args.replica_cpus}", f"serve.replica_gpus={args.gpus}",
+                    f"serve.app_name={name}", f"serve.route_prefix=/{name}"])
+                serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+            for name in ("batched", "unbatched"):                       # warm-up: first forward, allocator
+                asyncio.run(load(f"http://127.0.0.1:{port}/{name}/upscale", bodies, 2 * args.concurrency,
+                                 args.concurrency))
+            for name in ("unbatched", "batched"):
+                results[name] = asyncio.run(load(f"http://127.0.0.1:{port}/{name}/upscale", bodies, args.requests,
+                                                 args.concurrency))
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+    ratio = results["batched"]["throughput_rps"] / max(results["unbatched"]["throughput_rps"], 1e-9)
+    print(json.dumps({"lr_size": args.size, "output_size": 4 * args.size, "concurrency": args.concurrency,
+                      "device": args.device, "replica_cpus": args.replica_cpus, **results,
+                      "throughput_ratio": round(ratio, 2), "target": 1.5, "meets_target": ratio >= 1.5}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
