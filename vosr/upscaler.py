@@ -158,11 +158,12 @@ class Upscaler:
         self.defaults = options_from_config(run_cfg)
         self.onestep_steps = int(run_cfg.distill.onestep_steps)
         self.multistep_steps = int(run_cfg.flow.steps)
+        self._ae_name = self.autoencoder.identity().get("name")   # identity() may hash weight files: once
 
     # --- public API -------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "preset": self.model_cfg.preset, "student": self.is_student,
-                "device": str(self.device), "autoencoder": self.autoencoder.identity().get("name"),
+                "device": str(self.device), "autoencoder": self._ae_name,
                 "downsample": self.factor, "patch": self.patch,
                 "defaults": dataclasses.asdict(self.defaults)}
 
@@ -229,6 +230,17 @@ class Upscaler:
             out.append(torch.randn(lq.shape[1:], generator=g, dtype=torch.float32))
         return torch.stack(out).to(self.device, lq.dtype)
 
+    def _tile_tokens(self, padded: torch.Tensor, grid, chunk: int) -> list[torch.Tensor]:
+        """Semantic tokens of every tile's pixel crop, encoded once before sampling, `chunk` tiles per call."""
+        b = padded.shape[0]
+        out: list[torch.Tensor] = []
+        for start in range(0, len(grid.tiles), chunk):
+            tiles = grid.tiles[start:start + chunk]
+            crops = torch.cat([padded[(..., *t.pixel_slice(self.factor))] for t in tiles])
+            tokens = self.semantic(crops).float()
+            out += [tokens[k * b:(k + 1) * b] for k in range(len(tiles))]
+        return out
+
     def _sample(self, up01: torch.Tensor, opts: UpscaleOptions, seeds: Sequence[int]) -> torch.Tensor:
         padded, (h, w) = reflect_pad(up01, self.multiple)
         lq = self._encode(padded, seeds)
@@ -237,10 +249,7 @@ class Upscaler:
         lh, lw = lq.shape[-2:]
         if opts.tile_size > 0:
             grid = tile_grid(lh, lw, opts.tile_size, opts.tile_overlap, self.factor, self.patch)
-            sem_tiles = []
-            for tile in grid.tiles:
-                ys, xs = tile.pixel_slice(self.factor)
-                sem_tiles.append(self.semantic(padded[:, :, ys, xs]).float())
+            sem_tiles = self._tile_tokens(padded, grid, opts.tile_batch)
             velocity = TiledVelocity(make, lq, sem_tiles, grid, opts.tile_batch)
         else:
             velocity = make(lq, self.semantic(padded).float())
