@@ -35,7 +35,7 @@ from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, STAGE1_DIR, SUMM
 from pipelines.curation import balance, dedup, writer  # noqa: E402
 from pipelines.curation.raytools import column_sums, partitions  # noqa: E402
 from pipelines.curation.sources import Unit, plan_units  # noqa: E402
-from pipelines.curation.stage1 import run_unit, stage1_uri  # noqa: E402
+from pipelines.curation.stage1 import refresh_listing, run_unit, stage1_uri  # noqa: E402
 from vosr import storage  # noqa: E402
 
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
@@ -69,6 +69,7 @@ def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
     import ray.data
 
     ep = ccfg.s3_endpoint_url
+    refresh_listing(ccfg.output, ep)
     done = {Path(p).name[:-len(".parquet")] for p in
             storage.list_files(storage.join(ccfg.output, STAGE1_DIR), ".parquet", ep)}
     pending = [(u, k) for u, k in zip(units, keys) if k not in done]
@@ -248,6 +249,7 @@ def stage_write(decisions, keys: list[str], ccfg, resume: bool):
 def remove_stale_shards(ccfg, keys: list[str]) -> int:
     ep = ccfg.s3_endpoint_url
     want = {f"part-{k}" for k in keys}
+    refresh_listing(ccfg.output, ep)
     fs, _ = storage.open_fs(ccfg.output, ep)
     removed = 0
     for f in storage.list_files(storage.join(ccfg.output, SHARDS_DIR), endpoint_url=ep):
@@ -301,7 +303,8 @@ def run(cfg) -> dict:
     s1 = stage_fetch_analyse(units, keys, ccfg)
     t1 = time.perf_counter()
 
-    # stage 2: dedup + balance from the ledgers
+    # stage 2: dedup + balance from the ledgers (written by other processes: drop cached listings)
+    refresh_listing(ccfg.output, ep)
     info: dict = {}
     fp2 = _fingerprint(sorted(keys), asdict(ccfg.dedup), asdict(ccfg.balance), cfg.run.seed, SCHEMA_VERSION)
     fp_uri = storage.join(ccfg.output, "_stage2.json")
@@ -314,7 +317,7 @@ def run(cfg) -> dict:
     meta = None
     n_ok = 0
     if paths:
-        meta = (ray.data.read_parquet(paths, filesystem=fs, columns=STAGE1_COLUMNS)
+        meta = (ray.data.read_parquet(paths, filesystem=fs).select_columns(STAGE1_COLUMNS)
                 .map_batches(_where, fn_kwargs={"column": "reason", "op": "eq", "value": "ok"},
                              batch_format="pyarrow")
                 .map_batches(dedup.add_node_keys, batch_format="pyarrow")

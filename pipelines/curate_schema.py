@@ -115,6 +115,10 @@ def read_kept_table(uri: str, endpoint_url: str = "", columns: list[str] | None 
     return pa.concat_tables(tables)
 
 
+def _kept_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.fill_null(pc.equal(batch["kept"], True), False))
+
+
 def read_kept(uri: str, endpoint_url: str = "", columns: list[str] | None = None):
     """Kept rows of a curate output root as a Ray Dataset (streams; nothing gathered on the driver)."""
     import ray.data
@@ -124,8 +128,10 @@ def read_kept(uri: str, endpoint_url: str = "", columns: list[str] | None = None
         raise FileNotFoundError(f"no curated shards under {storage.join(uri, SHARDS_DIR)}")
     fs, _ = storage.open_fs(files[0], endpoint_url)
     paths = [storage.open_fs(f, endpoint_url)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns and sorted(set(columns) | {"kept"}),
-                               filter=KEPT_FILTER)
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    if columns:
+        ds = ds.select_columns(sorted(set(columns) | {"kept"}))
+    ds = ds.map_batches(_kept_rows, batch_format="pyarrow")
     if columns and "kept" not in columns:
         ds = ds.select_columns(columns)
     return ds

@@ -24,6 +24,13 @@ from vosr import storage
 FILTER_REASONS = ("too_small", "bad_aspect", "low_gradient", "low_entropy")
 
 
+def refresh_listing(uri: str, endpoint_url: str = "") -> None:
+    """Drop s3fs's cached directory listings: a listing cached before other processes wrote shards would
+    otherwise hide those shards from exists/list/read in this process."""
+    if uri.startswith("s3://"):
+        storage.fsspec_fs(uri, endpoint_url).invalidate_cache()
+
+
 def stage1_uri(output: str, key: str, suffix: str = ".parquet") -> str:
     return storage.join(output, STAGE1_DIR, key + suffix)
 
@@ -104,6 +111,7 @@ def run_unit(unit: Unit, key: str, ccfg) -> dict:
     """Process one block unless its ledger shard exists; write stats JSON then the shard (the completion mark)."""
     out = ccfg.output
     shard = stage1_uri(out, key)
+    refresh_listing(shard, ccfg.s3_endpoint_url)
     if storage.exists(shard, ccfg.s3_endpoint_url):
         return {"unit": key, "skipped": True, "stats": ""}
     table, stats = process_unit(unit, key, ccfg)
