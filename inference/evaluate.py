@@ -304,6 +304,30 @@ def sweep_plot(rows: list[dict], path: Path, title: str) -> str | None:
     return f"{left}+{right}"
 
 
+def log_to_mlflow(cfg, summary: dict[str, Any], out: Path) -> str | None:
+    """One MLflow run per evaluation: parameters, per-row mean metrics, the report files. None when disabled."""
+    if not cfg.run.mlflow.enabled:
+        return None
+    import mlflow
+
+    from vosr.tracking import setup_mlflow
+
+    setup_mlflow(cfg)
+    with mlflow.start_run(run_name=f"{cfg.run.name}-eval") as active:
+        mlflow.log_params({"dataset": summary["dataset"], "images": summary["data"]["images"],
+                           "lr_source": summary["data"]["lr_source"], "crop": cfg.eval.crop,
+                           "scale": cfg.inference.upscale, "color_fix": cfg.inference.color_fix,
+                           "tile_size": cfg.inference.tile_size, "seed": cfg.inference.seed,
+                           **{f"model_{k}": v for k, v in summary["models"].items()}})
+        for row in summary["rows"]:
+            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", row["label"]).strip("_")
+            mlflow.log_metrics({f"{key}/{m}": v for m, v in row["metrics"].items() if math.isfinite(v)})
+        for name in ("summary.json", "table.md", "guidance_sweep.png"):
+            if (out / name).is_file():
+                mlflow.log_artifact(str(out / name), artifact_path="eval")
+        return active.info.run_id
+
+
 def run(cfg) -> dict[str, Any]:
     t0 = time.perf_counter()
     ecfg = cfg.eval
@@ -333,6 +357,7 @@ def run(cfg) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps({**summary, "per_image": {r["label"]: r["per_image"]
                                                                               for r in rows}}, indent=2))
     summary["summary_json"] = str(out / "summary.json")
+    summary["mlflow_run_id"] = log_to_mlflow(cfg, summary, out)
     return summary
 
 

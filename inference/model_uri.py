@@ -41,14 +41,13 @@ def find_checkpoint(root: str | Path) -> Path:
 
 
 def tracking_uri_for(cfg) -> str:
-    """The configured MLflow tracking URI (vosr.tracking's default: sqlite under the output root)."""
+    """The configured MLflow tracking URI, resolved like every job does (vosr.tracking: run.mlflow.tracking_uri,
+    else sqlite under run.output_root); without a config, MLFLOW_TRACKING_URI or MLflow's default."""
     if cfg is None:
         return os.environ.get("MLFLOW_TRACKING_URI", "")
-    if cfg.run.mlflow.tracking_uri:
-        return cfg.run.mlflow.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(cfg.run.output_root).resolve() / 'mlflow.db'}"
+    from vosr.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg)
 
 
 def resolve_model(uri: str, cfg=None, download_root: str | Path | None = None) -> Path:

@@ -48,7 +48,7 @@ def test_degraded_hr_with_all_rows(models, hr_folder, tmp_path):
     cfg = config_from_dict({}, [f"eval.hr_dir={hr_folder / 'HR'}", "eval.degrade_preset=bicubic", "eval.crop=64",
                                 f"eval.output={out}", f"inference.checkpoint={student}", f"eval.teacher={teacher}",
                                 "eval.guidance_sweep=[-0.5, 1.0]", "eval.sweep_steps=2", "inference.device=cpu",
-                                "eval.save_images=true"])
+                                "eval.save_images=true", "run.mlflow.enabled=false"])
     summary = run(cfg)
     labels = [r["label"] for r in summary["rows"]]
     assert labels == ["Bicubic", "VOSR-tiny-os", "VOSR-tiny-ms (s=0.5)", "VOSR-tiny-ms (s=-0.5)",
@@ -73,7 +73,7 @@ def test_degraded_hr_with_all_rows(models, hr_folder, tmp_path):
     assert png.size[0] > 300 and summary["plot_metrics"] == "psnr+ssim"
     # the same run from the command line gives the same bicubic numbers (seeded degradation)
     assert main(["--set", f"eval.hr_dir={hr_folder / 'HR'}", "--set", "eval.degrade_preset=bicubic", "--set",
-                 "eval.crop=64", "--set", f"eval.output={tmp_path / 'again'}"]) == 0
+                 "eval.crop=64", "--set", f"eval.output={tmp_path / 'again'}", "--set", "run.mlflow.enabled=false"]) == 0
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert again["rows"][0]["metrics"] == summary["rows"][0]["metrics"]
     assert [r["label"] for r in again["rows"]] == ["Bicubic"]
@@ -95,7 +95,7 @@ def test_paired_folders_and_reasons(models, hr_folder, tmp_path):
     (bench / "HR" / "broken.png").write_bytes(b"\x89PNG not really")
     (bench / "LR" / "broken.png").write_bytes(b"\x89PNG not really")
     cfg = config_from_dict({}, [f"eval.hr_dir={bench}", f"eval.output={tmp_path / 'out'}",
-                                f"inference.checkpoint={student}", "inference.device=cpu"])
+                                f"inference.checkpoint={student}", "inference.device=cpu", "run.mlflow.enabled=false"])
     summary = run(cfg)
     assert summary["data"]["lr_source"] == "paired" and summary["data"]["images"] == 2
     assert summary["data"]["skipped"]["lonely"] == "no LR partner"
@@ -103,10 +103,17 @@ def test_paired_folders_and_reasons(models, hr_folder, tmp_path):
     assert summary["plot"] is None                        # no teacher: no sweep
     assert [r["label"] for r in summary["rows"]] == ["Bicubic", "VOSR-tiny-os"]
     assert summary["dataset"] == "paired"
-    # a teacher given as inference.checkpoint (as the demo chain does) gives the multi-step rows and the sweep
+    # a teacher given as inference.checkpoint (as the demo chain does) gives the multi-step rows and the sweep;
+    # this run is tracked in MLflow (sqlite under the output root)
     cfg = config_from_dict({}, [f"eval.hr_dir={bench}", f"eval.output={tmp_path / 'out2'}",
                                 f"inference.checkpoint={models[1]}", "inference.mode=multistep",
-                                "eval.guidance_sweep=[0.0]", "eval.sweep_steps=1", "inference.device=cpu"])
+                                "eval.guidance_sweep=[0.0]", "eval.sweep_steps=1", "inference.device=cpu",
+                                f"run.output_root={tmp_path / 'runs'}"])
     summary = run(cfg)
     assert [r["label"] for r in summary["rows"]] == ["Bicubic", "VOSR-tiny-ms (s=0.5)", "VOSR-tiny-ms (s=0)"]
     assert summary["plot"] and summary["models"] == {"teacher": models[1]}
+    import mlflow
+
+    logged = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
+    assert logged.data.metrics["Bicubic/psnr"] == pytest.approx(summary["rows"][0]["metrics"]["psnr"])
+    assert "VOSR-tiny-ms_s_0.5/ssim" in logged.data.metrics
