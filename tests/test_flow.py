@@ -235,3 +235,14 @@ def test_tiny_model_overfits_one_pair():
                                 generator=torch.Generator().manual_seed(1))
     sr = _psnr(ae.decode(out), x * 2 - 1)
     assert sr > baseline + 3.0, (sr, baseline)
+
+
+def test_cached_semantic_keys_values_give_the_same_samples():
+    m = tiny_model()
+    z, lq, sem = batch(2)
+    with torch.no_grad():
+        plain = flow.euler_sample(flow.multistep_velocity_fn(m, lq, sem, 0.5, 0.15), z, flow.timesteps(3))
+        cached = flow.euler_sample(flow.multistep_velocity_fn(m, lq, sem, 0.5, 0.15, cache_semantic=True), z,
+                                   flow.timesteps(3))
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flow.sample_multistep(m, lq, sem, steps=3, noise=z), plain, atol=1e-5, rtol=1e-5)

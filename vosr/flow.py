@@ -121,21 +121,23 @@ def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, ts) -> torch.Tens
     return z
 
 
-def _prepared(model, sem: torch.Tensor):
-    """Semantic keys/values computed once for all steps when the model offers it (same numbers, fewer FLOPs)."""
+def _prepared(model, sem: torch.Tensor, cache: bool):
+    """Semantic keys/values computed once for all steps when asked and the model offers it (same numbers, fewer
+    FLOPs; costs 2 x depth x N x D values per sample, ~235 MB per doubled 0.5B sample in bf16, so tilers that
+    hold many tiles' velocity functions at once should leave it off)."""
     prepare = getattr(model, "prepare_semantic", None)
-    if prepare is None:
+    if not cache or prepare is None:
         return sem
     with torch.no_grad():
         return prepare(sem)
 
 
 def multistep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor, scale: float,
-                          weak_strength: float = 0.15) -> VelocityFn:
+                          weak_strength: float = 0.15, cache_semantic: bool = False) -> VelocityFn:
     """Guided teacher velocity: conditioned branch (clean lq, a = 1, full tokens) and weak branch
     (weak_strength * lq, zeroed raw tokens) in ONE doubled batch (METHOD.md s6)."""
     lq2 = torch.cat([lq, weak_strength * lq])
-    sem2 = _prepared(model, torch.cat([sem, torch.zeros_like(sem)]))
+    sem2 = _prepared(model, torch.cat([sem, torch.zeros_like(sem)]), cache_semantic)
 
     def fn(z: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         b = z.shape[0]
@@ -147,9 +149,9 @@ def multistep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor, scale: flo
     return fn
 
 
-def fewstep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor) -> VelocityFn:
+def fewstep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor, cache_semantic: bool = False) -> VelocityFn:
     """Student velocity f(z, t, r = t_next) with clean lq and full tokens, no CFG (METHOD.md s7)."""
-    sem = _prepared(model, sem)
+    sem = _prepared(model, sem, cache_semantic)
 
     def fn(z: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         b = z.shape[0]
@@ -172,7 +174,7 @@ def sample_multistep(model, lq: torch.Tensor, sem: torch.Tensor, steps: int = 25
                      guidance_scale: float = 0.5, weak_strength: float = 0.15, noise: torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Guided multi-step Euler sampling (2 NFEs per step) from z_1 ~ N(0, I) of the LR-latent shape."""
-    fn = multistep_velocity_fn(model, lq, sem, guidance_scale, weak_strength)
+    fn = multistep_velocity_fn(model, lq, sem, guidance_scale, weak_strength, cache_semantic=True)
     return euler_sample(fn, _noise(lq, noise, generator), timesteps(steps, schedule))
 
 
@@ -181,5 +183,5 @@ def sample_fewstep(model, lq: torch.Tensor, sem: torch.Tensor, steps: int = 1, n
     """Student sampler on a linear schedule, r = t_next; one step is z0 = z1 - f(z1, 1, 0)."""
     if not getattr(model, "is_student", False):
         raise ValueError("sample_fewstep needs a student model (built with student=True)")
-    return euler_sample(fewstep_velocity_fn(model, lq, sem), _noise(lq, noise, generator),
+    return euler_sample(fewstep_velocity_fn(model, lq, sem, cache_semantic=steps > 1), _noise(lq, noise, generator),
                         timesteps(steps, "linear"))
