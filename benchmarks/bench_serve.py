@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         Image.open(path).convert("RGB").resize((args.size, args.size), Image.BICUBIC).save(buf, format="PNG")
         bodies.append(buf.getvalue())
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     port = free_port()
     results = {}
     try:

@@ -329,7 +329,8 @@ def _ray_init(cfg) -> bool:
 
         init_ray(cfg)
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False,
+    # address="local": a new instance with our caps, even when another local cluster's address file exists
+    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False,
                               "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}}
     if cfg.run.ray.num_cpus:
         kwargs["num_cpus"] = cfg.run.ray.num_cpus
