@@ -206,10 +206,13 @@ class Upscaler:
         return batch_to_pil(fixed)
 
     # --- internals --------------------------------------------------------------------------------------------
-    def _velocity_maker(self, opts: UpscaleOptions):
+    def _velocity_maker(self, opts: UpscaleOptions, cache: bool):
+        """`cache`: precompute the semantic keys/values once for all steps (whole image with several steps only:
+        a tiler holds every tile's velocity function at once and that memory would grow with the tile count)."""
         if opts.mode == "multistep":
-            return lambda lq, sem: flow.multistep_velocity_fn(self.model, lq, sem, opts.guidance, opts.weak_strength)
-        return lambda lq, sem: flow.fewstep_velocity_fn(self.model, lq, sem)
+            return lambda lq, sem: flow.multistep_velocity_fn(self.model, lq, sem, opts.guidance, opts.weak_strength,
+                                                              cache_semantic=cache)
+        return lambda lq, sem: flow.fewstep_velocity_fn(self.model, lq, sem, cache_semantic=cache)
 
     def _timesteps(self, opts: UpscaleOptions) -> torch.Tensor:
         # the student's few-step sampler always runs on a linear schedule (METHOD.md s7)
@@ -245,9 +248,10 @@ class Upscaler:
         padded, (h, w) = reflect_pad(up01, self.multiple)
         lq = self._encode(padded, seeds)
         noise = self._noise(lq, seeds)
-        make = self._velocity_maker(opts)
+        tiled = opts.tile_size > 0
+        make = self._velocity_maker(opts, cache=not tiled and opts.steps > 1)
         lh, lw = lq.shape[-2:]
-        if opts.tile_size > 0:
+        if tiled:
             grid = tile_grid(lh, lw, opts.tile_size, opts.tile_overlap, self.factor, self.patch)
             sem_tiles = self._tile_tokens(padded, grid, opts.tile_batch)
             velocity = TiledVelocity(make, lq, sem_tiles, grid, opts.tile_batch)
