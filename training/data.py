@@ -55,10 +55,10 @@ def open_features(cfg: Any):
     import ray.data
 
     tc = cfg.train
-    if tc.online:
-        from pipelines.online import online_dataset
+    if tc.online:  # reads the curated shards of precompute.input and encodes on the fly
+        from pipelines.online import online_dataset, online_metadata
 
-        return online_dataset(cfg), {"mode": "online"}
+        return online_dataset(cfg), {"mode": "online", "metadata": online_metadata(cfg)}
     from pipelines.feature_schema import check_compatible, read_metadata
     from vosr import storage
 
@@ -123,7 +123,8 @@ class BatchStream:
     """Endless micro-batches of this worker's shard, epoch after epoch, with a resumable position."""
 
     def __init__(self, shard: Any, batch_size: int, seed: int, rank: int, shuffle_buffer: int,
-                 device: Any, epoch: int = 0, batch_in_epoch: int = 0, prefetch_batches: int = 1):
+                 device: Any, epoch: int = 0, batch_in_epoch: int = 0, prefetch_batches: int = 1,
+                 meta: dict | None = None):
         self.shard = shard
         self.batch_size = batch_size
         self.seed = seed
@@ -133,6 +134,7 @@ class BatchStream:
         self.epoch = int(epoch)
         self.batch_in_epoch = int(batch_in_epoch)
         self.prefetch_batches = prefetch_batches
+        self.meta = meta
         self._it = None
 
     def _open_epoch(self, skip: int) -> None:
@@ -164,13 +166,13 @@ class BatchStream:
             self._open_epoch(0)
             batch = next(self._it)
         self.batch_in_epoch += 1
-        return decode_batch(batch, self.device)
+        return decode_batch(batch, self.device, self.meta)
 
     def close(self) -> None:
         self._it = None
 
 
-def collect_rows(shard: Any, limit: int, device: Any) -> dict[str, Any] | None:
+def collect_rows(shard: Any, limit: int, device: Any, meta: dict | None = None) -> dict[str, Any] | None:
     """The first `limit` rows of a (non-split) dataset shard as one decoded batch; None when it is empty."""
     tables = []
     count = 0
@@ -182,4 +184,4 @@ def collect_rows(shard: Any, limit: int, device: Any) -> dict[str, Any] | None:
     if not count:
         return None
     table = pa.concat_tables(tables).slice(0, limit)
-    return decode_batch(table, device)
+    return decode_batch(table, device, meta)

@@ -130,7 +130,8 @@ def _worker_env() -> dict[str, Any] | None:
     return {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
 
 
-def fit(cfg: Any, job: str, paths: RunPaths, datasets: dict[str, Any], tracking_uri: str, run_id: str):
+def fit(cfg: Any, job: str, paths: RunPaths, datasets: dict[str, Any], tracking_uri: str, run_id: str,
+        feature_meta: dict | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -139,7 +140,7 @@ def fit(cfg: Any, job: str, paths: RunPaths, datasets: dict[str, Any], tracking_
     tc = cfg.train
     fs, storage_path = _storage_filesystem(paths)
     spec = {"job": job, "cfg": cfg.to_dict(), "run_uri": paths.run_uri, "endpoint": paths.endpoint,
-            "tracking_uri": tracking_uri, "run_id": run_id}
+            "tracking_uri": tracking_uri, "run_id": run_id, "feature_meta": feature_meta}
     resources = {"CPU": tc.cpus_per_worker}
     run_config = ray.train.RunConfig(
         name=paths.name, storage_path=storage_path, storage_filesystem=fs,
@@ -247,7 +248,8 @@ def run_job(cfg: Any, job: str, after_fit=None) -> dict[str, Any]:
     start_step = latest_step(paths)
     t0 = time.perf_counter()
     try:
-        result = fit(cfg, job, paths, {"train": train_ds, "val": val_ds}, tracking_uri, run_id)
+        result = fit(cfg, job, paths, {"train": train_ds, "val": val_ds}, tracking_uri, run_id,
+                     data_info.get("metadata"))
     except BaseException:
         fail_tracking(tracking_uri, run_id)
         raise

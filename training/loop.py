@@ -211,11 +211,11 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     if rank == 0 and tc.val_images > 0:
         from training.validation import Validator
 
-        validator = Validator(cfg, objective, ray.train.get_dataset_shard("val"), device)
+        validator = Validator(cfg, objective, ray.train.get_dataset_shard("val"), device, spec.get("feature_meta"))
 
     stream = BatchStream(ray.train.get_dataset_shard("train"), micro, seed=cfg.run.seed, rank=rank,
                          shuffle_buffer=tc.shuffle_buffer, device=device, epoch=position["epoch"],
-                         batch_in_epoch=position["batch_in_epoch"])
+                         batch_in_epoch=position["batch_in_epoch"], meta=spec.get("feature_meta"))
 
     if rank == 0:
         logger.metrics({"train/setup_s": time.perf_counter() - t_start}, step=int(position["step"]))

@@ -42,7 +42,7 @@ def image_grid(rows: list[list[np.ndarray]], pad: int = 2) -> bytes:
 class Validator:
     """Holds the first `train.val_images` held-out rows, a fixed noise draw and the autoencoder."""
 
-    def __init__(self, cfg: Any, objective: Any, val_shard: Any, device: torch.device):
+    def __init__(self, cfg: Any, objective: Any, val_shard: Any, device: torch.device, meta: dict | None = None):
         from training.data import collect_rows
         from vosr.encoders import build_autoencoder
         from vosr.seeding import derive_seed, generator
@@ -50,7 +50,7 @@ class Validator:
         self.cfg = cfg
         self.objective = objective
         self.device = device
-        batch = collect_rows(val_shard, cfg.train.val_images, device)
+        batch = collect_rows(val_shard, cfg.train.val_images, device, meta)
         if batch is None:
             raise ValueError("validation has no held-out rows; raise data.holdout_fraction or set "
                              "train.val_images=0")
