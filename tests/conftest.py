@@ -36,7 +36,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
     ray.shutdown()
