@@ -231,7 +231,7 @@ def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
 
 # ------------------------------------------------------------------------------------------- write
 
-def stage_write(decisions, keys: list[str], ccfg, resume: bool):
+def stage_write(decisions, keys: list[str], ccfg, fingerprint: str):
     import ray.data
 
     markers = ray.data.from_arrow(pa.table({
@@ -243,7 +243,7 @@ def stage_write(decisions, keys: list[str], ccfg, resume: bool):
     allrows = markers if decisions is None else markers.union(decisions)
     return allrows.groupby("unit", num_partitions=partitions(len(keys), 64)).map_groups(
         writer.write_unit_shard, fn_kwargs={"output": ccfg.output, "endpoint_url": ccfg.s3_endpoint_url,
-                                            "resume": resume}, batch_format="pyarrow")
+                                            "fingerprint": fingerprint}, batch_format="pyarrow")
 
 
 def remove_stale_shards(ccfg, keys: list[str]) -> int:
@@ -265,7 +265,7 @@ def remove_stale_shards(ccfg, keys: list[str]) -> int:
 
 def _merge_counts(total: dict, part: dict) -> None:
     for k, v in part.items():
-        if k == "unit":
+        if k in ("unit", "fingerprint") or isinstance(v, str):
             continue
         if isinstance(v, dict):
             _merge_counts(total.setdefault(k, {}), v)
@@ -307,10 +307,9 @@ def run(cfg) -> dict:
     refresh_listing(ccfg.output, ep)
     info: dict = {}
     fp2 = _fingerprint(sorted(keys), asdict(ccfg.dedup), asdict(ccfg.balance), cfg.run.seed, SCHEMA_VERSION)
-    fp_uri = storage.join(ccfg.output, "_stage2.json")
-    resume = storage.exists(fp_uri, ep) and json.loads(storage.read_bytes(fp_uri, ep))["fingerprint"] == fp2
-    if not resume:
-        storage.write_bytes_atomic(fp_uri, json.dumps({"fingerprint": fp2, "blocks": len(keys)}).encode(), ep)
+    # each final shard records the fingerprint it was made with; only shards with this one are skipped
+    storage.write_bytes_atomic(storage.join(ccfg.output, "_stage2.json"),
+                               json.dumps({"fingerprint": fp2, "blocks": len(keys)}).encode(), ep)
     info["stale_shards_removed"] = remove_stale_shards(ccfg, keys)
     fs, _ = storage.open_fs(ccfg.output, ep)
     paths = [storage.open_fs(stage1_uri(ccfg.output, k), ep)[1] for k in keys]
@@ -331,7 +330,7 @@ def run(cfg) -> dict:
         decisions = stage_balance(meta, dups, centres, ccfg, cfg.run.seed)
     totals: dict = {}
     written = skipped = 0
-    for res in stage_write(decisions, keys, ccfg, resume).iter_rows():
+    for res in stage_write(decisions, keys, ccfg, fp2).iter_rows():
         _merge_counts(totals, json.loads(res["stats"]))
         written += not res["skipped"]
         skipped += bool(res["skipped"])

@@ -7,7 +7,9 @@ Layout under the output root (a folder or an s3:// prefix):
     shards/part-<key>.stats.json      per-shard stats (seen, fetched, failed/filtered by reason, duplicates, kept)
     _stage1/<key>.parquet             stage-1 ledger: every input row with its outcome (STAGE1_SCHEMA)
     _stage1/<key>.stats.json          stage-1 counts of that block
-    _stage2.json                      fingerprint of the decisions the final shards were written with
+    _stage2.json                      fingerprint of the latest stage-2 decisions (each shard's stats JSON
+                                      carries the fingerprint it was written with; a re-run skips a shard
+                                      only when that matches, so a changed config never leaves stale shards)
 
 Choice on dropped rows: every image that passed decoding and the quality filters has a row in the final
 shards. Rows kept for training have `kept = true` and `duplicate_of = null`. Near/exact duplicates have
@@ -82,8 +84,23 @@ SUMMARY_FILE = "summary.json"
 
 
 def shard_files(uri: str, endpoint_url: str = "") -> list[str]:
-    """The final shard files under a curate output root, sorted."""
+    """The final shard files under a curate output root, sorted (fresh listing, no cached s3 entries)."""
+    if uri.startswith("s3://"):
+        storage.fsspec_fs(uri, endpoint_url).invalidate_cache()
     return storage.list_files(storage.join(uri, SHARDS_DIR), ".parquet", endpoint_url)
+
+
+def _reader_fs(uri: str, endpoint_url: str):
+    """(pyarrow filesystem, path) for reading shards; on S3 an s3fs without instance or listing caches, so a
+    shard rewritten since an earlier read in any process is read afresh."""
+    if not uri.startswith("s3://"):
+        return storage.open_fs(uri, endpoint_url)
+    import pyarrow.fs as pafs
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
+                           **storage.s3_storage_options(endpoint_url))
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), uri[len("s3://"):]
 
 
 def check_schema(schema: pa.Schema) -> None:
@@ -103,7 +120,7 @@ def read_kept_table(uri: str, endpoint_url: str = "", columns: list[str] | None 
 
     tables = []
     for f in shard_files(uri, endpoint_url):
-        fs, path = storage.open_fs(f, endpoint_url)
+        fs, path = _reader_fs(f, endpoint_url)
         pf = pq.ParquetFile(fs.open_input_file(path))
         check_schema(pf.schema_arrow)
         t = pf.read(columns=None)
@@ -126,8 +143,8 @@ def read_kept(uri: str, endpoint_url: str = "", columns: list[str] | None = None
     files = shard_files(uri, endpoint_url)
     if not files:
         raise FileNotFoundError(f"no curated shards under {storage.join(uri, SHARDS_DIR)}")
-    fs, _ = storage.open_fs(files[0], endpoint_url)
-    paths = [storage.open_fs(f, endpoint_url)[1] for f in files]
+    fs, _ = _reader_fs(files[0], endpoint_url)
+    paths = [_reader_fs(f, endpoint_url)[1] for f in files]
     ds = ray.data.read_parquet(paths, filesystem=fs)
     if columns:
         ds = ds.select_columns(sorted(set(columns) | {"kept"}))

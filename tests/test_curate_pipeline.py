@@ -163,6 +163,14 @@ def test_s3_in_and_out_kill_and_resume_same_kept_set(env, photos, tmp_path):
     assert a.sort_by("id").to_pylist() == b.sort_by("id").to_pylist()
     assert {k: done[k] for k in ("seen", "ok", "duplicates", "capped", "kept")} == \
         {k: ref[k] for k in ("seen", "ok", "duplicates", "capped", "kept")}
+    # a changed stage-2 setting rewrites every shard (none skipped as stale) and keeps stage 1
+    again = curate.run(_cfg(tmp_path, {**section, "output": out, "balance": {"num_clusters": 3,
+                                                                             "per_category_cap": 1}}))
+    assert again["stage1_blocks_run"] == 0 and again["shards_skipped"] == 0 and again["shards_written"] == 4
+    assert set(again["kept_by_category"].values()) == {1} and again["kept"] == len(again["kept_by_category"])
+    assert again["capped"] == done["kept"] + done["capped"] - again["kept"]
+    done = curate.run(_cfg(tmp_path, {**section, "output": out}))
+    assert done["kept"] == ref["kept"]
     ds = read_kept(out, s3site.endpoint_url, columns=["id", "image"])
     assert ds.count() == done["kept"]
     row = ds.take(1)[0]

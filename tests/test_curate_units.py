@@ -111,6 +111,16 @@ def test_lsh_finds_exactly_the_brute_force_pairs():
     for k in (4, 8):
         brute = lsh.brute_force_pairs(h, k)
         assert lsh.lsh_pairs_local(h, k) == brute
+        # the per-bucket path the Ray job runs (second pigeonhole level inside each band bucket)
+        via_buckets = set()
+        bands = lsh.band_values(h, k)
+        for band in range(k + 1):
+            vals = bands[:, band]
+            for v in np.unique(vals):
+                idx = np.flatnonzero(vals == v)
+                i, j, _ = lsh.band_bucket_pairs(h[idx], k, band, cap=10**6)
+                via_buckets.update(zip(np.minimum(idx[i], idx[j]).tolist(), np.maximum(idx[i], idx[j]).tolist()))
+        assert via_buckets == brute
         assert sum(1 for i in range(300) if (i, 3000 + i) in brute) == sum(1 for i in range(300) if i % 9 <= k)
 
 
@@ -120,6 +130,10 @@ def test_bucket_cap_splits_and_counts():
     assert overflow == 25 and len(i) == 45 + 45 + 10  # pairs only inside chunks of 10, 10, 5
     i, j, overflow = lsh.bucket_pairs(h[:10], 2, cap=10)
     assert overflow == 0 and len(i) == 45
+    i, j, overflow = lsh.band_bucket_pairs(h, 2, 0, cap=10)  # each member meets its next 9 equals only
+    assert overflow == 25 and len(i) == sum(25 - d for d in range(1, 10))
+    i, j, overflow = lsh.band_bucket_pairs(h, 2, 0, cap=100)
+    assert overflow == 0 and len(i) == 300
 
 
 def _local_group_by(rows: pa.Table, key: str, fn):

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.curation.lsh import band_values, bucket_pairs
+from pipelines.curation.lsh import band_bucket_pairs, band_values
 
 EDGE_SCHEMA = pa.schema([pa.field("a", pa.string()), pa.field("b", pa.string()),
                          pa.field("overflow", pa.int64())])
@@ -77,7 +77,9 @@ def explode_buckets(batch: pa.Table, k: int) -> pa.Table:
 
 def bucket_edges(group: pa.Table, k: int, cap: int) -> pa.Table:
     """Edges of one bucket: exact buckets link every member to the best one; LSH buckets emit verified pairs
-    (Hamming <= k), splitting buckets larger than `cap` (one marker row with overflow = bucket size)."""
+    (Hamming <= k) found through a second pigeonhole level inside the bucket (lsh.band_bucket_pairs); each
+    member is compared with at most `cap` - 1 others sharing a sub-band, and runs over the cap are counted
+    (one marker row with overflow = the members of such runs)."""
     n = group.num_rows
     if n < 2:
         return EDGE_SCHEMA.empty_table()
@@ -89,7 +91,8 @@ def bucket_edges(group: pa.Table, k: int, cap: int) -> pa.Table:
     ph = group["phash"].to_numpy(zero_copy_only=False).astype(np.int64)
     order = np.argsort(keys, kind="stable")  # deterministic whatever order the shuffle delivered
     keys, ph = keys[order], ph[order]
-    i, j, overflow = bucket_pairs(ph, k, cap)
+    band = int(group["bucket"][0].as_py()[1:].split(":", 1)[0])
+    i, j, overflow = band_bucket_pairs(ph, k, band, cap)
     a = keys[i].tolist()
     b = keys[j].tolist()
     if overflow:

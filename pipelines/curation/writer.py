@@ -40,14 +40,16 @@ def ledger_counts(ledger: pa.Table) -> dict:
             "filtered": dict(sorted(filtered.items()))}
 
 
-def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, resume: bool) -> pa.Table:
+def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprint: str) -> pa.Table:
+    """Write one block's final shard, unless a complete shard made with the same stage-2 decisions exists."""
     unit = group["unit"][0].as_py()
     target = shard_uri(output, unit)
     stats_uri = shard_uri(output, unit, ".stats.json")
     refresh_listing(target, endpoint_url)
-    if resume and storage.exists(target, endpoint_url) and storage.exists(stats_uri, endpoint_url):
+    if storage.exists(target, endpoint_url) and storage.exists(stats_uri, endpoint_url):
         stats = storage.read_bytes(stats_uri, endpoint_url).decode()
-        return pa.table({"unit": [unit], "skipped": [True], "stats": [stats]}, schema=RESULT_SCHEMA)
+        if json.loads(stats).get("fingerprint") == fingerprint:
+            return pa.table({"unit": [unit], "skipped": [True], "stats": [stats]}, schema=RESULT_SCHEMA)
     fs, path = storage.open_fs(stage1_uri(output, unit), endpoint_url)
     with fs.open_input_file(path) as f:
         ledger = pq.read_table(f)
@@ -83,7 +85,7 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, resume: bo
                      "duplicate_of": d["duplicate_of"] if drop == "duplicate" else None, "kept": kept,
                      "drop_reason": drop})
     table = pa.Table.from_pylist(rows, schema=CURATED_SCHEMA)
-    stats = {"unit": unit, **ledger_counts(ledger), "duplicates": dup, "capped": capped, "kept": kept_n,
+    stats = {"unit": unit, "fingerprint": fingerprint, **ledger_counts(ledger), "duplicates": dup, "capped": capped, "kept": kept_n,
              "kept_by_category": dict(sorted(cats.items()))}
     text = json.dumps(stats, indent=1)
     storage.write_bytes_atomic(stats_uri, text.encode(), endpoint_url)
