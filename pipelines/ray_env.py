@@ -1,5 +1,5 @@
 """Connect to Ray the same way in every job: join a cluster (`ray job submit`, RAY_ADDRESS or run.ray.address),
-or start a local instance with the configured CPU and object-store caps."""
+or start a new local instance with the configured CPU and object-store caps."""
 
 from __future__ import annotations
 
@@ -21,4 +21,6 @@ def init_ray(cfg: Any) -> None:
         kwargs["num_cpus"] = cfg.run.ray.num_cpus
     if cfg.run.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.run.ray.object_store_memory_mb * 2**20
-    ray.init(include_dashboard=False, **kwargs)
+    # "local" always starts a fresh instance with these caps; to join a running cluster from a plain run, set
+    # run.ray.address (e.g. "auto") or RAY_ADDRESS. `ray job submit` sets RAY_ADDRESS by itself.
+    ray.init(address="local", include_dashboard=False, **kwargs)
