@@ -26,6 +26,19 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice finished/failed workers sooner
 
 
+@pytest.fixture(scope="module")
+def ray_2cpu():
+    """A fresh local Ray (2 CPUs, capped object store) even when another local cluster runs on the machine."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()
+
+
 def pick_photos(photos, fraction: float, n_train: int, n_val: int) -> list[Path]:
     from training.data import is_holdout
 
@@ -120,7 +133,7 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=20)
 
 
-def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_local, features, tmp_path, moto_s3,
+def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_2cpu, features, tmp_path, moto_s3,
                                                                           mlflow_server):
     import ray.train
     from mlflow.tracking import MlflowClient
@@ -170,9 +183,18 @@ def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_
     params = mrun.data.params
     assert params["train.lr"] == "0.0005" and params["train.betas"] == "[0.9, 0.95]"
     assert params["preset"] == "tiny" and params["train.grad_clip"] == "1.0"
-    # steps 1-4 | resumed from 4: 5-6 | worker lost at 7, restored from 6: 7-8 -- no gap and no repeat
-    assert _metric_steps(client, run_id, "train/loss") == list(range(1, 9))
-    assert [m.value for m in client.get_metric_history(run_id, "train/resumed_from_step")] == [4.0, 6.0]
+    # steps 1-4 | resumed: 5.. | worker lost at 7, restored: ..8. Every restart continues right after the
+    # checkpoint it restored (no gap). That is the latest checkpoint Ray Train had registered when the worker died:
+    # usually 4 then 6, but a checkpoint reported just before the failure may not be registered yet.
+    restarts = sorted(client.get_metric_history(run_id, "train/resumed_from_step"), key=lambda m: m.timestamp)
+    resumed = [int(m.value) for m in restarts]
+    assert len(resumed) == 2 and resumed[0] in (2, 4) and resumed[1] in (2, 4, 6), resumed
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: (m.timestamp, m.step))
+    logged = [m.step for m in history]
+    for r in restarts:  # the first step logged after a restart follows the restored checkpoint
+        assert next(m.step for m in history if m.timestamp >= r.timestamp) == int(r.value) + 1, (logged, resumed)
+    assert all(b <= a + 1 for a, b in zip(logged, logged[1:])), f"a gap in the logged steps: {logged}"
+    assert logged[0] == 1 and logged[-1] == 8 and sorted(set(logged)) == list(range(1, 9))
     for key in ("train/lr", "train/samples_per_s", "train/grad_norm", "val/psnr_y", "val/ssim_y"):
         assert client.get_metric_history(run_id, key), f"{key} was not logged"
     losses = [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
