@@ -77,8 +77,10 @@ def stage_facts(key: str, s: dict[str, Any]) -> str:
         return (f"{s.get('steps', '?')} steps x batch {s.get('global_batch', '?')} on {s.get('num_workers', '?')} "
                 f"Ray Train workers, {_fmt(s.get('samples_per_s', 0.0))} samples/s; final {losses or 'loss n/a'}"
                 + (f"; registered as `{reg}`" if reg else ""))
-    if key.startswith("evaluate"):
-        return f"{s.get('images', s.get('num_images', '?'))} held-out images; results in `{s.get('output', '')}`"
+    if key == "evaluate":
+        data = s.get("data") or {}
+        return (f"{data.get('images', '?')} held-out photos, {len(s.get('rows', []))} rows (bicubic, student, "
+                f"teacher per guidance s); table `{s.get('table', '')}`")
     if key == "serve":
         return (f"POST {s.get('input_size')} px -> PNG {s.get('output_size')} px, HTTP {s.get('status')}, "
                 f"{s.get('seconds')} s")

@@ -35,6 +35,7 @@ def main() -> int:
         print("scripts/demo_chain.py is missing")
         return 1
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["demo_chain"] = mod  # dataclasses resolve annotations through the module's entry
     spec.loader.exec_module(mod)
     return int(mod.main(sys.argv[1:]))
 

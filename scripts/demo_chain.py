@@ -181,8 +181,8 @@ def prepare_holdout(out: Path, names: list[str]) -> Path:
 
 
 def record_in_mlflow(chain: Chain, stage: str, res: StageResult, artifacts: list[Path]) -> None:
-    """Stages whose job keeps no MLflow run of its own (evaluate, serve) are recorded here, so the demo's MLflow
-    store holds every stage: the job's summary numbers as metrics, its outputs as artifacts."""
+    """A stage whose job keeps no MLflow run of its own (the serve smoke test) is recorded here, so the demo's
+    MLflow store holds every stage: the job's summary numbers as metrics, its outputs as artifacts."""
     import mlflow
 
     from vosr.config import load_config
@@ -320,9 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate() -> None:
         # one run: bicubic, the student's one-step row and the teacher's rows at each guidance scale of the sweep
         chain.run("evaluate", [f"inference.checkpoint={ctx['student']}", f"eval.teacher={ctx['teacher']}"])
-        record_in_mlflow(chain, "evaluate", chain.results["evaluate"], [out / "eval" / "table.md",
-                                                                      out / "eval" / "guidance_sweep.png",
-                                                                      out / "eval" / "summary.json"])
 
     def serve() -> None:
         request = make_request_image(out, holdout[0])
