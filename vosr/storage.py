@@ -31,7 +31,8 @@ def fsspec_fs(uri: str, endpoint_url: str = ""):
     import fsspec
 
     if uri.startswith("s3://"):
-        return fsspec.filesystem("s3", **s3_storage_options(endpoint_url))
+        # No listing cache: objects written by other processes (Ray workers) must be visible at once.
+        return fsspec.filesystem("s3", use_listings_cache=False, **s3_storage_options(endpoint_url))
     return fsspec.filesystem("file")
 
 
