@@ -1,8 +1,10 @@
 """Multi-node behaviour on one machine: a two-node Ray cluster (ray.cluster_utils.Cluster: a head and a worker
 node, each its own raylet and object store). Curation and a short pretraining run across both nodes; the worker
 node is killed mid-job (its raylet and every worker process on it), and each job still ends with a complete,
-correct result: curation keeps exactly the right photos and accounts for every URL once; pretraining restores
-from its last checkpoint on a replacement node and finishes every step with continuous step numbers.
+correct result: curation keeps exactly the right photos and accounts for every URL once; pretraining restarts
+its lost workers on a spare node and finishes every step with continuous step numbers (observed: after a node
+loss Ray Train restarted from step 1 rather than from the registered checkpoint; a process kill restores it, see
+tests/test_train_job.py).
 """
 
 from __future__ import annotations
