@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     first, last = STAGES.index(args.start), STAGES.index(args.stop)
     if first == 0 and out.exists():
         # A fresh chain: the MLflow store stays (run history), stage outputs are rebuilt.
-        for sub in ("curated", "features", "checkpoints", "eval", "serve", "summaries", "logs", "report_assets"):
+        for sub in ("curated", "features", "checkpoints", "eval", "serve", "summaries", "logs", "report_assets",
+                    "teacher_checkpoint"):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -319,7 +320,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate() -> None:
         # one run: bicubic, the student's one-step row and the teacher's rows at each guidance scale of the sweep
-        chain.run("evaluate", [f"inference.checkpoint={ctx['student']}", f"eval.teacher={ctx['teacher']}"])
+        teacher = ctx["teacher"]
+        if "://" in teacher:  # inference/evaluate.py resolves local folders and models:/ URIs, not s3:// folders
+            from vosr import storage
+
+            local = out / "teacher_checkpoint"
+            shutil.rmtree(local, ignore_errors=True)
+            storage.fsspec_fs(teacher).get(teacher.rstrip("/") + "/", str(local) + "/", recursive=True)
+            log(f"copied the teacher checkpoint {teacher} to {local} for the evaluation")
+            teacher = str(local)
+        chain.run("evaluate", [f"inference.checkpoint={ctx['student']}", f"eval.teacher={teacher}"])
 
     def serve() -> None:
         request = make_request_image(out, holdout[0])
