@@ -1,6 +1,6 @@
 """Resolve where a model lives to a local checkpoint folder (config.json + model.safetensors).
 
-Accepted: a local folder (the checkpoint itself, or any folder with exactly one checkpoint somewhere inside, as
+Accepted: an s3:// checkpoint folder (copied to a local folder first), a local folder (the checkpoint itself, or any folder with exactly one checkpoint somewhere inside, as
 an MLflow model's artifacts are), or an MLflow URI (`models:/name/version`, `models:/name@alias`,
 `runs:/run_id/path`), downloaded with mlflow.artifacts.download_artifacts from the configured tracking server.
 MLflow stays out of vosr/: this is the only place that imports it for inference.
@@ -69,6 +69,27 @@ def resolve_model(uri: str, cfg=None, download_root: str | Path | None = None) -
             raise ModelNotFoundError(f"could not download {uri} from {tracking or 'the default tracking URI'}: "
                                      f"{exc}") from exc
         return find_checkpoint(local)
+    if uri.startswith("s3://"):
+        return find_checkpoint(_download_s3_folder(uri, cfg, download_root))
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return find_checkpoint(Path(uri).expanduser())
+
+
+def _download_s3_folder(uri: str, cfg, download_root: str | Path | None) -> Path:
+    """Copy a checkpoint folder on s3:// (as Ray Train writes it) to a local folder."""
+    from vosr.storage import fsspec_fs
+
+    endpoint = getattr(getattr(cfg, "train", None), "s3_endpoint_url", "") if cfg is not None else ""
+    fs = fsspec_fs(uri, endpoint)
+    dst = Path(download_root) if download_root else Path(tempfile.mkdtemp(prefix="vosr-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    src = uri[len("s3://"):].rstrip("/")
+    files = [f for f in fs.find(src) if not f.rsplit("/", 1)[-1].startswith(".")]
+    if not files:
+        raise ModelNotFoundError(f"nothing found at {uri}")
+    for f in files:
+        local = dst / os.path.relpath(f, src)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(f, str(local))
+    return dst

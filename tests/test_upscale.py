@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,22 @@ def test_exact_velocity_gives_back_the_bicubic_image(photo, student):
             out = up.upscale(lr, tile_size=tile, tile_overlap=16, color_fix=fix, **kw)
             assert out.size == bicubic.size
             assert np.abs(_arr(out) - _arr(bicubic)).max() <= 1.0, (tile, fix)
+
+
+def test_checkpoint_on_s3_is_copied_and_loads(checkpoints, photo, tmp_path):
+    from inference.model_uri import resolve_model
+    from tests.helpers.s3_fixture import s3_server
+
+    src = Path(checkpoints["student"])
+    with s3_server() as site:
+        for f in src.rglob("*"):
+            if f.is_file():
+                site.put_file(f, f"ckpt/student/{f.relative_to(src)}")
+        cfg = config_from_dict({}, [f"train.s3_endpoint_url={site.endpoint_url}"])
+        local = resolve_model(site.uri("ckpt/student"), cfg, download_root=tmp_path / "dl")
+        assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in src.iterdir())
+        a = Upscaler(str(local), device="cpu").upscale(photo.resize((24, 16)), seed=3)
+        b = Upscaler(checkpoints["student"], device="cpu").upscale(photo.resize((24, 16)), seed=3)
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        with pytest.raises(FileNotFoundError, match="nothing found"):
+            resolve_model(site.uri("ckpt/missing"), cfg, download_root=tmp_path / "dl2")
