@@ -29,8 +29,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The repo root must come before scripts/ on the path: scripts/demo.py would otherwise shadow the demo/ package
+# whenever the root is already on sys.path further down (e.g. through PYTHONPATH).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"]
+if str(ROOT) in sys.path:
+    sys.path.remove(str(ROOT))
+sys.path.insert(0, str(ROOT))
 
 CONFIG_DIR = ROOT / "configs" / "demo"
 HOLDOUT_LIST = ROOT / "demo" / "holdout.txt"
