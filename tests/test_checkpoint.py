@@ -13,13 +13,7 @@ from vosr.distill import student_from_teacher
 from vosr.ema import EMA
 from vosr.model import build_dit
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained_pair(student=False):

@@ -19,17 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER_STEPS = 150
 
 
-@pytest.fixture(scope="module")
-def ray_2cpu():
-    """A fresh local Ray (2 CPUs, capped object store) even when another local cluster runs on the machine."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield ray
-    ray.shutdown()
 
 
 def _rows(features: Path):
@@ -105,7 +94,7 @@ def test_fresh_student_reproduces_the_teacher_velocity_at_r_equal_t(teacher, fea
     assert not torch.allclose(v_gap, v_teacher, atol=1e-5), "r != t must reach the new target-time embedding"
 
 
-def test_distillation_moves_onestep_toward_the_teacher_and_registers_the_student(ray_2cpu, teacher, features,
+def test_distillation_moves_onestep_toward_the_teacher_and_registers_the_student(ray_local, teacher, features,
                                                                                    tmp_path):
     import mlflow
 

@@ -16,14 +16,7 @@ from vosr.model import build_dit, count_parameters
 from vosr.model.layers import timestep_sinusoid
 from vosr.model.rope import axis_positions, rope_tables, rotate_half
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny and the test box is a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(**model):

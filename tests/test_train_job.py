@@ -26,17 +26,6 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice finished/failed workers sooner
 
 
-@pytest.fixture(scope="module")
-def ray_2cpu():
-    """A fresh local Ray (2 CPUs, capped object store) even when another local cluster runs on the machine."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield ray
-    ray.shutdown()
 
 
 def pick_photos(photos, fraction: float, n_train: int, n_val: int) -> list[Path]:
@@ -133,7 +122,7 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=20)
 
 
-def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_2cpu, features, tmp_path, moto_s3,
+def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_local, features, tmp_path, moto_s3,
                                                                           mlflow_server):
     import ray.train
     from mlflow.tracking import MlflowClient
