@@ -22,16 +22,11 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from photos import photo_paths  # noqa: E402  (benchmarks/photos.py)
 from PIL import Image  # noqa: E402
 
 from vosr.config import config_from_dict  # noqa: E402
 from vosr.degrade import degrade, random_crop  # noqa: E402
-
-
-def photo_paths() -> list[Path]:
-    dev = ROOT.parent / "shared" / "data" / "dev"
-    root = dev if dev.is_dir() else ROOT / "assets" / "photos"
-    return sorted(p for p in root.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
 
 
 def crops(n: int, size: int) -> list[torch.Tensor]:

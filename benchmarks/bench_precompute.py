@@ -25,16 +25,11 @@ sys.path.insert(0, str(ROOT))
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from photos import photo_paths  # noqa: E402  (benchmarks/photos.py)
 
 from pipelines import feature_schema as fsch  # noqa: E402
 from pipelines.curate_schema import CURATED_SCHEMA  # noqa: E402
 from vosr.config import config_from_dict, load_config  # noqa: E402
-
-
-def photo_paths() -> list[Path]:
-    dev = ROOT.parent / "shared" / "data" / "dev"
-    root = dev if dev.is_dir() else ROOT / "assets" / "photos"
-    return sorted(p for p in root.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
 
 
 def write_curated(root: Path, n: int, per_shard: int) -> int:
