@@ -22,6 +22,7 @@ from vosr.encoders import (
     UnknownEncoderError,
     autoencoder_spec,
     build_autoencoder,
+    build_semantic_cls_encoder,
     build_semantic_encoder,
     semantic_spec,
 )
@@ -258,6 +259,29 @@ def test_dinov2_loader_block_output_without_cls_or_norm(tmp_path, monkeypatch):
     assert not enc.training  # frozen encoder stays in eval mode
     with pytest.raises(ValueError, match="out of range"):
         build_semantic_encoder(_cfg("vosr-0.5b", semantic={"path": str(tmp_path / fname), "layer": 3}).semantic)
+
+
+def test_cls_encoder_is_the_final_normed_cls_token_of_the_same_weights(tmp_path, monkeypatch):
+    """The curation job's CLS embedding: all blocks + final norm, token 0, same weights file as the tokens."""
+    monkeypatch.setitem(enc_specs.DINOV2_ARCH, "dinov2_vitb14", SMALL_DINO)
+    src = _small_dinov2_checkpoint(tmp_path)
+    x = torch.rand(3, 3, 80, 120)
+    with torch.no_grad():
+        _, full = _hand_tokens(src, x, layer=SMALL_DINO["depth"] - 1)
+        want = src.norm(full)[:, 0]
+    cfg = _cfg("vosr-0.5b", semantic={"path": str(tmp_path / "dinov2_vitb14_pretrain.pth"), "layer": 1})
+    cls = build_semantic_cls_encoder(cfg.semantic)
+    got = cls(x)
+    assert got.shape == (3, 48) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(cls(x[1:2]), got[1:2], atol=1e-5, rtol=1e-5)  # rows independent of the batch
+    tokens = build_semantic_encoder(cfg.semantic)
+    assert cls.identity()["weights_sha256"] == tokens.identity()["weights_sha256"]
+    assert tokens(x).shape == (3, 1024, 48)  # the token path is unchanged
+    with pytest.raises(MissingWeightsError, match="semantic.path is empty"):
+        build_semantic_cls_encoder(_cfg("vosr-0.5b").semantic)
+    tiny = build_semantic_cls_encoder(_cfg().semantic)
+    assert tiny(torch.rand(2, 3, 50, 70)).shape == (2, 64) and len(tiny.vit.blocks) == _cfg().semantic.depth
 
 
 def test_semantic_preprocess_is_imagenet_normalisation():

@@ -20,6 +20,7 @@ __all__ = [
     "semantic_spec",
     "build_autoencoder",
     "build_semantic_encoder",
+    "build_semantic_cls_encoder",
 ]
 
 
@@ -33,5 +34,12 @@ def build_autoencoder(ae_cfg, device="cpu"):
 def build_semantic_encoder(sem_cfg, device="cpu"):
     """Build the configured frozen semantic encoder (see vosr.encoders.semantic)."""
     from .semantic import build_semantic_encoder as _build
+
+    return _build(sem_cfg, device=device)
+
+
+def build_semantic_cls_encoder(sem_cfg, device="cpu"):
+    """The configured semantic ViT at full depth -> final CLS embedding [B, dim] (see vosr.encoders.semantic)."""
+    from .semantic import build_semantic_cls_encoder as _build
 
     return _build(sem_cfg, device=device)

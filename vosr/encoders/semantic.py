@@ -91,6 +91,14 @@ def seeded_vit(arch: dict[str, int], input_size: int, layer_scale: bool, seed: i
         return make_vit(arch, input_size, layer_scale)
 
 
+def _preprocess(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"semantic encoder expects images [B, 3, H, W] in [0, 1], got {tuple(x.shape)}")
+    x = x.to(mean.device, torch.float32)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return (x.clamp(0.0, 1.0) - mean) / std
+
+
 class SemanticEncoder(nn.Module):
     """Frozen ViT feature extractor: upsampled LR in [0, 1] -> raw block-`layer` tokens [B, N, dim] float32."""
 
@@ -120,11 +128,7 @@ class SemanticEncoder(nn.Module):
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Bicubic resize to input_size^2 (aspect ignored), clip to [0, 1], ImageNet normalisation."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"semantic encoder expects images [B, 3, H, W] in [0, 1], got {tuple(x.shape)}")
-        x = x.to(self.mean.device, torch.float32)
-        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
-        return (x.clamp(0.0, 1.0) - self.mean) / self.std
+        return _preprocess(x, self.input_size, self.mean, self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -150,7 +154,8 @@ def _weights_path(sem_cfg) -> Path | None:
     return p
 
 
-def _build_dinov2(sem_cfg) -> SemanticEncoder:
+def _dinov2_vit(sem_cfg) -> tuple[str, nn.Module, str, str]:
+    """(name, whole ViT with DINOv2 weights or allow_random seeded weights, weights sha256, source)."""
     arch = dict(lookup(DINOV2_ARCH, "semantic encoder", sem_cfg.name))
     path = _weights_path(sem_cfg)
     if path is None:
@@ -160,16 +165,15 @@ def _build_dinov2(sem_cfg) -> SemanticEncoder:
                 " (downloaded by you beforehand; VOSR downloads nothing), or set semantic.allow_random=true for "
                 "tests/benchmarks only.")
         warnings.warn(f"semantic encoder {sem_cfg.name} runs with RANDOM weights (semantic.allow_random=true): "
-                      "its tokens carry NO semantics; use this only for tests and benchmarks", stacklevel=3)
+                      "its tokens carry NO semantics; use this only for tests and benchmarks", stacklevel=4)
         vit = seeded_vit(arch, sem_cfg.input_size, True, sem_cfg.seed)
-        return SemanticEncoder(sem_cfg.name, vit, sem_cfg.input_size, sem_cfg.layer,
-                               state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})")
+        return sem_cfg.name, vit, state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})"
     vit = make_vit(arch, sem_cfg.input_size, True)
     load_vit_weights(vit, path)
-    return SemanticEncoder(sem_cfg.name, vit, sem_cfg.input_size, sem_cfg.layer, file_sha256(path), str(path))
+    return sem_cfg.name, vit, file_sha256(path), str(path)
 
 
-def _build_tiny_vit(sem_cfg) -> SemanticEncoder:
+def _tiny_vit(sem_cfg) -> tuple[str, nn.Module, str, str]:
     """Small ViT for the tiny preset: fixed-seed random weights (no semantics) or weights from semantic.path."""
     arch = semantic_arch(sem_cfg)
     if arch["dim"] % arch["num_heads"]:
@@ -177,11 +181,23 @@ def _build_tiny_vit(sem_cfg) -> SemanticEncoder:
     path = _weights_path(sem_cfg)
     if path is None:
         vit = seeded_vit(arch, sem_cfg.input_size, False, sem_cfg.seed)
-        return SemanticEncoder("tiny_vit", vit, sem_cfg.input_size, sem_cfg.layer,
-                               state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})")
+        return "tiny_vit", vit, state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})"
     vit = make_vit(arch, sem_cfg.input_size, False)
     load_vit_weights(vit, path)
-    return SemanticEncoder("tiny_vit", vit, sem_cfg.input_size, sem_cfg.layer, file_sha256(path), str(path))
+    return "tiny_vit", vit, file_sha256(path), str(path)
+
+
+SEMANTIC_VITS = {"tiny_vit": _tiny_vit, "dinov2_vitb14": _dinov2_vit, "dinov2_vitl14": _dinov2_vit}
+
+
+def _build_dinov2(sem_cfg) -> SemanticEncoder:
+    name, vit, sha, source = _dinov2_vit(sem_cfg)
+    return SemanticEncoder(name, vit, sem_cfg.input_size, sem_cfg.layer, sha, source)
+
+
+def _build_tiny_vit(sem_cfg) -> SemanticEncoder:
+    name, vit, sha, source = _tiny_vit(sem_cfg)
+    return SemanticEncoder(name, vit, sem_cfg.input_size, sem_cfg.layer, sha, source)
 
 
 SEMANTIC_ENCODERS = {"tiny_vit": _build_tiny_vit, "dinov2_vitb14": _build_dinov2, "dinov2_vitl14": _build_dinov2}
@@ -198,5 +214,51 @@ def build_semantic_encoder(sem_cfg, device: str | torch.device = "cpu") -> Seman
     return enc.to(device)
 
 
-__all__ = ["SEMANTIC_ENCODERS", "SemanticEncoder", "build_semantic_encoder", "load_vit_weights", "make_vit",
+class SemanticClsEncoder(nn.Module):
+    """The same frozen ViT (same weights, same preprocessing) run to its full depth: image in [0, 1]
+    [B, 3, H, W] -> final-norm CLS token [B, dim] float32, DINOv2's global image descriptor.
+
+    Not part of the conditioning path (that is SemanticEncoder's block-`layer` patch tokens, METHOD.md s3); the
+    curation job clusters images on it for category balancing (paper s4.1).
+    """
+
+    def __init__(self, name: str, vit: nn.Module, input_size: int, weights_sha256: str, source: str):
+        super().__init__()
+        self.name = name
+        self.vit = vit
+        self.input_size = int(input_size)
+        self.dim = int(vit.embed_dim)
+        self.weights_sha256 = weights_sha256
+        self.source = source
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):  # frozen
+        return super().train(False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return _preprocess(x, self.input_size, self.mean, self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.preprocess(x).to(self.vit.patch_embed.proj.weight.dtype)
+            tokens = self.vit.forward_features(x)  # all blocks + final norm; token 0 is CLS
+        return tokens[:, 0].float()
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "weights_sha256": self.weights_sha256, "output": "cls",
+                "input_size": self.input_size, "dim": self.dim, "source": self.source}
+
+
+def build_semantic_cls_encoder(sem_cfg, device: str | torch.device = "cpu") -> SemanticClsEncoder:
+    """The configured semantic ViT at full depth returning the final CLS embedding [B, dim] (same weights and
+    the same missing-weights errors as build_semantic_encoder)."""
+    loader = lookup(SEMANTIC_VITS, "semantic encoder", sem_cfg.name)
+    name, vit, sha, source = loader(sem_cfg)
+    return SemanticClsEncoder(name, vit, sem_cfg.input_size, sha, source).to(device)
+
+
+__all__ = ["SEMANTIC_ENCODERS", "SemanticClsEncoder", "SemanticEncoder", "build_semantic_cls_encoder",
+           "build_semantic_encoder", "load_vit_weights", "make_vit",
            "read_state_dict"]
