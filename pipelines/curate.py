@@ -7,7 +7,8 @@ Stages (each a named step below; Ray Data throughout, only counters reach the dr
   plan      sources -> input blocks (byte/row ranges of URL lists, runs of files), each named by a hash
   stage 1   per block: fetch -> safe decode -> filters -> hashes/embedding -> ledger shard (skipped if present)
   dedup     exact (pixel sha256 group-by) + near (banded-LSH group-by on pHash) -> edges -> components
-  balance   category from the list, else k-means on the cheap embedding; cap each category at t (seeded)
+  embed     (balance.embedding=semantic) CLS vectors of the semantic encoder, one encoder per actor
+  balance   category from the list, else k-means on the embedding; cap each category at t (seeded)
   write     per block: final shard (CURATED_SCHEMA) + stats JSON, atomically; summary.json at the root
 A run killed at any point and re-run skips finished blocks and shards and ends with the same kept set.
 """
@@ -34,6 +35,7 @@ import pyarrow.compute as pc  # noqa: E402
 from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, STAGE1_DIR, SUMMARY_FILE  # noqa: E402
 from pipelines.curation import balance, dedup, writer  # noqa: E402
 from pipelines.curation.raytools import column_sums, partitions  # noqa: E402
+from pipelines.curation.semantic_embed import ClsEmbedder, check_semantic_weights  # noqa: E402
 from pipelines.curation.sources import Unit, plan_units  # noqa: E402
 from pipelines.curation.stage1 import refresh_listing, run_unit, stage1_uri  # noqa: E402
 from vosr import storage  # noqa: E402
@@ -145,6 +147,24 @@ def _star_decisions(batch: pa.Table) -> pa.Table:
     }, schema=writer.DECISION_SCHEMA)
 
 
+# ------------------------------------------------------------------------------------------- embed
+
+def stage_semantic_embed(meta, cfg):
+    """Replace the cheap embedding of unlabelled rows by the semantic encoder's CLS vector (actor pool: the
+    encoder is built once per actor, batches stream through; nothing is gathered on the driver)."""
+    import ray.data
+
+    bcfg = cfg.curate.balance
+    return meta.map_batches(
+        ClsEmbedder, fn_constructor_kwargs={"sem_cfg": cfg.semantic, "max_pixels": cfg.curate.filters.max_pixels,
+                                            "micro_batch": bcfg.semantic_batch_size,
+                                            "use_gpu": bcfg.semantic_num_gpus > 0,
+                                            "threads": max(1, int(bcfg.semantic_num_cpus))},
+        batch_size=bcfg.semantic_batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=bcfg.semantic_actors),
+        num_cpus=bcfg.semantic_num_cpus, num_gpus=bcfg.semantic_num_gpus or None)
+
+
 # ------------------------------------------------------------------------------------------- balance
 
 def fit_centres(meta, ccfg, seed: int, info: dict):
@@ -166,7 +186,8 @@ def fit_centres(meta, ccfg, seed: int, info: dict):
     sample = sample[:bcfg.sample_size]
     x = np.asarray([r["embedding"] for r in sample], dtype=np.float64)
     centres = balance.kmeans_fit(x, bcfg.num_clusters, seed)
-    log(f"[curate] balance: k-means with k={len(centres)} fitted on {len(x)} of {n} unlabelled rows")
+    log(f"[curate] balance: k-means with k={len(centres)} on the {bcfg.embedding} embedding (dim {x.shape[1]}) "
+        f"fitted on {len(x)} of {n} unlabelled rows")
     return centres
 
 
@@ -281,6 +302,9 @@ def run(cfg) -> dict:
     ccfg = cfg.curate
     if not ccfg.sources:
         raise ValueError("curate.sources is empty: give URL lists, folders or s3:// prefixes")
+    semantic = ccfg.balance.enabled and ccfg.balance.embedding == "semantic"
+    if semantic:
+        check_semantic_weights(cfg.semantic)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "")
                                                                .split(os.pathsep) if p])
     init_ray(cfg)
@@ -306,7 +330,8 @@ def run(cfg) -> dict:
     # stage 2: dedup + balance from the ledgers (written by other processes: drop cached listings)
     refresh_listing(ccfg.output, ep)
     info: dict = {}
-    fp2 = _fingerprint(sorted(keys), asdict(ccfg.dedup), asdict(ccfg.balance), cfg.run.seed, SCHEMA_VERSION)
+    fp2 = _fingerprint(sorted(keys), asdict(ccfg.dedup), asdict(ccfg.balance), cfg.run.seed, SCHEMA_VERSION,
+                       asdict(cfg.semantic) if semantic else None)
     # each final shard records the fingerprint it was made with; only shards with this one are skipped
     storage.write_bytes_atomic(storage.join(ccfg.output, "_stage2.json"),
                                json.dumps({"fingerprint": fp2, "blocks": len(keys)}).encode(), ep)
@@ -316,12 +341,15 @@ def run(cfg) -> dict:
     meta = None
     n_ok = 0
     if paths:
-        meta = (ray.data.read_parquet(paths, filesystem=fs).select_columns(STAGE1_COLUMNS)
+        meta = (ray.data.read_parquet(paths, filesystem=fs)
+                .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
                 .map_batches(_where, fn_kwargs={"column": "reason", "op": "eq", "value": "ok"},
                              batch_format="pyarrow")
                 .map_batches(dedup.add_node_keys, batch_format="pyarrow")
-                .map_batches(_flag_unlabelled, batch_format="pyarrow")
-                .materialize())
+                .map_batches(_flag_unlabelled, batch_format="pyarrow"))
+        if semantic:
+            meta = stage_semantic_embed(meta, cfg)
+        meta = meta.materialize()
         n_ok = meta.count()
     decisions = None
     if n_ok:

@@ -52,6 +52,15 @@ class BalanceConfig:
     per_category_cap: int = option(1_000_000, "Most images kept per category t.", ge=1)
     num_clusters: int = option(8, "k of k-means when the sources give no category.", ge=1)
     sample_size: int = option(10_000, "Images sampled to fit the k-means centroids.", ge=1)
+    embedding: str = option("cheap", "What k-means clusters on: cheap (8x8 colour thumbnail + gradient/entropy "
+                            "stats, computed in stage 1) or semantic (final CLS token of the configured semantic "
+                            "encoder, section `semantic`: DINOv2 CLS features for the real presets, loaded from "
+                            "semantic.path; computed by an actor pool in stage 2).", choices=["cheap", "semantic"])
+    semantic_batch_size: int = option(32, "embedding=semantic: images per encoder call.", ge=1)
+    semantic_actors: int = option(1, "embedding=semantic: encoder actors (each builds the encoder once).", ge=1)
+    semantic_num_gpus: float = option(0.0, "embedding=semantic: GPUs per encoder actor (0 = CPU).", ge=0)
+    semantic_num_cpus: float = option(1.0, "embedding=semantic: CPUs per encoder actor (also its torch threads "
+                                      "on CPU).", gt=0)
 
 
 @dataclass
@@ -72,6 +81,9 @@ class CurateConfig:
                                     "this run (simulates a killed job; 0 = off).", ge=0)
     fail_after_shards: int = option(0, "Testing aid: stop with an error after this many final shards are written "
                                     "in this run (0 = off).", ge=0)
+    retry_failed: bool = option(True, "A re-run fetches again the URLs of finished blocks that failed with a "
+                                "retryable reason (timeout, 429, 5xx, connection errors); 404, non-images and decode "
+                                "failures are final.")
 
 
 @dataclass
