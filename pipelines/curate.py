@@ -32,12 +32,12 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, STAGE1_DIR, SUMMARY_FILE  # noqa: E402
+from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, SUMMARY_FILE  # noqa: E402
 from pipelines.curation import balance, dedup, writer  # noqa: E402
 from pipelines.curation.raytools import column_sums, partitions  # noqa: E402
 from pipelines.curation.semantic_embed import ClsEmbedder, check_semantic_weights  # noqa: E402
 from pipelines.curation.sources import Unit, plan_units  # noqa: E402
-from pipelines.curation.stage1 import refresh_listing, run_unit, stage1_uri  # noqa: E402
+from pipelines.curation.stage1 import delete, ledger_uri, refresh_listing, run_unit, scan_stage1  # noqa: E402
 from vosr import storage  # noqa: E402
 
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
@@ -64,29 +64,41 @@ def stage1_salt(ccfg) -> str:
 # ------------------------------------------------------------------------------------------- stage 1
 
 def _stage1_task(row: dict, ccfg) -> dict:
-    return run_unit(Unit.from_row(row), row["key"], ccfg)
+    return run_unit(Unit.from_row(row), row["key"], ccfg, gen=row["gen"])
 
 
 def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
+    """Blocks without a ledger run in full; with curate.retry_failed, finished blocks whose ledger still has
+    retryable failures (timeouts, 429, 5xx, connection errors) fetch just those rows again."""
     import ray.data
 
     ep = ccfg.s3_endpoint_url
-    refresh_listing(ccfg.output, ep)
-    done = {Path(p).name[:-len(".parquet")] for p in
-            storage.list_files(storage.join(ccfg.output, STAGE1_DIR), ".parquet", ep)}
-    pending = [(u, k) for u, k in zip(units, keys) if k not in done]
-    log(f"[curate] stage 1: {len(units)} blocks, {len(units) - len(pending)} already done, {len(pending)} to run")
-    counts = {"blocks_run": 0, "blocks_skipped": len(units) - len(pending)}
+    gens, retry, stale = scan_stage1(ccfg.output, ep)
+    for uri in stale:  # superseded generations left by a run killed mid-retry
+        delete(uri, ep)
+    new = [(u, k, -1) for u, k in zip(units, keys) if k not in gens]
+    again = [(u, k, gens[k]) for u, k in zip(units, keys) if k in retry] if ccfg.retry_failed else []
+    pending = new + again
+    log(f"[curate] stage 1: {len(units)} blocks, {len(units) - len(new)} already done, {len(new)} to run, "
+        f"{len(again)} to retry (transient failures of an earlier run)")
+    counts = {"blocks_run": 0, "blocks_skipped": len(units) - len(new), "blocks_retried": 0,
+              "urls_retried": 0, "retry_blocks_changed": 0}
     if not pending:
         return counts
-    items = [{**u.to_row(), "key": k} for u, k in pending]
+    items = [{**u.to_row(), "key": k, "gen": g} for u, k, g in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(_stage1_task, fn_kwargs={"ccfg": ccfg}, num_cpus=ccfg.cpus_per_block)
     for i, res in enumerate(ds.iter_rows(), 1):
         st = json.loads(res["stats"]) if res["stats"] else {}
-        counts["blocks_run"] += 1
-        log(f"[curate] stage 1 block {i}/{len(pending)} {res['unit']}: seen {st.get('seen', 0)} ok {st.get('ok', 0)}"
-            f" in {st.get('seconds', 0):.2f}s")
+        if res["retried"]:
+            counts["blocks_retried"] += 1
+            counts["urls_retried"] += res["retried"]
+            counts["retry_blocks_changed"] += bool(res["changed"])
+            what = f"retried {res['retried']} urls, {st.get('retryable', 0)} still failing transiently"
+        else:
+            counts["blocks_run"] += not res["skipped"]
+            what = f"seen {st.get('seen', 0)} ok {st.get('ok', 0)}"
+        log(f"[curate] stage 1 block {i}/{len(pending)} {res['unit']}: {what} in {st.get('seconds', 0):.2f}s")
         if ccfg.fail_after_blocks and i >= ccfg.fail_after_blocks:
             raise InjectedFault(f"fail_after_blocks={ccfg.fail_after_blocks} reached")
     return counts
@@ -144,6 +156,7 @@ def _star_decisions(batch: pa.Table) -> pa.Table:
         "unit": [dedup.key_unit(k) for k in a], "row": [dedup.key_row(k) for k in a],
         "kind": [writer.KIND_DECISION] * n, "id": [dedup.key_id(k) for k in a], "category": [None] * n,
         "category_source": [None] * n, "duplicate_of": [dedup.key_id(k) for k in b], "drop_reason": ["duplicate"] * n,
+        "ledger_gen": pa.nulls(n, pa.int32()),
     }, schema=writer.DECISION_SCHEMA)
 
 
@@ -211,6 +224,7 @@ def _category_rows(batch: pa.Table) -> pa.Table:
         "unit": batch["unit"], "row": batch["row"], "kind": pa.array([writer.KIND_DECISION] * n, pa.int8()),
         "id": batch["id"], "category": batch["category"], "category_source": batch["category_source"],
         "duplicate_of": pa.nulls(n, pa.string()), "drop_reason": pa.nulls(n, pa.string()),
+        "ledger_gen": pa.nulls(n, pa.int32()),
     }, schema=writer.DECISION_SCHEMA)
 
 
@@ -252,11 +266,12 @@ def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
 
 # ------------------------------------------------------------------------------------------- write
 
-def stage_write(decisions, keys: list[str], ccfg, fingerprint: str):
+def stage_write(decisions, keys: list[str], gens: dict[str, int], ccfg, fingerprint: str):
     import ray.data
 
     markers = ray.data.from_arrow(pa.table({
         "unit": keys, "row": pa.array([-1] * len(keys), pa.int32()),
+        "ledger_gen": pa.array([gens[k] for k in keys], pa.int32()),
         "kind": pa.array([writer.KIND_MARKER] * len(keys), pa.int8()), "id": pa.nulls(len(keys), pa.string()),
         "category": pa.nulls(len(keys), pa.string()), "category_source": pa.nulls(len(keys), pa.string()),
         "duplicate_of": pa.nulls(len(keys), pa.string()), "drop_reason": pa.nulls(len(keys), pa.string()),
@@ -330,14 +345,19 @@ def run(cfg) -> dict:
     # stage 2: dedup + balance from the ledgers (written by other processes: drop cached listings)
     refresh_listing(ccfg.output, ep)
     info: dict = {}
+    gens, _, _ = scan_stage1(ccfg.output, ep)
+    missing = [k for k in keys if k not in gens]
+    if missing:
+        raise RuntimeError(f"stage 1 left {len(missing)} blocks without a ledger (e.g. {missing[0]})")
+    gens = {k: gens[k] for k in keys}
     fp2 = _fingerprint(sorted(keys), asdict(ccfg.dedup), asdict(ccfg.balance), cfg.run.seed, SCHEMA_VERSION,
-                       asdict(cfg.semantic) if semantic else None)
+                       asdict(cfg.semantic) if semantic else None, sorted((k, g) for k, g in gens.items() if g))
     # each final shard records the fingerprint it was made with; only shards with this one are skipped
     storage.write_bytes_atomic(storage.join(ccfg.output, "_stage2.json"),
                                json.dumps({"fingerprint": fp2, "blocks": len(keys)}).encode(), ep)
     info["stale_shards_removed"] = remove_stale_shards(ccfg, keys)
     fs, _ = storage.open_fs(ccfg.output, ep)
-    paths = [storage.open_fs(stage1_uri(ccfg.output, k), ep)[1] for k in keys]
+    paths = [storage.open_fs(ledger_uri(ccfg.output, k, gens[k]), ep)[1] for k in keys]
     meta = None
     n_ok = 0
     if paths:
@@ -358,7 +378,7 @@ def run(cfg) -> dict:
         decisions = stage_balance(meta, dups, centres, ccfg, cfg.run.seed)
     totals: dict = {}
     written = skipped = 0
-    for res in stage_write(decisions, keys, ccfg, fp2).iter_rows():
+    for res in stage_write(decisions, keys, gens, ccfg, fp2).iter_rows():
         _merge_counts(totals, json.loads(res["stats"]))
         written += not res["skipped"]
         skipped += bool(res["skipped"])
@@ -369,6 +389,8 @@ def run(cfg) -> dict:
     summary = {
         "schema_version": SCHEMA_VERSION, "output": ccfg.output, "blocks": len(keys),
         "stage1_blocks_run": s1["blocks_run"], "stage1_blocks_skipped": s1["blocks_skipped"],
+        "stage1_blocks_retried": s1["blocks_retried"], "urls_retried": s1["urls_retried"],
+        "retry_blocks_changed": s1["retry_blocks_changed"],
         "shards_written": written, "shards_skipped": skipped,
         "seen": totals.get("seen", 0), "fetched": totals.get("fetched", 0), "ok": totals.get("ok", 0),
         "failed": totals.get("failed", {}), "filtered": totals.get("filtered", {}),

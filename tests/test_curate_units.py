@@ -257,3 +257,26 @@ def test_image_bytes_roundtrip_is_lossless():
     img = Image.new("RGB", (5, 4), (1, 2, 3))
     assert decode_image(encode(img), 100).tobytes() == img.tobytes()
     assert isinstance(io.BytesIO(encode(img)).getvalue(), bytes)
+
+
+def test_rerun_retry_reasons_and_ledger_generations_after_a_kill(tmp_path):
+    from pipelines.curation.crawl import retry_next_run
+    from pipelines.curation.stage1 import ledger_uri, scan_stage1
+
+    for reason in ("timeout", "http_429", "http_500", "http_503", "connect_error", "server_disconnected",
+                   "incomplete_body"):
+        assert retry_next_run(reason), reason
+    for reason in ("http_404", "http_403", "not_image", "truncated", "corrupt", "too_many_pixels", "oversize",
+                   "blocked_address", "bad_url", "robots_noai", "too_small", "http_5xx"):
+        assert not retry_next_run(reason), reason
+    out = str(tmp_path)
+    (tmp_path / "_stage1").mkdir()
+    # block aa: a retry pass wrote generation 2 and was killed before deleting generation 1 and its marker;
+    # block bb: finished, nothing to retry; block cc: killed after its marker, before its first ledger
+    for uri in (ledger_uri(out, "aa", 1), ledger_uri(out, "aa", 2), ledger_uri(out, "bb")):
+        pq.write_table(pa.table({"x": [1]}), uri)
+    for name in ("aa.retry", "cc.retry", "aa.stats.json", "bb.stats.json"):
+        (tmp_path / "_stage1" / name).write_text("")
+    gens, retry, stale = scan_stage1(out)
+    assert gens == {"aa": 2, "bb": 0} and retry == {"aa"} and stale == [ledger_uri(out, "aa", 1)]
+    assert ledger_uri(out, "aa", 2).endswith("_stage1/aa.g2.parquet") and ledger_uri(out, "bb").endswith("bb.parquet")

@@ -52,6 +52,16 @@ def _retryable(reason: str) -> bool:
     return reason in ("timeout", "http_429", "server_disconnected") or reason.startswith("http_5")
 
 
+# Outcomes that a later run of the job fetches again (transient: the server or the network may recover).
+# 404 and other 4xx, non-images, refused addresses, oversize bodies and decode failures are final.
+RERUN_REASONS = ("timeout", "http_429", "server_disconnected", "connect_error", "incomplete_body")
+
+
+def retry_next_run(reason: str) -> bool:
+    """Whether a URL that ended with `reason` is fetched again when the job is re-run (curate.retry_failed)."""
+    return reason in RERUN_REASONS or (reason.startswith("http_5") and reason[5:].isdigit())
+
+
 def address_allowed(ip: str) -> bool:
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:

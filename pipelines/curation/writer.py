@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.curate_schema import CURATED_SCHEMA, SHARDS_DIR
-from pipelines.curation.stage1 import FILTER_REASONS, refresh_listing, stage1_uri, table_bytes
+from pipelines.curation.stage1 import FILTER_REASONS, ledger_uri, refresh_listing, table_bytes
 from vosr import storage
 from vosr.imageio import DECODE_REASONS
 
@@ -19,6 +19,7 @@ DECISION_SCHEMA = pa.schema([
     pa.field("unit", pa.string()), pa.field("row", pa.int32()), pa.field("kind", pa.int8()),
     pa.field("id", pa.string()), pa.field("category", pa.string()), pa.field("category_source", pa.string()),
     pa.field("duplicate_of", pa.string()), pa.field("drop_reason", pa.string()),
+    pa.field("ledger_gen", pa.int32()),  # marker rows: the block's ledger generation (stage1.py); else null
 ])
 KIND_MARKER, KIND_DECISION = 0, 1
 RESULT_SCHEMA = pa.schema([pa.field("unit", pa.string()), pa.field("skipped", pa.bool_()),
@@ -50,7 +51,10 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
         stats = storage.read_bytes(stats_uri, endpoint_url).decode()
         if json.loads(stats).get("fingerprint") == fingerprint:
             return pa.table({"unit": [unit], "skipped": [True], "stats": [stats]}, schema=RESULT_SCHEMA)
-    fs, path = storage.open_fs(stage1_uri(output, unit), endpoint_url)
+    marks = group.filter(pa.compute.equal(group["kind"], KIND_MARKER))["ledger_gen"].to_pylist()
+    if len(marks) != 1:
+        raise RuntimeError(f"block {unit}: expected one marker row in the stage-2 decisions, found {len(marks)}")
+    fs, path = storage.open_fs(ledger_uri(output, unit, marks[0] or 0), endpoint_url)
     with fs.open_input_file(path) as f:
         ledger = pq.read_table(f)
     decisions: dict[int, dict] = {}
