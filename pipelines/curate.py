@@ -11,6 +11,8 @@ Stages (each a named step below; Ray Data throughout, only counters reach the dr
   balance   category from the list, else k-means on the embedding; cap each category at t (seeded)
   write     per block: final shard (CURATED_SCHEMA) + stats JSON, atomically; summary.json at the root
 A run killed at any point and re-run skips finished blocks and shards and ends with the same kept set.
+A re-run also fetches again the URLs that failed transiently (timeouts, 429, 5xx, connection errors; see
+curation/stage1.py for the ledger generations), unless curate.retry_failed is false.
 """
 
 from __future__ import annotations
