@@ -12,7 +12,7 @@ loop that wants fresh degradations every epoch passes `variants=range(e * K, (e 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,9 +35,11 @@ def _drop_failed(batch):
     return strip_helpers(batch.filter(pc.equal(batch.column("error"), "")))
 
 
-def online_dataset(cfg, variants: Iterable[int] | None = None):
+def online_dataset(cfg, variants: Iterable[int] | None = None, keep_rows: Callable | None = None):
     """A streaming ray.data.Dataset of feature rows (id, variant, seed, crop_box, image_size, hr_latent, lr_latent,
-    sem_tokens, degrade_params). Bad images are dropped (the materialised job counts them in its stats)."""
+    sem_tokens, degrade_params). Bad images are dropped (the materialised job counts them in its stats).
+    `keep_rows` (pyarrow table -> filtered table, on the curated columns id/image/kept/path) selects images before
+    any decoding or encoding, e.g. one side of training's hold-out split."""
     from pipelines.ray_env import init_ray
 
     init_ray(cfg)
@@ -47,5 +49,7 @@ def online_dataset(cfg, variants: Iterable[int] | None = None):
         raise FileNotFoundError(f"no curated shards under {pcfg.input}/{curate_schema.SHARDS_DIR}")
     vs = list(range(pcfg.variants)) if variants is None else [int(v) for v in variants]
     ds = read_curated(files, pcfg.s3_endpoint_url)
+    if keep_rows is not None:
+        ds = ds.map_batches(keep_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     ds = degrade_and_encode(ds, cfg, vs)
     return ds.map_batches(_drop_failed, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)

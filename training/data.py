@@ -82,10 +82,16 @@ def training_datasets(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
     """(train dataset, held-out dataset (first variant of each held-out image), info)."""
     import ray.data
 
-    data, info = open_features(cfg)
     frac = cfg.data.holdout_fraction
     keep_train = _SplitFilter(frac, keep_holdout=False)
     keep_val = _SplitFilter(frac, keep_holdout=True, first_variant_only=True)
+    if cfg.train.online:  # split the curated images before they are decoded, degraded and encoded
+        from pipelines.online import online_dataset, online_metadata
+
+        info = {"mode": "online", "metadata": online_metadata(cfg)}
+        return (online_dataset(cfg, keep_rows=keep_train), online_dataset(cfg, variants=[0], keep_rows=keep_val),
+                info)
+    data, info = open_features(cfg)
     if isinstance(data, list):  # cached: split on the driver, hand over in-memory tables
         train_tables = [t for t in (keep_train(x) for x in data) if t.num_rows]
         val_tables = [t for t in (keep_val(x) for x in data) if t.num_rows]

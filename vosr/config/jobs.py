@@ -9,8 +9,9 @@ from .schema import option
 
 @dataclass
 class TrainConfig:
-    features: str = option("outputs/features", "Feature shards to train on, or the curated shards when online.")
-    online: bool = option(False, "Degrade and encode inside the data pipeline instead of reading features.")
+    features: str = option("outputs/features", "Feature shards to train on (unused when train.online).")
+    online: bool = option(False, "Degrade and encode the curated shards of precompute.input inside the data "
+                          "pipeline (pipelines/online.py) instead of reading feature shards.")
     storage_path: str = option("outputs/checkpoints", "Ray Train RunConfig storage (folder or s3://).")
     steps: int = option(200, "Optimiser steps (paper: 400K per stage).", ge=1)
     batch_size: int = option(8, "Global batch size (split across workers; paper: 256 at 512 px).", ge=1)
