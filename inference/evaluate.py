@@ -8,6 +8,10 @@ Stages:
 3. metrics    - PSNR / SSIM on Y (BT.601, border = scale; vosr.metrics), and the pyiqa metrics when the iqa extra
                 and their weights are present (otherwise listed as skipped, with the reason).
 4. report     - summary.json, table.md laid out like the paper's Table 1, guidance_sweep.png like its Fig. 4.
+
+eval.hr_dir / eval.lr_dir may be s3:// prefixes (listed and read through vosr.storage), the checkpoints s3:// folders
+(inference/model_uri.py caches them locally), and eval.output an s3:// prefix: the report is written to a local
+temporary folder, then every file is uploaded atomically and the summary names the s3:// URIs.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import posixpath
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +51,32 @@ class Pair:
 
 # --- stage 1: pairs ------------------------------------------------------------------------------------------
 
-def _images(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+def _endpoint(cfg) -> str:
+    from inference.model_uri import endpoint_url_for
+
+    return endpoint_url_for(cfg)
+
+
+def _images(folder: str, endpoint: str = "") -> dict[str, str]:
+    """{file stem: path or URI} of the images directly inside `folder` (a local folder or an s3:// prefix)."""
+    from vosr import storage
+
+    if storage.is_remote(folder):
+        base = folder.rstrip("/") + "/"
+        files = [u for u in storage.list_files(folder, "", endpoint) if "/" not in u[len(base):]]
+        return {posixpath.splitext(posixpath.basename(u))[0]: u for u in files
+                if posixpath.splitext(u)[1].lower() in IMAGE_SUFFIXES}
+    return {p.stem: str(p) for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _is_dir(folder: str, endpoint: str = "") -> bool:
+    """A local folder, or an s3:// prefix with at least one object below it."""
+    from vosr import storage
+
+    if storage.is_remote(folder):
+        return bool(storage.list_files(folder, "", endpoint))
+    return Path(folder).is_dir()
 
 
 def _centre_box(w: int, h: int, cw: int, ch: int) -> tuple[int, int, int, int]:
@@ -54,21 +84,26 @@ def _centre_box(w: int, h: int, cw: int, ch: int) -> tuple[int, int, int, int]:
     return left, top, left + cw, top + ch
 
 
-def _load(path: Path):
+def _load(path: str, endpoint: str = ""):
+    from vosr import storage
     from vosr.imageio import decode_image
 
-    return decode_image(path.read_bytes(), max_pixels=400_000_000)
+    return decode_image(storage.read_bytes(path, endpoint), max_pixels=400_000_000)
 
 
-def resolve_folders(ecfg) -> tuple[Path, Path | None]:
-    hr = Path(ecfg.hr_dir)
-    if not hr.is_dir():
-        raise FileNotFoundError(f"eval.hr_dir {hr} is not a folder")
-    if (hr / "HR").is_dir():                     # a benchmark folder with HR/ (and maybe LR/)
-        lr = Path(ecfg.lr_dir) if ecfg.lr_dir else (hr / "LR" if (hr / "LR").is_dir() else None)
-        return hr / "HR", lr
+def resolve_folders(ecfg, endpoint: str = "") -> tuple[str, str | None]:
+    """(HR folder, LR folder or None); local folders or s3:// prefixes alike."""
+    from vosr import storage
+
+    hr = ecfg.hr_dir.rstrip("/") if storage.is_remote(ecfg.hr_dir) else ecfg.hr_dir
+    if not _is_dir(hr, endpoint):
+        raise FileNotFoundError(f"eval.hr_dir {hr} is not a folder (or an s3:// prefix holding images)")
+    if _is_dir(storage.join(hr, "HR"), endpoint):     # a benchmark folder with HR/ (and maybe LR/)
+        lr_sub = storage.join(hr, "LR")
+        lr = ecfg.lr_dir or (lr_sub if _is_dir(lr_sub, endpoint) else None)
+        return storage.join(hr, "HR"), lr
     if ecfg.lr_dir:
-        return hr, Path(ecfg.lr_dir)
+        return hr, ecfg.lr_dir
     return hr, None
 
 
@@ -79,9 +114,10 @@ def load_pairs(cfg) -> tuple[list[Pair], dict[str, Any]]:
     from vosr.seeding import sample_seed
 
     ecfg, scale = cfg.eval, cfg.inference.upscale
-    hr_dir, lr_dir = resolve_folders(ecfg)
-    hr_files = _images(hr_dir)
-    lr_files = _images(lr_dir) if lr_dir else {}
+    endpoint = _endpoint(cfg)
+    hr_dir, lr_dir = resolve_folders(ecfg, endpoint)
+    hr_files = _images(hr_dir, endpoint)
+    lr_files = _images(lr_dir, endpoint) if lr_dir else {}
     names = sorted(hr_files)
     if ecfg.max_images:
         names = names[:ecfg.max_images]
@@ -92,12 +128,12 @@ def load_pairs(cfg) -> tuple[list[Pair], dict[str, Any]]:
     dcfg = dataclasses.replace(cfg.degrade, preset=ecfg.degrade_preset, scale=scale, resize_back=False)
     for name in names:
         try:
-            hr = _load(hr_files[name])
+            hr = _load(hr_files[name], endpoint)
             if lr_dir:
                 if name not in lr_files:
                     info["skipped"][name] = "no LR partner"
                     continue
-                lr = _load(lr_files[name])
+                lr = _load(lr_files[name], endpoint)
                 if hr.width < lr.width * scale or hr.height < lr.height * scale:
                     info["skipped"][name] = f"HR {hr.size} smaller than {scale} x LR {lr.size}"
                     continue
@@ -148,6 +184,11 @@ def _teacher_rows(up, cfg) -> list[Setting]:
             for s in scales]
 
 
+def _source(uri: str, folder: Path) -> str:
+    """What the summary names as a model: the URI it was given when remote (s3://, models:/), else the folder."""
+    return uri if "://" in uri or uri.startswith(("models:/", "runs:/")) else str(folder)
+
+
 def build_settings(cfg) -> tuple[list[Setting], dict[str, str]]:
     """Bicubic, then inference.checkpoint (one-step row for a student, multi-step rows + sweep for a teacher),
     then eval.teacher's multi-step rows."""
@@ -161,17 +202,17 @@ def build_settings(cfg) -> tuple[list[Setting], dict[str, str]]:
         folder = resolve_model(cfg.inference.checkpoint, cfg)
         up = Upscaler(folder, cfg)
         if up.is_student:
-            sources["student"] = str(folder)
+            sources["student"] = _source(cfg.inference.checkpoint, folder)
             settings.append(Setting(f"VOSR-{up.model_cfg.preset}-os", "One-step", up, {"mode": "onestep"}))
         else:
-            sources["teacher"] = str(folder)
+            sources["teacher"] = _source(cfg.inference.checkpoint, folder)
             settings += _teacher_rows(up, cfg)
     if cfg.eval.teacher:
         folder = resolve_model(cfg.eval.teacher, cfg)
         up = Upscaler(folder, cfg)
         if up.is_student:
             raise ValueError(f"eval.teacher {cfg.eval.teacher} is a one-step student, not a multi-step teacher")
-        sources["teacher" if "teacher" not in sources else "eval_teacher"] = str(folder)
+        sources["teacher" if "teacher" not in sources else "eval_teacher"] = _source(cfg.eval.teacher, folder)
         settings += _teacher_rows(up, cfg)
     return settings, sources
 
@@ -328,10 +369,39 @@ def log_to_mlflow(cfg, summary: dict[str, Any], out: Path) -> str | None:
         return active.info.run_id
 
 
+def upload_folder(local: Path, uri: str, endpoint: str = "") -> list[str]:
+    """Every file under `local` to the same relative name under `uri`, each written atomically (vosr.storage)."""
+    from vosr import storage
+
+    written = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        dst = storage.join(uri, *path.relative_to(local).parts)
+        storage.write_bytes_atomic(dst, path.read_bytes(), endpoint)
+        written.append(dst)
+    return written
+
+
 def run(cfg) -> dict[str, Any]:
+    """Evaluate into eval.output; an s3:// output is written to a local temporary folder first, then uploaded file
+    by file (atomically), and the summary names the s3:// URIs."""
+    from vosr import storage
+
+    if not storage.is_remote(cfg.eval.output):
+        return _run(cfg, Path(cfg.eval.output), cfg.eval.output)
+    endpoint = _endpoint(cfg)
+    with tempfile.TemporaryDirectory(prefix="vosr-eval-") as tmp:
+        summary = _run(cfg, Path(tmp), cfg.eval.output.rstrip("/"))
+        summary["uploaded"] = len(upload_folder(Path(tmp), cfg.eval.output.rstrip("/"), endpoint))
+    return summary
+
+
+def _run(cfg, out: Path, final: str) -> dict[str, Any]:
+    """The four stages, writing into the local folder `out`; paths in the summary are under `final` (`out` itself
+    for a local output, the s3:// URI it is uploaded to otherwise)."""
+    from vosr import storage
+
     t0 = time.perf_counter()
     ecfg = cfg.eval
-    out = Path(ecfg.output)
     out.mkdir(parents=True, exist_ok=True)
     pairs, info = load_pairs(cfg)                                    # stage 1
     if not pairs:
@@ -341,8 +411,11 @@ def run(cfg) -> dict[str, Any]:
     iqa = IQAMetrics(list(ecfg.iqa_metrics), device=device)          # stage 3
     image_dir = out / "images" if ecfg.save_images else None
     rows = [evaluate_setting(s, pairs, cfg, iqa, image_dir) for s in settings]
-    hr_path = Path(info["hr_dir"]).resolve()
-    dataset = ecfg.dataset_name or (hr_path.parent.name if hr_path.name == "HR" else hr_path.name)
+    if storage.is_remote(info["hr_dir"]):
+        parts = info["hr_dir"].rstrip("/").split("/")
+    else:
+        parts = list(Path(info["hr_dir"]).resolve().parts)
+    dataset = ecfg.dataset_name or (parts[-2] if parts[-1] == "HR" and len(parts) > 1 else parts[-1])
     table = markdown_table(rows, dataset, iqa.skipped)               # stage 4
     (out / "table.md").write_text(table)
     plot = sweep_plot(rows, out / "guidance_sweep.png",
@@ -351,12 +424,13 @@ def run(cfg) -> dict[str, Any]:
         "dataset": dataset, "data": info, "models": sources,
         "rows": [{k: v for k, v in r.items() if k != "per_image"} for r in rows],
         "metrics_skipped": iqa.skipped, "metrics_computed": sorted({"psnr", "ssim", *iqa.metrics}),
-        "table": str(out / "table.md"), "plot": str(out / "guidance_sweep.png") if plot else None,
+        "output": final, "table": storage.join(final, "table.md"),
+        "plot": storage.join(final, "guidance_sweep.png") if plot else None,
         "plot_metrics": plot, "seconds": round(time.perf_counter() - t0, 3),
     }
     (out / "summary.json").write_text(json.dumps({**summary, "per_image": {r["label"]: r["per_image"]
                                                                               for r in rows}}, indent=2))
-    summary["summary_json"] = str(out / "summary.json")
+    summary["summary_json"] = storage.join(final, "summary.json")
     summary["mlflow_run_id"] = log_to_mlflow(cfg, summary, out)
     return summary
 

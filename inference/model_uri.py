@@ -1,14 +1,17 @@
 """Resolve where a model lives to a local checkpoint folder (config.json + model.safetensors).
 
-Accepted: an s3:// checkpoint folder (copied to a local folder first), a local folder (the checkpoint itself, or any folder with exactly one checkpoint somewhere inside, as
-an MLflow model's artifacts are), or an MLflow URI (`models:/name/version`, `models:/name@alias`,
+Accepted: a local folder (the checkpoint itself, or any folder with exactly one checkpoint somewhere inside, as
+an MLflow model's artifacts are), an s3:// checkpoint folder (config.json + *.safetensors fetched into a local
+cache keyed by URI, sizes and etags), or an MLflow URI (`models:/name/version`, `models:/name@alias`,
 `runs:/run_id/path`), downloaded with mlflow.artifacts.download_artifacts from the configured tracking server.
 MLflow stays out of vosr/: this is the only place that imports it for inference.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import posixpath
 import tempfile
 from pathlib import Path
 
@@ -51,7 +54,8 @@ def tracking_uri_for(cfg) -> str:
 
 
 def resolve_model(uri: str, cfg=None, download_root: str | Path | None = None) -> Path:
-    """A local checkpoint folder for `uri` (a path or an MLflow URI)."""
+    """A local checkpoint folder for `uri` (a path, an s3:// folder or an MLflow URI). `download_root`: where
+    MLflow downloads go, and the cache root for s3:// checkpoints (default: default_cache_root())."""
     if not uri:
         raise ModelNotFoundError("no model given: set inference.checkpoint to a checkpoint folder or models:/name/"
                                  "version")
@@ -69,27 +73,100 @@ def resolve_model(uri: str, cfg=None, download_root: str | Path | None = None) -
             raise ModelNotFoundError(f"could not download {uri} from {tracking or 'the default tracking URI'}: "
                                      f"{exc}") from exc
         return find_checkpoint(local)
-    if uri.startswith("s3://"):
-        return find_checkpoint(_download_s3_folder(uri, cfg, download_root))
+    if "://" in uri and not uri.startswith("file://"):
+        return find_checkpoint(fetch_remote_checkpoint(uri, endpoint_url_for(cfg), download_root))
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return find_checkpoint(Path(uri).expanduser())
 
 
-def _download_s3_folder(uri: str, cfg, download_root: str | Path | None) -> Path:
-    """Copy a checkpoint folder on s3:// (as Ray Train writes it) to a local folder."""
+def endpoint_url_for(cfg) -> str:
+    """The S3 endpoint override of the config (the first non-empty `*.s3_endpoint_url`); empty = vosr.storage's
+    AWS_ENDPOINT_URL / AWS default."""
+    for section in ("inference", "eval", "train", "precompute", "curate"):
+        value = getattr(getattr(cfg, section, None), "s3_endpoint_url", "") if cfg is not None else ""
+        if value:
+            return value
+    return ""
+
+
+def default_cache_root() -> Path:
+    """Where remote checkpoints are cached: $VOSR_MODEL_CACHE, else ~/.cache/vosr/models."""
+    env = os.environ.get("VOSR_MODEL_CACHE", "")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vosr" / "models"
+
+
+def _remote_checkpoint_files(uri: str, endpoint_url: str) -> list[tuple[str, str, int, str]]:
+    """(remote path, path relative to `uri`, size, etag) of the checkpoint files (config.json, *.safetensors) of
+    the one checkpoint folder at or under `uri`."""
     from vosr.storage import fsspec_fs
 
-    endpoint = getattr(getattr(cfg, "train", None), "s3_endpoint_url", "") if cfg is not None else ""
-    fs = fsspec_fs(uri, endpoint)
-    dst = Path(download_root) if download_root else Path(tempfile.mkdtemp(prefix="vosr-model-"))
-    dst.mkdir(parents=True, exist_ok=True)
-    src = uri[len("s3://"):].rstrip("/")
-    files = [f for f in fs.find(src) if not f.rsplit("/", 1)[-1].startswith(".")]
-    if not files:
-        raise ModelNotFoundError(f"nothing found at {uri}")
-    for f in files:
-        local = dst / os.path.relpath(f, src)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(f, str(local))
+    if not uri.startswith("s3://"):
+        raise ModelNotFoundError(f"cannot read the model at {uri}: remote checkpoints must be on s3:// "
+                                 "(or give a local folder or an MLflow models:/ or runs:/ URI)")
+    fs = fsspec_fs(uri, endpoint_url)
+    root = uri[len("s3://"):].rstrip("/")
+    try:
+        listing = fs.find(root, detail=True)
+    except Exception as exc:  # noqa: BLE001 - s3fs raises several types (permissions, endpoint down)
+        raise ModelNotFoundError(f"could not list the checkpoint folder {uri}: {exc}") from exc
+    by_dir: dict[str, dict[str, dict]] = {}
+    for path, info in listing.items():
+        if info.get("type", "file") != "file" or ".tmp-" in path:
+            continue
+        folder, name = posixpath.split(path)
+        by_dir.setdefault(folder, {})[name] = info
+    found = sorted(d for d, files in by_dir.items() if all(n in files for n in CHECKPOINT_FILES))
+    if not found:
+        raise ModelNotFoundError(f"no checkpoint at {uri}: expected a folder holding "
+                                 f"{' + '.join(CHECKPOINT_FILES)} (found {len(listing)} objects)")
+    if len(found) > 1:
+        names = ", ".join(posixpath.relpath(d, root) for d in found[:5])
+        raise ModelNotFoundError(f"{len(found)} checkpoint folders under {uri} ({names}); point at one of them")
+    folder = found[0]
+    out = []
+    for name, info in sorted(by_dir[folder].items()):
+        if name == "config.json" or name.endswith(".safetensors"):
+            etag = str(info.get("ETag") or info.get("etag") or info.get("LastModified") or "").strip('"')
+            out.append((f"{folder}/{name}", posixpath.relpath(f"{folder}/{name}", root), int(info.get("size", 0)),
+                        etag))
+    return out
+
+
+def fetch_remote_checkpoint(uri: str, endpoint_url: str = "", cache_root: str | Path | None = None) -> Path:
+    """Download the checkpoint files (config.json + *.safetensors) of a remote checkpoint folder into a local
+    cache folder keyed by the URI and each file's size and etag, so a changed checkpoint is fetched again and an
+    unchanged one is not. The folder appears complete or not at all (downloaded aside, then renamed)."""
+    import hashlib
+    import shutil
+
+    from vosr.storage import fsspec_fs
+
+    files = _remote_checkpoint_files(uri, endpoint_url)
+    key = hashlib.sha256(json.dumps([uri.rstrip("/"), [f[1:] for f in files]]).encode()).hexdigest()[:24]
+    root = Path(cache_root) if cache_root else default_cache_root()
+    dst = root / key
+    if dst.is_dir() and all((dst / rel).is_file() and (dst / rel).stat().st_size == size
+                            for _, rel, size, _ in files):
+        return dst
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        fs = fsspec_fs(uri, endpoint_url)
+        for remote, rel, size, _ in files:
+            local = tmp / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(remote, str(local))
+            if local.stat().st_size != size:
+                raise ModelNotFoundError(f"{uri}: {rel} changed while it was downloaded ({local.stat().st_size} of "
+                                         f"{size} bytes); try again")
+        (tmp / "SOURCE.json").write_text(json.dumps({"uri": uri, "files": [list(f[1:]) for f in files]}, indent=2))
+        shutil.rmtree(dst, ignore_errors=True)
+        try:
+            tmp.rename(dst)
+        except OSError:            # another process finished the same download first
+            if not dst.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dst

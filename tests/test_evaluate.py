@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,48 @@ def test_paired_folders_and_reasons(models, hr_folder, tmp_path):
     logged = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
     assert logged.data.metrics["Bicubic/psnr"] == pytest.approx(summary["rows"][0]["metrics"]["psnr"])
     assert "VOSR-tiny-ms_s_0.5/ssim" in logged.data.metrics
+
+
+def test_s3_photos_model_and_output(models, hr_folder, tmp_path, monkeypatch):
+    """eval.hr_dir, the checkpoint and eval.output all on s3:// (a real moto server on loopback): photos listed and
+    read from S3 (only the folder's direct images), outputs uploaded there and named by their s3:// URIs, nothing
+    left locally; the bicubic numbers equal a local run's on the same photos."""
+    from inference.evaluate import run
+    from tests.helpers.s3_fixture import s3_server
+
+    student, _ = models
+    names = sorted(p.name for p in (hr_folder / "HR").iterdir())[:2]
+    local_bench = tmp_path / "local"
+    local_bench.mkdir()
+    with s3_server() as s3:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)
+        monkeypatch.setenv("VOSR_MODEL_CACHE", str(tmp_path / "cache"))
+        for n in names:
+            s3.put_file(hr_folder / "HR" / n, f"bench/HR/{n}")
+            (local_bench / n).write_bytes((hr_folder / "HR" / n).read_bytes())
+        s3.put_file(hr_folder / "HR" / names[0], "bench/HR/nested/not-this.png")    # not a direct child
+        s3.put_bytes(b"notes", "bench/HR/README.txt")
+        for f in sorted(Path(student).iterdir()):
+            s3.put_file(f, f"models/student/{f.name}")
+        common = ["eval.degrade_preset=bicubic", "eval.crop=64", "inference.device=cpu", "eval.save_images=true",
+                  "run.mlflow.enabled=false"]
+        cfg = config_from_dict({}, [f"eval.hr_dir={s3.uri('bench')}", f"eval.output={s3.uri('results/eval')}",
+                                    f"inference.checkpoint={s3.uri('models/student')}", *common])
+        summary = run(cfg)
+        keys = s3.keys("results/eval/")
+        saved = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="results/eval/summary.json")["Body"].read())
+    assert summary["data"]["images"] == 2 and summary["dataset"] == "bench"
+    assert summary["data"]["hr_dir"] == "s3://vosr-test/bench/HR"
+    assert [r["label"] for r in summary["rows"]] == ["Bicubic", "VOSR-tiny-os"]
+    assert summary["models"] == {"student": "s3://vosr-test/models/student"}
+    assert summary["summary_json"] == "s3://vosr-test/results/eval/summary.json"
+    assert saved["table"] == "s3://vosr-test/results/eval/table.md" and saved["output"] == "s3://vosr-test/results/eval"
+    stems = sorted(n.rsplit(".", 1)[0] for n in names)
+    expected = {"results/eval/summary.json", "results/eval/table.md",
+                *(f"results/eval/images/{row}/{s}.png" for row in ("Bicubic", "VOSR-tiny-os") for s in stems)}
+    assert set(keys) == expected and summary["uploaded"] == len(expected)
+    assert sorted(saved["per_image"]["Bicubic"]) == stems
+    assert not list(tmp_path.glob("**/summary.json")), "evaluation output was written locally"
+
+    local = run(config_from_dict({}, [f"eval.hr_dir={local_bench}", f"eval.output={tmp_path / 'out'}", *common]))
+    assert local["rows"][0]["metrics"] == summary["rows"][0]["metrics"]
