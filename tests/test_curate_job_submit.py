@@ -84,7 +84,12 @@ def test_curate_under_ray_job_submit_with_working_dir(photos, tmp_path, monkeypa
         assert ctx.dashboard_url, "Ray started without its dashboard: no job server to submit to"
         assert ray._private.worker._global_node.dashboard_agent_listen_port == agent_port
         client = JobSubmissionClient(f"http://{ctx.dashboard_url}")
-        entry = f"python pipelines/curate.py --config {config} --set curate.output={out}"
+        gcs = ctx.address_info["gcs_address"]
+        # Ray 2.60's job supervisor gives the driver RAY_ADDRESS resolved from "auto": with several Ray instances
+        # on one machine (other tests here, never on a cluster node) that is the newest `ray start` /
+        # cluster_utils instance, not necessarily this one. The explicit address keeps the job on this Ray.
+        entry = (f"python pipelines/curate.py --config {config} --set curate.output={out} "
+                 f"--set run.ray.address={gcs}")
         job = _submit(client, entrypoint=entry,
                       runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES,
                                    "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
@@ -107,7 +112,7 @@ def test_curate_under_ray_job_submit_with_working_dir(photos, tmp_path, monkeypa
     # the job ran from the uploaded package, not from this checkout, and joined this Ray (not a new one)
     assert info.runtime_env["working_dir"].startswith("gcs://")
     assert "[curate] stage 1 block" in logs and "[curate] plan: 3 input blocks" in logs
-    assert "Started a local Ray instance" not in logs
+    assert "Started a local Ray instance" not in logs and f"Connecting to existing Ray cluster at address: {gcs}" in logs
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads(logs[logs.rindex("\n{") + 1:]) == summary  # the job printed its summary last
     assert (summary["seen"], summary["ok"], summary["duplicates"], summary["kept"]) == (7, 7, 1, 6)
