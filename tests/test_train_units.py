@@ -139,3 +139,53 @@ def test_validation_grid_is_a_png_with_one_row_per_image():
     img = Image.open(io.BytesIO(image_grid(tiles, pad=2)))
     assert img.size == (3 * 18 + 2, 2 * 18 + 2)
     assert to_uint8(torch.ones(3, 2, 2)).max() == 255 and to_uint8(-torch.ones(3, 2, 2)).max() == 0
+
+
+def test_resume_takes_the_latest_complete_checkpoint_and_prunes_unregistered_ones(tmp_path):
+    """training/resume.py: a folder is complete when every file of its manifest is there with its size; the
+    newest complete one wins over an older checkpoint Ray registered; after the run, folders Ray never registered
+    are removed unless they are among the newest `keep` complete ones."""
+    import ray.train
+
+    from training.resume import choose, complete_checkpoints, prune_untracked, write_manifest
+
+    run = tmp_path / "run"
+
+    def folder(step: int, manifest: bool = True, truncate: bool = False) -> Path:
+        d = run / f"checkpoint_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"w" * 100)
+        (d / "config.json").write_text("{}")
+        if manifest:
+            write_manifest(d)
+        if truncate:  # an upload cut short: the manifest arrived, a weight file did not finish
+            (d / "model.safetensors").write_bytes(b"w" * 10)
+        return d
+
+    folder(2), folder(4), folder(6, truncate=True), folder(8, manifest=False)
+    assert [s for s, _ in complete_checkpoints(str(run))] == [2, 4]
+    assert choose(str(run), "", None) == (4, str(run / "checkpoint_00000004"), "storage")
+    registered = ray.train.Checkpoint(str(run / "checkpoint_00000002"))
+    assert choose(str(run), "", registered)[2] == "storage"  # Ray knows 2, storage has a complete 4
+    assert choose(str(run), "", ray.train.Checkpoint(str(run / "checkpoint_00000004")))[2] == "ray"
+    assert choose(str(tmp_path / "empty"), "", None) is None
+    folder(10)
+    deleted = prune_untracked(str(run), "", tracked={"checkpoint_00000002", "checkpoint_00000010"}, keep=2,
+                              final_step=10)
+    assert deleted == ["checkpoint_00000006", "checkpoint_00000008"]  # 4 is among the newest complete two
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_00000002", "checkpoint_00000004",
+                                                     "checkpoint_00000010"]
+
+
+def test_optimizer_state_format_must_match_the_strategy():
+    from training.train_state import FULL_OPTIMIZER, build_train_state, check_optimizer_format
+
+    model = torch.nn.Linear(2, 2)
+    ddp = build_train_state(torch.optim.AdamW(model.parameters()), {"step": 1})
+    fsdp = build_train_state(None, {"step": 1}, full_optimizer={"state": {}, "param_groups": []})
+    assert FULL_OPTIMIZER in fsdp and "optimizer" not in fsdp
+    check_optimizer_format(ddp, fsdp=False)
+    with pytest.raises(ValueError, match="strategy=ddp"):
+        check_optimizer_format(ddp, fsdp=True)
+    with pytest.raises(ValueError, match="strategy=fsdp"):
+        check_optimizer_format({**fsdp, FULL_OPTIMIZER: {"state": {"w": {}}}}, fsdp=False)

@@ -4,8 +4,10 @@ resolve_run -> finished_summary (a finished run does nothing new) -> connect -> 
 fit (Ray TorchTrainer; FailureConfig retries, resumes from the latest checkpoint in the run's storage) ->
 summarise -> (distill: register) -> finish (summary.json + done marker in the storage path, MLflow run closed).
 
-A re-submitted job with the same run name and storage path resumes by itself: Ray Train finds the run's
-checkpoint snapshot there and `ray.train.get_checkpoint()` hands the latest one to the workers.
+A re-submitted job with the same run name and storage path resumes by itself, and so do workers Ray Train
+restarts after a failure: rank 0 takes the latest complete checkpoint in the run's storage folder (or
+`ray.train.get_checkpoint()` when that is as new), see training/resume.py for why Ray's registered one alone is
+not enough after a node loss.
 """
 
 from __future__ import annotations
@@ -188,18 +190,22 @@ def summarise(cfg: Any, job: str, paths: RunPaths, result: Any, run_id: str, wal
 
 
 def latest_step(paths: RunPaths) -> int:
-    """Step of the latest finished checkpoint in the run's storage (0 when none)."""
-    fresh_listing(paths.run_uri, paths.endpoint)
-    files = storage.list_files(paths.run_uri, "config.json", paths.endpoint)
-    steps = []
-    for f in files:
-        folder = f.rsplit("/", 2)[-2]
-        if folder.startswith("checkpoint_"):
-            try:
-                steps.append(int(folder.split("_", 1)[1]))
-            except ValueError:
-                continue
-    return max(steps, default=0)
+    """Step of the latest complete checkpoint in the run's storage (0 when none); see training/resume.py."""
+    from training.resume import latest_complete
+
+    found = latest_complete(paths.run_uri, paths.endpoint)
+    return found[0] if found else 0
+
+
+def prune_checkpoints(cfg: Any, paths: RunPaths, result: Any, final_step: int) -> list[str]:
+    """Drop checkpoint uploads Ray Train never registered (their workers died before the controller collected
+    the report; a restart resumed from them, training/resume.py) so train.keep_checkpoints holds."""
+    from training.resume import prune_untracked
+
+    tracked = {str(c.path).rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        tracked.add(str(result.checkpoint.path).rstrip("/").rsplit("/", 1)[-1])
+    return prune_untracked(paths.run_uri, paths.endpoint, tracked, cfg.train.keep_checkpoints, final_step)
 
 
 def finish(paths: RunPaths, summary: dict[str, Any], tracking_uri: str, run_id: str) -> None:
@@ -256,6 +262,7 @@ def run_job(cfg: Any, job: str, after_fit=None) -> dict[str, Any]:
     timed("fit")
     summary = summarise(cfg, job, paths, result, run_id, time.perf_counter() - t0, start_step)
     summary["data"] = {k: v for k, v in data_info.items() if k != "metadata"}
+    summary["pruned_checkpoints"] = prune_checkpoints(cfg, paths, result, summary["steps"])
     if after_fit is not None:
         summary.update(after_fit(summary, result, paths, tracking_uri, run_id) or {})
         timed("after_fit")

@@ -1,8 +1,9 @@
 """The Ray Train worker loop shared by pretrain.py and distill.py.
 
-Per worker: build the objective's model -> restore (latest Ray checkpoint, else `train.init_from`) -> wrap for
-DDP/FSDP -> stream its data shard -> optimise (AdamW, clip, constant LR with warm-up, EMA, accumulation) ->
-log (rank 0, MLflow) -> validate (rank 0) -> checkpoint (rank 0 writes, every rank reports).
+Per worker: build the objective's model -> restore (the run's latest complete checkpoint, training/resume.py;
+else `train.init_from`) -> wrap for DDP/FSDP -> stream its data shard -> optimise (AdamW, clip, constant LR with
+warm-up, EMA, accumulation) -> log (rank 0, MLflow) -> validate (rank 0) -> checkpoint (rank 0 writes, every
+rank reports).
 
 Randomness: each optimiser step of each rank draws from its own generator seeded by
 vosr.seeding.rank_seed(seed, rank, step) (METHOD.md s0: ranks never share a stream), so a resumed run draws the
@@ -79,29 +80,19 @@ def _wrap(model: nn.Module, strategy: str, world: int) -> nn.Module:
 
     if world == 1:
         return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=None)
+    if strategy == "fsdp":  # FSDP2, in place: `model` itself becomes the sharded module (training/fsdp.py)
+        from training import fsdp
+
+        return fsdp.shard(model)
     return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=strategy)
 
 
-def _full_state(wrapped: nn.Module, fsdp: bool) -> dict[str, torch.Tensor] | None:
-    """FSDP: gather the unsharded model state (every rank must call this; only rank 0 gets it). DDP: None."""
-    if not fsdp:
-        return None
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def _no_sync(wrapped: nn.Module, fsdp: bool):
+    if fsdp:
+        from training import fsdp as fsdp_utils
 
-    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-        return wrapped.state_dict()
-
-
-def _update_ema(ema, wrapped: nn.Module, model: nn.Module, fsdp: bool) -> None:
-    if not fsdp:
-        ema.update(model)
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    with FSDP.summon_full_params(wrapped, writeback=False):  # the EMA keeps a full (unsharded) copy per rank
-        ema.update(model)
+        return fsdp_utils.no_sync(wrapped)
+    return wrapped.no_sync()
 
 
 def _storage_uri(spec: dict[str, Any]) -> str:
@@ -133,6 +124,21 @@ def _load_weights(folder: Path, model: nn.Module, ema) -> None:
     ema.load_state_dict(load_file(str(ema_file)) if ema_file.is_file() else model.state_dict())
 
 
+def _resume_point(spec: dict[str, Any], rank: int, world: int, device: torch.device):
+    """(step, folder URI, "ray" | "storage") of the checkpoint to continue from, or None. Rank 0 decides (the
+    latest complete checkpoint in the run's storage, see training/resume.py) and every rank takes its answer."""
+    import ray.train
+
+    from training.resume import choose
+
+    choice = [choose(spec["run_uri"], spec.get("endpoint", ""), ray.train.get_checkpoint()) if rank == 0 else None]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(choice, src=0, device=device if device.type == "cuda" else None)
+    return choice[0]
+
+
 def _mean_across_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
     if world == 1 or not values:
         return values
@@ -150,8 +156,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
 
     from training.data import BatchStream
     from training.objectives import make_objective
+    from training.resume import checkpoint_name, open_checkpoint, write_manifest
     from training.tracking import RunLogger
-    from training.train_state import restore_train_state
+    from training.train_state import FULL_OPTIMIZER, check_optimizer_format, restore_train_state
     from vosr.checkpoint import load_train_state
     from vosr.config import config_from_dict
     from vosr.ema import EMA
@@ -178,7 +185,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     position: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
     resumed_from = None
     init_info: dict[str, Any] = {}
-    ckpt = ray.train.get_checkpoint()
+    resume = _resume_point(spec, rank, world, device)
+    ckpt = open_checkpoint(resume[1], spec.get("endpoint", "")) if resume else None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             _load_weights(Path(d), model, ema)
@@ -197,13 +205,18 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             saved = load_train_state(str(d))
         if saved:
-            # FSDP: optimiser moments are sharded; they are not saved, so they restart from zero
+            check_optimizer_format(saved, fsdp)
             position = restore_train_state(saved, None if fsdp else opt, device)
+            if fsdp:  # every rank holds the full, name-keyed state; each keeps its shard
+                from training import fsdp as fsdp_utils
+
+                fsdp_utils.load_optimizer(wrapped, opt, saved[FULL_OPTIMIZER])
         resumed_from = int(position["step"])
 
     logger = RunLogger(spec.get("tracking_uri", ""), spec.get("run_id", ""), enabled=rank == 0)
     if rank == 0 and resumed_from is not None:
         logger.metrics({"train/resumed_from_step": resumed_from}, step=resumed_from)
+        logger.tag("vosr.last_resume_source", resume[2])
     if rank == 0 and init_info:
         logger.params({f"init.{k}": v for k, v in init_info.items()})
 
@@ -237,7 +250,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         stats_sum: dict[str, float] = {}
         for k in range(tc.grad_accum):
             batch = next(stream)
-            sync = contextlib.nullcontext() if (k == tc.grad_accum - 1 or world == 1) else wrapped.no_sync()
+            sync = contextlib.nullcontext() if (k == tc.grad_accum - 1 or world == 1) else _no_sync(wrapped, fsdp)
             with sync:
                 with _autocast(device):
                     loss, stats = objective.loss(call, batch, gen)
@@ -248,13 +261,16 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                 if isinstance(v, (int, float)):
                     stats_sum[key] = stats_sum.get(key, 0.0) + float(v) / tc.grad_accum
         # METHOD.md s5: global-norm clip 1.0
-        if fsdp:
-            grad_norm = wrapped.clip_grad_norm_(tc.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)  # DTensors under FSDP2
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _update_ema(ema, wrapped, model, fsdp)
+        if fsdp:
+            from training import fsdp as fsdp_utils
+
+            fsdp_utils.update_ema(ema, model)
+            grad_norm = fsdp_utils.grad_norm_value(grad_norm)
+        else:
+            ema.update(model)
         samples += tc.batch_size
         window_samples += tc.batch_size
 
@@ -278,36 +294,44 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         if is_ckpt:
             position = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch,
                         "samples": samples}
-            full = _full_state(wrapped, fsdp)
+            full = None
+            if fsdp:  # collective: rank 0 receives the unsharded model and optimizer state
+                from training import fsdp as fsdp_utils
+
+                full = fsdp_utils.full_state(wrapped, opt)
             metrics = {"step": step, "samples": samples, **{k: v for k, v in last.items()
                                                              if isinstance(v, (int, float)) and math.isfinite(v)}}
             if rank == 0:
                 with tempfile.TemporaryDirectory(prefix="vosr-ckpt-") as tmp:
                     folder = Path(tmp)
-                    _save(folder, cfg, model, full, ema, None if fsdp else opt, position, spec)
+                    _save(folder, cfg, model, full, ema, opt, position, spec)
+                    write_manifest(folder)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                                     checkpoint_dir_name=f"checkpoint_{step:08d}")
+                                     checkpoint_dir_name=checkpoint_name(step))
+                # Wait until the controller has registered it (at most one health-check poll): a restart after
+                # a failure from here on gets this checkpoint from Ray itself (training/resume.py).
+                ray.train.get_all_reported_checkpoints(
+                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             else:
                 ray.train.report(metrics)
     stream.close()
 
 
-def _save(folder: Path, cfg, model: nn.Module, full_state: dict[str, torch.Tensor] | None, ema, opt,
+def _save(folder: Path, cfg, model: nn.Module, full: tuple[dict, dict] | None, ema, opt,
           position: dict[str, Any], spec: dict[str, Any]) -> None:
-    """One resumable checkpoint in the method library's format plus optimiser/RNG/data position."""
+    """One resumable checkpoint in the method library's format plus optimiser/RNG/data position.
+    `full`: under FSDP, the gathered (model state, name-keyed optimizer state) of training/fsdp.full_state."""
     from training.train_state import build_train_state
     from vosr.checkpoint import save_checkpoint
 
-    if full_state is not None:
-        model = _detached_copy(model, full_state)
+    if full is not None:
+        import copy
+
+        model = copy.deepcopy(ema.module)  # an unsharded module of the same class and attributes
+        model.load_state_dict(full[0])
+        state = build_train_state(None, position, full_optimizer=full[1])
+    else:
+        state = build_train_state(opt, position)
     save_checkpoint(str(folder), cfg, model, ema=ema.module,
                     extra={"job": spec["job"], "step": position["step"], "mlflow_run_id": spec.get("run_id", "")},
-                    train_state=build_train_state(opt, position))
-
-
-def _detached_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    import copy
-
-    clone = copy.deepcopy(model).cpu()
-    clone.load_state_dict(state)
-    return clone
+                    train_state=state)
