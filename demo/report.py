@@ -108,9 +108,33 @@ def mlflow_runs(out: Path, since: float | None = None) -> list[dict[str, Any]]:
 
 # --- evaluation -----------------------------------------------------------------------------------------------
 
-def evaluation(out: Path) -> dict[str, Any]:
+def _mirror(uri: str, dst: Path) -> Path:
+    """A local copy of the files under a storage URI (s3://...), for the report's pictures and numbers."""
+    from vosr import storage
+
+    base = uri.rstrip("/")
+    for f in storage.list_files(base):
+        local = dst.joinpath(*f[len(base) + 1:].split("/"))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(storage.read_bytes(f))
+    return dst
+
+
+def eval_folder(out: Path) -> Path:
+    """The evaluation output as a local folder: <out>/eval, or, when the evaluate stage wrote to storage (the chain's
+    --storage s3://...), a copy of it under report_assets/eval (its held-out photos under report_assets/holdout)."""
+    ev_summary = (read_json(out / "summaries" / "evaluate.json").get("summary") or {})
+    remote = ev_summary.get("output") or ""
+    if (out / "eval" / "summary.json").is_file() or "://" not in remote:
+        return out / "eval"
+    folder = out / "report_assets" / "eval"
+    shutil.rmtree(folder, ignore_errors=True)
+    return _mirror(remote, folder)
+
+
+def evaluation(out: Path, folder: Path | None = None) -> dict[str, Any]:
     """inference/evaluate.py's summary.json: rows (label, group, guidance, metrics{psnr, ssim}, seconds), data."""
-    return read_json(out / "eval" / "summary.json")
+    return read_json((folder or out / "eval") / "summary.json")
 
 
 def evaluation_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:
@@ -151,11 +175,11 @@ def _slug(label: str) -> str:  # the folder name inference/evaluate.py gives a r
 
 
 def image_grid(out: Path, ev: dict[str, Any], rows: list[dict[str, Any]], bar: dict[str, Any],
-               holdout: list[str], cell: int = 192) -> Path | None:
+               holdout: list[str], cell: int = 192, folder: Path | None = None) -> Path | None:
     """Held-out photos side by side: bicubic | teacher (best s) | student | HR (the evaluated centre crop)."""
     from PIL import Image, ImageDraw
 
-    image_root = out / "eval" / "images"
+    image_root = (folder or out / "eval") / "images"
     if not image_root.is_dir():
         return None
     cols: list[tuple[str, Path | None]] = []
@@ -166,7 +190,8 @@ def image_grid(out: Path, ev: dict[str, Any], rows: list[dict[str, Any]], bar: d
             cols.append((title, image_root / _slug(row["label"])))
     cols.append(("HR", None))
     crop = int((ev.get("data") or {}).get("crop") or 0)
-    hr_dir = Path((ev.get("data") or {}).get("hr_dir") or out / "holdout")
+    hr_uri = str((ev.get("data") or {}).get("hr_dir") or out / "holdout")
+    hr_dir = _mirror(hr_uri, out / "report_assets" / "holdout") if "://" in hr_uri else Path(hr_uri)
     names = sorted(p.stem for p in (cols[0][1].iterdir() if cols[0][1] and cols[0][1].is_dir() else []))
     if not names:
         return None
@@ -213,11 +238,14 @@ def build(out: Path, site: dict[str, Any] | None = None, holdout: list[str] | No
           ) -> dict[str, Any]:
     """Everything the report shows, as data (the markdown and HTML writers only lay it out)."""
     summaries = stage_summaries(out)
-    ev = evaluation(out)
+    folder = eval_folder(out)
+    ev = evaluation(out, folder)
     rows = evaluation_rows(ev)
     bar = quality_bar(rows)
-    grid = image_grid(out, ev, rows, bar, holdout or [])
+    grid = image_grid(out, ev, rows, bar, holdout or [], folder=folder)
     plot = ev.get("plot")
+    if plot and "://" in plot:            # on storage: its local copy
+        plot = str(folder / "guidance_sweep.png")
     return {
         "out": out, "site": site or {}, "holdout": holdout or [], "total_s": total_s, "teacher": teacher,
         "student": student, "summaries": summaries, "rows": rows, "eval": ev, "bar": bar,

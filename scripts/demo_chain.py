@@ -118,8 +118,8 @@ class Chain:
         sets = [f"run.output_root={o}", f"curate.sources=[{self.data_uri('urls.txt')}]",
                 f"curate.output={self.data_uri('curated')}", f"precompute.input={self.data_uri('curated')}",
                 f"precompute.output={self.data_uri('features')}", f"train.features={self.data_uri('features')}",
-                f"train.storage_path={self.data_uri('checkpoints')}", f"eval.hr_dir={o}/holdout",
-                f"eval.output={o}/eval"]
+                f"train.storage_path={self.data_uri('checkpoints')}", f"eval.hr_dir={self.data_uri('holdout')}",
+                f"eval.output={self.data_uri('eval')}"]
         if self.storage_root:
             sets.append(f"run.mlflow.artifact_location={self.data_uri('mlartifacts')}")
         return sets
@@ -169,19 +169,33 @@ def start_local_ray(num_cpus: int, object_store_mb: int) -> str:
     """One Ray for the whole chain; the jobs join it like `ray job submit` jobs join a cluster."""
     import ray
 
-    ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+    # address="local": always a new Ray of our own, never another Ray that happens to run on this machine
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     return ray.get_runtime_context().gcs_address
 
 
-def prepare_holdout(out: Path, names: list[str]) -> Path:
+def prepare_holdout(out: Path, names: list[str], storage_root: str = "") -> str:
+    """The held-out photos the evaluation reads: <out>/holdout, or <storage>/holdout (e.g. on S3) with --storage."""
+    if storage_root:
+        from vosr import storage
+
+        uri = f"{storage_root.rstrip('/')}/holdout"
+        stale = set(storage.list_files(uri)) - {f"{uri}/{n}" for n in names}
+        if stale:   # a held-out list that changed since an earlier run: the evaluation reads the whole folder
+            fs = storage.fsspec_fs(uri)
+            for u in sorted(stale):
+                fs.rm(u)
+        for n in names:
+            storage.write_bytes_atomic(f"{uri}/{n}", (PHOTO_DIR / n).read_bytes())
+        return uri
     folder = out / "holdout"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for n in names:
         shutil.copy2(PHOTO_DIR / n, folder / n)
-    return folder
+    return str(folder)
 
 
 def record_in_mlflow(chain: Chain, stage: str, res: StageResult, artifacts: list[Path]) -> None:
@@ -240,8 +254,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
     p.add_argument("--object-store-mb", type=int, default=512, help="object store of the local Ray in MiB")
     p.add_argument("--storage", default="",
-                   help="put the stages' data (URL list, curated and feature shards, checkpoints, MLflow artifacts) "
-                        "under this URI, e.g. s3://bucket/demo (endpoint from AWS_ENDPOINT_URL); default: --out")
+                   help="put the stages' data (URL list, curated and feature shards, checkpoints, MLflow artifacts, "
+                        "held-out photos, evaluation output) under this URI, e.g. s3://bucket/demo (endpoint from "
+                        "AWS_ENDPOINT_URL); default: --out")
     p.add_argument("--max-photos", type=int, default=0,
                    help="serve at most this many (non-held-out) photos on the crawl site (0 = all)")
     p.add_argument("--ray-per-stage", action="store_true",
@@ -258,14 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     first, last = STAGES.index(args.start), STAGES.index(args.stop)
     if first == 0 and out.exists():
         # A fresh chain: the MLflow store stays (run history), stage outputs are rebuilt.
-        for sub in ("curated", "features", "checkpoints", "eval", "serve", "summaries", "logs", "report_assets",
-                    "teacher_checkpoint"):
+        for sub in ("curated", "features", "checkpoints", "eval", "holdout", "serve", "summaries", "logs",
+                    "report_assets"):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     holdout = read_holdout()
-    prepare_holdout(out, holdout)
-    log(f"output root {out}; {len(holdout)} photos held out of training for evaluation: {', '.join(holdout)}")
+    holdout_uri = prepare_holdout(out, holdout, args.storage)
+    log(f"output root {out}; {len(holdout)} photos held out of training for evaluation ({holdout_uri}): "
+        f"{', '.join(holdout)}")
 
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -324,16 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate() -> None:
         # one run: bicubic, the student's one-step row and the teacher's rows at each guidance scale of the sweep
-        teacher = ctx["teacher"]
-        if "://" in teacher:  # inference/evaluate.py resolves local folders and models:/ URIs, not s3:// folders
-            from vosr import storage
-
-            local = out / "teacher_checkpoint"
-            shutil.rmtree(local, ignore_errors=True)
-            storage.fsspec_fs(teacher).get(teacher.rstrip("/") + "/", str(local) + "/", recursive=True)
-            log(f"copied the teacher checkpoint {teacher} to {local} for the evaluation")
-            teacher = str(local)
-        chain.run("evaluate", [f"inference.checkpoint={ctx['student']}", f"eval.teacher={teacher}"])
+        # (an s3:// teacher folder is passed as it is: inference/model_uri.py fetches it into its local cache)
+        chain.run("evaluate", [f"inference.checkpoint={ctx['student']}", f"eval.teacher={ctx['teacher']}"])
 
     def serve() -> None:
         request = make_request_image(out, holdout[0])

@@ -1,8 +1,8 @@
 """The whole demo chain (crawl -> curate -> precompute -> pretrain -> distill -> evaluate -> serve) with every
 stage's data on s3:// against a real moto S3 server on loopback: the URL list, curated and feature shards, Ray Train
-checkpoints and the MLflow artifacts (the registered student is downloaded from there to serve). Tiny everything:
-8 photos, one variant, a one-block DiT, a few steps. Only the evaluation's inputs and outputs stay local
-(inference/evaluate.py reads and writes local folders).
+checkpoints, the MLflow artifacts (the registered student is downloaded from there to serve), the held-out photos
+and the evaluation output (the s3:// teacher folder goes to the evaluation as it is). Tiny everything: 8 photos, one
+variant, a one-block DiT, a few steps. Local: logs, stage summaries, the serve smoke test's images and the report.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_demo_chain_with_every_stage_on_s3(tmp_path):
     with s3_server() as s3:
         env = dict(os.environ)
         env.update({"AWS_ENDPOINT_URL": s3.endpoint_url, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
-                    "RAY_USAGE_STATS_ENABLED": "0"})
+                    "RAY_USAGE_STATS_ENABLED": "0", "VOSR_MODEL_CACHE": str(tmp_path / "model-cache")})
         cmd = [sys.executable, "scripts/demo.py", "--out", str(out), "--storage", s3.uri("demo"),
                "--max-photos", "8"]
         for s in TINY:
@@ -37,6 +37,7 @@ def test_demo_chain_with_every_stage_on_s3(tmp_path):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         keys = s3.keys("demo/")
+        ev = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="demo/eval/summary.json")["Body"].read())
 
     # every stage's data went to S3 ...
     def under(prefix: str, suffix: str = "") -> list[str]:
@@ -48,8 +49,10 @@ def test_demo_chain_with_every_stage_on_s3(tmp_path):
     assert under("checkpoints/demo-teacher/checkpoint_", "model.safetensors")
     assert under("checkpoints/demo-student/checkpoint_", "model.safetensors")
     assert under("mlartifacts/"), "MLflow artifacts (the registered student) are not on S3"
+    assert len(under("holdout/")) == 6
+    assert under("eval/summary.json") and under("eval/table.md") and under("eval/guidance_sweep.png")
     # ... and none of it locally
-    for name in ("curated", "features", "checkpoints", "mlartifacts"):
+    for name in ("curated", "features", "checkpoints", "mlartifacts", "holdout", "eval", "teacher_checkpoint"):
         assert not (out / name).exists(), f"{name} was written locally"
 
     summaries = {p.stem: json.loads(p.read_text()) for p in (out / "summaries").glob("*.json")}
@@ -59,7 +62,11 @@ def test_demo_chain_with_every_stage_on_s3(tmp_path):
     assert summaries["pretrain"]["summary"]["checkpoint_uri"].startswith("s3://")
     student = summaries["distill"]["summary"]["registered_model"]["uri"]
     assert student.startswith("models:/vosr-demo-student/")
-    ev = json.loads((out / "eval" / "summary.json").read_text())
+    assert summaries["evaluate"]["summary"]["summary_json"] == s3.uri("demo/eval/summary.json")
+    assert ev["table"] == s3.uri("demo/eval/table.md") and ev["data"]["hr_dir"] == s3.uri("demo/holdout")
+    assert ev["models"]["teacher"] == summaries["pretrain"]["summary"]["checkpoint_uri"]
+    cached = [json.loads(p.read_text())["uri"] for p in (tmp_path / "model-cache").glob("*/SOURCE.json")]
+    assert cached == [ev["models"]["teacher"]]          # the s3:// teacher went through the model cache
     kinds = {r["group"] for r in ev["rows"]}
     assert kinds == {"Baseline", "Multi-step", "One-step"} and ev["data"]["images"] == 2
     assert all(r["metrics"]["psnr"] > 5 for r in ev["rows"])
@@ -67,4 +74,7 @@ def test_demo_chain_with_every_stage_on_s3(tmp_path):
         assert b.size == (4 * a.size[0], 4 * a.size[1])
     report = (out / "report.md").read_text()
     assert "## Evaluation on the held-out photos" in report and "mlflow ui --backend-store-uri" in report
+    bicubic = next(r for r in ev["rows"] if r["group"] == "Baseline")["metrics"]["psnr"]
+    assert f"{bicubic:.3f}" in report                        # the report's table comes from the JSON on S3
+    assert (out / "report_assets" / "guidance_sweep.png").is_file()
     assert (out / "report.html").read_text().startswith("<!doctype html>")
