@@ -172,12 +172,12 @@ def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_
     params = mrun.data.params
     assert params["train.lr"] == "0.0005" and params["train.betas"] == "[0.9, 0.95]"
     assert params["preset"] == "tiny" and params["train.grad_clip"] == "1.0"
-    # steps 1-4 | resumed: 5.. | worker lost at 7, restored: ..8. Every restart continues right after the
-    # checkpoint it restored (no gap). That is the latest checkpoint Ray Train had registered when the worker died:
-    # usually 4 then 6, but a checkpoint reported just before the failure may not be registered yet.
+    # steps 1-4 | resumed: 5.. | worker lost at 7, restored: ..8. Every restart continues right after the latest
+    # complete checkpoint, 4 then 6, also when Ray Train's controller had not yet registered it before the worker
+    # died (training/resume.py); the unregistered uploads are pruned at the end (keep_checkpoints below).
     restarts = sorted(client.get_metric_history(run_id, "train/resumed_from_step"), key=lambda m: m.timestamp)
     resumed = [int(m.value) for m in restarts]
-    assert len(resumed) == 2 and resumed[0] in (2, 4) and resumed[1] in (2, 4, 6), resumed
+    assert resumed == [4, 6], resumed
     history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: (m.timestamp, m.step))
     logged = [m.step for m in history]
     for r in restarts:  # the first step logged after a restart follows the restored checkpoint
