@@ -7,6 +7,8 @@ Layout under the output root (a folder or an s3:// prefix):
     shards/part-<key>.stats.json      per-shard stats (seen, fetched, failed/filtered by reason, duplicates, kept)
     _stage1/<key>.parquet             stage-1 ledger: every input row with its outcome (STAGE1_SCHEMA)
     _stage1/<key>.stats.json          stage-1 counts of that block
+    _stage1/<key>.g<n>.parquet        the same ledger after the n-th re-run that re-fetched transient failures
+    _stage1/<key>.retry               marker: that block's latest ledger still holds retryable failures
     _stage2.json                      fingerprint of the latest stage-2 decisions (each shard's stats JSON
                                       carries the fingerprint it was written with; a re-run skips a shard
                                       only when that matches, so a changed config never leaves stale shards)
