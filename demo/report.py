@@ -284,6 +284,9 @@ def to_markdown(d: dict[str, Any]) -> str:
                      f"({'beats' if bar['teacher_beats_bicubic'] else 'does not beat'} bicubic); student "
                      f"{_fmt((bar['student'] or {}).get('psnr_y'))} dB "
                      f"({'beats' if bar['student_beats_bicubic'] else 'does not beat'} bicubic).")
+        if not bar["met"]:
+            lines.append("What was tried to reach it on this budget, and why a sampled output pays the posterior's "
+                         "spread in PSNR: docs/demo-tuning.md (rerun any setting with benchmarks/demo_quality.py).")
         lines.append("")
     lines += ["## Stages", "", "| stage | wall time (s) | what it did |", "| --- | ---: | --- |"]
     for key, data in d["summaries"].items():
