@@ -314,6 +314,10 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                     consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             else:
                 ray.train.report(metrics)
+            if world > 1:  # a checkpoint step ends for every rank only once rank 0's checkpoint is registered, so
+                import torch.distributed as dist  # a failure on any rank after it restores this one
+
+                dist.barrier()
     stream.close()
 
 
