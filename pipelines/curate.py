@@ -327,6 +327,39 @@ def run(cfg) -> dict:
     init_ray(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    for attempt in range(1, ccfg.max_attempts + 1):
+        try:
+            return run_stages(cfg, semantic)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a lost node, worker or actor
+            if attempt == ccfg.max_attempts or not lost_cluster_resource(exc):
+                raise
+            log(f"[curate] attempt {attempt} of {ccfg.max_attempts} lost part of the cluster "
+                f"({type(exc).__name__}); running again: finished blocks and shards are kept")
+    raise AssertionError("unreachable")
+
+
+# Ray errors that mean "part of the cluster went away", not "this job's code failed". Ray Data may hand them over
+# wrapped (e.g. as an UnserializableException that carries the original's text), hence the names as well.
+_LOST = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ObjectLostError", "OwnerDiedError",
+         "ActorUnavailableError", "LocalRayletDiedError", "node has died")
+
+
+def lost_cluster_resource(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(name in type(exc).__name__ or name in str(exc) for name in _LOST):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def run_stages(cfg, semantic: bool) -> dict:
+    """plan -> stage 1 -> dedup -> embed -> balance -> write; every finished piece is on storage, so a repeat
+    after a failure redoes only what is missing."""
+    import ray.data
+
+    ccfg = cfg.curate
     t0 = time.perf_counter()
     ep = ccfg.s3_endpoint_url
 

@@ -280,3 +280,25 @@ def test_rerun_retry_reasons_and_ledger_generations_after_a_kill(tmp_path):
     gens, retry, stale = scan_stage1(out)
     assert gens == {"aa": 2, "bb": 0} and retry == {"aa"} and stale == [ledger_uri(out, "aa", 1)]
     assert ledger_uri(out, "aa", 2).endswith("_stage1/aa.g2.parquet") and ledger_uri(out, "bb").endswith("bb.parquet")
+
+
+def test_job_repeats_only_after_losing_part_of_the_cluster():
+    """curate.run repeats its stages (max_attempts) for a lost node/worker/actor, also when Ray Data hands the
+    error over wrapped, and never for an error of the job itself."""
+    import ray.exceptions
+
+    from pipelines.curate import lost_cluster_resource
+
+    assert lost_cluster_resource(ray.exceptions.NodeDiedError("node 1 died"))
+    wrapped = RuntimeError("Failed to deserialize exception. Original exception: ray.exceptions.ActorDiedError: "
+                           "The actor died because its node has died.")
+    assert lost_cluster_resource(wrapped)
+    try:
+        try:
+            raise ray.exceptions.WorkerCrashedError()
+        except ray.exceptions.WorkerCrashedError as inner:
+            raise ValueError("stage failed") from inner
+    except ValueError as outer:
+        assert lost_cluster_resource(outer)
+    assert not lost_cluster_resource(ValueError("curate.sources is empty"))
+    assert not lost_cluster_resource(FileNotFoundError("no such folder"))

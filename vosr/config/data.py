@@ -81,6 +81,9 @@ class CurateConfig:
                                     "this run (simulates a killed job; 0 = off).", ge=0)
     fail_after_shards: int = option(0, "Testing aid: stop with an error after this many final shards are written "
                                     "in this run (0 = off).", ge=0)
+    max_attempts: int = option(3, "Times the job runs its stages when it loses a node, worker or actor mid-run "
+                               "(finished blocks and shards are kept, so a repeat does only what is left); 1 = fail "
+                               "at once.", ge=1)
     retry_failed: bool = option(True, "A re-run fetches again the URLs of finished blocks that failed with a "
                                 "retryable reason (timeout, 429, 5xx, connection errors); 404, non-images and decode "
                                 "failures are final.")
