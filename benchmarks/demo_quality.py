@@ -19,7 +19,6 @@ The results of the runs that chose the demo's configs are in docs/demo-tuning.md
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -36,6 +35,7 @@ from PIL import Image  # noqa: E402
 from vosr.config import config_from_dict  # noqa: E402
 from vosr.degrade import degrade, random_crop  # noqa: E402
 from vosr.distill import distill_loss, student_from_teacher  # noqa: E402
+from vosr.ema import EMA  # noqa: E402
 from vosr.encoders import build_autoencoder, build_semantic_encoder  # noqa: E402
 from vosr.features import encode_views  # noqa: E402
 from vosr.flow import training_loss  # noqa: E402
@@ -118,10 +118,13 @@ def evaluate(model, cfg, pairs, a, student: bool = False) -> dict[str, float]:
     return {k: round(float(np.mean(v)), 3) for k, v in rows.items()}
 
 
-def ema_update(ema, model, decay: float) -> None:
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1.0 - decay)
+def optimiser_step(loss: torch.Tensor, model, opt, ema: EMA) -> None:
+    """Backward, global-norm clip 1.0, AdamW step, EMA update (METHOD.md s5), as the training loop does."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema.update(model)
 
 
 def lr_at(step: int, a) -> float:
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
     report("data", 0, {"photos": n_photos, "rows": int(hq.shape[0]), "holdout": len(pairs)}, t0)
 
     model = build_dit(cfg)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(model, a.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.01)  # METHOD.md s5
     g = torch.Generator().manual_seed(a.seed + 1)
     t_train = time.time()
@@ -185,31 +188,23 @@ def main(argv=None) -> int:
             group["lr"] = lr_at(step, a)
         idx = torch.randint(0, hq.shape[0], (a.batch,), generator=g)
         loss, _ = training_loss(model, hq[idx], lq[idx], tok[idx], cfg.flow, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, model, a.ema)
+        optimiser_step(loss, model, opt, ema)
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
             sec = time.time() - t_train
-            report("teacher", step + 1, {"s_per_step": round(sec / (step + 1), 3), **evaluate(ema, cfg, pairs, a)}, t0)
+            report("teacher", step + 1, {"s_per_step": round(sec / (step + 1), 3), **evaluate(ema.module, cfg, pairs, a)}, t0)
 
     if a.distill_steps:
-        teacher = ema.eval()
+        teacher = ema.module
         student = student_from_teacher(teacher, cfg)
-        s_ema = copy.deepcopy(student).requires_grad_(False)
-        report("student", 0, evaluate(s_ema, cfg, pairs, a, student=True), t0)
+        s_ema = EMA(student, a.distill_ema)
+        report("student", 0, evaluate(s_ema.module, cfg, pairs, a, student=True), t0)
         opt = torch.optim.AdamW(student.parameters(), lr=a.distill_lr, betas=(0.9, 0.95), weight_decay=0.01)
         for step in range(a.distill_steps):
             idx = torch.randint(0, hq.shape[0], (a.batch,), generator=g)
             loss, _ = distill_loss(student, teacher, hq[idx], lq[idx], tok[idx], cfg.distill, cfg.flow, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            ema_update(s_ema, student, a.distill_ema)
+            optimiser_step(loss, student, opt, s_ema)
             if (step + 1) % a.distill_every == 0 or step + 1 == a.distill_steps:
-                report("student", step + 1, evaluate(s_ema, cfg, pairs, a, student=True), t0)
+                report("student", step + 1, evaluate(s_ema.module, cfg, pairs, a, student=True), t0)
     return 0
 
 

@@ -18,20 +18,29 @@ ROOT = Path(__file__).resolve().parents[1]
 FRACTION = 0.25  # data.holdout_fraction
 
 
+def small_png(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """The photo as an RGB PNG of at most 96 px a side, and its size."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((96, 96))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue(), im.size
+
+
+def curated_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def curated_shard(photos: list[Path], root: Path) -> Path:
     """One curated shard (pipelines/curate_schema.CURATED_SCHEMA) of small PNGs, plus one dropped duplicate row."""
     from pipelines.curate_schema import CURATED_SCHEMA
 
     rows = []
     for p in photos:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            im.thumbnail((96, 96))
-        buf = io.BytesIO()
-        im.save(buf, "PNG")
-        data = buf.getvalue()
-        rows.append({"id": hashlib.sha256(data).hexdigest()[:16], "source": str(p), "image": data, "format": "png",
-                     "width": im.size[0], "height": im.size[1], "kept": True})
+        data, (w, h) = small_png(p)
+        rows.append({"id": curated_id(data), "source": str(p), "image": data, "format": "png",
+                     "width": w, "height": h, "kept": True})
     rows.append({"id": "dup0", "source": "x", "image": None, "kept": False, "duplicate_of": rows[0]["id"],
                  "drop_reason": "duplicate"})
     shards = root / "shards"
@@ -46,12 +55,7 @@ def split_photos(photos: list[Path], n_train: int, n_val: int) -> list[Path]:
 
     train, val = [], []
     for p in photos:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            im.thumbnail((96, 96))
-        buf = io.BytesIO()
-        im.save(buf, "PNG")
-        sid = hashlib.sha256(buf.getvalue()).hexdigest()[:16]
+        sid = curated_id(small_png(p)[0])
         (val if is_holdout(sid, FRACTION) else train).append(p)
     assert len(train) >= n_train and len(val) >= n_val, "not enough photos on each side of the hold-out split"
     return train[:n_train] + val[:n_val]

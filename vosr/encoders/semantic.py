@@ -99,24 +99,16 @@ def _preprocess(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tenso
     return (x.clamp(0.0, 1.0) - mean) / std
 
 
-class SemanticEncoder(nn.Module):
-    """Frozen ViT feature extractor: upsampled LR in [0, 1] -> raw block-`layer` tokens [B, N, dim] float32."""
+class _FrozenViT(nn.Module):
+    """What both semantic encoders share: a frozen, always-eval ViT, its identity fields and the preprocessing
+    (bicubic resize to input_size^2, aspect ignored, clip to [0, 1], ImageNet normalisation; METHOD.md s3)."""
 
-    def __init__(self, name: str, vit: nn.Module, input_size: int, layer: int, weights_sha256: str,
-                 source: str):
+    def __init__(self, name: str, vit: nn.Module, input_size: int, weights_sha256: str, source: str):
         super().__init__()
-        depth = len(vit.blocks)
-        if not 0 <= layer < depth:
-            raise ValueError(f"semantic.layer {layer} is out of range for {name} with {depth} blocks "
-                             f"(0-based; METHOD.md s3: 8 for ViT-B/14, 17 for ViT-L/14)")
-        vit.prune_intermediate_layers(indices=[layer], prune_norm=True, prune_head=True)  # blocks > layer unused
         self.name = name
         self.vit = vit
         self.input_size = int(input_size)
-        self.layer = int(layer)
         self.dim = int(vit.embed_dim)
-        grid = vit.patch_embed.grid_size
-        self.num_tokens = int(grid[0] * grid[1])
         self.weights_sha256 = weights_sha256
         self.source = source
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -130,11 +122,29 @@ class SemanticEncoder(nn.Module):
         """Bicubic resize to input_size^2 (aspect ignored), clip to [0, 1], ImageNet normalisation."""
         return _preprocess(x, self.input_size, self.mean, self.std)
 
+    def _vit_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.preprocess(x).to(self.vit.patch_embed.proj.weight.dtype)
+
+
+class SemanticEncoder(_FrozenViT):
+    """Frozen ViT feature extractor: upsampled LR in [0, 1] -> raw block-`layer` tokens [B, N, dim] float32."""
+
+    def __init__(self, name: str, vit: nn.Module, input_size: int, layer: int, weights_sha256: str,
+                 source: str):
+        depth = len(vit.blocks)
+        if not 0 <= layer < depth:
+            raise ValueError(f"semantic.layer {layer} is out of range for {name} with {depth} blocks "
+                             f"(0-based; METHOD.md s3: 8 for ViT-B/14, 17 for ViT-L/14)")
+        vit.prune_intermediate_layers(indices=[layer], prune_norm=True, prune_head=True)  # blocks > layer unused
+        super().__init__(name, vit, input_size, weights_sha256, source)
+        self.layer = int(layer)
+        grid = vit.patch_embed.grid_size
+        self.num_tokens = int(grid[0] * grid[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x = self.preprocess(x).to(self.vit.patch_embed.proj.weight.dtype)
-            (tokens,) = self.vit.forward_intermediates(x, indices=[self.layer], norm=False, stop_early=True,
-                                                       output_fmt="NLC", intermediates_only=True)
+            (tokens,) = self.vit.forward_intermediates(self._vit_input(x), indices=[self.layer], norm=False,
+                                                       stop_early=True, output_fmt="NLC", intermediates_only=True)
         return tokens.float()
 
     def identity(self) -> dict[str, Any]:
@@ -214,7 +224,7 @@ def build_semantic_encoder(sem_cfg, device: str | torch.device = "cpu") -> Seman
     return enc.to(device)
 
 
-class SemanticClsEncoder(nn.Module):
+class SemanticClsEncoder(_FrozenViT):
     """The same frozen ViT (same weights, same preprocessing) run to its full depth: image in [0, 1]
     [B, 3, H, W] -> final-norm CLS token [B, dim] float32, DINOv2's global image descriptor.
 
@@ -222,28 +232,9 @@ class SemanticClsEncoder(nn.Module):
     curation job clusters images on it for category balancing (paper s4.1).
     """
 
-    def __init__(self, name: str, vit: nn.Module, input_size: int, weights_sha256: str, source: str):
-        super().__init__()
-        self.name = name
-        self.vit = vit
-        self.input_size = int(input_size)
-        self.dim = int(vit.embed_dim)
-        self.weights_sha256 = weights_sha256
-        self.source = source
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True):  # frozen
-        return super().train(False)
-
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        return _preprocess(x, self.input_size, self.mean, self.std)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x = self.preprocess(x).to(self.vit.patch_embed.proj.weight.dtype)
-            tokens = self.vit.forward_features(x)  # all blocks + final norm; token 0 is CLS
+            tokens = self.vit.forward_features(self._vit_input(x))  # all blocks + final norm; token 0 is CLS
         return tokens[:, 0].float()
 
     def identity(self) -> dict[str, Any]:
