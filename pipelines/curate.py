@@ -69,10 +69,25 @@ def _stage1_task(row: dict, ccfg) -> dict:
     return run_unit(Unit.from_row(row), row["key"], ccfg, gen=row["gen"])
 
 
+def _run_blocks(items: list[dict], ccfg):
+    """One Ray task per block, a bounded number in flight, results in completion order. Plain tasks rather than
+    a Ray Data map: on a 2-CPU Ray, Ray Data 2.60's streaming executor ran 40 such 0.2 s block tasks one after
+    another (9.6 s) where plain tasks ran two at a time (4.1 s); Ray retries a task whose node is lost."""
+    import ray
+
+    task = ray.remote(num_cpus=ccfg.cpus_per_block, max_retries=3)(_stage1_task)
+    in_flight_cap = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / ccfg.cpus_per_block))
+    todo, running = list(items), []
+    while todo or running:
+        while todo and len(running) < in_flight_cap:
+            running.append(task.remote(todo.pop(0), ccfg))
+        done, running = ray.wait(running, num_returns=1)
+        yield ray.get(done[0])
+
+
 def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
     """Blocks without a ledger run in full; with curate.retry_failed, finished blocks whose ledger still has
     retryable failures (timeouts, 429, 5xx, connection errors) fetch just those rows again."""
-    import ray.data
 
     ep = ccfg.s3_endpoint_url
     gens, retry, stale = scan_stage1(ccfg.output, ep)
@@ -88,9 +103,7 @@ def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
     if not pending:
         return counts
     items = [{**u.to_row(), "key": k, "gen": g} for u, k, g in pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(_stage1_task, fn_kwargs={"ccfg": ccfg}, num_cpus=ccfg.cpus_per_block)
-    for i, res in enumerate(ds.iter_rows(), 1):
+    for i, res in enumerate(_run_blocks(items, ccfg), 1):
         st = json.loads(res["stats"]) if res["stats"] else {}
         if res["retried"]:
             counts["blocks_retried"] += 1

@@ -35,18 +35,21 @@ def _cfg(tmp, src, out, preset="tiny", **balance_kw):
 def test_semantic_embedding_clusters_on_cls_vectors_and_caps(ray_local, photos, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    for p in photos[:10]:
+    # all the photos: row ids hash the source path (a new tmp folder per run), which reorders the seeded k-means
+    # sample; on 10 of the dev photos the two embeddings' k=3 partitions coincided for 9 of 60 orders, on all of
+    # them (dev or shipped) for none, so the 'differs from the cheap partition' check below cannot flake
+    for p in photos:
         shutil.copy(p, src / p.name)
     cfg = _cfg(tmp_path, src, tmp_path / "out")
     summary = curate.run(cfg)
     rows = [r for f in shard_files(str(tmp_path / "out")) for r in pq.read_table(f).to_pylist()]
-    assert len(rows) == summary["ok"] == 10
+    assert len(rows) == summary["ok"] == len(photos)
 
     # every category is a k-means cluster of the CLS vectors: recompute them here, in another process and with
     # other batch boundaries, and fit k-means on the same seeded sample order
     emb = ClsEmbedder(cfg.semantic, cfg.curate.filters.max_pixels, micro_batch=16)
     vecs = emb.embed([open(r["source"], "rb").read() for r in rows])
-    assert vecs.shape == (10, cfg.semantic.width)
+    assert vecs.shape == (len(photos), cfg.semantic.width)
     order = sorted(range(len(rows)), key=lambda i: (balance.priority(11, rows[i]["id"], "kmeans-sample"),
                                                     rows[i]["id"]))
     centres = balance.kmeans_fit(vecs[order], K, 11)
