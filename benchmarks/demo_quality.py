@@ -53,6 +53,12 @@ def holdout_names() -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
+def training_photos() -> list[Path]:
+    """The shipped photos the demo trains on: all but the held-out ones."""
+    hold = set(holdout_names())
+    return sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in {".png", ".jpg"} and p.name not in hold)
+
+
 def build_config(a):
     over = {"data": {"resolution": a.resolution},
             "model": {"hidden_size": a.width, "depth": a.depth, "num_heads": a.heads, "patch_size": a.patch},
@@ -63,8 +69,7 @@ def build_config(a):
 def training_set(cfg, variants: int, seed: int):
     """HR latents, LR latents and raw semantic tokens of `variants` seeded (crop, degradation) pairs per photo."""
     ae, sem = build_autoencoder(cfg.autoencoder), build_semantic_encoder(cfg.semantic)
-    hold = set(holdout_names())
-    photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in {".png", ".jpg"} and p.name not in hold)
+    photos = training_photos()
     hq, lq, tok = [], [], []
     for p in photos:
         img = Image.open(p).convert("RGB")
@@ -79,11 +84,11 @@ def training_set(cfg, variants: int, seed: int):
     return torch.cat(hq), torch.cat(lq), torch.cat(tok), len(photos)
 
 
-def eval_pairs(cfg, crop: int, seed: int):
-    """(HR, LR) of the held-out photos exactly as inference/evaluate.py makes them."""
+def eval_pairs(cfg, crop: int, seed: int, names: list[str] | None = None):
+    """(HR, LR) of the held-out photos (or of `names`) exactly as inference/evaluate.py makes them."""
     dcfg = dataclasses.replace(cfg.degrade, resize_back=False)
     pairs = []
-    for name in holdout_names():
+    for name in holdout_names() if names is None else names:
         hr = Image.open(PHOTOS / name).convert("RGB")
         w, h = hr.size
         hr = hr.crop(((w - crop) // 2, (h - crop) // 2, (w - crop) // 2 + crop, (h - crop) // 2 + crop))

@@ -286,7 +286,10 @@ def to_markdown(d: dict[str, Any]) -> str:
                      f"({'beats' if bar['student_beats_bicubic'] else 'does not beat'} bicubic).")
         if not bar["met"]:
             lines.append("What was tried to reach it on this budget, and why a sampled output pays the posterior's "
-                         "spread in PSNR: docs/demo-tuning.md (rerun any setting with benchmarks/demo_quality.py).")
+                         "spread in PSNR: docs/demo-tuning.md (rerun any setting with benchmarks/demo_quality.py). "
+                         "Its ceiling section shows that even a plain regression trained on these photos is only "
+                         "~0.2 dB above bicubic on the held-out ones (benchmarks/demo_ceiling.py), so a sampled "
+                         "output cannot clear the bar with the photos the demo ships.")
         lines.append("")
     lines += ["## Stages", "", "| stage | wall time (s) | what it did |", "| --- | ---: | --- |"]
     for key, data in d["summaries"].items():
