@@ -1,11 +1,12 @@
 """Curation stage-1 throughput (fetch from disk -> safe decode -> filters -> hashes -> ledger shard):
-a plain one-process loop vs the Ray Data job on 1 CPU vs on 2 CPUs, same blocks, same per-image work.
+a plain one-process loop vs the curate job's stage 1 (one Ray task per block) on 1 CPU vs on 2 CPUs, same blocks,
+same per-image work.
 
     .venv/bin/python benchmarks/bench_curate.py [--images 2000] [--rows-per-block 50]
 
 About 2,000 images are generated once from the dev photos (random crops and resizes, JPEG q=90) into a cache
 folder. Each configuration writes to a fresh output. Ray start-up is excluded (it is paid once per job, not per
-image); the first Ray Data run on each instance includes worker start-up and imports. Prints images/s and the
+image); a warm-up run on each instance starts the workers and imports the stack first. Prints images/s and the
 ratios to the loop (targets: Ray 2 CPUs >= 1.7x, Ray 1 CPU >= 0.85x). The loop is timed before and after the
 Ray runs and averaged, because a shared machine's load drifts. CPU only.
 """

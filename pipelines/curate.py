@@ -77,10 +77,14 @@ def _run_blocks(items: list[dict], ccfg):
 
     task = ray.remote(num_cpus=ccfg.cpus_per_block, max_retries=3)(_stage1_task)
     in_flight_cap = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / ccfg.cpus_per_block))
-    todo, running = list(items), []
-    while todo or running:
-        while todo and len(running) < in_flight_cap:
-            running.append(task.remote(todo.pop(0), ccfg))
+    todo, running = iter(items), []
+    while True:
+        for item in todo:
+            running.append(task.remote(item, ccfg))
+            if len(running) >= in_flight_cap:
+                break
+        if not running:
+            return
         done, running = ray.wait(running, num_returns=1)
         yield ray.get(done[0])
 

@@ -23,4 +23,15 @@ def init_ray(cfg: Any) -> None:
         kwargs["object_store_memory"] = cfg.run.ray.object_store_memory_mb * 2**20
     # "local" always starts a fresh instance with these caps; to join a running cluster from a plain run, set
     # run.ray.address (e.g. "auto") or RAY_ADDRESS. `ray job submit` sets RAY_ADDRESS by itself.
-    ray.init(address="local", include_dashboard=False, **kwargs)
+    ray.init(address="local", include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": "pipelines.ray_env.quiet_dashboardless_warnings"}, **kwargs)
+
+
+def quiet_dashboardless_warnings() -> None:
+    """Worker set-up hook of a local, dashboard-less Ray. Ray Train 2.60's placement-group cleaner asks the State
+    API (served by the dashboard) every second whether the train controller is alive and logs a warning each time
+    it cannot, which buried a demo's progress under ~100 identical lines per training stage. Without a dashboard
+    the cleaner can do nothing anyway; the placement group ends with this local Ray."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
