@@ -74,8 +74,10 @@ def stage_facts(key: str, s: dict[str, Any]) -> str:
     if key in ("pretrain", "distill"):
         losses = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in sorted((s.get("final_losses") or {}).items()))
         reg = (s.get("registered_model") or {}).get("uri")
-        return (f"{s.get('steps', '?')} steps x batch {s.get('global_batch', '?')} on {s.get('num_workers', '?')} "
-                f"Ray Train workers, {_fmt(s.get('samples_per_s', 0.0))} samples/s; final {losses or 'loss n/a'}"
+        workers = s.get("num_workers", "?")
+        return (f"{s.get('steps', '?')} steps x batch {s.get('global_batch', '?')} on {workers} "
+                f"Ray Train worker{'' if workers == 1 else 's'}, {_fmt(s.get('samples_per_s', 0.0))} samples/s; "
+                f"final {losses or 'loss n/a'}"
                 + (f"; registered as `{reg}`" if reg else ""))
     if key == "evaluate":
         data = s.get("data") or {}
