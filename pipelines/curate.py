@@ -92,7 +92,6 @@ def _run_blocks(items: list[dict], ccfg):
 def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
     """Blocks without a ledger run in full; with curate.retry_failed, finished blocks whose ledger still has
     retryable failures (timeouts, 429, 5xx, connection errors) fetch just those rows again."""
-
     ep = ccfg.s3_endpoint_url
     gens, retry, stale = scan_stage1(ccfg.output, ep)
     for uri in stale:  # superseded generations left by a run killed mid-retry

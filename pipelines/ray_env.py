@@ -30,8 +30,8 @@ def init_ray(cfg: Any) -> None:
 def quiet_dashboardless_warnings() -> None:
     """Worker set-up hook of a local, dashboard-less Ray. Ray Train 2.60's placement-group cleaner asks the State
     API (served by the dashboard) every second whether the train controller is alive and logs a warning each time
-    it cannot, which buried a demo's progress under ~100 identical lines per training stage. Without a dashboard
-    the cleaner can do nothing anyway; the placement group ends with this local Ray."""
+    it cannot: about one identical line per second of training (354 in one demo), burying the job's progress.
+    Without a dashboard the cleaner can do nothing anyway; the placement group ends with this local Ray."""
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
