@@ -39,7 +39,7 @@ from pipelines.curation import balance, dedup, writer  # noqa: E402
 from pipelines.curation.raytools import column_sums, partitions  # noqa: E402
 from pipelines.curation.semantic_embed import ClsEmbedder, check_semantic_weights  # noqa: E402
 from pipelines.curation.sources import Unit, plan_units  # noqa: E402
-from pipelines.curation.stage1 import delete, ledger_uri, refresh_listing, run_unit, scan_stage1  # noqa: E402
+from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1  # noqa: E402
 from vosr import storage  # noqa: E402
 
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
@@ -95,7 +95,7 @@ def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
     ep = ccfg.s3_endpoint_url
     gens, retry, stale = scan_stage1(ccfg.output, ep)
     for uri in stale:  # superseded generations left by a run killed mid-retry
-        delete(uri, ep)
+        storage.delete(uri, ep)
     new = [(u, k, -1) for u, k in zip(units, keys) if k not in gens]
     again = [(u, k, gens[k]) for u, k in zip(units, keys) if k in retry] if ccfg.retry_failed else []
     pending = new + again
@@ -303,14 +303,13 @@ def stage_write(decisions, keys: list[str], gens: dict[str, int], ccfg, fingerpr
 def remove_stale_shards(ccfg, keys: list[str]) -> int:
     ep = ccfg.s3_endpoint_url
     want = {f"part-{k}" for k in keys}
-    refresh_listing(ccfg.output, ep)
-    fs, _ = storage.open_fs(ccfg.output, ep)
+    storage.refresh_listing(ccfg.output, ep)
     removed = 0
     for f in storage.list_files(storage.join(ccfg.output, SHARDS_DIR), endpoint_url=ep):
         name = Path(f).name
         stem = name.split(".", 1)[0]
         if stem not in want:
-            fs.delete_file(storage.open_fs(f, ep)[1])
+            storage.delete(f, ep)
             removed += 1
     return removed
 
@@ -393,8 +392,7 @@ def run_stages(cfg, semantic: bool) -> dict:
     s1 = stage_fetch_analyse(units, keys, ccfg)
     t1 = time.perf_counter()
 
-    # stage 2: dedup + balance from the ledgers (written by other processes: drop cached listings)
-    refresh_listing(ccfg.output, ep)
+    # stage 2: dedup + balance from the ledgers (written by other processes: scan_stage1 lists afresh)
     info: dict = {}
     gens, _, _ = scan_stage1(ccfg.output, ep)
     missing = [k for k in keys if k not in gens]

@@ -87,8 +87,7 @@ SUMMARY_FILE = "summary.json"
 
 def shard_files(uri: str, endpoint_url: str = "") -> list[str]:
     """The final shard files under a curate output root, sorted (fresh listing, no cached s3 entries)."""
-    if uri.startswith("s3://"):
-        storage.fsspec_fs(uri, endpoint_url).invalidate_cache()
+    storage.refresh_listing(uri, endpoint_url)
     return storage.list_files(storage.join(uri, SHARDS_DIR), ".parquet", endpoint_url)
 
 

@@ -182,10 +182,8 @@ def prepare_holdout(out: Path, names: list[str], storage_root: str = "") -> str:
 
         uri = f"{storage_root.rstrip('/')}/holdout"
         stale = set(storage.list_files(uri)) - {f"{uri}/{n}" for n in names}
-        if stale:   # a held-out list that changed since an earlier run: the evaluation reads the whole folder
-            fs = storage.fsspec_fs(uri)
-            for u in sorted(stale):
-                fs.rm(u)
+        for u in sorted(stale):  # a held-out list that changed since an earlier run: evaluation reads the folder
+            storage.delete(u)
         for n in names:
             storage.write_bytes_atomic(f"{uri}/{n}", (PHOTO_DIR / n).read_bytes())
         return uri

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines.curate_schema import CURATED_SCHEMA, shard_files
+from tests.helpers.env import restored_environ
 
 ROOT = Path(__file__).resolve().parents[1]
 # what `ray job submit --working-dir .` would upload, minus heavy or generated folders
@@ -71,43 +72,38 @@ def test_curate_under_ray_job_submit_with_working_dir(photos, tmp_path, monkeypa
                    "filters": {"min_short_side": 128}, "balance": {"per_category_cap": 100, "num_clusters": 2}},
     }))
 
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    # the job's `python` must be this interpreter (the job inherits the Ray node's PATH, as on a real cluster
-    # whose nodes run inside the project's environment)
-    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     if ray.is_initialized():
         ray.shutdown()
     agent_port = _free_agent_port(monkeypatch)
-    try:
-        ctx = ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=True,
-                       dashboard_host="127.0.0.1", log_to_driver=False)
-        assert ctx.dashboard_url, "Ray started without its dashboard: no job server to submit to"
-        assert ray._private.worker._global_node.dashboard_agent_listen_port == agent_port
-        client = JobSubmissionClient(f"http://{ctx.dashboard_url}")
-        gcs = ctx.address_info["gcs_address"]
-        # Ray 2.60's job supervisor gives the driver RAY_ADDRESS resolved from "auto": with several Ray instances
-        # on one machine (other tests here, never on a cluster node) that is the newest `ray start` /
-        # cluster_utils instance, not necessarily this one. The explicit address keeps the job on this Ray.
-        entry = (f"python pipelines/curate.py --config {config} --set curate.output={out} "
-                 f"--set run.ray.address={gcs}")
-        job = _submit(client, entrypoint=entry,
-                      runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES,
-                                   "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-        deadline = time.monotonic() + 240
-        while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                             JobStatus.STOPPED):
-            assert time.monotonic() < deadline, f"job still {status} after 240 s"
-            time.sleep(0.5)
-        logs = client.get_job_logs(job)
-        assert status == JobStatus.SUCCEEDED, logs[-4000:]
-        info = client.get_job_info(job)
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with restored_environ(ENV_KEYS):  # PATH here; ray.init may set the RAY_AUTH_* ones
+        # the job's `python` must be this interpreter (the job inherits the Ray node's PATH, as on a real cluster
+        # whose nodes run inside the project's environment)
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+        try:
+            ctx = ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=True,
+                           dashboard_host="127.0.0.1", log_to_driver=False)
+            assert ctx.dashboard_url, "Ray started without its dashboard: no job server to submit to"
+            assert ray._private.worker._global_node.dashboard_agent_listen_port == agent_port
+            client = JobSubmissionClient(f"http://{ctx.dashboard_url}")
+            gcs = ctx.address_info["gcs_address"]
+            # Ray 2.60's job supervisor gives the driver RAY_ADDRESS resolved from "auto": with several Ray instances
+            # on one machine (other tests here, never on a cluster node) that is the newest `ray start` /
+            # cluster_utils instance, not necessarily this one. The explicit address keeps the job on this Ray.
+            entry = (f"python pipelines/curate.py --config {config} --set curate.output={out} "
+                     f"--set run.ray.address={gcs}")
+            job = _submit(client, entrypoint=entry,
+                          runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES,
+                                       "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+            deadline = time.monotonic() + 240
+            while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                 JobStatus.STOPPED):
+                assert time.monotonic() < deadline, f"job still {status} after 240 s"
+                time.sleep(0.5)
+            logs = client.get_job_logs(job)
+            assert status == JobStatus.SUCCEEDED, logs[-4000:]
+            info = client.get_job_info(job)
+        finally:
+            ray.shutdown()
 
     # the job ran from the uploaded package, not from this checkout, and joined this Ray (not a new one)
     assert info.runtime_env["working_dir"].startswith("gcs://")

@@ -81,7 +81,7 @@ def _s3(uri: str, endpoint: str):
     """vosr.storage with s3fs's per-process listing cache dropped (the objects come from Ray workers)."""
     from vosr import storage
 
-    storage.fsspec_fs(uri, endpoint).invalidate_cache()
+    storage.refresh_listing(uri, endpoint)
     return storage
 
 

@@ -45,15 +45,8 @@ def resolve_run(cfg: Any) -> RunPaths:
     return RunPaths(uri, cfg.run.name, storage.join(uri, cfg.run.name), tc.s3_endpoint_url)
 
 
-def fresh_listing(uri: str, endpoint: str) -> None:
-    """Forget cached S3 listings: s3fs caches directory listings per process, and the markers and checkpoints
-    read here are written by other processes (Ray workers, earlier submissions)."""
-    if uri.startswith("s3://"):
-        storage.fsspec_fs(uri, endpoint).invalidate_cache()
-
-
 def _read_json(uri: str, endpoint: str) -> dict[str, Any] | None:
-    fresh_listing(uri, endpoint)
+    storage.refresh_listing(uri, endpoint)  # markers come from Ray workers and earlier submissions
     if not storage.exists(uri, endpoint):
         return None
     return json.loads(storage.read_bytes(uri, endpoint))

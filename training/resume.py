@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vosr import storage
+
 MANIFEST = "_vosr_files.json"
 PREFIX = "checkpoint_"
 
@@ -43,20 +45,11 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
-def _fresh(uri: str, endpoint: str) -> None:
-    if uri.startswith("s3://"):
-        from vosr import storage
-
-        storage.fsspec_fs(uri, endpoint).invalidate_cache()  # written by other processes
-
-
 def complete_checkpoints(run_uri: str, endpoint: str = "") -> list[tuple[int, str]]:
     """[(step, folder URI)] of the complete checkpoint folders directly under `run_uri`, by step."""
     import pyarrow.fs as pafs
 
-    from vosr import storage
-
-    _fresh(run_uri, endpoint)
+    storage.refresh_listing(run_uri, endpoint)  # written by other processes
     fs, root = storage.open_fs(run_uri, endpoint)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         return []
@@ -91,8 +84,6 @@ def choose(run_uri: str, endpoint: str, registered: Any) -> tuple[int, str, str]
     if registered is not None:
         step = checkpoint_step(registered.path)
         if step is not None and (best is None or step >= best[0]):
-            from vosr import storage
-
             return step, storage.join(run_uri, checkpoint_name(step)), "ray"
     if best is None:
         return None
@@ -102,8 +93,6 @@ def choose(run_uri: str, endpoint: str, registered: Any) -> tuple[int, str, str]
 def open_checkpoint(uri: str, endpoint: str = ""):
     """A ray.train.Checkpoint for a folder URI (local or s3://), for `as_directory()`."""
     import ray.train
-
-    from vosr import storage
 
     fs, path = storage.open_fs(uri, endpoint)
     return ray.train.Checkpoint(path, filesystem=fs)
@@ -115,8 +104,6 @@ def prune_untracked(run_uri: str, endpoint: str, tracked: set[str], keep: int, f
     `keep` newest complete checkpoints or not older than the final one. Returns the deleted folder names."""
     import pyarrow.fs as pafs
 
-    from vosr import storage
-
     newest = {checkpoint_name(step) for step, _ in complete_checkpoints(run_uri, endpoint)[-keep:]}
     fs, root = storage.open_fs(run_uri, endpoint)
     deleted = []
@@ -127,5 +114,5 @@ def prune_untracked(run_uri: str, endpoint: str, tracked: set[str], keep: int, f
                 and name not in tracked and name not in newest):
             fs.delete_dir(info.path)
             deleted.append(name)
-    _fresh(run_uri, endpoint)
+    storage.refresh_listing(run_uri, endpoint)
     return sorted(deleted)

@@ -81,6 +81,22 @@ def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str = "") -> None:
     fs.move(tmp, path)
 
 
+def delete(uri: str, endpoint_url: str = "") -> None:
+    """Remove one file; a file that is already gone is not an error."""
+    fs, path = open_fs(uri, endpoint_url)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def refresh_listing(uri: str, endpoint_url: str = "") -> None:
+    """Forget this process's cached s3:// directory listings: s3fs caches them per process, and files written by
+    other processes since (Ray workers, earlier runs) would stay invisible to exists / list / read. No-op locally."""
+    if uri.startswith("s3://"):
+        fsspec_fs(uri, endpoint_url).invalidate_cache()
+
+
 def list_files(uri: str, suffix: str = "", endpoint_url: str = "") -> list[str]:
     """Files below `uri` (recursive), as URIs of the same scheme, sorted."""
     fs, path = open_fs(uri, endpoint_url)

@@ -49,17 +49,20 @@ class _Failure(Exception):
 
 
 def _retryable(reason: str) -> bool:
-    return reason in ("timeout", "http_429", "server_disconnected") or reason.startswith("http_5")
+    """Retried within the run, with backoff: timeouts, 429, dropped connections and 5xx answers (`http_<status>`)."""
+    return reason in ("timeout", "http_429", "server_disconnected") or (reason.startswith("http_5")
+                                                                          and reason[5:].isdigit())
 
 
 # Outcomes that a later run of the job fetches again (transient: the server or the network may recover).
 # 404 and other 4xx, non-images, refused addresses, oversize bodies and decode failures are final.
-RERUN_REASONS = ("timeout", "http_429", "server_disconnected", "connect_error", "incomplete_body")
+# Beyond what one run retries at once (_retryable), a re-run also tries hosts that were unreachable or cut the body.
+RERUN_ONLY_REASONS = ("connect_error", "incomplete_body")
 
 
 def retry_next_run(reason: str) -> bool:
     """Whether a URL that ended with `reason` is fetched again when the job is re-run (curate.retry_failed)."""
-    return reason in RERUN_REASONS or (reason.startswith("http_5") and reason[5:].isdigit())
+    return _retryable(reason) or reason in RERUN_ONLY_REASONS
 
 
 def address_allowed(ip: str) -> bool:

@@ -37,13 +37,6 @@ from vosr import storage
 FILTER_REASONS = ("too_small", "bad_aspect", "low_gradient", "low_entropy")
 
 
-def refresh_listing(uri: str, endpoint_url: str = "") -> None:
-    """Drop s3fs's cached directory listings: a listing cached before other processes wrote shards would
-    otherwise hide those shards from exists/list/read in this process."""
-    if uri.startswith("s3://"):
-        storage.fsspec_fs(uri, endpoint_url).invalidate_cache()
-
-
 def stage1_uri(output: str, key: str, suffix: str = ".parquet") -> str:
     return storage.join(output, STAGE1_DIR, key + suffix)
 
@@ -60,7 +53,7 @@ _MARKER_NAME = re.compile(r"^([0-9a-f]+)\.retry$")
 def scan_stage1(output: str, endpoint_url: str = "") -> tuple[dict[str, int], set[str], list[str]]:
     """One listing of _stage1/: (latest ledger generation per finished block, blocks whose latest ledger has
     retryable rows, URIs of superseded ledger generations left by a killed run)."""
-    refresh_listing(output, endpoint_url)
+    storage.refresh_listing(output, endpoint_url)
     found: dict[str, list[tuple[int, str]]] = {}
     markers: set[str] = set()
     for uri in storage.list_files(storage.join(output, STAGE1_DIR), endpoint_url=endpoint_url):
@@ -78,14 +71,6 @@ def scan_stage1(output: str, endpoint_url: str = "") -> tuple[dict[str, int], se
         gens[key] = versions[-1][0]
         stale.extend(u for _, u in versions[:-1])
     return gens, markers & set(gens), stale
-
-
-def delete(uri: str, endpoint_url: str = "") -> None:
-    fs, path = storage.open_fs(uri, endpoint_url)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def row_id(data: bytes, source: str) -> str:
@@ -199,7 +184,7 @@ def run_unit(unit: Unit, key: str, ccfg, gen: int = -1) -> dict:
     marker = stage1_uri(out, key, ".retry")
     if gen < 0:
         shard = ledger_uri(out, key)
-        refresh_listing(shard, ep)
+        storage.refresh_listing(shard, ep)
         if storage.exists(shard, ep):
             return {"unit": key, "skipped": True, "stats": "", "retried": 0, "changed": False}
         table, stats = process_unit(unit, key, ccfg)
@@ -217,7 +202,7 @@ def run_unit(unit: Unit, key: str, ccfg, gen: int = -1) -> dict:
     if changed:
         storage.write_bytes_atomic(stage1_uri(out, key, ".stats.json"), json.dumps(stats, indent=1).encode(), ep)
         storage.write_bytes_atomic(ledger_uri(out, key, gen + 1), table_bytes(table), ep)
-        delete(current, ep)
+        storage.delete(current, ep)
     if not stats["retryable"]:
-        delete(marker, ep)
+        storage.delete(marker, ep)
     return {"unit": key, "skipped": False, "stats": json.dumps(stats), "retried": retried, "changed": changed}

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.curate_schema import CURATED_SCHEMA, SHARDS_DIR
-from pipelines.curation.stage1 import FILTER_REASONS, ledger_uri, refresh_listing, table_bytes
+from pipelines.curation.stage1 import FILTER_REASONS, ledger_uri, table_bytes
 from vosr import storage
 from vosr.imageio import DECODE_REASONS
 
@@ -46,7 +46,7 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
     unit = group["unit"][0].as_py()
     target = shard_uri(output, unit)
     stats_uri = shard_uri(output, unit, ".stats.json")
-    refresh_listing(target, endpoint_url)
+    storage.refresh_listing(target, endpoint_url)
     if storage.exists(target, endpoint_url) and storage.exists(stats_uri, endpoint_url):
         stats = storage.read_bytes(stats_uri, endpoint_url).decode()
         if json.loads(stats).get("fingerprint") == fingerprint:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.env import restored_environ
 from tests.helpers.http_fixture import free_port
 
 TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
@@ -62,24 +63,19 @@ def s3_server(bucket: str = "vosr-test"):
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in TEST_ENV}
-    os.environ.update(TEST_ENV)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket=bucket)
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-        yield S3Site(endpoint, bucket, client, fs)
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with restored_environ(TEST_ENV):
+        os.environ.update(TEST_ENV)
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        endpoint = f"http://127.0.0.1:{port}"
+        try:
+            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            client.create_bucket(Bucket=bucket)
+            fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+            yield S3Site(endpoint, bucket, client, fs)
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
