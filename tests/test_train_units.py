@@ -4,6 +4,7 @@ progressive-stage initialisation, validation grid."""
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,12 @@ def test_resume_takes_the_latest_complete_checkpoint_and_prunes_unregistered_one
         return d
 
     folder(2), folder(4), folder(6, truncate=True), folder(8, manifest=False)
+    # a copy caught mid-way through the manifest itself (seen by a restart reading storage during an upload)
+    (folder(12) / "_vosr_files.json").write_text('{"files": {"model.safet')
+    (folder(14) / "_vosr_files.json").write_text("")
     assert [s for s, _ in complete_checkpoints(str(run))] == [2, 4]
+    for step in (12, 14):
+        shutil.rmtree(run / f"checkpoint_{step:08d}")
     assert choose(str(run), "", None) == (4, str(run / "checkpoint_00000004"), "storage")
     registered = ray.train.Checkpoint(str(run / "checkpoint_00000002"))
     assert choose(str(run), "", registered)[2] == "storage"  # Ray knows 2, storage has a complete 4

@@ -66,7 +66,11 @@ def complete_checkpoints(run_uri: str, endpoint: str = "") -> list[tuple[int, st
         if MANIFEST not in have:
             continue
         with fs.open_input_stream(f"{root.rstrip('/')}/{folder}/{MANIFEST}") as f:
-            want = json.loads(f.read().decode())["files"]
+            text = f.read().decode(errors="replace")
+        try:
+            want = json.loads(text)["files"]
+        except (ValueError, KeyError, TypeError):  # the manifest itself is still being copied: not complete yet
+            continue
         if want and all(have.get(name) == size for name, size in want.items()):
             out.append((checkpoint_step(folder), storage.join(run_uri, folder)))
     return sorted(out)
