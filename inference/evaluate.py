@@ -1,13 +1,18 @@
 """Evaluate SR settings on a benchmark folder: `python inference/evaluate.py --config configs/eval/tiny.yaml`.
 
 Stages:
-1. pairs      - paired folders (HR/ + LR/, matched by file stem) or HR only, degraded with eval.degrade_preset
-                (seeded per image from run.seed); optional centre crop (paper: 512 GT / 128 LR).
-2. settings   - rows: bicubic, the one-step student (inference.checkpoint), and the multi-step teacher
-                (eval.teacher) at each guidance scale of eval.guidance_sweep.
-3. metrics    - PSNR / SSIM on Y (BT.601, border = scale; vosr.metrics), and the pyiqa metrics when the iqa extra
-                and their weights are present (otherwise listed as skipped, with the reason).
-4. report     - summary.json, table.md laid out like the paper's Table 1, guidance_sweep.png like its Fig. 4.
+1. pairs      - paired folders as benchmarks publish them (HR/ + LR/, test_HR/ + test_LR/ with DRealSR's _x1/_x4
+                names, or one folder of RealSR's _HR/_LR4 files; matched by name without those suffixes) or HR only,
+                degraded with eval.degrade_preset (seeded per image from run.seed); optional centre crop (paper s4:
+                512 GT / 128 LR, the default of the real presets).
+2. settings   - rows: bicubic, the one-step student (inference.checkpoint), the multi-step teacher (eval.teacher)
+                at each guidance scale of eval.guidance_sweep, and the peers (eval.peers, inference/peers.py).
+                Any subset runs: with no checkpoint it is bicubic and the peers.
+3. metrics    - PSNR / SSIM on Y (BT.601, border = scale; vosr.metrics), ST-LPIPS and NIQE from local files
+                (inference/iqa_local.py), the pyiqa metrics when the iqa extra and their cached weights are present;
+                each metric that cannot run is listed as skipped with the reason, each that ran with its file.
+4. report     - summary.json, table.md laid out like the paper's Table 1, per_image.csv, guidance_sweep.png like
+                its Fig. 4.
 
 eval.hr_dir / eval.lr_dir may be s3:// prefixes (listed and read through vosr.storage), the checkpoints s3:// folders
 (inference/model_uri.py caches them locally), and eval.output an s3:// prefix: the report is written to a local
@@ -35,11 +40,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 # Table 1 column order of the paper: (column title, metric key, higher is better, full-reference)
 TABLE_COLUMNS = [
-    ("PSNR↑", "psnr", True), ("SSIM↑", "ssim", True), ("LPIPS↓", "lpips", False), ("DISTS↓", "dists", False),
+    ("PSNR↑", "psnr", True), ("SSIM↑", "ssim", True), ("LPIPS↓", "lpips", False),
+    ("ST-LPIPS↓", "stlpips", False), ("DISTS↓", "dists", False),
     ("AFINE-FR↓", "afine", False), ("NIQE↓", "niqe", False), ("MUSIQ↑", "musiq", True),
     ("MANIQA↑", "maniqa", True), ("AFINE-NR↓", "afine_nr", False), ("TOPIQ-NR↑", "topiq_nr", True),
 ]
-FULL_REFERENCE = {"psnr", "ssim", "lpips", "dists", "afine"}
+FULL_REFERENCE = {"psnr", "ssim", "lpips", "stlpips", "dists", "afine"}
+GROUP_KIND = {"Baseline": "bicubic", "Multi-step": "teacher", "One-step": "student", "Peer": "peer"}
 
 
 @dataclasses.dataclass
@@ -92,19 +99,46 @@ def _load(path: str, endpoint: str = ""):
 
 
 def resolve_folders(ecfg, endpoint: str = "") -> tuple[str, str | None]:
-    """(HR folder, LR folder or None); local folders or s3:// prefixes alike."""
+    """(HR folder, LR folder or None); local folders or s3:// prefixes alike. A benchmark folder holding HR/ + LR/
+    or DRealSR's test_HR/ + test_LR/ is recognised; RealSR's single folder of _HR/_LR4 files gives (folder,
+    folder) and the names tell HR from LR."""
     from vosr import storage
 
     hr = ecfg.hr_dir.rstrip("/") if storage.is_remote(ecfg.hr_dir) else ecfg.hr_dir
     if not _is_dir(hr, endpoint):
         raise FileNotFoundError(f"eval.hr_dir {hr} is not a folder (or an s3:// prefix holding images)")
-    if _is_dir(storage.join(hr, "HR"), endpoint):     # a benchmark folder with HR/ (and maybe LR/)
-        lr_sub = storage.join(hr, "LR")
-        lr = ecfg.lr_dir or (lr_sub if _is_dir(lr_sub, endpoint) else None)
-        return storage.join(hr, "HR"), lr
+    for hr_name, lr_name in (("HR", "LR"), ("test_HR", "test_LR")):
+        if _is_dir(storage.join(hr, hr_name), endpoint):     # a benchmark folder with HR/ (and maybe LR/)
+            lr_sub = storage.join(hr, lr_name)
+            lr = ecfg.lr_dir or (lr_sub if _is_dir(lr_sub, endpoint) else None)
+            return storage.join(hr, hr_name), lr
     if ecfg.lr_dir:
         return hr, ecfg.lr_dir
     return hr, None
+
+
+def pair_key(stem: str, scale: int) -> tuple[str, str | None]:
+    """(name shared by an HR/LR pair, 'HR' / 'LR' / None) from a file stem, for the published naming schemes:
+    RealSR `Canon_001_HR` / `Canon_001_LR4`, DRealSR `x_x1` / `x_x4`, classic `babyx4` / `baby`."""
+    for pattern, role in ((r"(.+?)[_-]?HR$", "HR"), (rf"(.+?)[_-]?LR{scale}$", "LR"), (r"(.+?)_x1$", "HR"),
+                          (rf"(.+?)_?x{scale}$", "LR")):
+        m = re.fullmatch(pattern, stem)
+        if m:
+            return m.group(1), role
+    return stem, None
+
+
+def split_named(files: dict[str, str], scale: int, want: str, mixed: bool) -> dict[str, str]:
+    """{pair name: path}: a file marked with the role `want` is keyed by its name without the mark, any other by
+    its stem; in a `mixed` folder (HR and LR side by side) the files marked with the other role are left out."""
+    out: dict[str, str] = {}
+    for stem, path in files.items():
+        key, role = pair_key(stem, scale)
+        if role == want:
+            out.setdefault(key, path)
+        elif role is None or not mixed:
+            out.setdefault(stem, path)
+    return out
 
 
 def load_pairs(cfg) -> tuple[list[Pair], dict[str, Any]]:
@@ -116,8 +150,13 @@ def load_pairs(cfg) -> tuple[list[Pair], dict[str, Any]]:
     ecfg, scale = cfg.eval, cfg.inference.upscale
     endpoint = _endpoint(cfg)
     hr_dir, lr_dir = resolve_folders(ecfg, endpoint)
-    hr_files = _images(hr_dir, endpoint)
-    lr_files = _images(lr_dir, endpoint) if lr_dir else {}
+    hr_all = _images(hr_dir, endpoint)
+    roles = {pair_key(stem, scale)[1] for stem in hr_all}
+    if lr_dir is None and {"HR", "LR"} <= roles:          # RealSR: _HR and _LR4 side by side in one folder
+        lr_dir = hr_dir
+    mixed = lr_dir == hr_dir
+    hr_files = split_named(hr_all, scale, "HR", mixed) if lr_dir else hr_all
+    lr_files = split_named(_images(lr_dir, endpoint), scale, "LR", mixed) if lr_dir else {}
     names = sorted(hr_files)
     if ecfg.max_images:
         names = names[:ecfg.max_images]
@@ -169,8 +208,8 @@ def load_pairs(cfg) -> tuple[list[Pair], dict[str, Any]]:
 @dataclasses.dataclass
 class Setting:
     label: str
-    group: str          # "Multi-step", "One-step" or "Baseline" (Table 1 grouping)
-    upscaler: Any       # None for bicubic
+    group: str          # "Multi-step", "One-step", "Peer" or "Baseline" (Table 1 grouping)
+    upscaler: Any       # None for bicubic; a vosr Upscaler or an inference.peers.PeerUpscaler
     overrides: dict[str, Any]
     guidance: float | None = None
 
@@ -191,7 +230,8 @@ def _source(uri: str, folder: Path) -> str:
 
 def build_settings(cfg) -> tuple[list[Setting], dict[str, str]]:
     """Bicubic, then inference.checkpoint (one-step row for a student, multi-step rows + sweep for a teacher),
-    then eval.teacher's multi-step rows."""
+    then eval.teacher's multi-step rows, then one row per eval.peers entry (loaded before any row runs, so an
+    unsupported file fails fast)."""
     from inference.model_uri import resolve_model
     from vosr.upscaler import Upscaler
 
@@ -214,29 +254,68 @@ def build_settings(cfg) -> tuple[list[Setting], dict[str, str]]:
             raise ValueError(f"eval.teacher {cfg.eval.teacher} is a one-step student, not a multi-step teacher")
         sources["teacher" if "teacher" not in sources else "eval_teacher"] = _source(cfg.eval.teacher, folder)
         settings += _teacher_rows(up, cfg)
+    if cfg.eval.peers:
+        from inference.peers import load_peers
+        from vosr.upscaler import pick_device
+
+        device = pick_device(cfg.inference.device).type
+        for peer in load_peers(list(cfg.eval.peers), cfg.inference.upscale, device, cfg.inference.tile_size,
+                               cfg.inference.tile_overlap):
+            settings.append(Setting(peer.name, "Peer", peer, {}))
     return settings, sources
 
 
 # --- stage 3: metrics ------------------------------------------------------------------------------------------
 
 class IQAMetrics:
-    """pyiqa metrics that could be created here; the others are recorded with the reason they were skipped."""
+    """The perceptual metrics that could be set up here, offline; the others are recorded with the reason.
 
-    def __init__(self, names: list[str], device: str = "cpu"):
+    stlpips and niqe run from a local file (eval.metric_weights, else pyiqa's cache folder) through
+    inference/iqa_local.py; the rest (and those two when no file is found but pyiqa is installed) through pyiqa
+    with HF_HUB_OFFLINE=1, so only weights already in its cache work. `files` names what each metric ran with."""
+
+    def __init__(self, names: list[str], device: str = "cpu", weights: list[str] | tuple[str, ...] = ()):
+        from inference import iqa_local
+        from inference.peers import sha256_file
+
         self.metrics: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
+        self.files: dict[str, dict[str, str]] = {}
+        self.undefined: dict[str, int] = {}          # metric -> images where it is not defined (NaN)
+        named, folders = iqa_local.parse_weight_entries(list(weights))
+        names = list(dict.fromkeys([*names, *named]))
+        pyiqa_names = []
+        for n in names:
+            path = iqa_local.find_file(n, named, folders) if n in iqa_local.LOADERS else None
+            if path is None:
+                pyiqa_names.append(n)
+                continue
+            try:
+                self.metrics[n] = iqa_local.LOADERS[n](path, device)
+            except Exception as exc:  # noqa: BLE001 - a corrupt or wrong file is reported, not fatal
+                self.skipped[n] = f"local file {path} could not be loaded: {str(exc)[:160]}"
+                continue
+            self.files[n] = {"file": str(path), "sha256": sha256_file(path), "via": "vosr loader (iqa_local)"}
+        if not pyiqa_names:
+            return
         try:
             import pyiqa  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - a missing or broken optional extra
-            for n in names:
-                self.skipped[n] = f"pyiqa not installed (pip install '.[iqa]'): {type(exc).__name__}"
+            for n in pyiqa_names:
+                hint = ""
+                if n in iqa_local.KNOWN_FILES:
+                    hint = (f"; no {' / '.join(iqa_local.KNOWN_FILES[n])} in eval.metric_weights nor in pyiqa's "
+                            f"cache {iqa_local.pyiqa_cache_dir()}")
+                self.skipped[n] = f"pyiqa not installed (pip install '.[iqa]'): {type(exc).__name__}{hint}"
             return
         import os
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")   # weights must already be on disk; never download
-        for n in names:
+        for n in pyiqa_names:
             try:
                 self.metrics[n] = pyiqa.create_metric(n, device=device, as_loss=False)
+                self.files[n] = {"file": f"pyiqa cache ({iqa_local.pyiqa_cache_dir()})", "sha256": "",
+                                 "via": "pyiqa"}
             except Exception as exc:  # noqa: BLE001 - missing weights surface as many error types
                 self.skipped[n] = f"pyiqa metric unavailable (weights missing or unknown name): {str(exc)[:160]}"
 
@@ -245,11 +324,18 @@ class IQAMetrics:
             return {}
         from vosr.imageio import image_to_tensor
 
-        x, ref = image_to_tensor(sr)[None], image_to_tensor(hr)[None]
         out = {}
+        x = ref = None
         for name, metric in self.metrics.items():
-            val = metric(x, ref) if name in FULL_REFERENCE else metric(x)
-            out[name] = float(val.mean())
+            if self.files[name]["via"] == "pyiqa":
+                if x is None:
+                    x, ref = image_to_tensor(sr)[None], image_to_tensor(hr)[None]
+                val = float((metric(x, ref) if name in FULL_REFERENCE else metric(x)).mean())
+            else:
+                val = metric(sr, hr)
+            if not math.isfinite(val):
+                self.undefined[name] = self.undefined.get(name, 0) + 1
+            out[name] = val
         return out
 
 
@@ -288,19 +374,24 @@ def evaluate_setting(setting: Setting, pairs: list[Pair], cfg, iqa: IQAMetrics, 
         per_image[pair.name] = score(sr, pair.hr, scale, iqa)
     keys = sorted({k for m in per_image.values() for k in m})
     means = {k: _mean([m[k] for m in per_image.values() if k in m]) for k in keys}
-    return {"label": setting.label, "group": setting.group, "guidance": setting.guidance,
-            "options": setting.overrides, "metrics": means, "per_image": per_image,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    row = {"label": setting.label, "group": setting.group, "kind": GROUP_KIND.get(setting.group, setting.group),
+           "guidance": setting.guidance, "options": setting.overrides, "metrics": means, "per_image": per_image,
+           "seconds": round(time.perf_counter() - t0, 3)}
+    if setting.group == "Peer":
+        row["peer"] = setting.upscaler.describe()
+    return row
 
 
 # --- stage 4: report -------------------------------------------------------------------------------------------
 
-def markdown_table(rows: list[dict], dataset: str, skipped: dict[str, str]) -> str:
-    """Rows grouped like Table 1 (Dataset | Setting | Method | metrics); skipped metrics shown as n/a."""
+def markdown_table(rows: list[dict], dataset: str, skipped: dict[str, str],
+                   files: dict[str, dict[str, str]] | None = None, undefined: dict[str, int] | None = None) -> str:
+    """Rows grouped like Table 1 (Dataset | Setting | Method | metrics); skipped metrics shown as n/a, then which
+    file each perceptual metric and each peer ran with (sha256) and why any metric was skipped."""
     head = "| Dataset | Setting | Method | " + " | ".join(c for c, _, _ in TABLE_COLUMNS) + " |"
     sep = "|" + "---|" * (3 + len(TABLE_COLUMNS))
     lines = [head, sep]
-    order = {"Baseline": 0, "Multi-step": 1, "One-step": 2}
+    order = {"Baseline": 0, "Peer": 1, "Multi-step": 2, "One-step": 3}
     first = True
     for row in sorted(rows, key=lambda r: order.get(r["group"], 9)):
         cells = []
@@ -309,11 +400,38 @@ def markdown_table(rows: list[dict], dataset: str, skipped: dict[str, str]) -> s
             cells.append("n/a" if v is None or not math.isfinite(v) else f"{v:.4f}")
         lines.append(f"| {dataset if first else ''} | {row['group']} | {row['label']} | " + " | ".join(cells) + " |")
         first = False
+    if files:
+        lines += ["", "Perceptual metrics ran with:",
+                  *(f"- {k}: `{v['file']}`" + (f" (sha256 {v['sha256']})" if v.get("sha256") else "")
+                    + f", via {v['via']}" for k, v in sorted(files.items()))]
+    peers = [r["peer"] for r in rows if r.get("peer")]
+    if peers:
+        lines += ["", "Peers (kind `peer`, same crops and tiling as the VOSR rows):",
+                  *(f"- {p['name']}: {p['architecture']} x{p['scale']}, {p['params']:,} parameters, `{p['path']}` "
+                    f"(sha256 {p['sha256']})" for p in peers)]
     notes = [f"- {k}: {v}" for k, v in sorted(skipped.items())]
     if notes:
         lines += ["", "Skipped metrics (n/a above):", *notes]
+    for k, n in sorted((undefined or {}).items()):
+        lines += ["", f"{k} was undefined (NaN) on {n} image(s) and left out of those means"
+                  + (" (NIQE needs at least two whole 96 x 96 blocks)." if k == "niqe" else ".")]
     lines += ["", "PSNR/SSIM on Y (YCbCr BT.601), border crop = scale. ↑ higher is better, ↓ lower is better."]
     return "\n".join(lines) + "\n"
+
+
+def write_per_image_csv(rows: list[dict], path: Path) -> None:
+    """One line per (row, image): row label, kind, guidance, image, then every metric (empty when not computed)."""
+    import csv
+
+    keys = [k for _, k, _ in TABLE_COLUMNS if any(k in m for r in rows for m in r["per_image"].values())]
+    keys += sorted({k for r in rows for m in r["per_image"].values() for k in m} - set(keys))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "kind", "guidance", "image", *keys])
+        for r in rows:
+            for name, m in sorted(r["per_image"].items()):
+                w.writerow([r["label"], r["kind"], "" if r["guidance"] is None else r["guidance"], name,
+                            *("" if k not in m or not math.isfinite(m[k]) else repr(float(m[k])) for k in keys)])
 
 
 def sweep_plot(rows: list[dict], path: Path, title: str) -> str | None:
@@ -363,7 +481,7 @@ def log_to_mlflow(cfg, summary: dict[str, Any], out: Path) -> str | None:
         for row in summary["rows"]:
             key = re.sub(r"[^A-Za-z0-9_.-]+", "_", row["label"]).strip("_")
             mlflow.log_metrics({f"{key}/{m}": v for m, v in row["metrics"].items() if math.isfinite(v)})
-        for name in ("summary.json", "table.md", "guidance_sweep.png"):
+        for name in ("summary.json", "table.md", "per_image.csv", "guidance_sweep.png"):
             if (out / name).is_file():
                 mlflow.log_artifact(str(out / name), artifact_path="eval")
         return active.info.run_id
@@ -408,23 +526,27 @@ def _run(cfg, out: Path, final: str) -> dict[str, Any]:
         raise ValueError(f"no image pairs to evaluate in {info['hr_dir']} (skipped: {info['skipped']})")
     settings, sources = build_settings(cfg)                          # stage 2
     device = settings[1].upscaler.device.type if len(settings) > 1 else "cpu"
-    iqa = IQAMetrics(list(ecfg.iqa_metrics), device=device)          # stage 3
+    iqa = IQAMetrics(list(ecfg.iqa_metrics), device=device, weights=list(ecfg.metric_weights))   # stage 3
     image_dir = out / "images" if ecfg.save_images else None
     rows = [evaluate_setting(s, pairs, cfg, iqa, image_dir) for s in settings]
     if storage.is_remote(info["hr_dir"]):
         parts = info["hr_dir"].rstrip("/").split("/")
     else:
         parts = list(Path(info["hr_dir"]).resolve().parts)
-    dataset = ecfg.dataset_name or (parts[-2] if parts[-1] == "HR" and len(parts) > 1 else parts[-1])
-    table = markdown_table(rows, dataset, iqa.skipped)               # stage 4
+    dataset = ecfg.dataset_name or (parts[-2] if parts[-1] in ("HR", "test_HR") and len(parts) > 1 else parts[-1])
+    table = markdown_table(rows, dataset, iqa.skipped, iqa.files, iqa.undefined)      # stage 4
     (out / "table.md").write_text(table)
+    write_per_image_csv(rows, out / "per_image.csv")
     plot = sweep_plot(rows, out / "guidance_sweep.png",
                       f"{dataset}: effect of guidance scale (VOSR-ms, {len(pairs)} images)")
     summary = {
         "dataset": dataset, "data": info, "models": sources,
         "rows": [{k: v for k, v in r.items() if k != "per_image"} for r in rows],
         "metrics_skipped": iqa.skipped, "metrics_computed": sorted({"psnr", "ssim", *iqa.metrics}),
+        "metric_files": iqa.files, "metrics_undefined": iqa.undefined,
+        "peers": [r["peer"] for r in rows if r.get("peer")],
         "output": final, "table": storage.join(final, "table.md"),
+        "per_image_csv": storage.join(final, "per_image.csv"),
         "plot": storage.join(final, "guidance_sweep.png") if plot else None,
         "plot_metrics": plot, "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -441,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_job_args("VOSR evaluation: PSNR/SSIM-Y (+ pyiqa), Table 1 and the guidance sweep.", argv)
     try:
         summary = run(cfg)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:        # PeerError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -55,9 +55,13 @@ def test_degraded_hr_with_all_rows(models, hr_folder, tmp_path):
     assert labels == ["Bicubic", "VOSR-tiny-os", "VOSR-tiny-ms (s=0.5)", "VOSR-tiny-ms (s=-0.5)",
                       "VOSR-tiny-ms (s=1)"]
     assert summary["data"]["images"] == 3 and summary["data"]["lr_source"] == "degrade:bicubic"
-    # pyiqa is an optional extra: absent here, every perceptual metric is reported as skipped with the reason
-    assert set(summary["metrics_skipped"]) == {"lpips", "dists", "niqe", "musiq", "maniqa", "topiq_nr", "afine"}
+    # pyiqa is an optional extra and no local metric file is named: every perceptual metric is reported as skipped
+    # with the reason (for stlpips/niqe: the file names looked for and where)
+    assert set(summary["metrics_skipped"]) == {"lpips", "stlpips", "dists", "niqe", "musiq", "maniqa", "topiq_nr",
+                                               "afine"}
     assert all("pyiqa" in reason for reason in summary["metrics_skipped"].values())
+    assert "alex_shift_tolerant.pth" in summary["metrics_skipped"]["stlpips"]
+    assert [r["kind"] for r in summary["rows"]] == ["bicubic", "student", "teacher", "teacher", "teacher"]
     # the bicubic row is recomputed independently from the saved images and the degraded LR (seeded: stable)
     saved = json.loads((out / "summary.json").read_text())
     name = sorted(saved["per_image"]["Bicubic"])[0]
@@ -154,8 +158,9 @@ def test_s3_photos_model_and_output(models, hr_folder, tmp_path, monkeypatch):
     assert summary["models"] == {"student": "s3://vosr-test/models/student"}
     assert summary["summary_json"] == "s3://vosr-test/results/eval/summary.json"
     assert saved["table"] == "s3://vosr-test/results/eval/table.md" and saved["output"] == "s3://vosr-test/results/eval"
+    assert saved["per_image_csv"] == "s3://vosr-test/results/eval/per_image.csv"
     stems = sorted(n.rsplit(".", 1)[0] for n in names)
-    expected = {"results/eval/summary.json", "results/eval/table.md",
+    expected = {"results/eval/summary.json", "results/eval/table.md", "results/eval/per_image.csv",
                 *(f"results/eval/images/{row}/{s}.png" for row in ("Bicubic", "VOSR-tiny-os") for s in stems)}
     assert set(keys) == expected and summary["uploaded"] == len(expected)
     assert sorted(saved["per_image"]["Bicubic"]) == stems

@@ -92,7 +92,9 @@ class ServeConfig:
 
 @dataclass
 class EvalConfig:
-    hr_dir: str = option("", "Folder of HR images (or a benchmark folder holding HR/ and LR/).")
+    hr_dir: str = option("", "Folder of HR images, or a benchmark folder as published: HR/ + LR/, test_HR/ + "
+                         "test_LR/ (DRealSR: name_x1 / name_x4), or one folder of name_HR + name_LR4 (RealSR); "
+                         "LR at 1/scale, pairs matched by name without those suffixes.")
     lr_dir: str = option("", "Folder of paired LR images (empty = HR/../LR when it exists, else degrade HR with "
                          "eval.degrade_preset).")
     degrade_preset: str = option("realesrgan", "Degradation used to make LR when there is no LR folder (seeded "
@@ -105,8 +107,19 @@ class EvalConfig:
                           "guidance sweep; empty = no multi-step rows.")
     guidance_sweep: list[float] = option([-0.5, 0.0, 0.5, 1.0], "Guidance scales of the sweep plot (paper Fig. 4).")
     sweep_steps: int = option(0, "Euler steps of the multi-step rows and the sweep (0 = flow.steps).", ge=0)
-    iqa_metrics: list[str] = option(["lpips", "dists", "niqe", "musiq", "maniqa", "topiq_nr", "afine"],
-                                    "pyiqa metrics to try (reported as skipped with the reason when pyiqa or its "
-                                    "weights are missing).")
-    output: str = option("outputs/eval", "Folder for the JSON, markdown table, plots and (optionally) images.")
+    iqa_metrics: list[str] = option(["lpips", "stlpips", "dists", "niqe", "musiq", "maniqa", "topiq_nr", "afine"],
+                                    "Perceptual metrics to try: stlpips and niqe run from local files "
+                                    "(eval.metric_weights or pyiqa's cache folder; inference/iqa_local.py), the "
+                                    "others through pyiqa (the iqa extra) with weights already in its cache; each "
+                                    "one that cannot run is reported as skipped with the reason. Nothing is "
+                                    "downloaded.")
+    metric_weights: list[str] = option([], "Local metric files: metric=file (stlpips=alex_shift_tolerant.pth, "
+                                       "niqe=niqe_pris_params.npz or niqe_modelparameters.mat) or folders holding "
+                                       "files of those names; the table names each file with its sha256.")
+    peers: list[str] = option([], "Peer SR models as local files, [name=]path (.pth/.safetensors/.ckpt of an "
+                              "architecture spandrel detects: ESRGAN/Real-ESRGAN, SwinIR, HAT, DAT, ...); each is a "
+                              "row of kind `peer`, run on the same crops with the same tiling as the VOSR rows. "
+                              "Unsupported files (e.g. ncnn .param/.bin) are an error naming them.")
+    output: str = option("outputs/eval", "Folder for the JSON, markdown table, per-image CSV, plots and "
+                         "(optionally) images.")
     save_images: bool = option(False, "Also write each row's SR images under <output>/images/<row>/.")

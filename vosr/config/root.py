@@ -29,12 +29,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "autoencoder": {"name": "sd21", "downsample": 8},
         "semantic": {"name": "dinov2_vitb14", "input_size": 448, "layer": 8},
         "data": {"resolution": 512},
+        "eval": {"crop": 512},        # paper s4 protocol: 512 x 512 centre-cropped GT, 128 x 128 LR
     },
     "vosr-1.4b": {
         "model": {"hidden_size": 1536, "depth": 36, "num_heads": 24},
         "autoencoder": {"name": "qwen2d", "downsample": 8},
         "semantic": {"name": "dinov2_vitl14", "input_size": 448, "layer": 17},
         "data": {"resolution": 512},
+        "eval": {"crop": 512},        # paper s4 protocol: 512 x 512 centre-cropped GT, 128 x 128 LR
     },
 }
 
