@@ -13,6 +13,7 @@ weights of vosr.tiling (METHOD.md s8), here in pixel space.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,9 @@ class PeerUpscaler:
         except ImportError as exc:
             raise PeerError("eval.peers needs spandrel (a core dependency of vosr; reinstall the project)") from exc
         try:
-            desc = spandrel.ModelLoader(device="cpu").load_from_file(str(spec.path))
+            with warnings.catch_warnings():       # spandrel's DAT builds its masks with torch.meshgrid
+                warnings.filterwarnings("ignore", message=".*torch.meshgrid.*", category=UserWarning)
+                desc = spandrel.ModelLoader(device="cpu").load_from_file(str(spec.path))
         except spandrel.UnsupportedModelError as exc:
             raise PeerError(f"eval.peers: {spec.path}: spandrel does not recognise the architecture of these "
                             f"weights ({exc})") from exc
@@ -107,7 +110,9 @@ class PeerUpscaler:
         ph, pw = max(self.min_size - h, 0), max(self.min_size - w, 0)
         if ph or pw:                                     # below the model's minimum input: reflect-pad, crop back
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # spandrel's DAT calls torch.meshgrid without `indexing`: one UserWarning per tile otherwise
+            warnings.filterwarnings("ignore", message=".*torch.meshgrid.*", category=UserWarning)
             y = self.descriptor(x)
         return y[..., : h * self.scale, : w * self.scale]
 

@@ -67,8 +67,8 @@ def test_bicubic_and_peer_without_vosr_checkpoint(data, tmp_path):
     bench.mkdir(parents=True)
     for name in URBAN_PHOTOS:
         Image.open(ASSETS / name).convert("RGB").save(bench / f"{Path(name).stem}.png")
-    out = tmp_path / "eval"
-    cfg = config_from_dict({}, [f"eval.hr_dir={bench}", "eval.degrade_preset=bicubic", "eval.crop=192",
+    out = tmp_path / "demo" / "eval"
+    cfg = config_from_dict({}, [f"eval.hr_dir={bench}", "eval.degrade_preset=bicubic", "eval.crop=128",
                                 f"eval.peers=[DAT-light={data / 'DAT_light_x4.pth'}]",
                                 f"eval.metric_weights=[{data}]", "eval.iqa_metrics=[stlpips, niqe, musiq]",
                                 f"eval.output={out}", "eval.save_images=true", "inference.device=cpu",
@@ -81,28 +81,31 @@ def test_bicubic_and_peer_without_vosr_checkpoint(data, tmp_path):
     assert peer["architecture"] == "DAT" and peer["scale"] == 4 and len(peer["sha256"]) == 64
     # the published margin (Urban100 x4) is reached on the urban photos we have
     margin = rows["DAT-light"]["metrics"]["psnr"] - rows["Bicubic"]["metrics"]["psnr"]
+    print(f"DAT-light - bicubic PSNR-Y on the urban crops: {margin:+.2f} dB (published Urban100: "
+          f"{DAT_LIGHT_URBAN100_MARGIN_DB:+.2f} dB)")
     assert margin >= DAT_LIGHT_URBAN100_MARGIN_DB, margin
     # perceptual metrics ran from the local files, named with their sha256; musiq (pyiqa only) skipped, with why
     files = summary["metric_files"]
     assert files["stlpips"]["file"].endswith("alex_shift_tolerant.pth") and len(files["stlpips"]["sha256"]) == 64
     assert files["niqe"]["file"].endswith("niqe_pris_params.npz")
     assert "pyiqa" in summary["metrics_skipped"]["musiq"]
-    for key in ("stlpips", "niqe"):
-        b, p = rows["Bicubic"]["metrics"][key], rows["DAT-light"]["metrics"][key]
-        assert np.isfinite(b) and np.isfinite(p)
+    assert np.isfinite(rows["Bicubic"]["metrics"]["stlpips"]) and np.isfinite(rows["DAT-light"]["metrics"]["stlpips"])
+    # NIQE is undefined on a 128 px crop (one 96 px block): NaN, counted and said, not averaged in
+    assert np.isnan(rows["Bicubic"]["metrics"]["niqe"]) and summary["metrics_undefined"]["niqe"] == 4
     # blurrier bicubic is perceptually further from HR than the peer
     assert rows["DAT-light"]["metrics"]["stlpips"] < rows["Bicubic"]["metrics"]["stlpips"]
     table = (out / "table.md").read_text()
     assert "| Peer | DAT-light |" in table and "ST-LPIPS↓" in table and files["stlpips"]["sha256"] in table
     assert peer["sha256"] in table and "musiq" in table
+    assert "niqe was undefined (NaN) on 4 image(s)" in table
     # PSNR-Y of the saved PNGs, recomputed with scikit-image, within 0.01 dB of the project's per-image numbers
     saved = json.loads((out / "summary.json").read_text())
     for label, folder in (("Bicubic", "Bicubic"), ("DAT-light", "DAT-light")):
         for name, m in saved["per_image"][label].items():
             sr = np.asarray(Image.open(out / "images" / folder / f"{name}.png").convert("RGB"))
             hr = Image.open(bench / f"{name}.png")
-            left, top = (hr.width - 192) // 2, (hr.height - 192) // 2
-            hr = np.asarray(hr.crop((left, top, left + 192, top + 192)))
+            left, top = (hr.width - 128) // 2, (hr.height - 128) // 2
+            hr = np.asarray(hr.crop((left, top, left + 128, top + 128)))
             assert abs(_skimage_psnr_y(hr, sr, 4) - m["psnr"]) < 0.01
     # the per-image CSV beside the table: one line per (row, image), the same numbers
     with open(out / "per_image.csv") as f:
@@ -111,6 +114,14 @@ def test_bicubic_and_peer_without_vosr_checkpoint(data, tmp_path):
     first = next(ln for ln in lines if ln["row"] == "DAT-light")
     assert float(first["psnr"]) == pytest.approx(saved["per_image"]["DAT-light"][first["image"]]["psnr"])
     assert summary["per_image_csv"] == str(out / "per_image.csv")
+    # the demo report lays the same JSON out: the peer row, its file, and a grid column for it
+    from demo.report import write_report
+
+    write_report(out.parent)
+    md = (out.parent / "report.md").read_text()
+    assert "| DAT-light | peer |" in md and "peer DAT-light: DAT x4" in md
+    assert "not checked (fewer than two teacher rows)" in md
+    assert Image.open(out.parent / "report_assets" / "grid.png").size[0] == 192 * 3    # bicubic | peer | HR
 
 
 def test_unsupported_peer_files_are_named(data, tmp_path):
