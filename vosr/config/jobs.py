@@ -99,8 +99,8 @@ class EvalConfig:
                          "eval.degrade_preset).")
     degrade_preset: str = option("realesrgan", "Degradation used to make LR when there is no LR folder (seeded "
                                  "per image from run.seed).", choices=["realesrgan", "bicubic"])
-    crop: int = option(0, "Centre-crop HR to this size and LR to crop/scale first (paper: 512 GT / 128 LR; "
-                       "0 = full image).", ge=0)
+    crop: int = option(0, "Centre-crop HR to this size and LR to crop/scale first (paper s4: 512 GT / 128 LR, "
+                       "the default of the vosr-0.5b / vosr-1.4b presets; 0 = full image).", ge=0)
     max_images: int = option(0, "Evaluate at most this many images (0 = all).", ge=0)
     dataset_name: str = option("", "Dataset name in the table (empty = the folder name).")
     teacher: str = option("", "Multi-step checkpoint (folder or models:/ URI) for the multi-step rows and the "
