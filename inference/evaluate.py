@@ -174,7 +174,9 @@ def load_pairs(cfg) -> tuple[list[Pair], dict[str, Any]]:
                     continue
                 lr = _load(lr_files[name], endpoint)
                 if hr.width < lr.width * scale or hr.height < lr.height * scale:
-                    info["skipped"][name] = f"HR {hr.size} smaller than {scale} x LR {lr.size}"
+                    same = " (LR at the HR's size, as some releases ship it: give LR at 1/scale)" \
+                        if lr.size == hr.size else ""
+                    info["skipped"][name] = f"HR {hr.size} smaller than {scale} x LR {lr.size}{same}"
                     continue
                 hr = hr.crop((0, 0, lr.width * scale, lr.height * scale))        # mod-crop to the pair
                 if ecfg.crop:

@@ -215,10 +215,13 @@ def test_published_benchmark_layouts(tmp_path):
         lr.save(drealsr / "test_LR" / f"DSC_{i}_x4.png")
     hr, _ = _hr_lr("skimage_coins.png")
     hr.save(realsr / "Canon_009_HR.png")                        # no LR4 partner
+    hr.save(realsr / "Canon_010_HR.png")
+    hr.save(realsr / "Canon_010_LR4.png")                       # LR shipped at the HR's size
     common = ["eval.crop=0", "run.mlflow.enabled=false", "eval.iqa_metrics=[]"]
     a = run(config_from_dict({}, [f"eval.hr_dir={realsr}", f"eval.output={tmp_path / 'a'}", *common]))
     assert a["data"]["lr_source"] == "paired" and a["data"]["images"] == 2
-    assert a["data"]["skipped"] == {"Canon_009": "no LR partner"}
+    assert a["data"]["skipped"]["Canon_009"] == "no LR partner" and len(a["data"]["skipped"]) == 2
+    assert "LR at the HR's size" in a["data"]["skipped"]["Canon_010"]
     b = run(config_from_dict({}, [f"eval.hr_dir={drealsr}", f"eval.output={tmp_path / 'b'}", *common]))
     assert b["data"]["images"] == 2 and b["dataset"] == "Test_x4"
     assert b["data"]["hr_dir"].endswith("test_HR") and b["data"]["lr_dir"].endswith("test_LR")
