@@ -286,23 +286,38 @@ class IQAMetrics:
         self.undefined: dict[str, int] = {}          # metric -> images where it is not defined (NaN)
         named, folders = iqa_local.parse_weight_entries(list(weights))
         names = list(dict.fromkeys([*names, *named]))
+        import os
+
+        try:
+            import pyiqa
+
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")   # pyiqa: weights must already be on disk; never download
+        except Exception as exc:  # noqa: BLE001 - a missing or broken optional extra
+            pyiqa, pyiqa_error = None, exc
         pyiqa_names = []
         for n in names:
             path = iqa_local.find_file(n, named, folders) if n in iqa_local.LOADERS else None
             if path is None:
                 pyiqa_names.append(n)
                 continue
+            self.files[n] = {"file": str(path), "sha256": sha256_file(path), "via": "vosr loader (iqa_local)"}
+            if pyiqa is not None and path.suffix in iqa_local.PYIQA_LOADS.get(n, ()):
+                try:            # pyiqa where it can load the file (ST-LPIPS .pth, NIQE .mat), else our loader
+                    self.metrics[n] = pyiqa.create_metric(n, device=device, as_loss=False,
+                                                          pretrained_model_path=str(path))
+                    self.files[n]["via"] = "pyiqa"
+                    continue
+                except Exception:  # noqa: BLE001 - fall back to the documented local loader
+                    pass
             try:
                 self.metrics[n] = iqa_local.LOADERS[n](path, device)
             except Exception as exc:  # noqa: BLE001 - a corrupt or wrong file is reported, not fatal
                 self.skipped[n] = f"local file {path} could not be loaded: {str(exc)[:160]}"
-                continue
-            self.files[n] = {"file": str(path), "sha256": sha256_file(path), "via": "vosr loader (iqa_local)"}
+                del self.files[n]
         if not pyiqa_names:
             return
-        try:
-            import pyiqa  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - a missing or broken optional extra
+        if pyiqa is None:
+            exc = pyiqa_error
             for n in pyiqa_names:
                 hint = ""
                 if n in iqa_local.KNOWN_FILES:
@@ -310,9 +325,6 @@ class IQAMetrics:
                             f"cache {iqa_local.pyiqa_cache_dir()}")
                 self.skipped[n] = f"pyiqa not installed (pip install '.[iqa]'): {type(exc).__name__}{hint}"
             return
-        import os
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")   # weights must already be on disk; never download
         for n in pyiqa_names:
             try:
                 self.metrics[n] = pyiqa.create_metric(n, device=device, as_loss=False)

@@ -34,6 +34,9 @@ KNOWN_FILES: dict[str, tuple[str, ...]] = {
     "niqe": ("niqe_pris_params.npz", "niqe_modelparameters.mat"),
 }
 FULL_REFERENCE_LOCAL = {"stlpips"}
+# file types pyiqa's own implementation loads (create_metric(..., pretrained_model_path=...)); used first when the
+# iqa extra is installed, with this module as the fallback
+PYIQA_LOADS: dict[str, tuple[str, ...]] = {"stlpips": (".pth",), "niqe": (".mat",)}
 NIQE_BLOCK = 96                # block size of the original NIQE release
 
 
