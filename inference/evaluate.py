@@ -491,7 +491,10 @@ def log_to_mlflow(cfg, summary: dict[str, Any], out: Path) -> str | None:
                            "lr_source": summary["data"]["lr_source"], "crop": cfg.eval.crop,
                            "scale": cfg.inference.upscale, "color_fix": cfg.inference.color_fix,
                            "tile_size": cfg.inference.tile_size, "seed": cfg.inference.seed,
-                           **{f"model_{k}": v for k, v in summary["models"].items()}})
+                           **{f"model_{k}": v for k, v in summary["models"].items()},
+                           **{"peer_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", p["name"]): f"{p['architecture']} sha256:{p['sha256'][:16]}"
+                              for p in summary.get("peers", [])},
+                           **{f"metric_file_{k}": v["file"] for k, v in summary.get("metric_files", {}).items()}})
         for row in summary["rows"]:
             key = re.sub(r"[^A-Za-z0-9_.-]+", "_", row["label"]).strip("_")
             mlflow.log_metrics({f"{key}/{m}": v for m, v in row["metrics"].items() if math.isfinite(v)})
