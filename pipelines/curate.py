@@ -145,36 +145,37 @@ def where(ds, column: str, op: str, value=None):
 
 
 def stage_dedup(meta, ccfg, info: dict):
-    """Duplicate decisions (DECISION_SCHEMA rows for the dropped duplicates) as a Ray Dataset, or None."""
+    """Duplicate decisions (DECISION_SCHEMA rows for the dropped duplicates) as a Ray Dataset, or None.
+
+    Ray tasks over the materialized blocks (dedup.find_duplicates): vectorised partition passes, no call per
+    group; only counters reach the driver unless the edge count is under dcfg.driver_max_edges."""
+    import ray
+    import ray.data
+
     dcfg = ccfg.dedup
     n = meta.count()
-    edges_all = (meta.select_columns(["key", "sha256", "phash"])
-                 .map_batches(dedup.explode_buckets, fn_kwargs={"k": dcfg.hamming}, batch_format="pyarrow")
-                 .groupby("bucket", num_partitions=partitions(n * (dcfg.hamming + 2)))
-                 .map_groups(dedup.bucket_edges, fn_kwargs={"k": dcfg.hamming, "cap": dcfg.max_bucket},
-                             batch_format="pyarrow")).materialize()
-    sums = column_sums(edges_all, ["#a", "overflow"])
-    marks = edges_all.count() - sums["#a"]
-    info["bucket_overflow"] = {"buckets": marks, "rows": sums["overflow"]}
-    info["duplicate_edges"] = sums["#a"]
-    log(f"[curate] dedup: {info['duplicate_edges']} verified edges (exact + near), overflow {info['bucket_overflow']}")
-    if info["duplicate_edges"] == 0:
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    stars, found = dedup.find_duplicates(meta.to_arrow_refs(), dcfg.hamming, dcfg.max_bucket, partitions(n),
+                                         search_tasks=cpus, driver_max_edges=dcfg.driver_max_edges, log=log)
+    info.update(found)
+    if not stars:
         return None
-    edges = where(edges_all, "a", "notnull").select_columns(["a", "b"])
-    stars = dedup.connected_components(edges, column_sums, num_partitions=partitions(info["duplicate_edges"]),
-                                       log=log)
-    return stars.map_batches(_star_decisions, batch_format="pyarrow")
+    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow")
 
 
 def _star_decisions(batch: pa.Table) -> pa.Table:
-    a = batch["a"].to_pylist()
-    b = batch["b"].to_pylist()
-    n = len(a)
+    a, b = batch["a"], batch["b"]
+    n = batch.num_rows
+
+    def part(col, start, stop):
+        return pc.utf8_slice_codeunits(col, start, stop)
     return pa.table({
-        "unit": [dedup.key_unit(k) for k in a], "row": [dedup.key_row(k) for k in a],
-        "kind": [writer.KIND_DECISION] * n, "id": [dedup.key_id(k) for k in a], "category": [None] * n,
-        "category_source": [None] * n, "duplicate_of": [dedup.key_id(k) for k in b], "drop_reason": ["duplicate"] * n,
-        "ledger_gen": pa.nulls(n, pa.int32()),
+        "unit": part(a, dedup._UNIT_AT, dedup._ROW_AT),
+        "row": pc.cast(part(a, dedup._ROW_AT, dedup._KEY_LEN), pa.int32()),
+        "kind": pa.array([writer.KIND_DECISION] * n, pa.int8()), "id": part(a, dedup._ID_AT, dedup._UNIT_AT),
+        "category": pa.nulls(n, pa.string()), "category_source": pa.nulls(n, pa.string()),
+        "duplicate_of": part(b, dedup._ID_AT, dedup._UNIT_AT),
+        "drop_reason": pa.array(["duplicate"] * n, pa.string()), "ledger_gen": pa.nulls(n, pa.int32()),
     }, schema=writer.DECISION_SCHEMA)
 
 
