@@ -55,6 +55,9 @@ def test_search_is_exact_on_planted_identical_and_skewed_hashes(k):
     for r in (1, 2, 3):
         i, j, _ = lsh.near_pairs(uniq, k, 1 << 30, counts, tables=lsh.plan_tables(k, len(uniq), r))
         assert set(zip(i.tolist(), j.tolist())) == want
+    # split by shared key blocks into small parts (the path large corpora take): the same pairs
+    i, j, _ = lsh.near_pairs(uniq, k, 1 << 30, counts, part_size=64)
+    assert set(zip(i.tolist(), j.tolist())) == want
     # the compact edges (identical groups as stars) connect exactly the brute-force components
     a, b, _ = lsh.near_duplicate_edges(h, k)
     assert len(a) <= len(h) + len(want)  # never all pairs of the flat group

@@ -29,6 +29,7 @@ import numpy as np
 # measured roughly with benchmarks/bench_scale.py on the 2-core dev machine
 CANDIDATE_COST = 4.0
 MAX_TABLES = 5000
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it is a bijection on 64-bit words
 
 
 def as_u64(h) -> np.ndarray:
@@ -59,28 +60,89 @@ def band_spec(k: int) -> list[tuple[int, int]]:
     return block_spec(k + 1)
 
 
-def table_cost(k: int, r: int, n: int) -> float:
-    """Estimated work of the r-of-(k + r) design on n distinct values (sort steps + weighted candidates)."""
-    m = k + r
-    tables = comb(m, r)
-    key_bits = 64 * r / m
-    return tables * (n + CANDIDATE_COST * n * n / 2.0 ** (key_bits + 1))
+def _subsets(m: int, size: int) -> np.ndarray:
+    """Every `size`-subset of m blocks as a bit mask (int64), vectorised."""
+    cur, last = np.zeros(1, np.int64), np.full(1, -1)
+    for _ in range(size):
+        parts, lasts = [], []
+        for b in range(m):
+            sel = last < b
+            parts.append(cur[sel] | (1 << b))
+            lasts.append(np.full(int(sel.sum()), b))
+        cur, last = np.concatenate(parts), np.concatenate(lasts)
+    return cur
 
 
-def choose_r(k: int, n: int) -> int:
-    """The r (blocks per key) with the least estimated work for n distinct values: grows with log n."""
-    best, best_cost = 1, None
+@lru_cache(maxsize=256)
+def block_design(k: int, m: int, r: int) -> tuple[int, ...]:
+    """Sets of r blocks (bit masks over m blocks) such that whichever k blocks hold the differences, one set
+    avoids them all: a pair within distance k then shares that set's key. m = k + r needs every r-set; for
+    larger m a greedy cover (Turan-type) needs far fewer. Built deterministically and checked exhaustively
+    against every k-set of blocks, so recall stays exact by construction."""
+    if m == k + r:
+        return tuple(sum(1 << b for b in c) for c in combinations(range(m), r))
+    dirty = _subsets(m, k)
+    fam: list[int] = []
+    rng = np.random.default_rng(0)
+    left = dirty
+    while len(left):
+        f, sub = 0, left
+        for _ in range(r):  # add the block that keeps the most uncovered k-sets avoidable
+            best, best_n = -1, -1
+            for b in rng.permutation(m):
+                if f >> int(b) & 1:
+                    continue
+                c = int(np.count_nonzero((sub & (1 << int(b))) == 0))
+                if c > best_n:
+                    best, best_n = int(b), c
+            f |= 1 << best
+            sub = sub[(sub & (1 << best)) == 0]
+        fam.append(f)
+        left = left[(left & f) != 0]
+    covered = np.zeros(len(dirty), bool)
+    for f in fam:
+        covered |= (dirty & f) == 0
+    if not covered.all():  # cannot happen by construction; recall must never depend on luck
+        raise AssertionError(f"block design k={k} m={m} r={r} misses a set")
+    return tuple(fam)
+
+
+def _designs(k: int):
+    """Candidate (m, r) designs for radius k: every r-of-(k+r), plus greedy covers on up to 17 blocks."""
     for r in range(1, 64 - k + 1):
         if comb(k + r, r) > MAX_TABLES and r > 1:
             break
-        c = table_cost(k, r, n)
+        yield k + r, r
+        for m in range(k + r + 1, 18):
+            if comb(m, k) <= 25_000 and 64 * r / m >= 16:
+                yield m, r
+
+
+def table_cost(k: int, m: int, r: int, n: int) -> float:
+    """Estimated work of design (m, r) on n distinct values: sort steps plus weighted candidates per table."""
+    widths = [w for _, w in block_spec(m)]
+    cost = 0.0
+    for f in block_design(k, m, r):
+        bits = sum(w for b, w in enumerate(widths) if f >> b & 1)
+        cost += n + CANDIDATE_COST * n * n / 2.0 ** (bits + 1)
+    return cost
+
+
+@lru_cache(maxsize=64)
+def choose_design(k: int, n: int) -> tuple[int, int]:
+    """The (m blocks, r per key) with the least estimated work for n distinct values; keys grow with log n."""
+    best, best_cost = (k + 1, 1), None
+    for m, r in _designs(k):
+        if len(block_design(k, m, r)) > MAX_TABLES:
+            continue
+        c = table_cost(k, m, r, n)
         if best_cost is None or c < best_cost:
-            best, best_cost = r, c
+            best, best_cost = (m, r), c
     return best
 
 
 @lru_cache(maxsize=64)
-def plan_tables(k: int, n: int, r: int | None = None) -> tuple[tuple[tuple[int, int], ...], ...]:
+def plan_tables(k: int, n: int, r: int | None = None, m: int | None = None):
     """The tables for radius k on n distinct values: each a tuple of (shift, width) blocks forming its key.
 
     Empty for k = 0 (identical hashes are grouped before any table)."""
@@ -88,20 +150,20 @@ def plan_tables(k: int, n: int, r: int | None = None) -> tuple[tuple[tuple[int, 
         raise ValueError(f"hamming radius k={k} must be in 0..63")
     if k == 0:
         return ()
-    r = choose_r(k, n) if r is None else int(r)
-    blocks = block_spec(k + r)
-    return tuple(tuple(blocks[b] for b in combo) for combo in combinations(range(k + r), r))
+    if r is None:
+        m, r = choose_design(k, n)
+    elif m is None:
+        m = k + int(r)
+    blocks = block_spec(m)
+    return tuple(tuple(blocks[b] for b in range(m) if f >> b & 1) for f in block_design(k, m, int(r)))
 
 
-def table_keys(u: np.ndarray, blocks) -> tuple[np.ndarray, int]:
-    """Packed key (the blocks' bits side by side) of uint64 values; returns (keys, key bits)."""
-    key = np.zeros(len(u), np.uint64)
-    bits = 0
+def table_mask(blocks) -> np.uint64:
+    """The bits of a table's key as one 64-bit mask."""
+    mask = 0
     for shift, width in blocks:
-        part = (u >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-        key |= part << np.uint64(bits)
-        bits += width
-    return key, bits
+        mask |= ((1 << width) - 1) << shift
+    return np.uint64(mask)
 
 
 def _run_pairs(sorted_keys: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -144,9 +206,9 @@ def table_pairs(u: np.ndarray, blocks, k: int, cap: int, counts: np.ndarray | No
         e = np.zeros(0, np.int64)
         return e, e, 0, 0
     idx_bits = max(1, (n - 1).bit_length())
-    key, bits = table_keys(u, blocks)
-    if bits + idx_bits > 64:  # fold the key (equal keys stay equal; extra collisions are verified away)
-        key = (key * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(idx_bits)
+    # key: the table's bits of each value, mixed by an odd multiplier (a bijection) and cut to the bits left
+    # beside the index; equal keys stay equal, the rare extra collisions are removed by the exact check
+    key = ((u & table_mask(blocks)) * _MIX) >> np.uint64(idx_bits)
     packed = np.sort((key << np.uint64(idx_bits)) | np.arange(n, dtype=np.uint64))
     left, right, st, sz = _run_pairs(packed >> np.uint64(idx_bits), cap)
     mask = np.uint64((1 << idx_bits) - 1)
@@ -166,8 +228,33 @@ def table_pairs(u: np.ndarray, blocks, k: int, cap: int, counts: np.ndarray | No
     return i[ok], j[ok], over_b, over_r
 
 
+def _split_groups(tables, n: int, part_size: int):
+    """Group the tables by d key blocks they all contain, d chosen so that splitting the values by those blocks
+    leaves parts of about `part_size` values (equal keys imply equal split blocks: the parts are independent,
+    and each part's sort stays in cache). Returns [(split blocks, [tables])]."""
+    if n <= part_size or not tables:
+        return [((), list(tables))]
+    widths = sorted(w for _, w in tables[0])
+    d, bits = 0, 0
+    while n / 2.0 ** bits > part_size and d < len(widths):
+        bits += widths[d]
+        d += 1
+    left = list(tables)
+    out = []
+    while left:  # greedy: the d-set of blocks contained in the most remaining tables
+        counts: dict = {}
+        for t in left:
+            for c in combinations(sorted(t), d):
+                counts[c] = counts.get(c, 0) + 1
+        best = max(counts, key=lambda c: (counts[c], c))
+        group = [t for t in left if set(best) <= set(t)]
+        left = [t for t in left if not set(best) <= set(t)]
+        out.append((best, group))
+    return out
+
+
 def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None, tables=None,
-               n_plan: int | None = None):
+               n_plan: int | None = None, part_size: int = 1 << 16):
     """All pairs (i < j) of distinct values u within distance k (exact), over all tables (or the given ones).
 
     Returns (i, j, overflow) with overflow = {"buckets": .., "rows": ..} summed over the tables."""
@@ -177,11 +264,28 @@ def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None
         tables = plan_tables(k, n if n_plan is None else n_plan)
     found = []
     ob = orow = 0
-    for blocks in tables:
-        i, j, b, r = table_pairs(u, blocks, k, cap, counts)
-        found.append(i * n + j)
-        ob += b
-        orow += r
+    for split, group in _split_groups(tables, n, part_size):
+        if split:
+            part = np.zeros(n, np.int64)
+            for shift, width in split:
+                part = (part << width) | ((u >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+            order = np.argsort(part, kind="stable")
+            bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
+            uo = u[order]
+            co = counts[order] if counts is not None else None
+            spans = [(int(bounds[p]), int(bounds[p + 1])) for p in range(len(bounds) - 1)]
+        else:
+            order, uo, co, spans = None, u, counts, [(0, n)]
+        for blocks in group:
+            for s, e in spans:
+                if e - s < 2:
+                    continue
+                i, j, b, r = table_pairs(uo[s:e], blocks, k, cap, None if co is None else co[s:e])
+                if order is not None:  # stable order: ascending indices stay ascending
+                    i, j = order[s + i], order[s + j]
+                found.append(i * n + j)
+                ob += b
+                orow += r
     pairs = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
     return pairs // max(n, 1), pairs % max(n, 1), {"buckets": ob, "rows": orow}
 
