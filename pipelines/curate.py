@@ -223,18 +223,34 @@ def fit_centres(meta, ccfg, seed: int, info: dict):
     return centres
 
 
-def _merge_key_groups(group: pa.Table) -> pa.Table:
-    """Join by node key: a row's category record and, when present, its duplicate record."""
-    rows = group.to_pylist()
-    dup = next((r for r in rows if r["drop_reason"] == "duplicate"), None)
-    base = next((r for r in rows if r["drop_reason"] != "duplicate"), None)
-    if dup is not None:
-        out = {**dup, "category": base["category"] if base else None,
-               "category_source": base["category_source"] if base else None}
-    else:
-        out = base
-    out = {k: out[k] for k in writer.DECISION_SCHEMA.names}
-    return pa.Table.from_pylist([out], schema=writer.DECISION_SCHEMA)
+def _merge_partition(n_cats: int, *pieces) -> pa.Table:
+    """One partition of the category records left-joined with the duplicate records on (unit, row), vectorised:
+    a row with a duplicate record takes its duplicate_of and drop_reason, and keeps its category."""
+    def concat(ts):
+        return pa.concat_tables(list(ts)) if ts else writer.DECISION_SCHEMA.empty_table()
+    cats = concat(pieces[:n_cats]).drop_columns(["duplicate_of", "drop_reason"])
+    dups = concat(pieces[n_cats:]).select(["unit", "row", "duplicate_of"])
+    if cats.num_rows == 0:
+        return writer.DECISION_SCHEMA.empty_table()
+    j = cats.join(dups, keys=["unit", "row"], join_type="left outer")
+    reason = pc.if_else(pc.is_valid(j["duplicate_of"]), pa.scalar("duplicate"), pa.scalar(None, pa.string()))
+    return j.append_column("drop_reason", reason).select(writer.DECISION_SCHEMA.names).cast(
+        writer.DECISION_SCHEMA)
+
+
+def merge_decisions(cats, dup_decisions, parts: int):
+    """Category records joined with the duplicate records by (unit, row): one hash-partition pass by unit over
+    both (Ray tasks), a pyarrow join per partition; no call per row, nothing gathered on the driver."""
+    import ray
+    import ray.data
+
+    cat_refs = cats.materialize().to_arrow_refs()
+    dup_refs = dup_decisions.materialize().to_arrow_refs()
+    cat_parts = dedup.hash_shuffle(cat_refs, None, "unit", parts, "string")
+    dup_parts = dedup.hash_shuffle(dup_refs, None, "unit", parts, "string")
+    merge = ray.remote(_merge_partition)
+    out = [merge.remote(len(c), *c, *d) for c, d in zip(cat_parts, dup_parts)]
+    return ray.data.from_arrow_refs(out)
 
 
 def _category_rows(batch: pa.Table) -> pa.Table:
@@ -245,11 +261,6 @@ def _category_rows(batch: pa.Table) -> pa.Table:
         "duplicate_of": pa.nulls(n, pa.string()), "drop_reason": pa.nulls(n, pa.string()),
         "ledger_gen": pa.nulls(n, pa.int32()),
     }, schema=writer.DECISION_SCHEMA)
-
-
-def _with_key(batch: pa.Table) -> pa.Table:
-    keys = [f"{u}{int(r):08d}" for u, r in zip(batch["unit"].to_pylist(), batch["row"].to_pylist())]
-    return batch.append_column("rk", pa.array(keys, pa.string()))
 
 
 def _apply_cap(group: pa.Table, cap: int) -> pa.Table:
@@ -268,9 +279,7 @@ def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     if not cap_can_bind:  # no category can exceed t: the writer merges category and duplicate records by row
         return cats if dup_decisions is None else cats.union(dup_decisions)
     if dup_decisions is not None:
-        merged = (cats.union(dup_decisions).map_batches(_with_key, batch_format="pyarrow")
-                  .groupby("rk", num_partitions=partitions(meta.count())).map_groups(_merge_key_groups, batch_format="pyarrow")
-                  .select_columns(writer.DECISION_SCHEMA.names))
+        merged = merge_decisions(cats, dup_decisions, partitions(meta.count()))
     else:
         merged = cats
     merged = merged.materialize()

@@ -66,9 +66,9 @@ def test_search_is_exact_on_planted_identical_and_skewed_hashes(k):
 
 
 def test_tables_grow_with_the_corpus_and_keep_occupancy_bounded():
-    for k, top in ((6, 10**8), (8, 10**7)):  # (k = 8 at 10^8 reaches lsh.MAX_TABLES)
+    for k in (6,):  # (k = 8: benchmarks/bench_scale.py; building its large designs takes seconds)
         prev_bits = 0
-        for n in (10**4, 10**6, top):
+        for n in (10**4, 10**6, 10**8):
             tables = lsh.plan_tables(k, n)
             bits = min(sum(w for _, w in t) for t in tables)
             assert bits >= prev_bits and n / 2.0 ** bits < 4  # expected random occupancy of a key stays small

@@ -261,7 +261,8 @@ def _concat(pieces) -> pa.Table:
 
 
 def _key_phash(block: pa.Table) -> pa.Table:
-    return block.select(["key", "phash"])
+    t = block.select(["key", "phash"])
+    return t.filter(pc.is_valid(t["phash"])) if t["phash"].null_count else t
 
 
 def _groups_task(*pieces):
@@ -289,7 +290,7 @@ def _star_task(fn, *pieces):
     return res, int(pc.sum(res["changed"]).as_py() or 0) if res.num_rows else 0
 
 
-def _shuffle(refs, prep, key: str, parts: int, kind: str):
+def hash_shuffle(refs, prep, key: str, parts: int, kind: str):
     """Map side of a hash-partition pass: per input block, `parts` piece references (list per partition)."""
     split = _remote(_split_task, num_returns=parts)
     per_block = [split.remote(r, prep, key, parts, kind) for r in refs]
@@ -314,7 +315,7 @@ def find_duplicates(block_refs, k: int, cap: int, parts: int, search_tasks: int,
 
     # 1. identical pHashes
     groups = _remote(_groups_task, num_returns=3)
-    out = [groups.remote(*pieces) for pieces in _shuffle(block_refs, _key_phash, "phash", parts, "int")]
+    out = [groups.remote(*pieces) for pieces in hash_shuffle(block_refs, _key_phash, "phash", parts, "int")]
     node_refs = [o[0] for o in out]
     star_refs = [o[1] for o in out]
     n_star = sum(ray.get([o[2] for o in out]))
@@ -332,9 +333,9 @@ def find_duplicates(block_refs, k: int, cap: int, parts: int, search_tasks: int,
     # 3. pHash pairs -> node-key pairs (two sort-merge passes against the node partitions)
     look = _remote(_dedupe_lookup_task, num_returns=2)
     half = [look.remote("ha", "ka", node_refs[p], *pieces)
-            for p, pieces in enumerate(_shuffle(pair_refs, None, "ha", parts, "int"))] if pair_refs else []
+            for p, pieces in enumerate(hash_shuffle(pair_refs, None, "ha", parts, "int"))] if pair_refs else []
     full = [look.remote("hb", "kb", node_refs[p], *pieces)
-            for p, pieces in enumerate(_shuffle([h[0] for h in half], None, "hb", parts, "int"))] if half else []
+            for p, pieces in enumerate(hash_shuffle([h[0] for h in half], None, "hb", parts, "int"))] if half else []
     near_refs = [_remote(_rename_pair).remote(f[0]) for f in full]
     n_near = sum(ray.get([f[1] for f in full])) if full else 0
     info = {"duplicate_edges": n_star + n_near, "bucket_overflow": overflow, "distinct_phash": n_distinct,
@@ -353,9 +354,9 @@ def find_duplicates(block_refs, k: int, cap: int, parts: int, search_tasks: int,
     star = _remote(_star_task, num_returns=2)
     for rnd in range(1, max_rounds + 1):
         large = [star.remote(large_star, *pieces)
-                 for pieces in _shuffle(edge_refs, both_directions, "node", parts, "string")]
+                 for pieces in hash_shuffle(edge_refs, both_directions, "node", parts, "string")]
         small = [star.remote(small_star, *pieces)
-                 for pieces in _shuffle([x[0] for x in large], oriented, "node", parts, "string")]
+                 for pieces in hash_shuffle([x[0] for x in large], oriented, "node", parts, "string")]
         changed = sum(ray.get([x[1] for x in large])) + sum(ray.get([x[1] for x in small]))
         edge_refs = [_remote(_select_ab).remote(x[0]) for x in small]
         log(f"[curate] connected components round {rnd}: {changed} changed")

@@ -19,6 +19,7 @@ counted as overflow (buckets, rows) and reported, so bounded work never drops re
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from itertools import combinations
 from math import comb
@@ -107,14 +108,16 @@ def block_design(k: int, m: int, r: int) -> tuple[int, ...]:
     return tuple(fam)
 
 
-def _designs(k: int):
-    """Candidate (m, r) designs for radius k: every r-of-(k+r), plus greedy covers on up to 17 blocks."""
+def _designs(k: int, n: int):
+    """Candidate (m, r) designs for radius k: every r-of-(k+r), plus (for n >= 2^16, where they pay for the
+    time to build them) greedy covers on up to 17 blocks."""
     for r in range(1, 64 - k + 1):
         if comb(k + r, r) > MAX_TABLES and r > 1:
             break
         yield k + r, r
-        for m in range(k + r + 1, 18):
-            if comb(m, k) <= 25_000 and 64 * r / m >= 16:
+        for m in range(k + r + 1, 18 if n >= 1 << 16 else 0):
+            bits = 64 * r / m  # only keys near log2(n) bits: shorter ones crowd, longer ones need more tables
+            if comb(m, k) <= 25_000 and math.log2(n) - 2 <= bits <= math.log2(n) + 5:
                 yield m, r
 
 
@@ -132,7 +135,7 @@ def table_cost(k: int, m: int, r: int, n: int) -> float:
 def choose_design(k: int, n: int) -> tuple[int, int]:
     """The (m blocks, r per key) with the least estimated work for n distinct values; keys grow with log n."""
     best, best_cost = (k + 1, 1), None
-    for m, r in _designs(k):
+    for m, r in _designs(k, n):
         if len(block_design(k, m, r)) > MAX_TABLES:
             continue
         c = table_cost(k, m, r, n)
