@@ -148,10 +148,10 @@ def test_identical_groups_star_to_the_best_key():
 
 def test_ray_form_finds_the_same_groups(ray_local):
     k = 6
-    h = corpus(2500, k, seed=11)
+    h = corpus(1200, k, seed=11)
     keys = _keys(len(h))
     rows = pa.table({"key": keys, "phash": h})
-    blocks = [ray_local.put(rows.slice(s, 700)) for s in range(0, len(h), 700)]
+    blocks = [ray_local.put(rows.slice(s, 500)) for s in range(0, len(h), 500)]
     brute = np.array(sorted(lsh.brute_force_pairs(h, k))).T
     root = components(len(h), brute[0], brute[1])
     members = {}
