@@ -145,36 +145,37 @@ def where(ds, column: str, op: str, value=None):
 
 
 def stage_dedup(meta, ccfg, info: dict):
-    """Duplicate decisions (DECISION_SCHEMA rows for the dropped duplicates) as a Ray Dataset, or None."""
+    """Duplicate decisions (DECISION_SCHEMA rows for the dropped duplicates) as a Ray Dataset, or None.
+
+    Ray tasks over the materialized blocks (dedup.find_duplicates): vectorised partition passes, no call per
+    group; only counters reach the driver unless the edge count is under dcfg.driver_max_edges."""
+    import ray
+    import ray.data
+
     dcfg = ccfg.dedup
     n = meta.count()
-    edges_all = (meta.select_columns(["key", "sha256", "phash"])
-                 .map_batches(dedup.explode_buckets, fn_kwargs={"k": dcfg.hamming}, batch_format="pyarrow")
-                 .groupby("bucket", num_partitions=partitions(n * (dcfg.hamming + 2)))
-                 .map_groups(dedup.bucket_edges, fn_kwargs={"k": dcfg.hamming, "cap": dcfg.max_bucket},
-                             batch_format="pyarrow")).materialize()
-    sums = column_sums(edges_all, ["#a", "overflow"])
-    marks = edges_all.count() - sums["#a"]
-    info["bucket_overflow"] = {"buckets": marks, "rows": sums["overflow"]}
-    info["duplicate_edges"] = sums["#a"]
-    log(f"[curate] dedup: {info['duplicate_edges']} verified edges (exact + near), overflow {info['bucket_overflow']}")
-    if info["duplicate_edges"] == 0:
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    stars, found = dedup.find_duplicates(meta.to_arrow_refs(), dcfg.hamming, dcfg.max_bucket, partitions(n),
+                                         search_tasks=cpus, driver_max_edges=dcfg.driver_max_edges, log=log)
+    info.update(found)
+    if not stars:
         return None
-    edges = where(edges_all, "a", "notnull").select_columns(["a", "b"])
-    stars = dedup.connected_components(edges, column_sums, num_partitions=partitions(info["duplicate_edges"]),
-                                       log=log)
-    return stars.map_batches(_star_decisions, batch_format="pyarrow")
+    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow")
 
 
 def _star_decisions(batch: pa.Table) -> pa.Table:
-    a = batch["a"].to_pylist()
-    b = batch["b"].to_pylist()
-    n = len(a)
+    a, b = batch["a"], batch["b"]
+    n = batch.num_rows
+
+    def part(col, start, stop):
+        return pc.utf8_slice_codeunits(col, start, stop)
     return pa.table({
-        "unit": [dedup.key_unit(k) for k in a], "row": [dedup.key_row(k) for k in a],
-        "kind": [writer.KIND_DECISION] * n, "id": [dedup.key_id(k) for k in a], "category": [None] * n,
-        "category_source": [None] * n, "duplicate_of": [dedup.key_id(k) for k in b], "drop_reason": ["duplicate"] * n,
-        "ledger_gen": pa.nulls(n, pa.int32()),
+        "unit": part(a, dedup._UNIT_AT, dedup._ROW_AT),
+        "row": pc.cast(part(a, dedup._ROW_AT, dedup._KEY_LEN), pa.int32()),
+        "kind": pa.array([writer.KIND_DECISION] * n, pa.int8()), "id": part(a, dedup._ID_AT, dedup._UNIT_AT),
+        "category": pa.nulls(n, pa.string()), "category_source": pa.nulls(n, pa.string()),
+        "duplicate_of": part(b, dedup._ID_AT, dedup._UNIT_AT),
+        "drop_reason": pa.array(["duplicate"] * n, pa.string()), "ledger_gen": pa.nulls(n, pa.int32()),
     }, schema=writer.DECISION_SCHEMA)
 
 
@@ -222,18 +223,34 @@ def fit_centres(meta, ccfg, seed: int, info: dict):
     return centres
 
 
-def _merge_key_groups(group: pa.Table) -> pa.Table:
-    """Join by node key: a row's category record and, when present, its duplicate record."""
-    rows = group.to_pylist()
-    dup = next((r for r in rows if r["drop_reason"] == "duplicate"), None)
-    base = next((r for r in rows if r["drop_reason"] != "duplicate"), None)
-    if dup is not None:
-        out = {**dup, "category": base["category"] if base else None,
-               "category_source": base["category_source"] if base else None}
-    else:
-        out = base
-    out = {k: out[k] for k in writer.DECISION_SCHEMA.names}
-    return pa.Table.from_pylist([out], schema=writer.DECISION_SCHEMA)
+def _merge_partition(n_cats: int, *pieces) -> pa.Table:
+    """One partition of the category records left-joined with the duplicate records on (unit, row), vectorised:
+    a row with a duplicate record takes its duplicate_of and drop_reason, and keeps its category."""
+    def concat(ts):
+        return pa.concat_tables(list(ts)) if ts else writer.DECISION_SCHEMA.empty_table()
+    cats = concat(pieces[:n_cats]).drop_columns(["duplicate_of", "drop_reason"])
+    dups = concat(pieces[n_cats:]).select(["unit", "row", "duplicate_of"])
+    if cats.num_rows == 0:
+        return writer.DECISION_SCHEMA.empty_table()
+    j = cats.join(dups, keys=["unit", "row"], join_type="left outer")
+    reason = pc.if_else(pc.is_valid(j["duplicate_of"]), pa.scalar("duplicate"), pa.scalar(None, pa.string()))
+    return j.append_column("drop_reason", reason).select(writer.DECISION_SCHEMA.names).cast(
+        writer.DECISION_SCHEMA)
+
+
+def merge_decisions(cats, dup_decisions, parts: int):
+    """Category records joined with the duplicate records by (unit, row): one hash-partition pass by unit over
+    both (Ray tasks), a pyarrow join per partition; no call per row, nothing gathered on the driver."""
+    import ray
+    import ray.data
+
+    cat_refs = cats.materialize().to_arrow_refs()
+    dup_refs = dup_decisions.materialize().to_arrow_refs()
+    cat_parts = dedup.hash_shuffle(cat_refs, None, "unit", parts, "string")
+    dup_parts = dedup.hash_shuffle(dup_refs, None, "unit", parts, "string")
+    merge = ray.remote(_merge_partition)
+    out = [merge.remote(len(c), *c, *d) for c, d in zip(cat_parts, dup_parts)]
+    return ray.data.from_arrow_refs(out)
 
 
 def _category_rows(batch: pa.Table) -> pa.Table:
@@ -244,11 +261,6 @@ def _category_rows(batch: pa.Table) -> pa.Table:
         "duplicate_of": pa.nulls(n, pa.string()), "drop_reason": pa.nulls(n, pa.string()),
         "ledger_gen": pa.nulls(n, pa.int32()),
     }, schema=writer.DECISION_SCHEMA)
-
-
-def _with_key(batch: pa.Table) -> pa.Table:
-    keys = [f"{u}{int(r):08d}" for u, r in zip(batch["unit"].to_pylist(), batch["row"].to_pylist())]
-    return batch.append_column("rk", pa.array(keys, pa.string()))
 
 
 def _apply_cap(group: pa.Table, cap: int) -> pa.Table:
@@ -267,9 +279,7 @@ def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     if not cap_can_bind:  # no category can exceed t: the writer merges category and duplicate records by row
         return cats if dup_decisions is None else cats.union(dup_decisions)
     if dup_decisions is not None:
-        merged = (cats.union(dup_decisions).map_batches(_with_key, batch_format="pyarrow")
-                  .groupby("rk", num_partitions=partitions(meta.count())).map_groups(_merge_key_groups, batch_format="pyarrow")
-                  .select_columns(writer.DECISION_SCHEMA.names))
+        merged = merge_decisions(cats, dup_decisions, partitions(meta.count()))
     else:
         merged = cats
     merged = merged.materialize()

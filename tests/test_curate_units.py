@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import random
 import time
-from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
@@ -111,37 +110,23 @@ def test_lsh_finds_exactly_the_brute_force_pairs():
     for k in (4, 8):
         brute = lsh.brute_force_pairs(h, k)
         assert lsh.lsh_pairs_local(h, k) == brute
-        # the per-bucket path the Ray job runs (second pigeonhole level inside each band bucket)
-        via_buckets = set()
-        bands = lsh.band_values(h, k)
-        for band in range(k + 1):
-            vals = bands[:, band]
-            for v in np.unique(vals):
-                idx = np.flatnonzero(vals == v)
-                i, j, _ = lsh.band_bucket_pairs(h[idx], k, band, cap=10**6)
-                via_buckets.update(zip(np.minimum(idx[i], idx[j]).tolist(), np.maximum(idx[i], idx[j]).tolist()))
-        assert via_buckets == brute
+        # the per-table path the Ray tasks run (each table alone, on the distinct values)
+        uniq, first, counts, inverse = lsh.group_identical(h)
+        via_tables = set()
+        for blocks in lsh.plan_tables(k, len(uniq)):
+            i, j, _, _ = lsh.table_pairs(uniq, blocks, k, cap=10**6)
+            a, b = first[i], first[j]
+            via_tables.update(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
+        assert via_tables == {p for p in brute if h[p[0]] != h[p[1]]}
         assert sum(1 for i in range(300) if (i, 3000 + i) in brute) == sum(1 for i in range(300) if i % 9 <= k)
 
 
-def test_bucket_cap_splits_and_counts():
-    h = np.zeros(25, dtype=np.int64)  # 25 identical (flat) hashes in one bucket
-    i, j, overflow = lsh.bucket_pairs(h, 2, cap=10)
-    assert overflow == 25 and len(i) == 45 + 45 + 10  # pairs only inside chunks of 10, 10, 5
-    i, j, overflow = lsh.bucket_pairs(h[:10], 2, cap=10)
-    assert overflow == 0 and len(i) == 45
-    i, j, overflow = lsh.band_bucket_pairs(h, 2, 0, cap=10)  # each member meets its next 9 equals only
-    assert overflow == 25 and len(i) == sum(25 - d for d in range(1, 10))
-    i, j, overflow = lsh.band_bucket_pairs(h, 2, 0, cap=100)
-    assert overflow == 0 and len(i) == 300
-
-
-def _local_group_by(rows: pa.Table, key: str, fn):
-    groups = defaultdict(list)
-    for r in rows.to_pylist():
-        groups[r[key]].append(r)
-    outs = [fn(pa.Table.from_pylist(g)) for _, g in sorted(groups.items())]
-    return pa.concat_tables(outs) if outs else None
+def test_identical_hashes_are_one_group_not_all_pairs():
+    h = np.zeros(25, dtype=np.int64)  # 25 identical (flat) hashes
+    assert lsh.lsh_pairs_local(h, 2) == {(i, j) for i in range(25) for j in range(i + 1, 25)}
+    a, b, overflow = lsh.near_duplicate_edges(h, 2, cap=10)
+    assert sorted(zip(a.tolist(), b.tolist())) == [(i, 0) for i in range(1, 25)]  # a star, no bucket
+    assert overflow == {"buckets": 0, "rows": 0}
 
 
 def test_star_contraction_matches_union_find():
@@ -160,9 +145,9 @@ def test_star_contraction_matches_union_find():
         ra, rb = find(a), find(b)
         parent[max(ra, rb)] = min(ra, rb)
     t = pa.table({"a": [a for a, _ in edges], "b": [b for _, b in edges]})
-    for _ in range(20):
-        large = _local_group_by(dedup._both_directions(t), "node", dedup._large_star)
-        small = _local_group_by(dedup._oriented(large), "node", dedup._small_star)
+    for _ in range(20):  # one partition holding every node: the vectorised steps the Ray tasks run
+        large = dedup.large_star(dedup.both_directions(t))
+        small = dedup.small_star(dedup.oriented(large))
         changed = sum(large["changed"].to_pylist()) + sum(small["changed"].to_pylist())
         t = small.select(["a", "b"])
         if not changed:

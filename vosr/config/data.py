@@ -41,9 +41,12 @@ class FilterConfig:
 @dataclass
 class DedupConfig:
     enabled: bool = option(True, "Run exact and near-duplicate removal.")
-    hamming: int = option(6, "Near-duplicate pHash Hamming radius k (banded LSH uses k+1 bands).", ge=0, le=31)
+    hamming: int = option(6, "Near-duplicate pHash Hamming radius k (exact multi-index hashing, pipelines/curation/lsh.py).", ge=0, le=31)
     max_bucket: int = option(1000, "Cap on the size of one LSH bucket; larger buckets are split and counted.",
                              ge=2)
+    driver_max_edges: int = option(500_000, "Duplicate edges up to which the connected components run on the "
+                                   "driver (scipy; ~200 bytes per edge there); above it they stay distributed "
+                                   "(large/small-star passes).", ge=0)
 
 
 @dataclass
