@@ -301,14 +301,19 @@ def stage_write(decisions, keys: list[str], gens: dict[str, int], ccfg, fingerpr
 
 
 def remove_stale_shards(ccfg, keys: list[str]) -> int:
+    """Delete final shards of blocks no longer in the plan, and shards without their stats JSON (the commit
+    marker, written last: a shard without one was cut off by a kill; the writer makes it again)."""
     ep = ccfg.s3_endpoint_url
     want = {f"part-{k}" for k in keys}
     storage.refresh_listing(ccfg.output, ep)
     removed = 0
-    for f in storage.list_files(storage.join(ccfg.output, SHARDS_DIR), endpoint_url=ep):
+    files = storage.list_files(storage.join(ccfg.output, SHARDS_DIR), endpoint_url=ep)
+    present = set(files)
+    for f in files:
         name = Path(f).name
         stem = name.split(".", 1)[0]
-        if stem not in want:
+        uncommitted = name.endswith(".parquet") and f[:-len(".parquet")] + ".stats.json" not in present
+        if stem not in want or uncommitted:
             storage.delete(f, ep)
             removed += 1
     return removed

@@ -65,25 +65,62 @@ def retry_next_run(reason: str) -> bool:
     return _retryable(reason) or reason in RERUN_ONLY_REASONS
 
 
+# IPv6 ranges refused whatever they embed: IPv4-compatible ::a.b.c.d (RFC 4291 s2.5.5.1, deprecated; also :: and
+# ::1), NAT64 well-known and local-use prefixes (RFC 6052, RFC 8215: a gateway translates them to IPv4 that may be
+# internal), 6to4 (RFC 3056: embeds an IPv4 relay address), Teredo (RFC 4380), discard-only (RFC 6666) and
+# site-local (RFC 3879, deprecated but still routed inside some networks). Python's is_global lets several of
+# these through (3.11: 64:ff9b::/96, 2002::/16, ::/96 and fec0::/10 are "global").
+_REFUSED_V6 = tuple(ipaddress.ip_network(n) for n in (
+    "::/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "100::/64", "fec0::/10"))
+# IPv4 ranges refused besides Python's non-global ones (its list varies across versions): IETF protocol
+# assignments (RFC 6890), benchmarking (RFC 2544), reserved (RFC 1112).
+_REFUSED_V4 = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "198.18.0.0/15", "240.0.0.0/4"))
+
+
 def address_allowed(ip: str) -> bool:
+    """Whether the crawl may connect to `ip`: a global unicast address, IPv4-mapped IPv6 judged by its IPv4,
+    and none of the IPv6 transition / deprecated ranges above (which embed an IPv4 address or reach inside)."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        elif any(addr in net for net in _REFUSED_V6):
+            return False
+    if isinstance(addr, ipaddress.IPv4Address) and any(addr in net for net in _REFUSED_V4):
+        return False
     return addr.is_global and not addr.is_multicast
 
 
+def _host_port(entry: str) -> tuple[str, int | None]:
+    """An allow_hosts entry: "host", "host:port", "[v6]" or "[v6]:port" (a bare IPv6 address has no port)."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else None
+    if entry.count(":") == 1:
+        host, port = entry.split(":")
+        return host, int(port)
+    return entry, None
+
+
 class _Policy:
+    """Address policy. `allow_hosts` entries exempt the named host only (as written in the URL), on the given
+    port or any port when none is given; an IP entry never exempts other hostnames that resolve to it."""
+
     def __init__(self, cfg):
         self.allow_private = bool(cfg.allow_private)
-        self.allow_hosts = {h.lower() for h in cfg.allow_hosts}
+        self.allow_hosts = {_host_port(h) for h in cfg.allow_hosts}
 
-    def exempt(self, host: str) -> bool:
-        return self.allow_private or host.lower().strip("[]") in self.allow_hosts
+    def exempt(self, host: str, port: int | None = None) -> bool:
+        if self.allow_private:
+            return True
+        host = host.lower().strip("[]")
+        return (host, None) in self.allow_hosts or (port is not None and (host, port) in self.allow_hosts)
 
-    def check_addresses(self, host: str, addresses: list[str]) -> None:
-        if self.exempt(host):
+    def check_addresses(self, host: str, addresses: list[str], port: int | None = None) -> None:
+        if self.exempt(host, port):
             return
-        bad = [a for a in addresses if not address_allowed(a) and a.lower() not in self.allow_hosts]
+        bad = [a for a in addresses if not address_allowed(a)]
         if bad:
             raise BlockedAddressError(f"{host} resolves to non-public address {bad[0]}")
 
@@ -97,7 +134,7 @@ class _GuardedResolver(ThreadedResolver):
 
     async def resolve(self, host, port=0, family=socket.AF_INET):
         infos = await super().resolve(host, port, family)
-        self._policy.check_addresses(host, [i["host"] for i in infos])
+        self._policy.check_addresses(host, [i["host"] for i in infos], port or None)
         return infos
 
 
@@ -176,8 +213,8 @@ class Crawler:
             gate = self._gates[host] = _DomainGate(self.cfg.per_domain_rps, self.cfg.per_domain_concurrency)
         return gate
 
-    async def _precheck(self, host: str) -> None:
-        if self.policy.exempt(host):
+    async def _precheck(self, host: str, port: int) -> None:
+        if self.policy.exempt(host, port):
             return
         try:
             ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
@@ -190,7 +227,7 @@ class Crawler:
                 raise _Failure("dns_error", str(exc)[:200]) from exc
             addrs = [i[4][0] for i in infos]
         try:
-            self.policy.check_addresses(host, addrs)
+            self.policy.check_addresses(host, addrs, port)
         except BlockedAddressError as exc:
             raise _Failure("blocked_address", str(exc)) from exc
 
@@ -202,7 +239,11 @@ class Crawler:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise _Failure("bad_url", f"unsupported URL {url[:200]!r}")
             host = parts.hostname
-            await self._precheck(host)
+            try:
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError as exc:
+                raise _Failure("bad_url", f"bad port in {url[:200]!r}") from exc
+            await self._precheck(host, port)
             async with self._gate(host):
                 try:
                     async with session.get(url, allow_redirects=False,

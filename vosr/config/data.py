@@ -22,7 +22,9 @@ class CrawlConfig:
     user_agent: str = option("vosr-curate/0.1 (+https://github.com/vosr-on-ray)", "User-Agent header sent.")
     respect_noai: bool = option(True, "Skip responses with X-Robots-Tag noai / noimageai (img2dataset style).")
     allow_private: bool = option(False, "Allow URLs that resolve to private, loopback or link-local addresses.")
-    allow_hosts: list[str] = option([], "Hosts or IPs allowed even when private (e.g. 127.0.0.1 in tests).")
+    allow_hosts: list[str] = option([], "Hosts exempt from the address policy, as written in the URL: \"host\" (any "
+                                    "port) or \"host:port\" / \"[v6]:port\" (e.g. 127.0.0.1 in tests). An IP entry "
+                                    "never exempts other hostnames that resolve to it.")
 
 
 @dataclass
