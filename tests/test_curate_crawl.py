@@ -144,3 +144,117 @@ def test_writer_killed_between_shard_and_stats_never_leaves_an_accepted_stale_sh
         writer.write_unit_shard(group2(dup=False), out, "", "fp-new")
     monkeypatch.setattr(storage, "write_bytes_atomic", real)
     assert storage.exists(writer.shard_uri(out, "cd34")) and shard_files(out) == [shard]
+
+
+# ------------------------------------------------------------------ politeness
+
+def test_retry_after_pauses_the_whole_domain(photos):
+    with http_server(photos[:1]) as site:
+        name = photos[0].name
+        urls = [site.url(f"/retry-after-once/{name}")] + [site.photo_url(name) + f"?i={i}" for i in range(4)]
+        res = fetch_urls(urls, crawl_cfg(retries=1, per_domain_rps=100.0, per_domain_concurrency=1,
+                                         allow_hosts=["127.0.0.1"]))
+        assert [r.reason for r in res] == ["ok"] * 5 and res[0].attempts == 2
+        first = site.requests.index(("GET", f"/retry-after-once/{name}", site.requests[0][2]))
+        t429 = site.hit_times[first]
+        later = [t - t429 for t in site.hit_times[first + 1:]]
+        # the 429 said Retry-After 0.3: no other URL of the domain was asked in the meantime (10 ms spacing else)
+        assert len(later) == 5 and min(later) >= 0.28, later
+
+
+def test_domain_limiter_spacing_leases_and_backoff():
+    import asyncio
+
+    from pipelines.curation.politeness import DomainLimiter
+
+    async def scenario():
+        lim = DomainLimiter()
+        delays, leases = [], []
+        for _ in range(3):
+            d, lease = await lim.acquire("a.example", 10.0, 2, 30.0)
+            delays.append(d)
+            leases.append(lease)
+            if len(leases) == 2:
+                break
+        assert delays[0] == 0 and 0.09 < delays[1] <= 0.1  # starts 1/rps apart
+        # a third request waits for a lease (concurrency 2) until one is released
+        waiter = asyncio.ensure_future(lim.acquire("a.example", 10.0, 2, 30.0))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await lim.release("a.example", leases[0])
+        d3, _ = await asyncio.wait_for(waiter, 1.0)
+        assert 0.1 < d3 <= 0.2
+        # other domains are independent; a backoff pushes the domain's next start out
+        d, _ = await lim.acquire("b.example", 10.0, 2, 30.0)
+        assert d == 0
+        lim.backoff("b.example", 2.0)
+        d, lease = await lim.acquire("b.example", 10.0, 2, 30.0)
+        assert 1.9 < d <= 2.0
+        # a lease whose holder died expires after lease_s
+        _, _ = await lim.acquire("c.example", 1000.0, 1, 0.1)
+        d, _ = await asyncio.wait_for(lim.acquire("c.example", 1000.0, 1, 0.1), 1.0)
+        assert d < 0.01
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ stage-1 memory
+
+_MEMORY_PROBE = r"""
+import json, resource, sys, time
+from pipelines.curation.sources import plan_units
+from pipelines.curation.stage1 import run_unit
+from vosr.config import config_from_dict
+listing, out, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = config_from_dict({"curate": {"sources": [listing], "output": out, "rows_per_shard": rows, "stage1_buffer_mb": 4,
+    "crawl": {"concurrency": 4, "max_bytes": 3 * 2**20, "allow_hosts": ["127.0.0.1"], "per_domain_rps": 1000.0},
+    "filters": {"min_short_side": 16, "max_pixels": 2**20}}}).curate
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+unit, = plan_units([listing], 2 * rows)
+run_unit(plan_units([listing], 2)[0], "warmup", cfg)  # imports, thread pools, first allocations
+before = rss()
+res = run_unit(unit, "probe", cfg)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "peak": peak, "stats": json.loads(res["stats"])}))
+"""
+
+
+def test_stage1_memory_is_bounded_per_block_whatever_its_rows(tmp_path):
+    """A block of 160 bodies of 1.5 MiB (240 MiB) streams through stage 1 with a peak RSS growth under the stated
+    bound plus a fixed allowance, far below the block's size (holding its bodies once would exceed it)."""
+    import random
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    rng = np.random.default_rng(0)
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("pad", random.Random(0).randbytes(3 * 2**19).hex()[: 3 * 2**19])  # 1.5 MiB, decoded lazily
+    photo = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(photo, pnginfo=meta)
+    body = photo.stat().st_size
+    assert body > 3 * 2**19
+    rows = 160
+    with http_server([photo]) as site:
+        listing = tmp_path / "urls.txt"
+        listing.write_text("".join(f"{site.photo_url('big.png')}?i={i}\n" for i in range(rows)))
+        env = {**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])}
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(listing), str(tmp_path / "out"), str(rows)],
+                              capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["stats"]["ok"] == rows
+    ledger = pq.ParquetFile(tmp_path / "out" / "_stage1" / "probe.parquet")
+    assert ledger.metadata.num_rows == rows and ledger.metadata.num_row_groups > 10  # streamed in row groups
+    from pipelines.curation.stage1 import stage1_peak_bytes
+
+    cfg = config_from_dict({"curate": {"stage1_buffer_mb": 4, "crawl": {"concurrency": 4, "max_bytes": 3 * 2**20},
+                                       "filters": {"max_pixels": 2**20}}}).curate
+    bound = stage1_peak_bytes(cfg) + 32 * 2**20   # stated bound + allowance for allocator and library caches
+    growth = got["peak"] - got["before"]
+    assert rows * body > 2.5 * bound
+    print(f"stage-1 peak RSS growth {growth / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB, block {rows * body / 2**20:.0f} MiB")
+    assert growth < bound, (growth / 2**20, bound / 2**20)

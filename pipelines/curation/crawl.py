@@ -13,10 +13,14 @@ Every URL ends in exactly one FetchResult whose `reason` is "ok" or a failure co
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import email.utils
 import ipaddress
+import queue
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -46,6 +50,7 @@ class _Failure(Exception):
     def __init__(self, reason: str, detail: str = "", status: int = 0, retry_after: float | None = None):
         super().__init__(reason)
         self.reason, self.detail, self.status, self.retry_after = reason, detail, status, retry_after
+        self.host = ""  # the host of the hop that failed (set by _one_attempt)
 
 
 def _retryable(reason: str) -> bool:
@@ -160,6 +165,25 @@ class _DomainGate:
     async def __aexit__(self, *exc):
         self._sem.release()
 
+    def backoff(self, seconds: float) -> None:
+        """No request starts for `seconds` (a Retry-After from the domain)."""
+        self._next = max(self._next, time.monotonic() + seconds)
+
+
+class _SharedLease:
+    """One request's slot from the crawl-wide per-domain limiter (pipelines/curation/politeness.py): waits for
+    the start time the limiter assigns, holds one of the domain's concurrency leases until the request ends."""
+
+    def __init__(self, gates, host: str):
+        self._gates, self._host, self._lease = gates, host, None
+
+    async def __aenter__(self):
+        self._lease = await self._gates.acquire(self._host)
+        return self
+
+    async def __aexit__(self, *exc):
+        self._gates.release(self._host, self._lease)
+
 
 def parse_retry_after(value: str | None) -> float | None:
     if not value:
@@ -202,16 +226,30 @@ def _blocked_in_chain(exc: BaseException) -> BlockedAddressError | None:
 class Crawler:
     """Fetches URLs with the configured politeness and safety rules (one event loop, one session)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, shared_gates=None):
+        """shared_gates: a crawl-wide per-domain limiter client (politeness.SharedGates) so that the rate and
+        concurrency limits hold across every block and node; None: limits hold within this crawler only."""
         self.cfg = cfg
         self.policy = _Policy(cfg)
+        self.shared = shared_gates
         self._gates: dict[str, _DomainGate] = {}
 
-    def _gate(self, host: str) -> _DomainGate:
+    def _gate(self, host: str):
+        if self.shared is not None:
+            return _SharedLease(self.shared, host)
         gate = self._gates.get(host)
         if gate is None:
             gate = self._gates[host] = _DomainGate(self.cfg.per_domain_rps, self.cfg.per_domain_concurrency)
         return gate
+
+    def _backoff(self, host: str, seconds: float) -> None:
+        """A 429/503 with Retry-After: the whole domain waits, not only the URL that got the answer."""
+        if not host or seconds <= 0:
+            return
+        if self.shared is not None:
+            self.shared.backoff(host, seconds)
+        else:
+            self._gate(host).backoff(seconds)
 
     async def _precheck(self, host: str, port: int) -> None:
         if self.policy.exempt(host, port):
@@ -274,7 +312,10 @@ class Crawler:
                             if len(buf) > cfg.max_bytes:
                                 raise _Failure("oversize", f"body > {cfg.max_bytes} bytes", status)
                         return bytes(buf), status, url
-                except _Failure:
+                except _Failure as f:
+                    f.host = host
+                    if f.retry_after is not None and f.status in (429, 503):  # before the gate lets the next in
+                        self._backoff(host, min(f.retry_after, cfg.max_retry_after_s))
                     raise
                 except asyncio.TimeoutError as exc:
                     raise _Failure("timeout", f"no complete answer in {cfg.timeout_s}s") from exc
@@ -313,26 +354,79 @@ class Crawler:
                     wait = f.retry_after
                 await asyncio.sleep(wait)
 
-    async def fetch_all(self, urls: list[str]) -> list[FetchResult]:
+    async def fetch_stream(self, urls: list[str], emit, slots: asyncio.Semaphore) -> None:
+        """Fetch every URL, calling emit(index, result) as each ends (completion order). A URL starts only after
+        taking one of `slots` (size crawl.concurrency), which the consumer gives back once it has taken the
+        result: at most `concurrency` bodies exist at once, in flight or waiting, whatever the number of URLs."""
         cfg = self.cfg
         connector = aiohttp.TCPConnector(limit=cfg.concurrency, resolver=_GuardedResolver(self.policy),
                                          ttl_dns_cache=300)
-        total = asyncio.Semaphore(cfg.concurrency)
 
-        async def bounded(u: str) -> FetchResult:
-            async with total:
-                try:
-                    return await self.fetch(session, u)
-                except Exception as exc:  # noqa: BLE001 - every URL must end in a counted reason
-                    return FetchResult(u, "fetch_error", None, f"{type(exc).__name__}: {str(exc)[:200]}")
+        async def one(i: int, u: str) -> None:
+            try:
+                res = await self.fetch(session, u)
+            except Exception as exc:  # noqa: BLE001 - every URL must end in a counted reason
+                res = FetchResult(u, "fetch_error", None, f"{type(exc).__name__}: {str(exc)[:200]}")
+            emit(i, res)
 
         async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": cfg.user_agent},
                                          auto_decompress=True) as session:
-            return list(await asyncio.gather(*(bounded(u) for u in urls)))
+            running: set[asyncio.Task] = set()
+            try:
+                for i, u in enumerate(urls):
+                    await slots.acquire()
+                    task = asyncio.create_task(one(i, u))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*list(running))
+            except asyncio.CancelledError:  # the consumer stopped early
+                for task in list(running):
+                    task.cancel()
+                await asyncio.gather(*list(running), return_exceptions=True)
+                raise
 
 
-def fetch_urls(urls: list[str], crawl_cfg) -> list[FetchResult]:
-    """Fetch a list of URLs (blocking); results in input order, one per URL."""
+def iter_fetch(urls: list[str], crawl_cfg, shared_gates=None) -> Iterator[tuple[int, FetchResult]]:
+    """Fetch URLs on an event loop in a background thread; yields (index, result) in completion order, one per
+    URL. The caller's work on a result (decode, analysis, writing) overlaps the fetching of the next ones, and
+    at most crawl.concurrency bodies are held at any time (fetching or waiting to be taken)."""
     if not urls:
-        return []
-    return asyncio.run(Crawler(crawl_cfg).fetch_all(urls))
+        return
+    results: queue.Queue = queue.Queue()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="vosr-crawl", daemon=True)
+    thread.start()
+    slots = asyncio.Semaphore(crawl_cfg.concurrency)
+    emit = lambda i, r: results.put((i, r))  # noqa: E731
+    fut = asyncio.run_coroutine_threadsafe(Crawler(crawl_cfg, shared_gates).fetch_stream(urls, emit, slots), loop)
+    fut.add_done_callback(lambda f: results.put((None, f)))
+    taken = 0
+    try:
+        while True:
+            i, res = results.get()
+            if i is None:
+                if res.exception() is not None:
+                    raise res.exception()
+                if taken != len(urls):
+                    raise RuntimeError(f"crawler ended after {taken} of {len(urls)} URLs")
+                return
+            taken += 1
+            loop.call_soon_threadsafe(slots.release)
+            yield i, res
+    finally:
+        if not fut.done():  # the consumer stopped early: cancel what is left
+            fut.cancel()
+            concurrent.futures.wait([fut], timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        if not thread.is_alive():
+            loop.close()
+
+
+def fetch_urls(urls: list[str], crawl_cfg, shared_gates=None) -> list[FetchResult]:
+    """Fetch a list of URLs (blocking); results in input order, one per URL."""
+    out: list[FetchResult | None] = [None] * len(urls)
+    for i, res in iter_fetch(urls, crawl_cfg, shared_gates):
+        out[i] = res
+    return out  # type: ignore[return-value]
