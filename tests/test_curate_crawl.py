@@ -1,5 +1,7 @@
-"""Crawler safety and stage-1 / writer robustness without Ray: the address policy's IPv6 special ranges and
-allow_hosts scope (real loopback HTTP server), and the final-shard commit order under an injected kill."""
+"""Crawl and stage-1 pieces without Ray: the address policy's IPv6 special ranges and allow_hosts scope (real
+loopback HTTP server), the final-shard commit order under an injected kill, Retry-After pausing a whole domain,
+the crawl-wide domain limiter, stage-1 peak memory for a block of large bodies, and planning folders of URL lists.
+(Politeness across parallel blocks on Ray and an s3:// prefix of lists: tests/test_curate_scale.py.)"""
 
 from __future__ import annotations
 
@@ -258,3 +260,52 @@ def test_stage1_memory_is_bounded_per_block_whatever_its_rows(tmp_path):
     assert rows * body > 2.5 * bound
     print(f"stage-1 peak RSS growth {growth / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB, block {rows * body / 2**20:.0f} MiB")
     assert growth < bound, (growth / 2**20, bound / 2**20)
+
+
+# ------------------------------------------------------------------ planning
+
+def test_folder_of_url_lists_is_planned_in_a_stable_order_and_zero_blocks_is_an_error(tmp_path):
+    from pipelines.curation.sources import SourceError, plan_units, read_items
+
+    d = tmp_path / "lists"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.txt").write_text("http://x.example/1\nhttp://x.example/2\thouses\n")
+    (d / "a.csv").write_text("url,category\nhttp://y.example/1,cats\n")
+    pq.write_table(pa.table({"url": [f"http://z.example/{i}" for i in range(3)]}), d / "sub" / "c.parquet")
+    (d / "README.md").write_text("not a list")
+    units = plan_units([str(d)], 2)
+    got = [(it.source, it.category) for u in units for it in read_items(u)]
+    assert got == [("http://y.example/1", "cats"), ("http://x.example/1", None), ("http://x.example/2", "houses"),
+                   ("http://z.example/0", None), ("http://z.example/1", None), ("http://z.example/2", None)]
+    assert [u.key() for u in plan_units([str(d)], 2)] == [u.key() for u in units]  # stable
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "header-only.csv").write_text("url,category\n")
+    for name in ("empty", "empty.txt", "header-only.csv"):
+        with pytest.raises(SourceError, match=f"{name}.*plans no input blocks"):
+            plan_units([str(d), str(tmp_path / name)], 2)
+
+
+
+def test_a_block_killed_mid_way_runs_lighter_next_time(tmp_path, photos):
+    """A kill (e.g. for memory) leaves the block's attempt marker and partial ledger; the next attempt removes the
+    partial file, halves the crawl concurrency and row-group buffer, finishes, and clears the marker."""
+    from pipelines.curation.sources import plan_units
+    from pipelines.curation.stage1 import run_unit, stage1_uri
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in photos[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    cfg = config_from_dict({"curate": {"sources": [str(folder)], "output": str(out), "stage1_buffer_mb": 8,
+                                       "filters": {"min_short_side": 16}}}).curate
+    unit, = plan_units(cfg.sources, 16)
+    attempt = stage1_uri(str(out), "k1", ".attempt")
+    storage.write_bytes_atomic(attempt, b"1")                      # what a killed attempt leaves behind
+    partial = out / "_stage1" / "k1.parquet.tmp-0123"
+    partial.write_bytes(b"partial")
+    res = run_unit(unit, "k1", cfg)
+    assert res["scale"] == 2 and json.loads(res["stats"])["ok"] == 2
+    assert not storage.exists(attempt) and not partial.exists()
+    assert run_unit(unit, "k2", cfg)["scale"] == 1                 # a fresh block runs at full settings

@@ -8,6 +8,8 @@ _stage1/ for block <key>:
     <key>.g<n>.parquet     ledger, generation n: a re-run re-fetched its retryable rows and something changed
     <key>.retry            marker: the latest ledger still has retryable rows (written before that ledger)
     <key>.stats.json       counts of the latest ledger
+    <key>.attempt          attempts of the block begun and not finished (a kill leaves it behind; each one
+                           makes the next attempt lighter, see _lighter_after_kills); removed when it finishes
 A retry pass writes generation n+1 (atomically), then deletes generation n, then drops the marker when nothing
 retryable is left; a run killed between these steps leaves states the next run resolves (highest generation
 wins, stale generations are deleted, a marker without a ledger is ignored). Generations enter the stage-2
@@ -17,6 +19,7 @@ fingerprint, so final shards made from older ledgers are never kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -31,6 +34,7 @@ from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.curate_schema import STAGE1_DIR, STAGE1_SCHEMA
@@ -146,11 +150,11 @@ def ledger_stats(key: str, reasons: list[str], seconds: float) -> dict:
 
 def stage1_peak_bytes(ccfg) -> int:
     """The stated bound on one block's stage-1 working memory, whatever rows_per_shard is: the bodies the crawl
-    holds (crawl.concurrency in flight or waiting, each up to crawl.max_bytes, counted twice for the copy made when
-    a body completes), the ledger rows buffered for one row group (stage1_buffer_mb) three times (the rows, the
+    holds (crawl.concurrency in flight or waiting, each up to crawl.max_bytes, plus the one copy made as a body
+    completes on the crawl's event loop), the ledger rows buffered for one row group (stage1_buffer_mb) three times (the rows, the
     Arrow table, the encoded pages), and one decode at the pixel cap (RGB pixels plus the copy hashed)."""
     c = ccfg.crawl
-    return (2 * c.concurrency * c.max_bytes + 3 * ccfg.stage1_buffer_mb * 2**20
+    return ((c.concurrency + 1) * c.max_bytes + 3 * ccfg.stage1_buffer_mb * 2**20
             + 2 * 3 * ccfg.filters.max_pixels)
 
 
@@ -259,30 +263,35 @@ def run_unit(unit: Unit, key: str, ccfg, gen: int = -1, gates=None) -> dict:
     ep = ccfg.s3_endpoint_url
     out = ccfg.output
     marker = stage1_uri(out, key, ".retry")
-    group_bytes = ccfg.stage1_buffer_mb * 2**20
     if gen < 0:
         shard = ledger_uri(out, key)
         storage.refresh_listing(shard, ep)
         if storage.exists(shard, ep):
             return {"unit": key, "skipped": True, "stats": "", "retried": 0, "changed": False}
+    ccfg, scale = _lighter_after_kills(ccfg, key)
+    group_bytes = ccfg.stage1_buffer_mb * 2**20
+    if gen < 0:
         sink = LedgerWriter(shard, ep, group_bytes)
         try:
             stats = process_unit(unit, key, ccfg, sink, gates)
-        except BaseException:
-            sink.abort()
+        except BaseException as exc:
+            _failed(sink, ccfg, key, exc)
             raise
         if stats["retryable"] and ccfg.retry_failed:
             storage.write_bytes_atomic(marker, b"", ep)
         storage.write_bytes_atomic(stage1_uri(out, key, ".stats.json"), json.dumps(stats, indent=1).encode(), ep)
         sink.commit()
-        return {"unit": key, "skipped": False, "stats": json.dumps(stats), "retried": 0, "changed": True}
+        storage.delete(stage1_uri(out, key, ".attempt"), ep)
+        return {"unit": key, "skipped": False, "stats": json.dumps(stats), "retried": 0, "changed": True,
+                "scale": scale}
     current = ledger_uri(out, key, gen)
     sink = LedgerWriter(ledger_uri(out, key, gen + 1), ep, group_bytes)
     try:
         stats, retried, changed = retry_unit(unit, key, current, ccfg, sink, gates)
-    except BaseException:
-        sink.abort()
+    except BaseException as exc:
+        _failed(sink, ccfg, key, exc)
         raise
+    storage.delete(stage1_uri(out, key, ".attempt"), ep)
     if changed:
         storage.write_bytes_atomic(stage1_uri(out, key, ".stats.json"), json.dumps(stats, indent=1).encode(), ep)
         sink.commit()
@@ -291,4 +300,42 @@ def run_unit(unit: Unit, key: str, ccfg, gen: int = -1, gates=None) -> dict:
         sink.abort()
     if not stats["retryable"]:
         storage.delete(marker, ep)
-    return {"unit": key, "skipped": False, "stats": json.dumps(stats), "retried": retried, "changed": changed}
+    return {"unit": key, "skipped": False, "stats": json.dumps(stats), "retried": retried, "changed": changed,
+            "scale": scale}
+
+
+def _lighter_after_kills(ccfg, key: str):
+    """A block's attempt marker (_stage1/<key>.attempt) counts its attempts that were killed before finishing
+    (a process killed for memory never reaches an except clause). Each such attempt halves the block's crawl
+    concurrency and row-group buffer for the next one (Ray's retry of an OOM-killed task, or a re-run of the job),
+    so a block that ran out of memory does not fail again the same way. Returns (config to use, divisor)."""
+    ep = ccfg.s3_endpoint_url
+    uri = stage1_uri(ccfg.output, key, ".attempt")
+    try:
+        killed = int(storage.read_bytes(uri, ep).decode() or 0)
+    except (OSError, ValueError):
+        killed = 0
+    storage.write_bytes_atomic(uri, str(killed + 1).encode(), ep)
+    if not killed:
+        return ccfg, 1
+    fs, folder = storage.open_fs(storage.join(ccfg.output, STAGE1_DIR), ep)
+    for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        name = PurePosixPath(info.path).name
+        if name.startswith(key + ".") and ".tmp-" in name:  # the partial ledger of a killed attempt
+            with contextlib.suppress(OSError):
+                fs.delete_file(info.path)
+    scale = 2 ** min(killed, 6)
+    crawl = dataclasses.replace(ccfg.crawl, concurrency=max(1, ccfg.crawl.concurrency // scale))
+    lighter = dataclasses.replace(ccfg, crawl=crawl, stage1_buffer_mb=max(1, ccfg.stage1_buffer_mb // scale))
+    print(f"[curate] stage 1 block {key}: {killed} earlier attempt(s) were killed before finishing; running with "
+          f"crawl concurrency {crawl.concurrency} and a {lighter.stage1_buffer_mb} MiB row-group buffer", flush=True)
+    return lighter, scale
+
+
+def _failed(sink: LedgerWriter, ccfg, key: str, exc: BaseException) -> None:
+    """An attempt that ends with an exception (not a kill) removes its partial ledger and, unless the exception
+    is itself a MemoryError, its attempt marker: only kills and memory errors make the next attempt lighter."""
+    sink.abort()
+    if not isinstance(exc, MemoryError):
+        with contextlib.suppress(OSError):
+            storage.delete(stage1_uri(ccfg.output, key, ".attempt"), ccfg.s3_endpoint_url)
