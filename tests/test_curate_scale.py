@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,9 @@ def test_politeness_holds_across_parallel_blocks(env, photos, tmp_path):
     assert rate <= 1.1 * rps, rate
     for i in range(len(times)):  # no 1 s window holds more starts than the limit allows
         assert sum(1 for t in times[i:] if t - times[i] < 1.0) <= rps + 1
-    # the blocks did run at the same time: every block's first hit comes before every other block's last
-    spans = {}
-    for t, path in hits:
-        lo, hi = spans.get(path, (t, t))
-        spans[path] = (min(lo, t), max(hi, t))
-    assert len(spans) == 4 and max(lo for lo, _ in spans.values()) < min(hi for _, hi in spans.values())
+    # the blocks did run at the same time (their durations overlap): they shared the domain's budget
+    seconds = [json.loads(f.read_text())["seconds"] for f in (tmp_path / "out" / "_stage1").glob("*.stats.json")]
+    assert len(seconds) == 4 and sum(seconds) > 2 * (times[-1] - times[0])
 
 
 def test_cluster_curate_config_runs_as_shipped_on_s3(env, photos, tmp_path):

@@ -2,10 +2,13 @@
 
 Per request: a total timeout, a byte cap, redirects followed by hand (each hop re-checked, at most
 `max_redirects`), bounded retries with exponential backoff for timeouts, 429 and 5xx (Retry-After honoured up to
-`max_retry_after_s`), a per-domain rate limit and concurrency cap, a User-Agent, and img2dataset-style respect of
-`X-Robots-Tag: noai / noimageai`. Hosts that resolve to private, loopback, link-local or otherwise non-global
-addresses are refused unless `allow_private` is set or the host is in `allow_hosts`; the check runs before each
-hop and again inside the connector's resolver (so a DNS answer that changes between the two cannot slip past).
+`max_retry_after_s`), a per-domain rate limit and concurrency cap (crawl-wide through the gate actors of
+politeness.py when the curate job passes them, else per crawler; a 429/503 Retry-After pauses the whole domain), a
+User-Agent, and img2dataset-style respect of `X-Robots-Tag: noai / noimageai`. Hosts that resolve to private,
+loopback, link-local, IPv6 transition (NAT64, 6to4, IPv4-compatible, Teredo) or otherwise non-global addresses
+are refused unless `allow_private` is set or the URL names a host (and port) listed in `allow_hosts`; the check
+runs before each hop and again inside the connector's resolver (so a DNS answer that changes between the two
+cannot slip past). iter_fetch streams results as they complete, holding at most `concurrency` bodies.
 
 Every URL ends in exactly one FetchResult whose `reason` is "ok" or a failure code.
 """
