@@ -35,11 +35,11 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
 from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, SUMMARY_FILE  # noqa: E402
-from pipelines.curation import balance, dedup, writer  # noqa: E402
+from pipelines.curation import balance, dedup, politeness, writer  # noqa: E402
 from pipelines.curation.raytools import column_sums, partitions  # noqa: E402
 from pipelines.curation.semantic_embed import ClsEmbedder, check_semantic_weights  # noqa: E402
 from pipelines.curation.sources import Unit, plan_units  # noqa: E402
-from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1  # noqa: E402
+from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1, stage1_peak_bytes  # noqa: E402
 from vosr import storage  # noqa: E402
 
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
@@ -65,22 +65,36 @@ def stage1_salt(ccfg) -> str:
 
 # ------------------------------------------------------------------------------------------- stage 1
 
-def _stage1_task(row: dict, ccfg) -> dict:
-    return run_unit(Unit.from_row(row), row["key"], ccfg, gen=row["gen"])
+def _stage1_task(row: dict, ccfg, gates=None) -> dict:
+    return run_unit(Unit.from_row(row), row["key"], ccfg, gen=row["gen"], gates=gates)
 
 
-def _run_blocks(items: list[dict], ccfg):
+def block_memory(ccfg) -> int:
+    """Memory Ray reserves per stage-1 block task: the stated per-block bound (stage1_peak_bytes), capped at the
+    largest node's memory resource so the task always fits somewhere. The scheduler then never packs more
+    blocks onto a node than its memory holds, so a block is not killed for memory because of its neighbours."""
+    import ray
+
+    nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    cap = max(nodes) if nodes else 0
+    want = stage1_peak_bytes(ccfg)
+    return int(min(want, cap)) if cap else 0
+
+
+def _run_blocks(items: list[dict], ccfg, gates=None):
     """One Ray task per block, a bounded number in flight, results in completion order. Plain tasks rather than
     a Ray Data map: on a 2-CPU Ray, Ray Data 2.60's streaming executor ran 40 such 0.2 s block tasks one after
     another (9.6 s) where plain tasks ran two at a time (4.1 s); Ray retries a task whose node is lost."""
     import ray
 
-    task = ray.remote(num_cpus=ccfg.cpus_per_block, max_retries=3)(_stage1_task)
+    memory = block_memory(ccfg)
+    task = ray.remote(num_cpus=ccfg.cpus_per_block, max_retries=3,
+                      **({"memory": memory} if memory else {}))(_stage1_task)
     in_flight_cap = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / ccfg.cpus_per_block))
     todo, running = iter(items), []
     while True:
         for item in todo:
-            running.append(task.remote(item, ccfg))
+            running.append(task.remote(item, ccfg, gates))
             if len(running) >= in_flight_cap:
                 break
         if not running:
@@ -106,7 +120,17 @@ def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
     if not pending:
         return counts
     items = [{**u.to_row(), "key": k, "gen": g} for u, k, g in pending]
-    for i, res in enumerate(_run_blocks(items, ccfg), 1):
+    crawls = any(u.kind != "files" for u, _, _ in pending)
+    gates = politeness.start_gates(ccfg.crawl) if crawls and ccfg.crawl.gate_actors else None
+    try:
+        _collect_blocks(_run_blocks(items, ccfg, gates), len(pending), counts, ccfg)
+    finally:
+        politeness.stop_gates(gates)
+    return counts
+
+
+def _collect_blocks(results, n: int, counts: dict, ccfg) -> None:
+    for i, res in enumerate(results, 1):
         st = json.loads(res["stats"]) if res["stats"] else {}
         if res["retried"]:
             counts["blocks_retried"] += 1
@@ -116,10 +140,9 @@ def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
         else:
             counts["blocks_run"] += not res["skipped"]
             what = f"seen {st.get('seen', 0)} ok {st.get('ok', 0)}"
-        log(f"[curate] stage 1 block {i}/{len(pending)} {res['unit']}: {what} in {st.get('seconds', 0):.2f}s")
+        log(f"[curate] stage 1 block {i}/{n} {res['unit']}: {what} in {st.get('seconds', 0):.2f}s")
         if ccfg.fail_after_blocks and i >= ccfg.fail_after_blocks:
             raise InjectedFault(f"fail_after_blocks={ccfg.fail_after_blocks} reached")
-    return counts
 
 
 # ------------------------------------------------------------------------------------------- dedup
@@ -311,14 +334,19 @@ def stage_write(decisions, keys: list[str], gens: dict[str, int], ccfg, fingerpr
 
 
 def remove_stale_shards(ccfg, keys: list[str]) -> int:
+    """Delete final shards of blocks no longer in the plan, and shards without their stats JSON (the commit
+    marker, written last: a shard without one was cut off by a kill; the writer makes it again)."""
     ep = ccfg.s3_endpoint_url
     want = {f"part-{k}" for k in keys}
     storage.refresh_listing(ccfg.output, ep)
     removed = 0
-    for f in storage.list_files(storage.join(ccfg.output, SHARDS_DIR), endpoint_url=ep):
+    files = storage.list_files(storage.join(ccfg.output, SHARDS_DIR), endpoint_url=ep)
+    present = set(files)
+    for f in files:
         name = Path(f).name
         stem = name.split(".", 1)[0]
-        if stem not in want:
+        uncommitted = name.endswith(".parquet") and f[:-len(".parquet")] + ".stats.json" not in present
+        if stem not in want or uncommitted:
             storage.delete(f, ep)
             removed += 1
     return removed

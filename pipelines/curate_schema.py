@@ -4,7 +4,8 @@ Layout under the output root (a folder or an s3:// prefix):
 
     summary.json                      run summary: counts by reason, throughput, shard list
     shards/part-<key>.parquet         curated rows (CURATED_SCHEMA), one shard per input block
-    shards/part-<key>.stats.json      per-shard stats (seen, fetched, failed/filtered by reason, duplicates, kept)
+    shards/part-<key>.stats.json      per-shard stats (seen, fetched, failed/filtered by reason, duplicates, kept);
+                                      written after its shard, it is the shard's commit marker
     _stage1/<key>.parquet             stage-1 ledger: every input row with its outcome (STAGE1_SCHEMA)
     _stage1/<key>.stats.json          stage-1 counts of that block
     _stage1/<key>.g<n>.parquet        the same ledger after the n-th re-run that re-fetched transient failures
@@ -83,12 +84,22 @@ KEPT_FILTER = pc.field("kept") == pa.scalar(True)
 SHARDS_DIR = "shards"
 STAGE1_DIR = "_stage1"
 SUMMARY_FILE = "summary.json"
+STAGE2_FILE = "_stage2.json"
+STATS_SUFFIX = ".stats.json"
 
 
 def shard_files(uri: str, endpoint_url: str = "") -> list[str]:
-    """The final shard files under a curate output root, sorted (fresh listing, no cached s3 entries)."""
+    """The committed final shard files under a curate output root, sorted (fresh listing, no cached s3 entries).
+    In a curate job's output (one with _stage2.json) a shard is committed by its stats JSON, written after it
+    (pipelines/curation/writer.py): a shard without one was cut off by a kill and is not listed. A folder of shards
+    made otherwise (no _stage2.json) lists every .parquet."""
     storage.refresh_listing(uri, endpoint_url)
-    return storage.list_files(storage.join(uri, SHARDS_DIR), ".parquet", endpoint_url)
+    files = storage.list_files(storage.join(uri, SHARDS_DIR), endpoint_url=endpoint_url)
+    shards = [f for f in files if f.endswith(".parquet")]
+    if not storage.exists(storage.join(uri, STAGE2_FILE), endpoint_url):
+        return shards
+    committed = set(files)
+    return [f for f in shards if f[:-len(".parquet")] + STATS_SUFFIX in committed]
 
 
 def _reader_fs(uri: str, endpoint_url: str):

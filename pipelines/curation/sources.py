@@ -62,7 +62,9 @@ def _is_list(uri: str) -> bool:
 
 
 def plan_units(sources: list[str], rows_per_unit: int, endpoint_url: str = "") -> list[Unit]:
-    """All work units of the configured sources, in a stable order."""
+    """All work units of the configured sources, in a stable order. A folder or s3:// prefix is planned as every
+    URL list inside it (.txt/.csv/.parquet, recursively, sorted by path) plus runs of the image files inside it.
+    A source that plans no unit (an empty list, a folder with neither lists nor images) is an error naming it."""
     units: list[Unit] = []
     for src in sources:
         fs, path = storage.open_fs(src, endpoint_url)
@@ -70,17 +72,32 @@ def plan_units(sources: list[str], rows_per_unit: int, endpoint_url: str = "") -
         if info.type == pafs.FileType.NotFound:
             raise SourceError(f"source not found: {src}")
         if info.type == pafs.FileType.File and _is_list(src):
-            units.extend(_list_units(src, fs, path, info.size, rows_per_unit))
+            found = _list_units(src, fs, path, info.size, rows_per_unit)
         elif info.type == pafs.FileType.Directory:
-            files = [f for f in storage.list_files(src, endpoint_url=endpoint_url)
-                     if f.lower().endswith(IMAGE_SUFFIXES)]
-            for i in range(0, len(files), rows_per_unit):
-                units.append(Unit(kind="files", paths=files[i:i + rows_per_unit]))
+            found = _folder_units(src, fs, rows_per_unit, endpoint_url)
         elif info.type == pafs.FileType.File and src.lower().endswith(IMAGE_SUFFIXES):
-            units.append(Unit(kind="files", paths=[src]))
+            found = [Unit(kind="files", paths=[src])]
         else:
             raise SourceError(f"unsupported source {src!r}: expected a folder, an s3:// prefix or a URL list "
                               f"ending in one of {LIST_SUFFIXES}")
+        if not found:
+            raise SourceError(f"source {src!r} plans no input blocks: expected a non-empty URL list "
+                              f"({', '.join(LIST_SUFFIXES)}) or image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+        units.extend(found)
+    return units
+
+
+def _folder_units(src: str, fs, rows_per_unit: int, endpoint_url: str) -> list[Unit]:
+    """URL lists first (each split into units), then the image files in runs of rows_per_unit, by sorted path."""
+    files = storage.list_files(src, endpoint_url=endpoint_url)  # recursive, sorted, temporaries left out
+    units: list[Unit] = []
+    for f in files:
+        if _is_list(f):
+            path = storage.open_fs(f, endpoint_url)[1]
+            units.extend(_list_units(f, fs, path, fs.get_file_info(path).size, rows_per_unit))
+    images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    for i in range(0, len(images), rows_per_unit):
+        units.append(Unit(kind="files", paths=images[i:i + rows_per_unit]))
     return units
 
 

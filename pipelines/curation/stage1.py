@@ -8,6 +8,8 @@ _stage1/ for block <key>:
     <key>.g<n>.parquet     ledger, generation n: a re-run re-fetched its retryable rows and something changed
     <key>.retry            marker: the latest ledger still has retryable rows (written before that ledger)
     <key>.stats.json       counts of the latest ledger
+    <key>.attempt          attempts of the block begun and not finished (a kill leaves it behind; each one
+                           makes the next attempt lighter, see _lighter_after_kills); removed when it finishes
 A retry pass writes generation n+1 (atomically), then deletes generation n, then drops the marker when nothing
 retryable is left; a run killed between these steps leaves states the next run resolves (highest generation
 wins, stale generations are deleted, a marker without a ledger is ignored). Generations enter the stage-2
@@ -16,20 +18,28 @@ fingerprint, so final shards made from older ledgers are never kept.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import io
 import json
+import os
+import posixpath
 import re
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.curate_schema import STAGE1_DIR, STAGE1_SCHEMA
 from pipelines.curation.analysis import Rejected, analyse
-from pipelines.curation.crawl import FetchResult, fetch_urls, retry_next_run
+from pipelines.curation.crawl import FetchResult, iter_fetch, retry_next_run
 from pipelines.curation.sources import Item, Unit, read_items
 from vosr import storage
 
@@ -82,51 +92,46 @@ def row_id(data: bytes, source: str) -> str:
     return h.hexdigest()
 
 
-def _fetch_files(items: list[Item], max_bytes: int, endpoint_url: str) -> list[FetchResult]:
-    out = []
-    for it in items:
-        try:
-            fs, path = storage.open_fs(it.source, endpoint_url)
-            size = fs.get_file_info(path).size
-            if size is not None and size > max_bytes:
-                out.append(FetchResult(it.source, "oversize", None, f"{size} bytes > {max_bytes}"))
-                continue
-            with fs.open_input_stream(path) as f:
-                data = f.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                out.append(FetchResult(it.source, "oversize", None, f"> {max_bytes} bytes"))
-            else:
-                out.append(FetchResult(it.source, "ok", data, attempts=1))
-        except (OSError, ValueError) as exc:
-            out.append(FetchResult(it.source, "read_error", None, f"{type(exc).__name__}: {str(exc)[:200]}"))
-    return out
+def _fetch_file(it: Item, max_bytes: int, endpoint_url: str) -> FetchResult:
+    try:
+        fs, path = storage.open_fs(it.source, endpoint_url)
+        size = fs.get_file_info(path).size
+        if size is not None and size > max_bytes:
+            return FetchResult(it.source, "oversize", None, f"{size} bytes > {max_bytes}")
+        with fs.open_input_stream(path) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            return FetchResult(it.source, "oversize", None, f"> {max_bytes} bytes")
+        return FetchResult(it.source, "ok", data, attempts=1)
+    except (OSError, ValueError) as exc:
+        return FetchResult(it.source, "read_error", None, f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-def _fetch(unit: Unit, items: list[Item], ccfg) -> list[FetchResult]:
+def _fetch(unit: Unit, items: list[Item], ccfg, gates=None) -> Iterator[tuple[Item, FetchResult]]:
+    """(item, result) per item, as each body arrives (URLs: completion order; files: in order). At most
+    crawl.concurrency bodies are held by the fetching side at once (crawl.iter_fetch)."""
     if unit.kind == "files":
-        return _fetch_files(items, ccfg.crawl.max_bytes, ccfg.s3_endpoint_url)
-    return fetch_urls([it.source for it in items], ccfg.crawl)
+        for it in items:
+            yield it, _fetch_file(it, ccfg.crawl.max_bytes, ccfg.s3_endpoint_url)
+        return
+    for i, res in iter_fetch([it.source for it in items], ccfg.crawl, gates):
+        yield items[i], res
 
 
-def _ledger_rows(key: str, items: list[Item], fetched: list[FetchResult], ccfg) -> list[dict]:
-    """One ledger row per item: "ok" with image, hashes and embedding, or the failure/filter reason."""
-    rows: list[dict] = []
-    for it, res in zip(items, fetched):
-        row = {"unit": key, "row": it.index, "source": it.source, "list_category": it.category}
-        if res.reason != "ok":
-            rows.append({**row, "reason": res.reason, "detail": res.detail})
-            continue
-        data = res.data or b""
-        try:
-            a = analyse(data, ccfg.filters)
-        except Rejected as rej:
-            rows.append({**row, "reason": rej.reason, "detail": rej.detail})
-            continue
-        rows.append({**row, "reason": "ok", "detail": "", "id": row_id(data, it.source), "image": data,
-                     "format": a.format, "width": a.width, "height": a.height, "sha256": a.sha256,
-                     "phash": a.phash, "dhash": a.dhash, "gradient": a.gradient, "entropy": a.entropy,
-                     "embedding": a.embedding.tolist()})
-    return rows
+def _ledger_row(key: str, it: Item, res: FetchResult, ccfg) -> dict:
+    """One ledger row: "ok" with image, hashes and embedding, or the failure/filter reason."""
+    row = {"unit": key, "row": it.index, "source": it.source, "list_category": it.category}
+    if res.reason != "ok":
+        return {**row, "reason": res.reason, "detail": res.detail}
+    data = res.data or b""
+    try:
+        a = analyse(data, ccfg.filters)
+    except Rejected as rej:
+        return {**row, "reason": rej.reason, "detail": rej.detail}
+    return {**row, "reason": "ok", "detail": "", "id": row_id(data, it.source), "image": data,
+            "format": a.format, "width": a.width, "height": a.height, "sha256": a.sha256,
+            "phash": a.phash, "dhash": a.dhash, "gradient": a.gradient, "entropy": a.entropy,
+            "embedding": a.embedding.tolist()}
 
 
 def ledger_stats(key: str, reasons: list[str], seconds: float) -> dict:
@@ -143,31 +148,106 @@ def ledger_stats(key: str, reasons: list[str], seconds: float) -> dict:
             "retryable": sum(n for r, n in failed.items() if retry_next_run(r)), "seconds": round(seconds, 4)}
 
 
-def process_unit(unit: Unit, key: str, ccfg) -> tuple[pa.Table, dict]:
-    """Run stage 1 on one block; returns (ledger table in STAGE1_SCHEMA, stats dict). Pure, writes nothing."""
+def stage1_peak_bytes(ccfg) -> int:
+    """The stated bound on one block's stage-1 working memory, whatever rows_per_shard is: the bodies the crawl
+    holds (crawl.concurrency in flight or waiting, each up to crawl.max_bytes, plus the one copy made as a body
+    completes on the crawl's event loop), the ledger rows buffered for one row group (stage1_buffer_mb) three times (the rows, the
+    Arrow table, the encoded pages), and one decode at the pixel cap (RGB pixels plus the copy hashed)."""
+    c = ccfg.crawl
+    return ((c.concurrency + 1) * c.max_bytes + 3 * ccfg.stage1_buffer_mb * 2**20
+            + 2 * 3 * ccfg.filters.max_pixels)
+
+
+class LedgerWriter:
+    """Streams ledger rows to a Parquet file in row groups of about `group_bytes` of image bytes, under a
+    temporary name; commit() renames it into place (readers never see a partial ledger), abort() removes it.
+    A block's memory therefore holds one row group, not the whole block."""
+
+    def __init__(self, uri: str, endpoint_url: str, group_bytes: int):
+        self._fs, self._path = storage.open_fs(uri, endpoint_url)
+        parent = posixpath.dirname(self._path) if storage.is_remote(uri) else os.path.dirname(self._path)
+        self._fs.create_dir(parent, recursive=True)
+        self._tmp = f"{self._path}.tmp-{uuid.uuid4().hex}"
+        self._stream = self._fs.open_output_stream(self._tmp)
+        self._writer = pq.ParquetWriter(self._stream, STAGE1_SCHEMA, compression="zstd")
+        self._group_bytes = max(1, group_bytes)
+        self._rows: list[dict] = []
+        self._bytes = 0
+        self.reasons: list[str] = []
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        self.reasons.append(row["reason"])
+        self._bytes += len(row.get("image") or b"") + 512
+        if self._bytes >= self._group_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=STAGE1_SCHEMA))
+            self._rows, self._bytes = [], 0
+
+    def commit(self) -> None:
+        self.flush()
+        self._writer.close()
+        self._stream.close()
+        self._fs.move(self._tmp, self._path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        with contextlib.suppress(Exception):
+            self._stream.close()
+        with contextlib.suppress(Exception):
+            self._fs.delete_file(self._tmp)
+
+
+def process_unit(unit: Unit, key: str, ccfg, sink: LedgerWriter, gates=None) -> dict:
+    """Run stage 1 on one block, streaming its ledger rows (STAGE1_SCHEMA) into `sink`; returns the stats."""
     t0 = time.perf_counter()
     items = list(read_items(unit, ccfg.s3_endpoint_url))
-    rows = _ledger_rows(key, items, _fetch(unit, items, ccfg), ccfg)
-    table = pa.Table.from_pylist(rows, schema=STAGE1_SCHEMA)
-    return table, ledger_stats(key, [r["reason"] for r in rows], time.perf_counter() - t0)
+    for it, res in _fetch(unit, items, ccfg, gates):
+        sink.add(_ledger_row(key, it, res, ccfg))
+    return ledger_stats(key, sink.reasons, time.perf_counter() - t0)
 
 
-def retry_unit(unit: Unit, key: str, ledger: pa.Table, ccfg) -> tuple[pa.Table, dict, int]:
-    """Fetch again the rows of a finished ledger that failed with a retryable reason; returns (new ledger, its
-    stats, number of rows retried). Other rows are kept as they are (finished work is never redone)."""
+_COMPARED = [f.name for f in STAGE1_SCHEMA if f.name not in ("detail", "image")]
+
+
+def retry_unit(unit: Unit, key: str, current_uri: str, ccfg, sink: LedgerWriter,
+               gates=None) -> tuple[dict, int, bool]:
+    """Fetch again the rows of a finished ledger that failed with a retryable reason, streaming the new ledger
+    into `sink`: the fresh rows first, then (only when something changed) the other rows copied row group by row
+    group. Returns (stats of the new ledger, rows retried, changed). Finished rows are never fetched again."""
     t0 = time.perf_counter()
-    old = ledger.to_pylist()
-    redo = {r["row"] for r in old if retry_next_run(r["reason"])}
-    if not redo:
-        return ledger, ledger_stats(key, [r["reason"] for r in old], 0.0), 0
-    items = [it for it in read_items(unit, ccfg.s3_endpoint_url) if it.index in redo]
-    if len(items) != len(redo):
-        raise RuntimeError(f"block {key}: the input changed under its ledger ({len(items)} of {len(redo)} rows "
+    fs, path = storage.open_fs(current_uri, ccfg.s3_endpoint_url)
+    with fs.open_input_file(path) as f:
+        small = pq.read_table(f, columns=_COMPARED)  # no image bytes
+    old = {r["row"]: r for r in small.to_pylist() if retry_next_run(r["reason"])}
+    if not old:
+        return ledger_stats(key, small["reason"].to_pylist(), 0.0), 0, False
+    items = [it for it in read_items(unit, ccfg.s3_endpoint_url) if it.index in old]
+    if len(items) != len(old):
+        raise RuntimeError(f"block {key}: the input changed under its ledger ({len(items)} of {len(old)} rows "
                            "to retry found); use a new output or remove its _stage1/")
-    fresh = {r["row"]: r for r in _ledger_rows(key, items, _fetch(unit, items, ccfg), ccfg)}
-    rows = [fresh.get(r["row"], r) for r in old]
-    table = pa.Table.from_pylist(rows, schema=STAGE1_SCHEMA)
-    return table, ledger_stats(key, [r["reason"] for r in rows], time.perf_counter() - t0), len(redo)
+    changed = False
+    for it, res in _fetch(unit, items, ccfg, gates):
+        row = _ledger_row(key, it, res, ccfg)
+        prev = old[it.index]
+        changed |= any(row.get(c) != prev[c] for c in _COMPARED if c != "embedding") or (
+            row.get("embedding") is not None and prev["embedding"] is None)
+        sink.add(row)
+    if changed:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.metadata.num_row_groups):
+                part = pf.read_row_group(g)
+                keep = pc.invert(pc.is_in(part["row"], value_set=pa.array(list(old), pa.int32())))
+                for r in part.filter(keep).to_pylist():
+                    sink.add(r)
+    reasons = [r for r, row in zip(small["reason"].to_pylist(), small["row"].to_pylist()) if row not in old]
+    stats = ledger_stats(key, reasons + sink.reasons[:len(old)], time.perf_counter() - t0)
+    return stats, len(old), changed
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -176,9 +256,10 @@ def table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def run_unit(unit: Unit, key: str, ccfg, gen: int = -1) -> dict:
+def run_unit(unit: Unit, key: str, ccfg, gen: int = -1, gates=None) -> dict:
     """Stage 1 of one block. gen < 0: first pass, unless its ledger exists (then skipped). gen >= 0: retry pass
-    over the retryable rows of ledger generation `gen` (see the module docstring for the file protocol)."""
+    over the retryable rows of ledger generation `gen` (see the module docstring for the file protocol).
+    gates: the crawl-wide per-domain limiter (politeness.SharedGates) or None."""
     ep = ccfg.s3_endpoint_url
     out = ccfg.output
     marker = stage1_uri(out, key, ".retry")
@@ -187,22 +268,74 @@ def run_unit(unit: Unit, key: str, ccfg, gen: int = -1) -> dict:
         storage.refresh_listing(shard, ep)
         if storage.exists(shard, ep):
             return {"unit": key, "skipped": True, "stats": "", "retried": 0, "changed": False}
-        table, stats = process_unit(unit, key, ccfg)
+    ccfg, scale = _lighter_after_kills(ccfg, key)
+    group_bytes = ccfg.stage1_buffer_mb * 2**20
+    if gen < 0:
+        sink = LedgerWriter(shard, ep, group_bytes)
+        try:
+            stats = process_unit(unit, key, ccfg, sink, gates)
+        except BaseException as exc:
+            _failed(sink, ccfg, key, exc)
+            raise
         if stats["retryable"] and ccfg.retry_failed:
             storage.write_bytes_atomic(marker, b"", ep)
         storage.write_bytes_atomic(stage1_uri(out, key, ".stats.json"), json.dumps(stats, indent=1).encode(), ep)
-        storage.write_bytes_atomic(shard, table_bytes(table), ep)
-        return {"unit": key, "skipped": False, "stats": json.dumps(stats), "retried": 0, "changed": True}
+        sink.commit()
+        storage.delete(stage1_uri(out, key, ".attempt"), ep)
+        return {"unit": key, "skipped": False, "stats": json.dumps(stats), "retried": 0, "changed": True,
+                "scale": scale}
     current = ledger_uri(out, key, gen)
-    fs, path = storage.open_fs(current, ep)
-    with fs.open_input_file(path) as f:
-        ledger = pq.read_table(f)
-    table, stats, retried = retry_unit(unit, key, ledger, ccfg)
-    changed = retried > 0 and not table.drop_columns(["detail"]).equals(ledger.drop_columns(["detail"]))
+    sink = LedgerWriter(ledger_uri(out, key, gen + 1), ep, group_bytes)
+    try:
+        stats, retried, changed = retry_unit(unit, key, current, ccfg, sink, gates)
+    except BaseException as exc:
+        _failed(sink, ccfg, key, exc)
+        raise
+    storage.delete(stage1_uri(out, key, ".attempt"), ep)
     if changed:
         storage.write_bytes_atomic(stage1_uri(out, key, ".stats.json"), json.dumps(stats, indent=1).encode(), ep)
-        storage.write_bytes_atomic(ledger_uri(out, key, gen + 1), table_bytes(table), ep)
+        sink.commit()
         storage.delete(current, ep)
+    else:
+        sink.abort()
     if not stats["retryable"]:
         storage.delete(marker, ep)
-    return {"unit": key, "skipped": False, "stats": json.dumps(stats), "retried": retried, "changed": changed}
+    return {"unit": key, "skipped": False, "stats": json.dumps(stats), "retried": retried, "changed": changed,
+            "scale": scale}
+
+
+def _lighter_after_kills(ccfg, key: str):
+    """A block's attempt marker (_stage1/<key>.attempt) counts its attempts that were killed before finishing
+    (a process killed for memory never reaches an except clause). Each such attempt halves the block's crawl
+    concurrency and row-group buffer for the next one (Ray's retry of an OOM-killed task, or a re-run of the job),
+    so a block that ran out of memory does not fail again the same way. Returns (config to use, divisor)."""
+    ep = ccfg.s3_endpoint_url
+    uri = stage1_uri(ccfg.output, key, ".attempt")
+    try:
+        killed = int(storage.read_bytes(uri, ep).decode() or 0)
+    except (OSError, ValueError):
+        killed = 0
+    storage.write_bytes_atomic(uri, str(killed + 1).encode(), ep)
+    if not killed:
+        return ccfg, 1
+    fs, folder = storage.open_fs(storage.join(ccfg.output, STAGE1_DIR), ep)
+    for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        name = PurePosixPath(info.path).name
+        if name.startswith(key + ".") and ".tmp-" in name:  # the partial ledger of a killed attempt
+            with contextlib.suppress(OSError):
+                fs.delete_file(info.path)
+    scale = 2 ** min(killed, 6)
+    crawl = dataclasses.replace(ccfg.crawl, concurrency=max(1, ccfg.crawl.concurrency // scale))
+    lighter = dataclasses.replace(ccfg, crawl=crawl, stage1_buffer_mb=max(1, ccfg.stage1_buffer_mb // scale))
+    print(f"[curate] stage 1 block {key}: {killed} earlier attempt(s) were killed before finishing; running with "
+          f"crawl concurrency {crawl.concurrency} and a {lighter.stage1_buffer_mb} MiB row-group buffer", flush=True)
+    return lighter, scale
+
+
+def _failed(sink: LedgerWriter, ccfg, key: str, exc: BaseException) -> None:
+    """An attempt that ends with an exception (not a kill) removes its partial ledger and, unless the exception
+    is itself a MemoryError, its attempt marker: only kills and memory errors make the next attempt lighter."""
+    sink.abort()
+    if not isinstance(exc, MemoryError):
+        with contextlib.suppress(OSError):
+            storage.delete(stage1_uri(ccfg.output, key, ".attempt"), ccfg.s3_endpoint_url)

@@ -1,5 +1,8 @@
 """Final curated shards: one per input block, built from the block's stage-1 ledger and the stage-2 decisions
-for its rows, written atomically (stats JSON first, the Parquet shard last as the completion mark)."""
+for its rows, each file written atomically: the Parquet shard first, its stats JSON last. The stats JSON is the commit
+marker: it names the stage-2 fingerprint the shard was made with, so a run killed between the two writes leaves
+either no stats (the shard counts as incomplete) or the stats of an older shard with an older fingerprint (the shard
+counts as stale); both are rewritten by the next run and never accepted (see curate_schema.shard_files)."""
 
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def ledger_counts(ledger: pa.Table) -> dict:
 
 
 def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprint: str) -> pa.Table:
-    """Write one block's final shard, unless a complete shard made with the same stage-2 decisions exists."""
+    """Write one block's final shard, unless a complete shard made with the same stage-2 decisions exists (its
+    stats JSON, written last, carries `fingerprint`)."""
     unit = group["unit"][0].as_py()
     target = shard_uri(output, unit)
     stats_uri = shard_uri(output, unit, ".stats.json")
@@ -92,8 +96,8 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
     stats = {"unit": unit, "fingerprint": fingerprint, **ledger_counts(ledger), "duplicates": dup, "capped": capped, "kept": kept_n,
              "kept_by_category": dict(sorted(cats.items()))}
     text = json.dumps(stats, indent=1)
-    storage.write_bytes_atomic(stats_uri, text.encode(), endpoint_url)
     storage.write_bytes_atomic(target, table_bytes(table), endpoint_url)
+    storage.write_bytes_atomic(stats_uri, text.encode(), endpoint_url)  # the commit marker, last
     return pa.table({"unit": [unit], "skipped": [False], "stats": [text]}, schema=RESULT_SCHEMA)
 
 

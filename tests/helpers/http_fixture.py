@@ -9,6 +9,7 @@ Use as a context manager or the pytest fixture `http_site` (module scope):
         site.planted                          # {"resized": [(orig_name, path)], "reencoded": [...], "cropped": [...]}
         site.hostile                          # {path: expected reason code for the curate crawl}
         site.requests                         # [(method, path, user_agent)] seen by the server
+        site.hit_times                        # time.monotonic() of each of those requests
 
 Hostile endpoints: /status/404, /status/500, /status/429 (Retry-After: 1), /retry-after-once/<name> (429 with
 Retry-After 0.3 once, then the photo), /flaky/<name> (503 once, then the photo), /hang (sleeps `hang_s`),
@@ -27,6 +28,7 @@ import io
 import socket
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +89,7 @@ class HttpSite:
     planted: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # kind -> [(orig name, path)]
     hostile: dict[str, str] = field(default_factory=dict)                    # path -> expected reason
     requests: list[tuple[str, str, str]] = field(default_factory=list)
+    hit_times: list[float] = field(default_factory=list)                     # monotonic time of each request
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -116,6 +119,7 @@ class _Server:
         self.hang_s = hang_s
         self.oversize_bytes = oversize_bytes
         self.requests: list[tuple[str, str, str]] = []
+        self.hit_times: list[float] = []  # time.monotonic() of each request, in arrival order
         self.once: set[str] = set()
         self.loop = asyncio.new_event_loop()
         self.port = free_port()
@@ -131,6 +135,7 @@ class _Server:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        self.hit_times.append(time.monotonic())
         self.requests.append((request.method, path, request.headers.get("User-Agent", "")))
         if path.startswith("/photo/"):
             return self._photo(path[len("/photo/"):])
@@ -230,6 +235,7 @@ def http_server(photos: list[Path], plant: list[Path] | None = None, hang_s: flo
     server.start()
     site = HttpSite(f"http://127.0.0.1:{server.port}", dict(server.photos), server.planted, dict(HOSTILE_REASONS))
     site.requests = server.requests
+    site.hit_times = server.hit_times
     try:
         yield site
     finally:

@@ -16,13 +16,21 @@ class CrawlConfig:
     retries: int = option(2, "Retries for retryable failures (timeouts, 429, 5xx).", ge=0)
     backoff_s: float = option(0.5, "Base of the exponential backoff between retries (Retry-After wins).", ge=0)
     max_retry_after_s: float = option(30.0, "Longest Retry-After honoured; longer waits count as failures.", ge=0)
-    per_domain_rps: float = option(10.0, "Per-domain rate limit in requests per second (per worker).", gt=0)
-    per_domain_concurrency: int = option(4, "Concurrent requests per domain (per worker).", ge=1)
+    per_domain_rps: float = option(10.0, "Per-domain rate limit in requests per second, across the whole crawl "
+                                   "(every block and node) when gate_actors > 0, else per block.", gt=0)
+    per_domain_concurrency: int = option(4, "Concurrent requests per domain, across the whole crawl when "
+                                         "gate_actors > 0, else per block.", ge=1)
+    gate_actors: int = option(2, "Ray actors that keep the per-domain limits for the whole crawl (domains sharded "
+                              "by hash; a 429/503 Retry-After pauses the domain for every block). 0 = each block "
+                              "keeps its own limits (a domain then gets up to N times them with N blocks running).",
+                              ge=0)
     concurrency: int = option(32, "Concurrent requests per worker in total.", ge=1)
     user_agent: str = option("vosr-curate/0.1 (+https://github.com/vosr-on-ray)", "User-Agent header sent.")
     respect_noai: bool = option(True, "Skip responses with X-Robots-Tag noai / noimageai (img2dataset style).")
     allow_private: bool = option(False, "Allow URLs that resolve to private, loopback or link-local addresses.")
-    allow_hosts: list[str] = option([], "Hosts or IPs allowed even when private (e.g. 127.0.0.1 in tests).")
+    allow_hosts: list[str] = option([], "Hosts exempt from the address policy, as written in the URL: \"host\" (any "
+                                    "port) or \"host:port\" / \"[v6]:port\" (e.g. 127.0.0.1 in tests). An IP entry "
+                                    "never exempts other hostnames that resolve to it.")
 
 
 @dataclass
@@ -78,6 +86,10 @@ class CurateConfig:
     dedup: DedupConfig = option(DedupConfig(), "Exact and perceptual dedup.")
     balance: BalanceConfig = option(BalanceConfig(), "Category balancing.")
     s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
+    stage1_buffer_mb: int = option(64, "Stage 1 streams each block's ledger to storage in row groups of about this "
+                                   "many MiB of image bytes, so a block's memory does not grow with rows_per_shard "
+                                   "(the stated per-block bound is stage1.stage1_peak_bytes; Ray reserves it as "
+                                   "the block task's memory).", ge=1)
     cpus_per_block: float = option(1.0, "CPUs Ray reserves per stage-1 block task (lower it for crawl-bound "
                                    "URL lists so more blocks fetch at once).", gt=0)
     fail_after_blocks: int = option(0, "Testing aid: stop with an error after this many stage-1 blocks finish in "
