@@ -80,25 +80,62 @@ def _json(uri: str, ep: str) -> dict:
     return json.loads(storage.read_bytes(uri, ep))
 
 
+class DriverGuard:
+    """Instruments, in this (the driver's) process, every Ray Data method that brings rows to the caller. Records
+    each call and the columns and bytes of every batch it hands out."""
+
+    FETCHERS = ("iter_rows", "take", "take_all", "take_batch", "to_pandas", "to_arrow_refs", "iter_torch_batches",
+                "to_numpy_refs", "show", "materialize")
+
+    def __init__(self, mp: pytest.MonkeyPatch):
+        import ray.data
+
+        self.calls: list[str] = []
+        self.batches: list[tuple[tuple[str, ...], int]] = []
+        real_iter = ray.data.Dataset.iter_batches
+        guard = self
+
+        def iter_batches(ds, *a, **kw):
+            guard.calls.append("iter_batches")
+            for b in real_iter(ds, *a, **kw):
+                cols = tuple(b.column_names) if isinstance(b, pa.Table) else tuple(b)
+                guard.batches.append((cols, int(b.nbytes) if isinstance(b, pa.Table) else -1))
+                yield b
+
+        mp.setattr(ray.data.Dataset, "iter_batches", iter_batches)
+        for name in self.FETCHERS:
+            real = getattr(ray.data.Dataset, name)
+            mp.setattr(ray.data.Dataset, name, self._recorder(name, real))
+
+    def _recorder(self, name, real):
+        def wrapper(ds, *a, **kw):
+            self.calls.append(name)
+            return real(ds, *a, **kw)
+        return wrapper
+
+
 @pytest.fixture(scope="module")
 def materialised(s3, ray_local, curated, tmp_path_factory):
     """The precompute job on s3:// in and out, killed by fault injection after its first shard, then re-run to
-    completion. (s3 starts before Ray so the workers inherit its test credentials.)"""
+    completion. (s3 starts before Ray so the workers inherit its test credentials.) Both runs under DriverGuard."""
     from pipelines.precompute import FaultInjected, run
 
     local = tmp_path_factory.mktemp("run")
     out, ep = s3.uri("features"), s3.endpoint_url
-    with pytest.raises(FaultInjected):
-        run(_cfg(curated[0], out, local, ep, fail_after_shards=1), log=lambda s: None)
-    interrupted = {"keys": s3.keys("features/shards/"), "first": _read(out, ep, "part-00000.parquet")}
-    lines: list[str] = []
-    summary = run(_cfg(curated[0], out, local, ep, mlflow=True), log=lines.append)  # tracked in local/mlflow.db
+    with pytest.MonkeyPatch.context() as mp:
+        guard = DriverGuard(mp)
+        with pytest.raises(FaultInjected):
+            run(_cfg(curated[0], out, local, ep, fail_after_shards=1), log=lambda s: None)
+        interrupted = {"keys": s3.keys("features/shards/"), "first": _read(out, ep, "part-00000.parquet"),
+                       "parts": s3.keys("features/_parts/")}
+        lines: list[str] = []
+        summary = run(_cfg(curated[0], out, local, ep, mlflow=True), log=lines.append)  # tracked in local/mlflow.db
     cfg = _cfg(curated[0], out, local, ep)
-    return cfg, out, summary, lines, interrupted, local
+    return cfg, out, summary, lines, interrupted, local, guard
 
 
 def test_materialised_shards_rows_and_summary(materialised, curated):
-    cfg, out, summary, lines, _, _ = materialised
+    cfg, out, summary, lines, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     rows = curated[1]
     good = [r for r in rows if r["kept"] and r["id"] != "corrupt0"]
@@ -126,7 +163,7 @@ def test_rows_match_direct_library_computation(materialised, curated):
     from vosr.features import encode_views
     from vosr.seeding import sample_seed
 
-    cfg, out, _, _, _, _ = materialised
+    cfg, out, _, _, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     table = _read(out, ep)
     dec = fsch.decode_feature_rows(table)
@@ -153,7 +190,7 @@ def test_rows_match_direct_library_computation(materialised, curated):
 def test_online_equals_materialised(materialised, ray_local):
     from pipelines.online import online_dataset, online_metadata
 
-    cfg, out, _, _, _, _ = materialised
+    cfg, out, _, _, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     ds = online_dataset(cfg)
     batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
@@ -175,7 +212,7 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
     and the online mode."""
     from pipelines.precompute import run
 
-    cfg, out, summary, _, interrupted, _ = materialised
+    cfg, out, summary, _, interrupted, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     assert interrupted["keys"] == ["features/shards/part-00000.parquet", "features/shards/part-00000.stats.json"]
     assert summary["shards_skipped"] == 1 and summary["shards_written"] == 1
@@ -185,12 +222,60 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
     assert again["shards_skipped"] == 2 and again["shards_written"] == 0
 
 
+def test_no_row_batch_reaches_the_driver(materialised, s3):
+    """Issue 13.3: during both runs the driver iterated only the part summaries (shard, part uri, rows), a few
+    hundred bytes each; it never took, listed or converted rows. The transient parts were removed at the end."""
+    from pipelines.feature_writer import PART_SUMMARY_SCHEMA
+
+    *_, interrupted, _, guard = materialised
+    assert guard.calls and set(guard.calls) == {"iter_batches"}, guard.calls
+    assert guard.batches and {cols for cols, _ in guard.batches} == {tuple(PART_SUMMARY_SCHEMA.names)}
+    assert max(n for _, n in guard.batches) < 4096
+    assert interrupted["parts"]  # the killed run left parts behind (written by tasks, outside shards/) ...
+    assert s3.keys("features/_parts/") == []  # ... and the finished run cleaned them up
+
+
+def test_task_written_shards_equal_driver_side_assembly(materialised, curated, one_torch_thread):
+    """The shards written by tasks equal the previous driver-side path, recomputed here without Ray: the same
+    stage functions over each curated shard, all rows concatenated, failed rows counted and dropped, sorted by
+    (id, variant), cast to the schema."""
+    from pipelines.feature_stages import Encoder, make_pairs
+
+    cfg, out, _, _, _, _, _ = materialised
+    ep = cfg.precompute.s3_endpoint_url
+    schema = fsch.schema_for_config(cfg)
+    encoder = Encoder(cfg.to_dict())
+    for i in range(2):
+        name = f"part-{i:05d}.parquet"
+        src = pq.read_table(io.BytesIO(storage.read_bytes(f"{cfg.precompute.input}/shards/{name}", ep)))
+        batch = {"id": np.array(src.column("id").to_pylist(), dtype=object),
+                 "image": np.array(src.column("image").to_pylist(), dtype=object),
+                 "path": np.array([f"bucket/curated/shards/{name}"] * src.num_rows, dtype=object),
+                 "kept": np.array(src.column("kept").to_pylist(), dtype=bool)}
+        enc = encoder(make_pairs(batch, cfg.to_dict(), list(range(K))))
+        failed: dict[str, int] = {}
+        for e in enc.column("error").to_pylist():
+            if e:
+                failed[e] = failed.get(e, 0) + 1
+        old = enc.filter(pa.compute.equal(enc.column("error"), "")).sort_by([("id", "ascending"),
+                                                                              ("variant", "ascending")])
+        old = old.drop_columns(["src", "error"]).cast(schema)
+        new = _read(out, ep, name)
+        assert new.schema.names == old.schema.names and new.num_rows == old.num_rows > 0
+        for col in ("id", "variant", "seed", "crop_box", "image_size", "degrade_params", "hr_latent", "lr_latent"):
+            assert new.column(col).to_pylist() == old.column(col).to_pylist(), (name, col)
+        a, b = fsch.decode_feature_rows(new), fsch.decode_feature_rows(old)
+        assert torch.allclose(a["sem_tokens"], b["sem_tokens"], atol=2e-3, rtol=2e-3)  # batch composition only
+        assert _json(storage.join(out, "shards", name.replace(".parquet", ".stats.json")), ep)[
+            "failed_rows_by_reason"] == failed
+
+
 def test_command_line_entry_point(materialised, capsys):
     """`python pipelines/precompute.py --config configs/precompute/tiny.yaml --set ...` (here on the finished
     output: everything is skipped, the summary JSON is printed)."""
     from pipelines.precompute import main
 
-    cfg, out, _, _, _, local = materialised
+    cfg, out, _, _, _, local, _ = materialised
     rc = main(["--config", "configs/precompute/tiny.yaml", "--set", f"precompute.input={cfg.precompute.input}",
                "--set", f"precompute.output={out}", "--set", "precompute.s3_endpoint_url="
                f"{cfg.precompute.s3_endpoint_url}", "--set", "run.seed=3", "--set", "precompute.variants=2",
@@ -204,7 +289,7 @@ def test_command_line_entry_point(materialised, capsys):
 def test_mlflow_run_logged(materialised):
     import mlflow
 
-    cfg, out, summary, _, _, local = materialised
+    cfg, out, summary, _, _, local, _ = materialised
     mlflow.set_tracking_uri(f"sqlite:///{local / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["vosr"], output_format="list")
     assert len(runs) == 1
@@ -216,7 +301,7 @@ def test_mlflow_run_logged(materialised):
 def test_mismatched_features_are_refused(materialised, curated):
     from pipelines.precompute import ensure_metadata, run
 
-    cfg, out, _, _, _, _ = materialised
+    cfg, out, _, _, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     meta = fsch.read_metadata(out, ep)
     fsch.check_compatible(meta, cfg)  # the config it was made with passes
