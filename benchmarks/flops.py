@@ -12,6 +12,7 @@ optimizer step are not counted, as usual for MFU):
     dino_fwd         DINOv2 ViT-B/14 (0.5B) / ViT-L/14 (1.4B) up to the used block (8 / 17), input 448 x 448 at
                      every crop size (METHOD.md s3), frozen, no backward
     online_train     dit_train + vae_enc + dino_fwd (features computed in the training step, METHOD.md s5)
+    dino_cls_full    curation's k-means embedding: the whole ViT's CLS token at 448 (one per crawled image)
     distill          one RCGM distillation sample (METHOD.md s7): teacher 2 fwd (cond + weak), student 2 fwd
                      without grad (N=2 roll-out) and 2 fwd+bwd (base loss at r=t and the RC loss at r)
 Then the paper's Table 5 recipe in GPU-days at the stated MFU of the stated dense bf16 peak.
@@ -117,6 +118,25 @@ def dino_flops(preset: str, res: int) -> int:
     return _count(fwd)
 
 
+def dino_cls_flops(preset: str) -> int:
+    """Curation's balancing embedding (pipelines/curation/semantic_embed.py): the whole ViT's final CLS token,
+    one forward per image at semantic.input_size."""
+    from vosr.encoders.semantic import make_vit
+    from vosr.encoders.specs import semantic_arch
+
+    cfg = _cfg(preset, 512)
+    size = int(cfg.semantic.input_size)
+    with torch.device("meta"):
+        vit = make_vit(semantic_arch(cfg.semantic), size, True).eval()
+    x = torch.empty(1, 3, size, size, device="meta")
+
+    def fwd():
+        with torch.no_grad():
+            vit(x)
+
+    return _count(fwd)
+
+
 def table(mfu: float, peak_tflops: float) -> dict:
     rows = {}
     for preset in ("vosr-0.5b", "vosr-1.4b"):
@@ -127,7 +147,10 @@ def table(mfu: float, peak_tflops: float) -> dict:
             rows[f"{preset}@{res}"] = {"dit_fwd": fwd, "dit_train": train, "vae_enc": vae, "dino_fwd": dino,
                                        "online_train": train + vae + dino,
                                        "distill": 4 * fwd + 2 * train}
+    curation = {p: {"dino_cls_full": dino_cls_flops(p)} for p in ("vosr-0.5b", "vosr-1.4b")}
     eff = mfu * peak_tflops * 1e12
+    for c in curation.values():
+        c["gpu_hours_per_100M_images"] = 1e8 * c["dino_cls_full"] / eff / 3600
     recipe = {}
     for preset in ("vosr-0.5b", "vosr-1.4b"):
         stages = []
@@ -141,7 +164,7 @@ def table(mfu: float, peak_tflops: float) -> dict:
                            "gpu_days_materialised": samples * per / eff / 86400,
                            "gpu_days_online": samples * online / eff / 86400})
         recipe[preset] = stages
-    return {"mfu": mfu, "peak_tflops": peak_tflops, "per_sample": rows, "recipe": recipe}
+    return {"mfu": mfu, "peak_tflops": peak_tflops, "per_sample": rows, "recipe": recipe, "curation": curation}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, r in res["per_sample"].items():
         print(f"{k:<16}{r['dit_fwd'] / g:>10.1f}{r['dit_train'] / g:>10.1f}{r['vae_enc'] / g:>12.1f}"
               f"{r['dino_fwd'] / g:>10.1f}{r['online_train'] / g:>10.1f}{r['distill'] / g:>10.1f}")
+    for p, c in res["curation"].items():
+        print(f"curation CLS embedding ({p} encoder, whole ViT at 448): {c['dino_cls_full'] / g:.1f} GFLOPs/image, "
+              f"{c['gpu_hours_per_100M_images']:.1f} GPU-hours per 100M images at the MFU below")
     print(f"\nTable 5 recipe in GPU-days at MFU {args.mfu:.0%} of {args.peak_tflops:g} TFLOP/s "
           "(materialised features / online encoders)")
     for preset, stages in res["recipe"].items():
