@@ -10,6 +10,9 @@ Two task kinds, both run on the cluster:
                     `shards/part-<key>.stats.json` then `shards/part-<key>.parquet` (the completion mark) and
                     removes the shard's parts.
 
+The module imports neither torch nor the config (fresh task workers start in a fraction of a second); the driver
+hands the tasks a plain `writer_settings(cfg)` dict that holds the shard schema.
+
 Part names are a hash of the part's (id, variant) keys, so a retried task rewrites the same file with the same
 bytes; a killed run's leftover parts are never listed (the driver passes the exact parts to merge) and are removed
 with the shard's part folder once the shard is final. Peak memory of a merge is about twice the shard's bytes
@@ -28,10 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import feature_schema
-from pipelines.feature_stages import strip_helpers
 from vosr import storage
 
+SHARDS_DIR = "shards"  # = pipelines.feature_schema.SHARDS_DIR (not imported here: that module imports torch)
 PARTS_DIR = "_parts"
 PART_SUMMARY_SCHEMA = pa.schema([pa.field("shard", pa.string()), pa.field("part", pa.string()),
                                  pa.field("rows", pa.int64())])
@@ -46,7 +48,7 @@ def stem(name: str) -> str:
 
 
 def shard_uri(out_root: str, name: str) -> str:
-    return storage.join(out_root, feature_schema.SHARDS_DIR, name)
+    return storage.join(out_root, SHARDS_DIR, name)
 
 
 def parts_uri(out_root: str, name: str = "") -> str:
@@ -80,14 +82,37 @@ def write_parts(batch: pa.Table, output: str, endpoint_url: str = "") -> pa.Tabl
     return pa.table(out, schema=PART_SUMMARY_SCHEMA)
 
 
-def parquet_bytes(table: pa.Table, cfg) -> bytes:
-    buf = io.BytesIO()
-    comp = cfg.precompute.compression
+def count_kept(files: list[str], endpoint_url: str = "") -> dict[str, int]:
+    """Task (plan): kept rows per curated shard file, read from the `kept` column only; checks each schema."""
+    from pipelines.curate_schema import check_schema
+
+    out = {}
+    for f in files:
+        fs, path = storage.open_fs(f, endpoint_url)
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            check_schema(pf.schema_arrow)
+            out[basename(f)] = int(pc.sum(pf.read(columns=["kept"]).column("kept")).as_py() or 0)
+    return out
+
+
+def writer_settings(cfg) -> dict:
+    """What the writing tasks need from the config, as plain values (plus the shard schema)."""
+    from pipelines.feature_schema import schema_for_config
+
+    pc_ = cfg.precompute
     # Dictionary pages only where values repeat: ids/params, and the pixel codec's 8-bit-level latents. On dense
     # float tensors (VAE latents, ViT tokens) a dictionary only adds a page that is thrown away (~25% overhead).
     dict_cols = ["id", "degrade_params"] + (["hr_latent", "lr_latent"] if cfg.autoencoder.name == "pixel" else [])
-    pq.write_table(table, buf, compression=None if comp == "none" else comp, use_dictionary=dict_cols,
-                   write_statistics=["id", "variant", "seed"], row_group_size=max(1, cfg.precompute.rows_per_shard))
+    return {"output": pc_.output, "endpoint_url": pc_.s3_endpoint_url, "schema": schema_for_config(cfg),
+            "compression": None if pc_.compression == "none" else pc_.compression, "dictionary": dict_cols,
+            "row_group_size": max(1, int(pc_.rows_per_shard))}
+
+
+def parquet_bytes(table: pa.Table, settings: dict) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=settings["compression"], use_dictionary=settings["dictionary"],
+                   write_statistics=["id", "variant", "seed"], row_group_size=settings["row_group_size"])
     return buf.getvalue()
 
 
@@ -115,36 +140,32 @@ def assemble_shard(parts: list[pa.Table], schema: pa.Schema) -> tuple[pa.Table, 
             failed[e] = failed.get(e, 0) + 1
     table = table.filter(pc.equal(table.column("error"), ""))
     table = table.sort_by([("id", "ascending"), ("variant", "ascending")])
-    return strip_helpers(table).cast(schema), failed
+    return table.drop_columns(["error"]).cast(schema), failed
 
 
-def write_shard(cfg, name: str, parts: list[pa.Table], schema: pa.Schema) -> dict:
+def write_shard(settings: dict, name: str, parts: list[pa.Table]) -> dict:
     """Assemble one shard's rows, write stats then the shard (the shard's presence marks completion)."""
-    ep = cfg.precompute.s3_endpoint_url
-    table, failed = assemble_shard(parts, schema)
-    data = parquet_bytes(table, cfg)
+    out, ep = settings["output"], settings["endpoint_url"]
+    table, failed = assemble_shard(parts, settings["schema"])
+    data = parquet_bytes(table, settings)
     stats = {"shard": name, "rows": table.num_rows, "images": len(set(table.column("id").to_pylist())),
              "failed_rows_by_reason": failed, "bytes": len(data), "column_bytes": column_bytes(data)}
-    storage.write_bytes_atomic(shard_uri(cfg.precompute.output, f"{stem(name)}.stats.json"),
-                               json.dumps(stats, indent=2).encode(), ep)
-    storage.write_bytes_atomic(shard_uri(cfg.precompute.output, name), data, ep)
+    storage.write_bytes_atomic(shard_uri(out, f"{stem(name)}.stats.json"), json.dumps(stats, indent=2).encode(), ep)
+    storage.write_bytes_atomic(shard_uri(out, name), data, ep)
     return stats
 
 
-def finalize_shard(cfg_dict: dict, name: str, part_uris: list[str]) -> dict:
+def finalize_shard(settings: dict, name: str, part_uris: list[str]) -> dict:
     """Task: merge one shard's parts into the final shard, then remove its part folder (stale parts included)."""
-    from vosr.config import config_from_dict
-
-    cfg = config_from_dict(cfg_dict)
-    ep = cfg.precompute.s3_endpoint_url
+    ep = settings["endpoint_url"]
     parts = []
     for uri in part_uris:
         fs, path = storage.open_fs(uri, ep)
         with fs.open_input_file(path) as f:
             parts.append(pq.read_table(f))
-    stats = write_shard(cfg, name, parts, feature_schema.schema_for_config(cfg))
+    stats = write_shard(settings, name, parts)
     del parts
-    remove_parts(cfg.precompute.output, name, ep)
+    remove_parts(settings["output"], name, ep)
     return stats
 
 

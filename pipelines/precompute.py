@@ -3,12 +3,13 @@
     python pipelines/precompute.py --config configs/precompute/tiny.yaml [--set precompute.variants=4]
 
 Stages, top to bottom:
-    plan            list curated shards; skip those whose feature shard is complete (resume); count kept rows
+    plan            one listing of the curated and of the feature shards; skip finished shards (resume); count
+                    the kept rows of the pending ones (Ray tasks of 64 shards when there are more)
     metadata        build the encoders' identities; write or check `_vosr_features.json`
     read_curated    kept rows (id, image bytes) of the pending shards                    (Ray Data read)
     make_pairs      decode -> per variant seeded crop + Real-ESRGAN degradation           (CPU tasks)
     Encoder         HR latent, LR latent, semantic tokens                                 (actor pool, GPU if any)
-    write_parts     each encoded batch split by source shard, written as part files              (CPU tasks)
+    write_parts     each encoded batch split by source shard, written as part files       (CPU tasks)
     write_shards    driver: reads the parts' small summaries; when a shard's rows are all in parts, launches a
                     task that merges them into the shard, written atomically (pipelines/feature_writer.py)
     summary         throughput, bytes per sample per column, counts -> summary.json, stdout, MLflow
@@ -27,8 +28,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow.compute as pc  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
 from pipelines import curate_schema, feature_schema, feature_writer  # noqa: E402
 from pipelines.feature_stages import degrade_and_encode, read_curated  # noqa: E402
@@ -45,24 +44,40 @@ _shard_uri = feature_writer.shard_uri
 
 # --- stage: plan -------------------------------------------------------------------------------------------------
 
-def plan(cfg) -> dict:
+PLAN_FILES_PER_TASK = 64  # curated shards whose kept rows one planning task counts
+
+
+def plan(cfg, start_ray=None) -> dict:
+    """Pending shards from one listing of each side; kept rows per pending shard counted from the `kept` column,
+    in Ray tasks of PLAN_FILES_PER_TASK files when there are more (`start_ray()` starts or joins Ray first;
+    without it they are counted here, one file after the other)."""
     pcfg, ep = cfg.precompute, cfg.precompute.s3_endpoint_url
     files = curate_schema.shard_files(pcfg.input, ep)
     if not files:
         raise FileNotFoundError(f"no curated shards under {storage.join(pcfg.input, curate_schema.SHARDS_DIR)}")
-    done, pending = [], []
-    for f in files:
-        (done if storage.exists(_shard_uri(pcfg.output, _basename(f)), ep) else pending).append(f)
+    out_dir = storage.join(pcfg.output, feature_schema.SHARDS_DIR)
+    storage.refresh_listing(out_dir, ep)
+    finished = {_basename(f) for f in storage.list_files(out_dir, ".parquet", ep)}
+    done = [f for f in files if _basename(f) in finished]
+    pending = [f for f in files if _basename(f) not in finished]
     if pcfg.max_shards:
         pending = pending[:pcfg.max_shards]
-    expected = {}
-    for f in pending:
-        fs, path = storage.open_fs(f, ep)
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        curate_schema.check_schema(pf.schema_arrow)
-        kept = pf.read(columns=["kept"]).column("kept")
-        expected[_basename(f)] = int(pc.sum(kept).as_py() or 0)
-    return {"files": files, "done": done, "pending": pending, "expected": expected}
+    return {"files": files, "done": done, "pending": pending,
+            "expected": _count_expected(pending, ep, start_ray)}
+
+
+def _count_expected(pending: list[str], ep: str, start_ray) -> dict[str, int]:
+    chunks = [pending[i:i + PLAN_FILES_PER_TASK] for i in range(0, len(pending), PLAN_FILES_PER_TASK)]
+    if start_ray is None or len(chunks) <= 1:
+        return {k: v for c in chunks for k, v in feature_writer.count_kept(c, ep).items()}
+    import ray
+
+    start_ray()
+    task = ray.remote(num_cpus=0.25)(feature_writer.count_kept)
+    expected: dict[str, int] = {}
+    for part in ray.get([task.remote(c, ep) for c in chunks]):
+        expected.update(part)
+    return expected
 
 
 # --- stage: metadata ---------------------------------------------------------------------------------------------
@@ -95,9 +110,6 @@ def ensure_metadata(cfg, ae_id: dict, sem_id: dict) -> dict:
 # The rows are written by Ray tasks (pipelines/feature_writer.py); the driver reads only the part summaries (shard,
 # part uri, row count), launches one merge task per shard whose rows have all arrived, and adds up their stats.
 
-write_shard = feature_writer.write_shard  # kept for callers of the previous driver-side writer
-
-
 def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
     """Run the stream (ending in write_parts tasks); merge each shard as soon as all its rows (kept images x K)
     are in parts. Shards finish in any order. With fail_after_shards=N only the first N pending shards (plan
@@ -110,7 +122,7 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
     allowed = set(sorted(want)[:limit]) if limit else set(want)
     parts: dict[str, list[str]] = {name: [] for name in want}
     have = dict.fromkeys(want, 0)
-    cfg_dict = cfg.to_dict()
+    settings = feature_writer.writer_settings(cfg)
     finalize = ray.remote(num_cpus=0.5, max_retries=2)(feature_writer.finalize_shard)
     running: dict = {}
     launched: set[str] = set()
@@ -120,12 +132,12 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
 
     def launch(name: str) -> None:
         launched.add(name)
-        running[finalize.remote(cfg_dict, name, parts.pop(name))] = name
+        running[finalize.remote(settings, name, parts.pop(name))] = name
 
     def collect(timeout: float | None) -> None:
         if not running:
             return
-        ready, _ = ray.wait(list(running), num_returns=len(running) if timeout is None else 1, timeout=timeout)
+        ready, _ = ray.wait(list(running), num_returns=len(running), timeout=timeout)
         for ref in ready:
             running.pop(ref)
             stats = ray.get(ref)
@@ -166,6 +178,7 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
 
 # --- job ---------------------------------------------------------------------------------------------------------
 
+
 def run(cfg, log=print) -> dict:
     from pipelines.ray_env import init_ray
 
@@ -173,7 +186,7 @@ def run(cfg, log=print) -> dict:
         raise ValueError("precompute.mode=online writes nothing; use pipelines.online.online_dataset(cfg) from the "
                          "training job instead")
     t_start = time.perf_counter()
-    p = plan(cfg)
+    p = plan(cfg, start_ray=lambda: init_ray(cfg))
     log(f"[precompute] {len(p['files'])} curated shards: {len(p['done'])} already done, "
         f"{len(p['pending'])} to process ({sum(p['expected'].values())} kept images x {cfg.precompute.variants})")
     ae_id, sem_id = encoder_identities(cfg)

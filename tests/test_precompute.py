@@ -117,13 +117,15 @@ class DriverGuard:
 @pytest.fixture(scope="module")
 def materialised(s3, ray_local, curated, tmp_path_factory):
     """The precompute job on s3:// in and out, killed by fault injection after its first shard, then re-run to
-    completion. (s3 starts before Ray so the workers inherit its test credentials.) Both runs under DriverGuard."""
+    completion. (s3 starts before Ray so the workers inherit its test credentials.) Both runs under DriverGuard,
+    with the plan's row counting in tasks (one shard per task)."""
     from pipelines.precompute import FaultInjected, run
 
     local = tmp_path_factory.mktemp("run")
     out, ep = s3.uri("features"), s3.endpoint_url
     with pytest.MonkeyPatch.context() as mp:
         guard = DriverGuard(mp)
+        mp.setattr("pipelines.precompute.PLAN_FILES_PER_TASK", 1)  # plan counts kept rows in Ray tasks too
         with pytest.raises(FaultInjected):
             run(_cfg(curated[0], out, local, ep, fail_after_shards=1), log=lambda s: None)
         interrupted = {"keys": s3.keys("features/shards/"), "first": _read(out, ep, "part-00000.parquet"),
@@ -225,8 +227,9 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
 def test_no_row_batch_reaches_the_driver(materialised, s3):
     """Issue 13.3: during both runs the driver iterated only the part summaries (shard, part uri, rows), a few
     hundred bytes each; it never took, listed or converted rows. The transient parts were removed at the end."""
-    from pipelines.feature_writer import PART_SUMMARY_SCHEMA
+    from pipelines.feature_writer import PART_SUMMARY_SCHEMA, SHARDS_DIR
 
+    assert SHARDS_DIR == fsch.SHARDS_DIR  # the torch-free writer module repeats the constant
     *_, interrupted, _, guard = materialised
     assert guard.calls and set(guard.calls) == {"iter_batches"}, guard.calls
     assert guard.batches and {cols for cols, _ in guard.batches} == {tuple(PART_SUMMARY_SCHEMA.names)}
@@ -323,6 +326,63 @@ def test_mismatched_features_are_refused(materialised, curated):
                         meta["autoencoder"], meta["semantic"])
     with pytest.raises(ValueError, match="online"):
         run(cfg.replace(precompute=dataclasses.replace(cfg.precompute, mode="online")))
+
+
+def _encoded_batch(cfg, rows: list[tuple[str, int, str, str]]) -> pa.Table:
+    """An Encoder-shaped batch (feature schema + src/error helper columns) of (id, variant, src, error) rows."""
+    schema = fsch.schema_for_config(cfg)
+    n = len(rows)
+    lat, sem = fsch.latent_shape(cfg), fsch.sem_shape(cfg)
+    vals = torch.arange(n, dtype=torch.float32)
+    cols = {"id": [r[0] for r in rows], "variant": pa.array([r[1] for r in rows], pa.int32()),
+            "seed": pa.array(range(n), pa.int64()),
+            "crop_box": pa.array([[0, 0, 64, 64]] * n, pa.list_(pa.int32(), 4)),
+            "image_size": pa.array([[64, 64]] * n, pa.list_(pa.int32(), 2)),
+            "hr_latent": fsch.tensor_to_arrow(vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
+            "lr_latent": fsch.tensor_to_arrow(-vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
+            "sem_tokens": fsch.tensor_to_arrow(vals.view(n, 1, 1).expand(n, *sem), "float16"),
+            "degrade_params": ["{}"] * n}
+    t = pa.table(cols, schema=schema)
+    t = t.append_column("src", pa.array([r[2] for r in rows], pa.string()))
+    return t.append_column("error", pa.array([r[3] for r in rows], pa.string()))
+
+
+def test_writer_tasks_parts_then_merge(tmp_path):
+    """The two writing tasks without Ray: parts per source shard with content-derived names (a retried task
+    rewrites the same file), then the merge sorts, counts failed rows, writes stats + shard, removes the parts
+    (stale ones of a killed run too)."""
+    from pipelines import feature_writer as fw
+
+    out = str(tmp_path / "features")
+    cfg = config_from_dict({"preset": "tiny", "precompute": {"output": out}})
+    b1 = _encoded_batch(cfg, [("b", 1, "x/curated/shards/part-00001.parquet", ""),
+                              ("a", 0, "x/curated/shards/part-00000.parquet", ""),
+                              ("c", 0, "x/curated/shards/part-00001.parquet", "decode:not_image")])
+    b2 = _encoded_batch(cfg, [("b", 0, "x/curated/shards/part-00001.parquet", "")])
+    s1 = fw.write_parts(b1, out)
+    assert s1.schema == fw.PART_SUMMARY_SCHEMA and s1.column("shard").to_pylist() == ["part-00000.parquet",
+                                                                                      "part-00001.parquet"]
+    assert s1.column("rows").to_pylist() == [1, 2]
+    assert fw.write_parts(b1, out).equals(s1)  # a retry: same names, same files
+    s2 = fw.write_parts(b2, out)
+    stale = tmp_path / "features" / "_parts" / "part-00001" / "stale.parquet"
+    stale.write_bytes(b"left by a killed run")
+    assert len(list((tmp_path / "features" / "_parts").rglob("*.parquet"))) == 4
+    parts = [u for u, sh in zip(s1.column("part").to_pylist() + s2.column("part").to_pylist(),
+                                s1.column("shard").to_pylist() + s2.column("shard").to_pylist())
+             if sh == "part-00001.parquet"]
+    settings = fw.writer_settings(cfg)
+    stats = fw.finalize_shard(settings, "part-00001.parquet", parts)
+    assert stats["rows"] == 2 and stats["images"] == 1 and stats["failed_rows_by_reason"] == {"decode:not_image": 1}
+    shard = pq.read_table(tmp_path / "features" / "shards" / "part-00001.parquet")
+    assert shard.schema.names == fsch.schema_for_config(cfg).names
+    assert list(zip(shard.column("id").to_pylist(), shard.column("variant").to_pylist())) == [("b", 0), ("b", 1)]
+    assert shard.column("seed").to_pylist() == [0, 0]  # b2's row 0 first, then b1's row 0 (seed = row index)
+    assert json.loads((tmp_path / "features" / "shards" / "part-00001.stats.json").read_text())["rows"] == 2
+    assert not (tmp_path / "features" / "_parts" / "part-00001").exists() or not any(
+        (tmp_path / "features" / "_parts" / "part-00001").iterdir())
+    assert len(list((tmp_path / "features" / "_parts").rglob("*.parquet"))) == 1  # shard 0's part is untouched
+    assert fw.remove_parts(out) == 1
 
 
 def test_bf16_storage_roundtrip_is_bit_exact():
