@@ -28,7 +28,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
 from pipelines import curate_schema, feature_schema, feature_writer  # noqa: E402
 from pipelines.feature_stages import degrade_and_encode, read_curated  # noqa: E402
 from vosr import storage  # noqa: E402
@@ -39,7 +38,6 @@ class FaultInjected(RuntimeError):
 
 
 _basename = feature_writer.basename
-_shard_uri = feature_writer.shard_uri
 
 
 # --- stage: plan -------------------------------------------------------------------------------------------------
