@@ -3,35 +3,33 @@
     python pipelines/precompute.py --config configs/precompute/tiny.yaml [--set precompute.variants=4]
 
 Stages, top to bottom:
-    plan            list curated shards; skip those whose feature shard is complete (resume); count kept rows
+    plan            one listing of the curated and of the feature shards; skip finished shards (resume); count
+                    the kept rows of the pending ones (Ray tasks of 64 shards when there are more)
     metadata        build the encoders' identities; write or check `_vosr_features.json`
     read_curated    kept rows (id, image bytes) of the pending shards                    (Ray Data read)
     make_pairs      decode -> per variant seeded crop + Real-ESRGAN degradation           (CPU tasks)
     Encoder         HR latent, LR latent, semantic tokens                                 (actor pool, GPU if any)
-    write_shards    one feature shard per curated shard, written atomically when all its rows arrived
+    write_parts     each encoded batch split by source shard, written as part files       (CPU tasks)
+    write_shards    driver: reads the parts' small summaries; when a shard's rows are all in parts, launches a
+                    task that merges them into the shard, written atomically (pipelines/feature_writer.py)
     summary         throughput, bytes per sample per column, counts -> summary.json, stdout, MLflow
 
 Sharding is deterministic: curated `shards/part-<key>.parquet` becomes feature `shards/part-<key>.parquet`, rows
-sorted by (id, variant). A killed run leaves only complete shards; a re-run skips them and produces the rest.
+sorted by (id, variant). A killed run leaves only complete shards (and transient `_parts/`); a re-run skips them
+and produces the rest. No row byte reaches the driver and no global order is kept: shards finish in any order.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import posixpath
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from pipelines import curate_schema, feature_schema  # noqa: E402
-from pipelines.feature_stages import degrade_and_encode, read_curated, strip_helpers  # noqa: E402
+from pipelines import curate_schema, feature_schema, feature_writer  # noqa: E402
+from pipelines.feature_stages import degrade_and_encode, read_curated  # noqa: E402
 from vosr import storage  # noqa: E402
 
 
@@ -39,34 +37,45 @@ class FaultInjected(RuntimeError):
     """Raised by precompute.fail_after_shards (tests of resumption)."""
 
 
-def _basename(uri: str) -> str:
-    return posixpath.basename(uri.replace("\\", "/"))
-
-
-def _shard_uri(out_root: str, name: str) -> str:
-    return storage.join(out_root, feature_schema.SHARDS_DIR, name)
+_basename = feature_writer.basename
 
 
 # --- stage: plan -------------------------------------------------------------------------------------------------
 
-def plan(cfg) -> dict:
+PLAN_FILES_PER_TASK = 64  # curated shards whose kept rows one planning task counts
+
+
+def plan(cfg, start_ray=None) -> dict:
+    """Pending shards from one listing of each side; kept rows per pending shard counted from the `kept` column,
+    in Ray tasks of PLAN_FILES_PER_TASK files when there are more (`start_ray()` starts or joins Ray first;
+    without it they are counted here, one file after the other)."""
     pcfg, ep = cfg.precompute, cfg.precompute.s3_endpoint_url
     files = curate_schema.shard_files(pcfg.input, ep)
     if not files:
         raise FileNotFoundError(f"no curated shards under {storage.join(pcfg.input, curate_schema.SHARDS_DIR)}")
-    done, pending = [], []
-    for f in files:
-        (done if storage.exists(_shard_uri(pcfg.output, _basename(f)), ep) else pending).append(f)
+    out_dir = storage.join(pcfg.output, feature_schema.SHARDS_DIR)
+    storage.refresh_listing(out_dir, ep)
+    finished = {_basename(f) for f in storage.list_files(out_dir, ".parquet", ep)}
+    done = [f for f in files if _basename(f) in finished]
+    pending = [f for f in files if _basename(f) not in finished]
     if pcfg.max_shards:
         pending = pending[:pcfg.max_shards]
-    expected = {}
-    for f in pending:
-        fs, path = storage.open_fs(f, ep)
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        curate_schema.check_schema(pf.schema_arrow)
-        kept = pf.read(columns=["kept"]).column("kept")
-        expected[_basename(f)] = int(pc.sum(kept).as_py() or 0)
-    return {"files": files, "done": done, "pending": pending, "expected": expected}
+    return {"files": files, "done": done, "pending": pending,
+            "expected": _count_expected(pending, ep, start_ray)}
+
+
+def _count_expected(pending: list[str], ep: str, start_ray) -> dict[str, int]:
+    chunks = [pending[i:i + PLAN_FILES_PER_TASK] for i in range(0, len(pending), PLAN_FILES_PER_TASK)]
+    if start_ray is None or len(chunks) <= 1:
+        return {k: v for c in chunks for k, v in feature_writer.count_kept(c, ep).items()}
+    import ray
+
+    start_ray()
+    task = ray.remote(num_cpus=0.25)(feature_writer.count_kept)
+    expected: dict[str, int] = {}
+    for part in ray.get([task.remote(c, ep) for c in chunks]):
+        expected.update(part)
+    return expected
 
 
 # --- stage: metadata ---------------------------------------------------------------------------------------------
@@ -96,100 +105,77 @@ def ensure_metadata(cfg, ae_id: dict, sem_id: dict) -> dict:
 
 
 # --- stage: write_shards -----------------------------------------------------------------------------------------
+# The rows are written by Ray tasks (pipelines/feature_writer.py); the driver reads only the part summaries (shard,
+# part uri, row count), launches one merge task per shard whose rows have all arrived, and adds up their stats.
 
-def _parquet_bytes(table: pa.Table, cfg) -> bytes:
-    buf = io.BytesIO()
-    comp = cfg.precompute.compression
-    # Dictionary pages only where values repeat: ids/params, and the pixel codec's 8-bit-level latents. On dense
-    # float tensors (VAE latents, ViT tokens) a dictionary only adds a page that is thrown away (~25% overhead).
-    dict_cols = ["id", "degrade_params"] + (["hr_latent", "lr_latent"] if cfg.autoencoder.name == "pixel" else [])
-    pq.write_table(table, buf, compression=None if comp == "none" else comp, use_dictionary=dict_cols,
-                   write_statistics=["id", "variant", "seed"], row_group_size=max(1, cfg.precompute.rows_per_shard))
-    return buf.getvalue()
+def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
+    """Run the stream (ending in write_parts tasks); merge each shard as soon as all its rows (kept images x K)
+    are in parts. Shards finish in any order. With fail_after_shards=N only the first N pending shards (plan
+    order) are merged, then the run aborts (tests of resumption)."""
+    import ray
 
-
-def write_shard(cfg, name: str, parts: list[pa.Table], schema: pa.Schema) -> dict:
-    """Assemble one shard's rows, sort them, write stats then the shard (the shard's presence marks completion)."""
-    ep = cfg.precompute.s3_endpoint_url
-    table = pa.concat_tables(parts) if parts else None
-    failed: dict[str, int] = {}
-    if table is not None:
-        errors = table.column("error").to_pylist()
-        for e in errors:
-            if e:
-                failed[e] = failed.get(e, 0) + 1
-        table = table.filter(pc.equal(table.column("error"), ""))
-        table = table.sort_by([("id", "ascending"), ("variant", "ascending")])
-        table = strip_helpers(table).cast(schema)
-    else:
-        table = schema.empty_table()
-    data = _parquet_bytes(table, cfg)
-    col_bytes = _column_bytes(data)
-    stats = {"shard": name, "rows": table.num_rows, "images": len(set(table.column("id").to_pylist())),
-             "failed_rows_by_reason": failed, "bytes": len(data), "column_bytes": col_bytes}
-    stem = name[:-len(".parquet")] if name.endswith(".parquet") else name
-    storage.write_bytes_atomic(_shard_uri(cfg.precompute.output, f"{stem}.stats.json"),
-                               json.dumps(stats, indent=2).encode(), ep)
-    storage.write_bytes_atomic(_shard_uri(cfg.precompute.output, name), data, ep)
-    return stats
-
-
-def _column_bytes(data: bytes) -> dict[str, int]:
-    """Compressed bytes per column of a Parquet file (sum over row groups)."""
-    md = pq.ParquetFile(io.BytesIO(data)).metadata
-    out: dict[str, int] = {}
-    for rg in range(md.num_row_groups):
-        g = md.row_group(rg)
-        for c in range(g.num_columns):
-            col = g.column(c)
-            top = col.path_in_schema.split(".")[0]
-            out[top] = out.get(top, 0) + int(col.total_compressed_size)
-    return out
-
-
-def write_shards(ds, cfg, expected: dict[str, int], schema: pa.Schema, log=print) -> list[dict]:
-    """Consume the stream; write each shard as soon as all its rows (kept images x K) have arrived."""
     k = int(cfg.precompute.variants)
     want = {name: n * k for name, n in expected.items()}
-    buffers: dict[str, list[pa.Table]] = {name: [] for name in want}
+    limit = int(cfg.precompute.fail_after_shards or 0)
+    allowed = set(sorted(want)[:limit]) if limit else set(want)
+    parts: dict[str, list[str]] = {name: [] for name in want}
     have = dict.fromkeys(want, 0)
+    settings = feature_writer.writer_settings(cfg)
+    finalize = ray.remote(num_cpus=0.5, max_retries=2)(feature_writer.finalize_shard)
+    running: dict = {}
+    launched: set[str] = set()
     written: list[dict] = []
     t0 = time.perf_counter()
+    total_rows = sum(want.values())
 
-    def flush(name: str) -> None:
-        stats = write_shard(cfg, name, buffers.pop(name), schema)
-        written.append(stats)
-        rows = sum(s["rows"] for s in written)
-        dt = time.perf_counter() - t0
-        log(f"[precompute] shard {name}: {stats['rows']} rows, {stats['bytes'] / 2**20:.2f} MiB | "
-            f"{len(written)}/{len(want)} shards, {rows} rows, {rows / max(dt, 1e-9):.2f} rows/s")
-        limit = cfg.precompute.fail_after_shards
-        if limit and len(written) >= limit:
-            raise FaultInjected(f"fault injection: aborting after {len(written)} shard(s)")
+    def launch(name: str) -> None:
+        launched.add(name)
+        running[finalize.remote(settings, name, parts.pop(name))] = name
 
-    for name in [n for n, w in want.items() if w == 0]:  # shards with no kept rows still get written (resume)
-        flush(name)
-    if any(w > 0 for w in want.values()):
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if batch.num_rows == 0:
-                continue
-            srcs = batch.column("src").to_pylist()
-            for name in sorted({_basename(s) for s in srcs}):
-                mask = pa.array([_basename(s) == name for s in srcs])
-                part = batch.filter(mask)
-                if name not in buffers:
+    def collect(timeout: float | None) -> None:
+        if not running:
+            return
+        ready, _ = ray.wait(list(running), num_returns=len(running), timeout=timeout)
+        for ref in ready:
+            running.pop(ref)
+            stats = ray.get(ref)
+            written.append(stats)
+            rows = sum(s["rows"] + sum(s["failed_rows_by_reason"].values()) for s in written)
+            dt = time.perf_counter() - t0
+            rate = rows / max(dt, 1e-9)
+            eta = (total_rows - rows) / rate if rate > 0 else float("nan")
+            log(f"[precompute] shard {stats['shard']}: {stats['rows']} rows, {stats['bytes'] / 2**20:.2f} MiB | "
+                f"{len(written)}/{len(want)} shards, {rows}/{total_rows} rows, {rate:.2f} rows/s, ETA {eta:.0f} s")
+
+    for name in sorted(n for n, w in want.items() if w == 0 and n in allowed):  # empty shards are written too
+        launch(name)
+    if any(w > 0 for w in want.values()) and not (limit and launched >= allowed):
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):  # part summaries only
+            for name, uri, n in zip(batch.column("shard").to_pylist(), batch.column("part").to_pylist(),
+                                    batch.column("rows").to_pylist()):
+                if name not in have:
                     raise RuntimeError(f"row of unexpected shard {name}")
-                buffers[name].append(part)
-                have[name] += part.num_rows
-                if have[name] >= want[name]:
-                    flush(name)
-    missing = sorted(buffers)
+                have[name] += n
+                if have[name] > want[name]:
+                    raise RuntimeError(f"shard {name}: {have[name]} rows arrived, {want[name]} expected")
+                if name in parts:
+                    parts[name].append(uri)
+                if have[name] == want[name] and name in allowed:
+                    launch(name)
+            collect(timeout=0)
+            if limit and launched >= allowed:
+                break  # fault injection: stop streaming once the allowed shards are in
+    collect(timeout=None)
+    if limit and len(written) >= limit:
+        raise FaultInjected(f"fault injection: aborting after {len(written)} shard(s)")
+    missing = sorted(n for n in want if n not in launched)
     if missing:
         raise RuntimeError(f"stream ended before shards {missing} were complete")
     return written
 
 
 # --- job ---------------------------------------------------------------------------------------------------------
+
 
 def run(cfg, log=print) -> dict:
     from pipelines.ray_env import init_ray
@@ -198,21 +184,23 @@ def run(cfg, log=print) -> dict:
         raise ValueError("precompute.mode=online writes nothing; use pipelines.online.online_dataset(cfg) from the "
                          "training job instead")
     t_start = time.perf_counter()
-    p = plan(cfg)
+    p = plan(cfg, start_ray=lambda: init_ray(cfg))
     log(f"[precompute] {len(p['files'])} curated shards: {len(p['done'])} already done, "
         f"{len(p['pending'])} to process ({sum(p['expected'].values())} kept images x {cfg.precompute.variants})")
     ae_id, sem_id = encoder_identities(cfg)
     meta = ensure_metadata(cfg, ae_id, sem_id)
-    schema = feature_schema.schema_for_config(cfg)
     written: list[dict] = []
     if p["pending"]:
         init_ray(cfg)
-        import ray.data
-
-        ray.data.DataContext.get_current().execution_options.preserve_order = True  # shards finish in order
         ds = read_curated(p["pending"], cfg.precompute.s3_endpoint_url)
         ds = degrade_and_encode(ds, cfg, list(range(cfg.precompute.variants)))
-        written = write_shards(ds, cfg, p["expected"], schema, log)
+        # rows never come back to the driver: each batch is written as parts by a task; shards merge in tasks
+        ds = ds.map_batches(feature_writer.write_parts, fn_kwargs={"output": cfg.precompute.output,
+                                                                   "endpoint_url": cfg.precompute.s3_endpoint_url},
+                            batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.25)
+        written = write_shards(ds, cfg, p["expected"], log)
+    if len(p["done"]) + len(written) == len(p["files"]):
+        feature_writer.remove_parts(cfg.precompute.output, "", cfg.precompute.s3_endpoint_url)  # stale leftovers
     wall = time.perf_counter() - t_start
     summary = summarize(cfg, p, written, meta, wall)
     storage.write_bytes_atomic(storage.join(cfg.precompute.output, feature_schema.SUMMARY_FILE),

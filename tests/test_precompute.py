@@ -80,25 +80,64 @@ def _json(uri: str, ep: str) -> dict:
     return json.loads(storage.read_bytes(uri, ep))
 
 
+class DriverGuard:
+    """Instruments, in this (the driver's) process, every Ray Data method that brings rows to the caller. Records
+    each call and the columns and bytes of every batch it hands out."""
+
+    FETCHERS = ("iter_rows", "take", "take_all", "take_batch", "to_pandas", "to_arrow_refs", "iter_torch_batches",
+                "to_numpy_refs", "show", "materialize")
+
+    def __init__(self, mp: pytest.MonkeyPatch):
+        import ray.data
+
+        self.calls: list[str] = []
+        self.batches: list[tuple[tuple[str, ...], int]] = []
+        real_iter = ray.data.Dataset.iter_batches
+        guard = self
+
+        def iter_batches(ds, *a, **kw):
+            guard.calls.append("iter_batches")
+            for b in real_iter(ds, *a, **kw):
+                cols = tuple(b.column_names) if isinstance(b, pa.Table) else tuple(b)
+                guard.batches.append((cols, int(b.nbytes) if isinstance(b, pa.Table) else -1))
+                yield b
+
+        mp.setattr(ray.data.Dataset, "iter_batches", iter_batches)
+        for name in self.FETCHERS:
+            real = getattr(ray.data.Dataset, name)
+            mp.setattr(ray.data.Dataset, name, self._recorder(name, real))
+
+    def _recorder(self, name, real):
+        def wrapper(ds, *a, **kw):
+            self.calls.append(name)
+            return real(ds, *a, **kw)
+        return wrapper
+
+
 @pytest.fixture(scope="module")
 def materialised(s3, ray_local, curated, tmp_path_factory):
     """The precompute job on s3:// in and out, killed by fault injection after its first shard, then re-run to
-    completion. (s3 starts before Ray so the workers inherit its test credentials.)"""
+    completion. (s3 starts before Ray so the workers inherit its test credentials.) Both runs under DriverGuard,
+    with the plan's row counting in tasks (one shard per task)."""
     from pipelines.precompute import FaultInjected, run
 
     local = tmp_path_factory.mktemp("run")
     out, ep = s3.uri("features"), s3.endpoint_url
-    with pytest.raises(FaultInjected):
-        run(_cfg(curated[0], out, local, ep, fail_after_shards=1), log=lambda s: None)
-    interrupted = {"keys": s3.keys("features/shards/"), "first": _read(out, ep, "part-00000.parquet")}
-    lines: list[str] = []
-    summary = run(_cfg(curated[0], out, local, ep, mlflow=True), log=lines.append)  # tracked in local/mlflow.db
+    with pytest.MonkeyPatch.context() as mp:
+        guard = DriverGuard(mp)
+        mp.setattr("pipelines.precompute.PLAN_FILES_PER_TASK", 1)  # plan counts kept rows in Ray tasks too
+        with pytest.raises(FaultInjected):
+            run(_cfg(curated[0], out, local, ep, fail_after_shards=1), log=lambda s: None)
+        interrupted = {"keys": s3.keys("features/shards/"), "first": _read(out, ep, "part-00000.parquet"),
+                       "parts": s3.keys("features/_parts/")}
+        lines: list[str] = []
+        summary = run(_cfg(curated[0], out, local, ep, mlflow=True), log=lines.append)  # tracked in local/mlflow.db
     cfg = _cfg(curated[0], out, local, ep)
-    return cfg, out, summary, lines, interrupted, local
+    return cfg, out, summary, lines, interrupted, local, guard
 
 
 def test_materialised_shards_rows_and_summary(materialised, curated):
-    cfg, out, summary, lines, _, _ = materialised
+    cfg, out, summary, lines, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     rows = curated[1]
     good = [r for r in rows if r["kept"] and r["id"] != "corrupt0"]
@@ -126,7 +165,7 @@ def test_rows_match_direct_library_computation(materialised, curated):
     from vosr.features import encode_views
     from vosr.seeding import sample_seed
 
-    cfg, out, _, _, _, _ = materialised
+    cfg, out, _, _, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     table = _read(out, ep)
     dec = fsch.decode_feature_rows(table)
@@ -153,7 +192,7 @@ def test_rows_match_direct_library_computation(materialised, curated):
 def test_online_equals_materialised(materialised, ray_local):
     from pipelines.online import online_dataset, online_metadata
 
-    cfg, out, _, _, _, _ = materialised
+    cfg, out, _, _, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     ds = online_dataset(cfg)
     batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
@@ -175,7 +214,7 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
     and the online mode."""
     from pipelines.precompute import run
 
-    cfg, out, summary, _, interrupted, _ = materialised
+    cfg, out, summary, _, interrupted, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     assert interrupted["keys"] == ["features/shards/part-00000.parquet", "features/shards/part-00000.stats.json"]
     assert summary["shards_skipped"] == 1 and summary["shards_written"] == 1
@@ -185,12 +224,61 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
     assert again["shards_skipped"] == 2 and again["shards_written"] == 0
 
 
+def test_no_row_batch_reaches_the_driver(materialised, s3):
+    """Issue 13.3: during both runs the driver iterated only the part summaries (shard, part uri, rows), a few
+    hundred bytes each; it never took, listed or converted rows. The transient parts were removed at the end."""
+    from pipelines.feature_writer import PART_SUMMARY_SCHEMA, SHARDS_DIR
+
+    assert SHARDS_DIR == fsch.SHARDS_DIR  # the torch-free writer module repeats the constant
+    *_, interrupted, _, guard = materialised
+    assert guard.calls and set(guard.calls) == {"iter_batches"}, guard.calls
+    assert guard.batches and {cols for cols, _ in guard.batches} == {tuple(PART_SUMMARY_SCHEMA.names)}
+    assert max(n for _, n in guard.batches) < 4096
+    assert interrupted["parts"]  # the killed run left parts behind (written by tasks, outside shards/) ...
+    assert s3.keys("features/_parts/") == []  # ... and the finished run cleaned them up
+
+
+def test_task_written_shards_equal_driver_side_assembly(materialised, curated, one_torch_thread):
+    """The shards written by tasks equal the previous driver-side path, recomputed here without Ray: the same
+    stage functions over each curated shard, all rows concatenated, failed rows counted and dropped, sorted by
+    (id, variant), cast to the schema."""
+    from pipelines.feature_stages import Encoder, make_pairs
+
+    cfg, out, _, _, _, _, _ = materialised
+    ep = cfg.precompute.s3_endpoint_url
+    schema = fsch.schema_for_config(cfg)
+    encoder = Encoder(cfg.to_dict())
+    for i in range(2):
+        name = f"part-{i:05d}.parquet"
+        src = pq.read_table(io.BytesIO(storage.read_bytes(f"{cfg.precompute.input}/shards/{name}", ep)))
+        batch = {"id": np.array(src.column("id").to_pylist(), dtype=object),
+                 "image": np.array(src.column("image").to_pylist(), dtype=object),
+                 "path": np.array([f"bucket/curated/shards/{name}"] * src.num_rows, dtype=object),
+                 "kept": np.array(src.column("kept").to_pylist(), dtype=bool)}
+        enc = encoder(make_pairs(batch, cfg.to_dict(), list(range(K))))
+        failed: dict[str, int] = {}
+        for e in enc.column("error").to_pylist():
+            if e:
+                failed[e] = failed.get(e, 0) + 1
+        old = enc.filter(pa.compute.equal(enc.column("error"), "")).sort_by([("id", "ascending"),
+                                                                              ("variant", "ascending")])
+        old = old.drop_columns(["src", "error"]).cast(schema)
+        new = _read(out, ep, name)
+        assert new.schema.names == old.schema.names and new.num_rows == old.num_rows > 0
+        for col in ("id", "variant", "seed", "crop_box", "image_size", "degrade_params", "hr_latent", "lr_latent"):
+            assert new.column(col).to_pylist() == old.column(col).to_pylist(), (name, col)
+        a, b = fsch.decode_feature_rows(new), fsch.decode_feature_rows(old)
+        assert torch.allclose(a["sem_tokens"], b["sem_tokens"], atol=2e-3, rtol=2e-3)  # batch composition only
+        assert _json(storage.join(out, "shards", name.replace(".parquet", ".stats.json")), ep)[
+            "failed_rows_by_reason"] == failed
+
+
 def test_command_line_entry_point(materialised, capsys):
     """`python pipelines/precompute.py --config configs/precompute/tiny.yaml --set ...` (here on the finished
     output: everything is skipped, the summary JSON is printed)."""
     from pipelines.precompute import main
 
-    cfg, out, _, _, _, local = materialised
+    cfg, out, _, _, _, local, _ = materialised
     rc = main(["--config", "configs/precompute/tiny.yaml", "--set", f"precompute.input={cfg.precompute.input}",
                "--set", f"precompute.output={out}", "--set", "precompute.s3_endpoint_url="
                f"{cfg.precompute.s3_endpoint_url}", "--set", "run.seed=3", "--set", "precompute.variants=2",
@@ -204,7 +292,7 @@ def test_command_line_entry_point(materialised, capsys):
 def test_mlflow_run_logged(materialised):
     import mlflow
 
-    cfg, out, summary, _, _, local = materialised
+    cfg, out, summary, _, _, local, _ = materialised
     mlflow.set_tracking_uri(f"sqlite:///{local / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["vosr"], output_format="list")
     assert len(runs) == 1
@@ -216,7 +304,7 @@ def test_mlflow_run_logged(materialised):
 def test_mismatched_features_are_refused(materialised, curated):
     from pipelines.precompute import ensure_metadata, run
 
-    cfg, out, _, _, _, _ = materialised
+    cfg, out, _, _, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
     meta = fsch.read_metadata(out, ep)
     fsch.check_compatible(meta, cfg)  # the config it was made with passes
@@ -238,6 +326,63 @@ def test_mismatched_features_are_refused(materialised, curated):
                         meta["autoencoder"], meta["semantic"])
     with pytest.raises(ValueError, match="online"):
         run(cfg.replace(precompute=dataclasses.replace(cfg.precompute, mode="online")))
+
+
+def _encoded_batch(cfg, rows: list[tuple[str, int, str, str]]) -> pa.Table:
+    """An Encoder-shaped batch (feature schema + src/error helper columns) of (id, variant, src, error) rows."""
+    schema = fsch.schema_for_config(cfg)
+    n = len(rows)
+    lat, sem = fsch.latent_shape(cfg), fsch.sem_shape(cfg)
+    vals = torch.arange(n, dtype=torch.float32)
+    cols = {"id": [r[0] for r in rows], "variant": pa.array([r[1] for r in rows], pa.int32()),
+            "seed": pa.array(range(n), pa.int64()),
+            "crop_box": pa.array([[0, 0, 64, 64]] * n, pa.list_(pa.int32(), 4)),
+            "image_size": pa.array([[64, 64]] * n, pa.list_(pa.int32(), 2)),
+            "hr_latent": fsch.tensor_to_arrow(vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
+            "lr_latent": fsch.tensor_to_arrow(-vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
+            "sem_tokens": fsch.tensor_to_arrow(vals.view(n, 1, 1).expand(n, *sem), "float16"),
+            "degrade_params": ["{}"] * n}
+    t = pa.table(cols, schema=schema)
+    t = t.append_column("src", pa.array([r[2] for r in rows], pa.string()))
+    return t.append_column("error", pa.array([r[3] for r in rows], pa.string()))
+
+
+def test_writer_tasks_parts_then_merge(tmp_path):
+    """The two writing tasks without Ray: parts per source shard with content-derived names (a retried task
+    rewrites the same file), then the merge sorts, counts failed rows, writes stats + shard, removes the parts
+    (stale ones of a killed run too)."""
+    from pipelines import feature_writer as fw
+
+    out = str(tmp_path / "features")
+    cfg = config_from_dict({"preset": "tiny", "precompute": {"output": out}})
+    b1 = _encoded_batch(cfg, [("b", 1, "x/curated/shards/part-00001.parquet", ""),
+                              ("a", 0, "x/curated/shards/part-00000.parquet", ""),
+                              ("c", 0, "x/curated/shards/part-00001.parquet", "decode:not_image")])
+    b2 = _encoded_batch(cfg, [("b", 0, "x/curated/shards/part-00001.parquet", "")])
+    s1 = fw.write_parts(b1, out)
+    assert s1.schema == fw.PART_SUMMARY_SCHEMA and s1.column("shard").to_pylist() == ["part-00000.parquet",
+                                                                                      "part-00001.parquet"]
+    assert s1.column("rows").to_pylist() == [1, 2]
+    assert fw.write_parts(b1, out).equals(s1)  # a retry: same names, same files
+    s2 = fw.write_parts(b2, out)
+    stale = tmp_path / "features" / "_parts" / "part-00001" / "stale.parquet"
+    stale.write_bytes(b"left by a killed run")
+    assert len(list((tmp_path / "features" / "_parts").rglob("*.parquet"))) == 4
+    parts = [u for u, sh in zip(s1.column("part").to_pylist() + s2.column("part").to_pylist(),
+                                s1.column("shard").to_pylist() + s2.column("shard").to_pylist())
+             if sh == "part-00001.parquet"]
+    settings = fw.writer_settings(cfg)
+    stats = fw.finalize_shard(settings, "part-00001.parquet", parts)
+    assert stats["rows"] == 2 and stats["images"] == 1 and stats["failed_rows_by_reason"] == {"decode:not_image": 1}
+    shard = pq.read_table(tmp_path / "features" / "shards" / "part-00001.parquet")
+    assert shard.schema.names == fsch.schema_for_config(cfg).names
+    assert list(zip(shard.column("id").to_pylist(), shard.column("variant").to_pylist())) == [("b", 0), ("b", 1)]
+    assert shard.column("seed").to_pylist() == [0, 0]  # b2's row 0 first, then b1's row 0 (seed = row index)
+    assert json.loads((tmp_path / "features" / "shards" / "part-00001.stats.json").read_text())["rows"] == 2
+    assert not (tmp_path / "features" / "_parts" / "part-00001").exists() or not any(
+        (tmp_path / "features" / "_parts" / "part-00001").iterdir())
+    assert len(list((tmp_path / "features" / "_parts").rglob("*.parquet"))) == 1  # shard 0's part is untouched
+    assert fw.remove_parts(out) == 1
 
 
 def test_bf16_storage_roundtrip_is_bit_exact():
