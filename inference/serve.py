@@ -5,7 +5,7 @@ Routes (relative to the application's route prefix):
   Query options: mode, steps, guidance, weak_strength, seed, tile, tile_overlap, color_fix (validated; 422).
 - GET  /                     the upload page (inference/static/index.html: input and result side by side).
 - GET  /healthz              JSON: model (no local paths), limits, request and batch counters.
-Errors are JSON {"error": code, "message": ..., "request_id": ...} and every answer carries X-Request-Id:
+Errors are JSON {"error": code, "message": ..., "request_id": ...} (the X-Request-Id Ray Serve answers with):
 401 missing/wrong X-API-Key (every route except the static page and its script, which hold no data), 408 a body
 not read within serve.body_timeout_s (or the proxy's request timeout), 413 a body over serve.max_body_bytes
 (counted while streaming, raw and multipart alike), too many pixels or a request over serve.max_evaluations,
@@ -87,11 +87,21 @@ class ServeError(Exception):
 
     def response(self, request_id: str = "") -> JSONResponse:
         body = {"error": self.code, "message": self.message, **self.extra}
-        headers = dict(self.headers)
         if request_id:
-            body["request_id"] = request_id
-            headers["X-Request-Id"] = request_id
-        return JSONResponse(body, status_code=self.status, headers=headers)
+            body["request_id"] = request_id   # Ray Serve's proxy sends the same id as X-Request-Id
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+_REQUEST_ID_OK = frozenset("0123456789abcdefABCDEF-")
+
+
+def request_id(request: Request) -> str:
+    """The id Ray Serve's proxy gave this request (its X-Request-Id answer header and its replica log lines), or
+    a fresh one when the header is missing or not a plain hex/uuid token (it may come from the client)."""
+    rid = request.headers.get("x-request-id", "")
+    if 8 <= len(rid) <= 64 and set(rid) <= _REQUEST_ID_OK:
+        return rid
+    return uuid.uuid4().hex
 
 
 class ServeStartError(RuntimeError):
@@ -399,8 +409,6 @@ class UpscaleService:
         for idxs in groups.values():
             group = [jobs[i] for i in idxs]
             try:
-                if self.cfg.serve.fault_injection and any(j.options.seed == FAULT_SLEEP_SEED for j in group):
-                    await asyncio.sleep(10 * self.cfg.serve.request_timeout_s)
                 pngs = await asyncio.to_thread(self._compute, group)
                 for i, png in zip(idxs, pngs):
                     results[i] = (200, png)
@@ -425,11 +433,13 @@ class UpscaleService:
         plan = self.upscaler.plan(image.size, opts)
         default_plan = self.upscaler.plan(image.size, self._effective(self.defaults, image.size))
         check_cost(plan, default_plan, scfg)
+        if scfg.fault_injection and opts.seed == FAULT_SLEEP_SEED:  # a model run that outlives the deadline
+            await asyncio.sleep(scfg.request_timeout_s + scfg.body_timeout_s + 1)
         return Job(image, opts, rid)
 
     async def _upscale(self, request: Request) -> Response:
         t0 = time.perf_counter()
-        rid = uuid.uuid4().hex[:16]
+        rid = request_id(request)
         try:
             async with asyncio.timeout(self.cfg.serve.request_timeout_s):
                 job = await self._prepare(request, rid)
@@ -452,7 +462,7 @@ class UpscaleService:
         self._count("http_200")
         w, h = job.image.size
         u = job.options.upscale
-        headers = {"X-Input-Size": f"{w}x{h}", "X-Output-Size": f"{w * u}x{h * u}", "X-Request-Id": rid,
+        headers = {"X-Input-Size": f"{w}x{h}", "X-Output-Size": f"{w * u}x{h * u}",
                    "X-Elapsed-Ms": f"{(time.perf_counter() - t0) * 1000:.1f}"}
         return Response(content=payload, media_type="image/png", headers=headers)
 
