@@ -373,3 +373,24 @@ def test_request_timeout_and_the_bounded_queue(service, small):
     assert refused and len(served) >= 4, (len(refused), len(served))
     for r, _ in refused:
         assert r.headers["retry-after"] == "3"
+
+
+def test_abuse_mix_answers_every_valid_request_without_5xx(service, photos):
+    """The short version of benchmarks/bench_serve_abuse.py: 60 requests at concurrency 16 (no timing asserts)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_serve_abuse import make_bodies, plan_mix, run_mix, summarise
+
+    kinds = plan_mix(60, seed=3)
+    valid = make_bodies(photos, [16, 16, 20, 24])
+    big = make_bodies(photos, [128])[0]
+    results = asyncio.run(run_mix(f"{service['url']}/upscale", service["port"], kinds, valid, 16, 2**20,
+                                  key=API_KEY, big=big))
+    table = summarise(results)
+    expected = {"valid": {200}, "oversize_raw": {413}, "oversize_multipart": {413}, "non_image": {415},
+                "slow_body": {408}, "extreme_refused": {413, 422}, "extreme_served": {200}}
+    assert set(table) == set(expected), table
+    for kind, statuses in expected.items():
+        assert set(table[kind]["status"]) <= statuses, (kind, table[kind])
