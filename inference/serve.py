@@ -345,8 +345,10 @@ class UpscaleService:
 
         from inference.model_uri import resolve_model
         from vosr.config import config_from_dict
+        from vosr.config.redact import RedactingFilter
         from vosr.upscaler import Upscaler
 
+        logger.addFilter(RedactingFilter())      # no credentials in the replica log
         self.cfg = config_from_dict(cfg_dict)
         self.key_digests = [bytes.fromhex(d) for d in (key_digests or [])]
         scfg = self.cfg.serve
@@ -674,7 +676,9 @@ def _app_from_env():
     try:
         return build_app(config_from_env())
     except Exception as exc:  # noqa: BLE001 - `import inference.serve` must work even with a bad VOSR_CONFIG
-        print(f"inference.serve: could not build the app from VOSR_CONFIG: {exc}", file=sys.stderr)
+        from vosr.config import redact_text
+
+        print(f"inference.serve: could not build the app from VOSR_CONFIG: {redact_text(str(exc))}", file=sys.stderr)
         return None
 
 

@@ -483,11 +483,12 @@ def _track(cfg, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vosr.config import redact
     from vosr.jobargs import parse_job_args
 
     cfg, _ = parse_job_args("Curate web images into Parquet shards (Ray Data).", argv)
     summary = run(cfg)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(redact(summary), indent=1))
     return 0
 
 

@@ -268,6 +268,7 @@ def log_mlflow(cfg, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vosr.config import redact
     from vosr.jobargs import parse_job_args
 
     cfg, _ = parse_job_args("Precompute VOSR features (HR latents, K LR variants with semantic tokens).", argv)
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, feature_schema.FeatureMismatchError) as exc:
         print(f"precompute error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(redact(summary), indent=2))
     return 0
 
 
