@@ -96,8 +96,9 @@ class ServeConfig:
                                   "their area); 413 above, before any work.", ge=1)
     max_cost_ratio: float = option(3.0, "A request's options may cost at most this many times the server's "
                                    "default options on the same image (422 above, before any work).", ge=1)
-    request_timeout_s: float = option(120.0, "Ray Serve HTTP request timeout (408 from the proxy); the replica "
-                                      "also answers 504 past it, since a client header can lift the proxy's.", gt=0)
+    request_timeout_s: float = option(120.0, "Per-request deadline: the replica answers 504 past it (a client "
+                                      "header can lift Ray Serve's proxy timeout, which is set to this plus "
+                                      "serve.body_timeout_s and answers 408).", gt=0)
     body_timeout_s: float = option(30.0, "Deadline for reading a request body (408 after it).", gt=0)
     max_queued_requests: int = option(32, "Requests queued per caller beyond the replicas' max_ongoing_requests "
                                       "(Ray Serve max_queued_requests); more get 503 with Retry-After.", ge=1)
