@@ -44,7 +44,7 @@ def test_cost_plan_and_refusals(tmp_path):
     big = up.plan((100, 100), d.replace(tile_size=128, tile_overlap=64))
     assert big.cost(ref.area) == big.evaluations * (32 * 32) / (16 * 16)
     with pytest.raises(ServeError) as exc:
-        check_cost(ref, ref, scfg)                                       # 64 tiles > 40 evaluations
+        check_cost(ref, ref, scfg)                                       # 7 x 7 tiles > 40 evaluations
     assert exc.value.status == 413 and exc.value.code == "over_budget"
 
 
