@@ -70,7 +70,7 @@ QUERY_OPTIONS: dict[str, tuple[type, str]] = {
 }
 
 MULTIPART_SLACK = 64 * 1024  # multipart framing and non-file fields allowed on top of the file's max_body_bytes
-FAULT_RAISE_SEED, FAULT_SLEEP_SEED = 13, 14  # serve.fault_injection (tests only)
+FAULT_RAISE_SEED, FAULT_SLEEP_SEED = 2**62 + 13, 2**62 + 14  # serve.fault_injection (tests only)
 
 logger = logging.getLogger("ray.serve")  # inside a replica: the replica's log file
 
@@ -281,7 +281,8 @@ class _Multipart:
 async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
     """The request body (a raw image, or the first file of a multipart form), refused with 413 as soon as more
     than `cap` bytes (file) / `cap` + MULTIPART_SLACK (whole multipart body) have arrived, and with 408 when the
-    body has not arrived within `timeout_s`. The 413 says how many bytes were read."""
+    body has not arrived within `timeout_s`. The 413 says how many bytes were read and the size of the last chunk
+    (uvicorn hands over what arrived since the last read, at most about its 64 KiB flow-control mark plus a recv)."""
     from python_multipart.multipart import parse_options_header
 
     ctype = request.headers.get("content-type", "")
@@ -302,12 +303,13 @@ async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > limit:
-                    raise ServeError(413, "too_large", f"body exceeds {limit} bytes", bytes_read=total)
+                    raise ServeError(413, "too_large", f"body exceeds {limit} bytes", bytes_read=total,
+                                     last_chunk=len(chunk))
                 if multipart is not None:
                     try:
                         multipart.feed(chunk)
                     except ServeError as exc:
-                        exc.extra["bytes_read"] = total
+                        exc.extra.update(bytes_read=total, last_chunk=len(chunk))
                         raise
                     except Exception as exc:  # noqa: BLE001 - the parser raises several error types
                         raise ServeError(400, "bad_multipart", f"could not parse the multipart body: "

@@ -89,7 +89,7 @@ def _pull(first: bytes, ctype: str, chunk: int = 4096, total: int = 60 * 2**20, 
 
 def test_streaming_cap_raw_and_multipart():
     err, pulled = _pull(b"RAW!", "image/png")
-    assert err.status == 413 and err.extra["bytes_read"] == pulled <= 10_000 + 4096
+    assert err.status == 413 and err.extra["bytes_read"] == pulled <= 10_000 + 4096 and err.extra["last_chunk"] == 4096
     head = (b"--bnd\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n")
     err, pulled = _pull(head, "multipart/form-data; boundary=bnd")

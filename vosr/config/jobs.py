@@ -110,8 +110,8 @@ class ServeConfig:
                               "built; only its SHA-256 reaches the replicas).")
     api_key_file: str = option("", "File holding API keys, one per line (# comments; a Kubernetes Secret mount).")
     allow_anonymous: bool = option(False, "Serve without a key on a non-loopback host (refused otherwise).")
-    fault_injection: bool = option(False, "Tests only: seed=13 raises inside the model run, seed=14 sleeps past "
-                                   "the request timeout before it.")
+    fault_injection: bool = option(False, "Tests only: seed=2**62+13 raises inside the model run, seed=2**62+14 "
+                                   "sleeps past the request timeout before it.")
     app_name: str = option("vosr", "Ray Serve application name.")
     route_prefix: str = option("/", "Route prefix of the application.")
 
