@@ -95,6 +95,35 @@ def _no_sync(wrapped: nn.Module, fsdp: bool):
     return wrapped.no_sync()
 
 
+def make_optimizer(params, tc) -> torch.optim.Optimizer:
+    """METHOD.md s5: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01 on all parameters (one group, no
+    exclusions)."""
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.adam_eps,
+                             weight_decay=tc.weight_decay)
+
+
+def init_from_checkpoint(objective, model: nn.Module, ema, folder: str) -> dict[str, Any]:
+    """`train.init_from`: load another run's weights, then re-initialise the EMA from them (METHOD.md s5)."""
+    info = objective.init_from(model, folder)
+    ema.reset(model)
+    return info
+
+
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, ema, grad_clip: float, fsdp: bool = False):
+    """Global-norm clip (METHOD.md s5: 1.0), AdamW step, zero grads, one EMA update (every optimiser step).
+    Returns the pre-clip gradient norm (a float under FSDP, a tensor otherwise)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # DTensors under FSDP2
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if fsdp:
+        from training import fsdp as fsdp_utils
+
+        fsdp_utils.update_ema(ema, model)
+        return fsdp_utils.grad_norm_value(grad_norm)
+    ema.update(model)
+    return grad_norm
+
+
 def _storage_uri(spec: dict[str, Any]) -> str:
     return spec["run_uri"]
 
@@ -190,16 +219,13 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             _load_weights(Path(d), model, ema)
     elif tc.init_from:
-        init_info = objective.init_from(model, tc.init_from)
-        ema.reset(model)  # METHOD.md s5: EMA re-initialised from the loaded checkpoint
+        init_info = init_from_checkpoint(objective, model, ema, tc.init_from)
 
     # --- stage: parallel wrapper and optimiser ---------------------------------------------------------------
     fsdp = tc.strategy == "fsdp" and world > 1
     wrapped = _wrap(model, tc.strategy, world)
     call = ModelCall(wrapped, model)
-    # METHOD.md s5: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01 on all parameters, no groups
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.adam_eps,
-                            weight_decay=tc.weight_decay)
+    opt = make_optimizer(wrapped.parameters(), tc)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             saved = load_train_state(str(d))
@@ -259,17 +285,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             for key, v in stats.items():
                 if isinstance(v, (int, float)):
                     stats_sum[key] = stats_sum.get(key, 0.0) + float(v) / tc.grad_accum
-        # METHOD.md s5: global-norm clip 1.0
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)  # DTensors under FSDP2
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if fsdp:
-            from training import fsdp as fsdp_utils
-
-            fsdp_utils.update_ema(ema, model)
-            grad_norm = fsdp_utils.grad_norm_value(grad_norm)
-        else:
-            ema.update(model)
+        grad_norm = optimizer_step(model, opt, ema, tc.grad_clip, fsdp)
         samples += tc.batch_size
         window_samples += tc.batch_size
 
