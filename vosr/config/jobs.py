@@ -29,7 +29,8 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "Checkpoints kept (Ray CheckpointConfig num_to_keep).", ge=1)
     max_failures: int = option(2, "Ray Train FailureConfig max_failures.", ge=-1)
     validate_every: int = option(100, "Steps between validations (0 = only at the end).", ge=0)
-    val_images: int = option(4, "Held-out images used for validation.", ge=0)
+    val_images: int = option(0, "Held-out images used for in-job validation (needs data.holdout_fraction > 0).",
+                             ge=0)
     log_every: int = option(10, "Steps between metric logs.", ge=1)
     init_from: str = option("", "Checkpoint folder to start from (progressive stage; RoPE positions rebuilt).")
     fail_at_step: int = option(-1, "Fault injection: a worker raises once at this step (-1 = off).", ge=-1)
