@@ -38,7 +38,11 @@ class TrainConfig:
     adam_eps: float = option(1e-8, "AdamW epsilon (METHOD.md s5: 1e-8).", gt=0)
     cpus_per_worker: float = option(1.0, "CPUs reserved per Ray Train worker (also its torch thread count on CPU).",
                                     gt=0)
-    shuffle_buffer: int = option(64, "Rows in each worker's local shuffle buffer (0 = no local shuffle).", ge=0)
+    shuffle_buffer: int = option(2000, "Samples in each worker's local shuffle buffer (0 = none; the reference "
+                                 "mixes with a 2000-sample buffer).", ge=0)
+    mix_shards: bool = option(True, "Mix batches: read the feature shards' row groups in a seeded order that "
+                              "changes every epoch, each block drawing on many shards, rows spread by variant "
+                              "(training/data.py).")
     tf32: bool = option(True, "Allow TF32 matmuls on GPU (METHOD.md s5: TF32 enabled).")
     cache_data: bool = option(False, "Materialise the (small) training set in the object store once, so epochs "
                               "do not re-read the shards; leave off for large feature sets.")
