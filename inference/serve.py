@@ -575,13 +575,14 @@ def _ray_init(cfg) -> bool:
         init_ray(cfg)
         return False
     # address="local": a new instance with our caps, even when another local cluster's address file exists
-    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False,
-                              "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}}
+    from pipelines.ray_env import start_local_ray
+
+    kwargs: dict[str, Any] = {}
     if cfg.run.ray.num_cpus:
         kwargs["num_cpus"] = cfg.run.ray.num_cpus
     if cfg.run.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.run.ray.object_store_memory_mb * 2**20
-    ray.init(**kwargs)
+    start_local_ray({"PYTHONPATH": str(ROOT)}, **kwargs)  # dashboard-less, quiet workers (pipelines/ray_env.py)
     return True
 
 

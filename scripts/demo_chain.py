@@ -169,9 +169,12 @@ def start_local_ray(num_cpus: int, object_store_mb: int) -> str:
     """One Ray for the whole chain; the jobs join it like `ray job submit` jobs join a cluster."""
     import ray
 
-    # address="local": always a new Ray of our own, never another Ray that happens to run on this machine
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    from pipelines.ray_env import start_local_ray as start
+
+    # address="local": always a new Ray of our own, never another Ray that happens to run on this machine. Its
+    # jobs (started after this, with this environment) give their workers the quiet hook (pipelines/ray_env.py).
+    start({"PYTHONPATH": str(ROOT)}, num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20,
+          log_to_driver=False)
     return ray.get_runtime_context().gcs_address
 
 
@@ -265,6 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from demo.photo_server import PhotoServer
+    from pipelines.ray_env import DASHBOARDLESS_ENV
 
     out = Path(args.out)
     out = out if out.is_absolute() else (ROOT / out)
@@ -291,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         ray_address = start_local_ray(args.num_cpus, args.object_store_mb)
         env["RAY_ADDRESS"] = ray_address
+        env[DASHBOARDLESS_ENV] = "1"  # the jobs joining this dashboard-less Ray quiet their workers (ray_env.py)
         # A new local Ray enables token authentication in this process's environment; the jobs need the same
         # mode to join it (the token itself is read from the default token file).
         for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):

@@ -36,8 +36,9 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    from pipelines.ray_env import start_local_ray
+
+    start_local_ray({"PYTHONPATH": str(ROOT)}, num_cpus=2, object_store_memory=300 * 2**20)  # quiet workers
     yield ray
     ray.shutdown()
 

@@ -227,7 +227,9 @@ def _hand_tokens(vit, x01, layer, size=448):
         1, 3, 1, 1)
     tok = F.conv2d(x, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias, stride=14).flatten(2).transpose(1, 2)
     pos = vit.pos_embed[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
-    pos = F.interpolate(pos, size=(size // 14, size // 14), mode="bicubic", align_corners=False)
+    # the released DINOv2's interpolate_pos_encoding: scale_factor (n + 0.1) / 37, bicubic, no antialias
+    sf = (size // 14 + 0.1) / 37
+    pos = F.interpolate(pos, scale_factor=(sf, sf), mode="bicubic", align_corners=False)
     pos = pos.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[1])
     h = torch.cat([vit.cls_token.expand(len(x), -1, -1) + vit.pos_embed[:, :1], tok + pos], dim=1)
     for blk in vit.blocks[:layer + 1]:

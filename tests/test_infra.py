@@ -36,6 +36,11 @@ def _repo_path(image_path: str) -> Path:
     return ROOT / image_path
 
 
+def _commands(entrypoint: str) -> list[tuple[Path, Path]]:
+    """(script, config) of every command of an entrypoint (stages chained with `&&` run in order)."""
+    return [_script_and_config(part) for part in entrypoint.split("&&")]
+
+
 def _script_and_config(command: str) -> tuple[Path, Path]:
     argv = shlex.split(command)
     assert argv[0] in {"python", "python3"}, f"entrypoint must run python: {command}"
@@ -91,14 +96,14 @@ def test_manifest_is_a_valid_kuberay_object(path):
         assert spec["submissionMode"] in {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
         assert isinstance(yaml.safe_load(spec.get("runtimeEnvYAML", "{}")), dict)
         facts = _check_cluster_spec(spec["rayClusterSpec"])
-        script, config = _script_and_config(spec["entrypoint"])
-        assert script.is_file(), f"{path.name}: entrypoint script {script} does not exist"
-        assert config.is_file(), f"{path.name}: entrypoint config {config} does not exist"
-        cfg = load_config(config)
-        assert cfg.preset != "tiny" and cfg.preset in PRESETS, "cluster jobs run a real preset"
-        if "training/" in str(script):
-            assert cfg.train.use_gpu
-            assert facts["max_gpus"] >= cfg.train.num_workers, f"{path.name}: fewer GPUs than train.num_workers"
+        for script, config in _commands(spec["entrypoint"]):
+            assert script.is_file(), f"{path.name}: entrypoint script {script} does not exist"
+            assert config.is_file(), f"{path.name}: entrypoint config {config} does not exist"
+            cfg = load_config(config)
+            assert cfg.preset != "tiny" and cfg.preset in PRESETS, "cluster jobs run a real preset"
+            if "training/" in str(script):
+                assert cfg.train.use_gpu
+                assert facts["max_gpus"] >= cfg.train.num_workers, f"{path.name}: fewer GPUs than train.num_workers"
     else:
         facts = _check_cluster_spec(spec["rayClusterConfig"])
         serve = yaml.safe_load(spec["serveConfigV2"])
@@ -126,16 +131,17 @@ def test_every_stage_has_a_rayjob_and_the_endpoint_a_rayservice():
         doc = _load(path)
         kinds.add(doc["kind"])
         if doc["kind"] == "RayJob":
-            script, _ = _script_and_config(doc["spec"]["entrypoint"])
-            scripts[script.relative_to(ROOT).as_posix()] = path.name
+            for script, _ in _commands(doc["spec"]["entrypoint"]):
+                scripts[script.relative_to(ROOT).as_posix()] = path.name
     for stage, script in REQUIRED_JOBS.items():
         assert script in scripts, f"no RayJob runs {stage} ({script})"
     assert "RayService" in kinds
 
 
 def test_cluster_configs_keep_data_on_s3():
-    for stage in ("curate", "precompute", "pretrain", "distill"):
-        cfg = load_config(ROOT / "configs" / "cluster" / f"{stage}.yaml")
+    for name in ("curate", "precompute-256", "precompute", "pretrain-256", "pretrain", "distill"):
+        cfg = load_config(ROOT / "configs" / "cluster" / f"{name}.yaml")
+        stage = name.split("-")[0]
         uris = {"curate": [cfg.curate.output, *cfg.curate.sources],
                 "precompute": [cfg.precompute.input, cfg.precompute.output]}.get(
             stage, [cfg.train.features, cfg.train.storage_path])

@@ -4,9 +4,15 @@ Driver side: `training_datasets(cfg)` opens the materialised feature shards (aft
 against the config, pipelines/feature_schema.check_compatible) or builds the online dataset
 (pipelines/online.py), and splits rows by a hash of their image id into train and held-out validation
 (data.holdout_fraction; every variant of an image lands on the same side).
+Mixing (train.mix_shards, issue 16): shards are written sorted by (id, variant), one per curated source unit,
+so reading them in order gives one-source batches with an image's variants side by side. The training rows are
+read as the shards' row groups in a seeded order that changes every epoch, a block drawing on MIX_GROUP_UNITS
+shards with its rows spread by variant, then pass a local shuffle buffer of train.shuffle_buffer samples (2000,
+as the reference's). benchmarks/bench_mixing.py measures the result against random sampling.
 Worker side: `BatchStream` iterates the worker's streaming-split shard (`ray.train.get_dataset_shard`) epoch after
 epoch with a per-(rank, epoch) local shuffle seed and counts its position (epoch, batch in epoch) for checkpoints;
-a resumed stream skips the batches its epoch had already consumed.
+a resumed stream skips the batches its epoch had already consumed (the same count of batches; with mixing the
+skipped rows are those of the new execution's order, so a resumed epoch is complete in count, not row for row).
 """
 
 from __future__ import annotations
@@ -30,6 +36,24 @@ def _holdout_mask(ids: pa.Array, fraction: float) -> np.ndarray:
     return np.fromiter((is_holdout(i, fraction) for i in ids.to_pylist()), dtype=bool, count=len(ids))
 
 
+def _id_hash(ids: list[str], seed: int) -> np.ndarray:
+    return np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}\x1f{i}".encode(), digest_size=8).digest(), "little")
+                        for i in ids), dtype=np.uint64, count=len(ids))
+
+
+def spread_variants(table: pa.Table, seed: int) -> pa.Table:
+    """Rows reordered by (variant, seeded hash of the image id): variant 0 of every image in a random order, then
+    variant 1, ...; the K variants of an image end up about rows/K apart instead of next to each other (shards are
+    written sorted by (id, variant)), and neighbouring rows come from different images and, in a mixed block,
+    from different shards."""
+    if table.num_rows < 2 or "variant" not in table.column_names:
+        return table
+    ids = table.column("id").to_pylist()
+    variant = np.asarray(table.column("variant").to_numpy(zero_copy_only=False), dtype=np.int64)
+    order = np.lexsort((_id_hash(ids, seed), variant))
+    return table.take(pa.array(order))
+
+
 class _SplitFilter:
     """Ray Data batch function keeping the train (keep_holdout=False) or held-out rows of a pyarrow batch."""
 
@@ -47,11 +71,132 @@ class _SplitFilter:
         return table.filter(pa.array(mask))
 
 
-def open_features(cfg: Any):
+MIX_GROUP_UNITS = 16  # row groups (of precompute.rows_per_shard rows, 64 by default) from 16 shards per block
+
+
+def _row_group_units(paths: list[str], fs) -> list[tuple[int, int, int]]:
+    """(file index, row group, rows) of every row group of the shards (footers only, 16 at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    def groups(p: str) -> list[int]:
+        with fs.open_input_file(p) as f:
+            md = pq.ParquetFile(f).metadata
+        return [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        per_file = list(pool.map(groups, paths))
+    return [(i, g, n) for i, rows in enumerate(per_file) for g, n in enumerate(rows)]
+
+
+def mixed_unit_groups(unit_files, seed: int, epoch: int, group: int = MIX_GROUP_UNITS) -> list[np.ndarray]:
+    """The epoch's read plan over units (row groups) whose shard indices are `unit_files`: each shard's units in
+    a seeded random order, dealt round-robin over the shards (also in a seeded order), cut into groups of `group`
+    (one read task, one block each). A block thus holds units of `group` different shards when there are that
+    many, and the order is new every epoch."""
+    from vosr.seeding import derive_seed
+
+    files = np.asarray(unit_files, dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(seed, "mix", epoch) % 2**63)
+    n = len(files)
+    by_shard = np.lexsort((rng.random(n), files))  # grouped by shard, random order inside each shard
+    sorted_files = files[by_shard]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_files)) + 1] if n else np.zeros(0, dtype=np.int64)
+    within = np.empty(n, dtype=np.int64)  # a unit's position in its shard's shuffled order
+    within[by_shard] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    shard_rank = rng.permutation(int(files.max()) + 1 if n else 0)
+    order = np.lexsort((shard_rank[files], within)) if n else np.zeros(0, dtype=np.int64)
+    return [order[i:i + group] for i in range(0, n, group)]
+
+
+def mixed_shards_datasource(uris: list[str], endpoint: str, seed: int, group: int = MIX_GROUP_UNITS):
+    """A Ray Data datasource over the feature shards' row groups, re-planned at every execution (epoch): a
+    seeded shuffle of (shard, row group) units across all shards, read in tasks of `group` units whose rows are
+    spread by variant (spread_variants). The training counterpart of the reference's resampled shards: every
+    epoch visits every row once, in a new order, and no block holds one source only."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    from vosr import storage
+
+    fs, _ = storage.open_fs(uris[0], endpoint)
+    paths = [_fs_path(u) for u in uris]
+    units = _row_group_units(paths, fs)
+    size = sum(fs.get_file_info(p).size for p in paths)
+
+    class MixedShards(Datasource):
+        def get_name(self) -> str:
+            return "MixedShards"
+
+        def estimate_inmemory_data_size(self):
+            return size
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            epoch = data_context._execution_idx if data_context is not None else 0
+            tasks = []
+            for grp in mixed_unit_groups([u[0] for u in units], seed, epoch, group):
+                chosen = [units[int(k)] for k in grp]
+                meta = BlockMetadata(num_rows=sum(u[2] for u in chosen), size_bytes=None, exec_stats=None,
+                                     input_files=tuple(sorted({uris[u[0]] for u in chosen})))
+                spec = [(paths[u[0]], u[1]) for u in chosen]
+                block_seed = derive_block_seed(seed, epoch, len(tasks))
+                tasks.append(ReadTask(_read_units_fn(spec, uris[0], endpoint, block_seed), meta))
+            return tasks
+
+    return MixedShards()
+
+
+def derive_block_seed(seed: int, epoch: int, index: int) -> int:
+    from vosr.seeding import derive_seed
+
+    return derive_seed(seed, "mix-block", epoch, index) % 2**63
+
+
+def _fs_path(uri: str) -> str:
+    from vosr import storage
+
+    return storage.open_fs(uri)[1] if not uri.startswith("s3://") else uri[len("s3://"):]
+
+
+def _read_units_fn(spec: list[tuple[str, int]], any_uri: str, endpoint: str, seed: int):
+    def read():
+        import pyarrow.parquet as pq
+
+        from vosr import storage
+
+        fs, _ = storage.open_fs(any_uri, endpoint)
+        parts = []
+        for path, group in spec:
+            with fs.open_input_file(path) as f:
+                parts.append(pq.ParquetFile(f).read_row_group(group))
+        yield spread_variants(pa.concat_tables(parts), seed)
+
+    return read
+
+
+def mix_tables(tables: list[pa.Table], seed: int, rows_per_unit: int = 64,
+               group: int = MIX_GROUP_UNITS) -> list[pa.Table]:
+    """The in-memory (train.cache_data) counterpart of mixed_shards_datasource, planned once: the tables cut into
+    `rows_per_unit` slices, shuffled across tables and regrouped `group` slices a block, rows spread by variant."""
+    units, files = [], []
+    for f, t in enumerate(tables):
+        for i in range(0, t.num_rows, rows_per_unit):
+            units.append(t.slice(i, rows_per_unit))
+            files.append(f)
+    out = []
+    for k, grp in enumerate(mixed_unit_groups(files, seed, 0, group)):
+        out.append(spread_variants(pa.concat_tables([units[int(i)] for i in grp]), derive_block_seed(seed, 0, k)))
+    return out
+
+
+def open_features(cfg: Any, mix: bool = False):
     """The full row dataset: materialised feature shards (metadata checked) or the online pipeline.
 
     With train.cache_data the shards are read once on the driver with pyarrow and handed to Ray Data as
-    in-memory tables (small sets: no read tasks, no re-reads per epoch); otherwise Ray Data streams them."""
+    in-memory tables (small sets: no read tasks, no re-reads per epoch); otherwise Ray Data streams them.
+    mix (train.mix_shards, training rows): the shards' row groups in a seeded order, new every epoch, a block
+    drawing on many shards (mixed_shards_datasource; cached: mix_tables, planned once)."""
     import ray.data
 
     tc = cfg.train
@@ -75,6 +220,8 @@ def open_features(cfg: Any):
 
         tables = [pq.read_table(p, filesystem=fs) for p in paths]
         return tables, info
+    if mix:
+        return ray.data.read_datasource(mixed_shards_datasource(files, tc.s3_endpoint_url, cfg.run.seed)), info
     return ray.data.read_parquet(paths, filesystem=fs), info
 
 
@@ -91,9 +238,12 @@ def training_datasets(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
         info = {"mode": "online", "metadata": online_metadata(cfg)}
         return (online_dataset(cfg, keep_rows=keep_train), online_dataset(cfg, variants=[0], keep_rows=keep_val),
                 info)
+    mix = cfg.train.mix_shards
     data, info = open_features(cfg)
     if isinstance(data, list):  # cached: split on the driver, hand over in-memory tables
         train_tables = [t for t in (keep_train(x) for x in data) if t.num_rows]
+        if mix and train_tables:
+            train_tables = mix_tables(train_tables, cfg.run.seed, cfg.precompute.rows_per_shard)
         val_tables = [t for t in (keep_val(x) for x in data) if t.num_rows]
         info["train_rows"] = sum(t.num_rows for t in train_tables)
         info["val_rows"] = sum(t.num_rows for t in val_tables)
@@ -105,7 +255,8 @@ def training_datasets(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
                              "train.val_images=0")
         empty = data[0].schema.empty_table()
         return (ray.data.from_arrow(train_tables or [empty]), ray.data.from_arrow(val_tables or [empty]), info)
-    train = data.map_batches(keep_train, batch_format="pyarrow")
+    train_data = open_features(cfg, mix=True)[0] if mix else data  # validation keeps the plain, stable order
+    train = train_data.map_batches(keep_train, batch_format="pyarrow")
     val = data.map_batches(keep_val, batch_format="pyarrow")
     return train, val, info
 
@@ -123,6 +274,20 @@ def decode_batch(batch: pa.Table | dict, device, meta: dict | None = None) -> di
             "lq": rows["lr_latent"].to(device=device, dtype=torch.float32),
             "sem": rows["sem_tokens"].to(device=device, dtype=torch.float32),
             "ids": list(rows["id"])}
+
+
+def batch_iter_kwargs(batch_size: int, shuffle_buffer: int, seed: int, rank: int, epoch: int,
+                      prefetch_batches: int = 1) -> dict[str, Any]:
+    """iter_batches arguments of one worker's epoch: full micro-batches, a local shuffle buffer of
+    `shuffle_buffer` samples seeded per (rank, epoch)."""
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "batch_format": "pyarrow", "drop_last": True,
+                              "prefetch_batches": prefetch_batches}
+    if shuffle_buffer > 0:
+        from vosr.seeding import derive_seed
+
+        kwargs["local_shuffle_buffer_size"] = max(shuffle_buffer, batch_size)
+        kwargs["local_shuffle_seed"] = derive_seed(seed, "shuffle", rank, epoch) % 2**31
+    return kwargs
 
 
 class BatchStream:
@@ -144,13 +309,8 @@ class BatchStream:
         self._it = None
 
     def _open_epoch(self, skip: int) -> None:
-        kwargs: dict[str, Any] = {"batch_size": self.batch_size, "batch_format": "pyarrow", "drop_last": True,
-                                  "prefetch_batches": self.prefetch_batches}
-        if self.shuffle_buffer > 0:
-            kwargs["local_shuffle_buffer_size"] = max(self.shuffle_buffer, self.batch_size)
-            from vosr.seeding import derive_seed
-
-            kwargs["local_shuffle_seed"] = derive_seed(self.seed, "shuffle", self.rank, self.epoch) % 2**31
+        kwargs = batch_iter_kwargs(self.batch_size, self.shuffle_buffer, self.seed, self.rank, self.epoch,
+                                   self.prefetch_batches)
         self._it = iter(self.shard.iter_batches(**kwargs))
         for _ in range(skip):
             next(self._it)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +94,52 @@ def _no_sync(wrapped: nn.Module, fsdp: bool):
 
         return fsdp_utils.no_sync(wrapped)
     return wrapped.no_sync()
+
+
+def make_optimizer(params, tc) -> torch.optim.Optimizer:
+    """METHOD.md s5: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01 on all parameters (one group, no
+    exclusions)."""
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.adam_eps,
+                             weight_decay=tc.weight_decay)
+
+
+def init_from_checkpoint(objective, model: nn.Module, ema, folder: str) -> dict[str, Any]:
+    """`train.init_from`: load another run's weights, then re-initialise the EMA from them (METHOD.md s5)."""
+    info = objective.init_from(model, folder)
+    ema.reset(model)
+    return info
+
+
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, ema, grad_clip: float, fsdp: bool = False):
+    """Global-norm clip (METHOD.md s5: 1.0), AdamW step, zero grads, one EMA update (every optimiser step).
+    `ema`: vosr.ema.EMA, or under FSDP training/fsdp.ShardedEMA (local shards, no communication).
+    Returns the pre-clip gradient norm (a float under FSDP, a tensor otherwise)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # DTensors under FSDP2
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if fsdp:
+        from training import fsdp as fsdp_utils
+
+        ema.update()
+        return fsdp_utils.grad_norm_value(grad_norm)
+    ema.update(model)
+    return grad_norm
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(max(seconds, 0.0)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def progress_line(job: str, step: int, total: int, loss: float | None, samples_per_s: float, eta_s: float | None,
+                  last_checkpoint: int | None) -> str:
+    """One human-readable progress line (printed by rank 0 every train.log_every steps)."""
+    pct = 100.0 * step / max(total, 1)
+    loss_s = f"{loss:.4f}" if loss is not None and math.isfinite(loss) else "n/a"
+    eta = _clock(eta_s) if eta_s is not None else "n/a"
+    ckpt = f"step {last_checkpoint}" if last_checkpoint else "none yet"
+    return (f"[{job}] step {step}/{total} ({pct:.1f}%) | loss {loss_s} | {samples_per_s:.2f} samples/s | "
+            f"ETA {eta} | last checkpoint: {ckpt}")
 
 
 def _storage_uri(spec: dict[str, Any]) -> str:
@@ -190,16 +237,18 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             _load_weights(Path(d), model, ema)
     elif tc.init_from:
-        init_info = objective.init_from(model, tc.init_from)
-        ema.reset(model)  # METHOD.md s5: EMA re-initialised from the loaded checkpoint
+        init_info = init_from_checkpoint(objective, model, ema, tc.init_from)
 
     # --- stage: parallel wrapper and optimiser ---------------------------------------------------------------
     fsdp = tc.strategy == "fsdp" and world > 1
     wrapped = _wrap(model, tc.strategy, world)
     call = ModelCall(wrapped, model)
-    # METHOD.md s5: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01 on all parameters, no groups
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.adam_eps,
-                            weight_decay=tc.weight_decay)
+    opt = make_optimizer(wrapped.parameters(), tc)
+    step_ema = ema
+    if fsdp:  # the EMA is updated on local shards and gathered into `ema` only to export or validate
+        from training import fsdp as fsdp_utils
+
+        step_ema = fsdp_utils.ShardedEMA(ema, model)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             saved = load_train_state(str(d))
@@ -236,6 +285,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     step = int(position["step"])
     samples = int(position["samples"])
     window_t0, window_samples = time.perf_counter(), 0
+    loop_t0, first_step = window_t0, step
+    last_ckpt_step = resumed_from
     last: dict[str, float] = {}
     model.train()
     while step < tc.steps:
@@ -259,17 +310,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             for key, v in stats.items():
                 if isinstance(v, (int, float)):
                     stats_sum[key] = stats_sum.get(key, 0.0) + float(v) / tc.grad_accum
-        # METHOD.md s5: global-norm clip 1.0
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)  # DTensors under FSDP2
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if fsdp:
-            from training import fsdp as fsdp_utils
-
-            fsdp_utils.update_ema(ema, model)
-            grad_norm = fsdp_utils.grad_norm_value(grad_norm)
-        else:
-            ema.update(model)
+        grad_norm = optimizer_step(model, opt, step_ema, tc.grad_clip, fsdp)
         samples += tc.batch_size
         window_samples += tc.batch_size
 
@@ -284,8 +325,12 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             last = {f"train/{k}": v for k, v in mean.items()}
             last.update({"train/lr": lr, "train/samples_per_s": throughput, "train/epoch": stream.epoch})
             logger.metrics(last, step=step)
+            per_step = (now - loop_t0) / max(step - first_step, 1)
+            progress = (mean.get("loss"), throughput, per_step * (tc.steps - step))
 
         val_due = tc.validate_every > 0 and step % tc.validate_every == 0
+        if fsdp and (is_ckpt or (tc.val_images > 0 and (val_due or step == tc.steps))):
+            step_ema.gather_into(ema)  # collective, on step-determined conditions only
         if validator is not None and (val_due or step == tc.steps):
             vm = validator.run(ema.module, step, logger)
             last.update(vm)
@@ -317,6 +362,12 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                 import torch.distributed as dist  # a failure on any rank after it restores this one
 
                 dist.barrier()
+            last_ckpt_step = step
+        if is_log and rank == 0:  # on the job's console (Ray forwards the worker's stdout to the driver); written
+            # to the stream, not print(): Ray Train patches print into its logger and may also tee it (twice)
+            line = progress_line(spec["job"], step, tc.steps, progress[0], progress[1], progress[2], last_ckpt_step)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
     stream.close()
 
 

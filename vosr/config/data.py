@@ -133,6 +133,7 @@ class PrecomputeConfig:
 @dataclass
 class DataConfig:
     resolution: int = option(64, "HR crop size in pixels (METHOD.md s1: 512; paper's first stage 256).", ge=8)
-    holdout_fraction: float = option(0.1, "Fraction of ids held out for validation (chosen by id hash).", ge=0,
-                                     lt=1)
+    holdout_fraction: float = option(0.0, "Fraction of ids held out of training for in-job validation (chosen by "
+                                     "id hash). Default 0: train on everything; evaluation has its own data.",
+                                     ge=0, lt=1)
     extra: dict[str, str] = field(default_factory=dict, metadata={"doc": "Free-form notes carried into metadata."})

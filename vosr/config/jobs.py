@@ -29,7 +29,8 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "Checkpoints kept (Ray CheckpointConfig num_to_keep).", ge=1)
     max_failures: int = option(2, "Ray Train FailureConfig max_failures.", ge=-1)
     validate_every: int = option(100, "Steps between validations (0 = only at the end).", ge=0)
-    val_images: int = option(4, "Held-out images used for validation.", ge=0)
+    val_images: int = option(0, "Held-out images used for in-job validation (needs data.holdout_fraction > 0).",
+                             ge=0)
     log_every: int = option(10, "Steps between metric logs.", ge=1)
     init_from: str = option("", "Checkpoint folder to start from (progressive stage; RoPE positions rebuilt).")
     fail_at_step: int = option(-1, "Fault injection: a worker raises once at this step (-1 = off).", ge=-1)
@@ -37,7 +38,11 @@ class TrainConfig:
     adam_eps: float = option(1e-8, "AdamW epsilon (METHOD.md s5: 1e-8).", gt=0)
     cpus_per_worker: float = option(1.0, "CPUs reserved per Ray Train worker (also its torch thread count on CPU).",
                                     gt=0)
-    shuffle_buffer: int = option(64, "Rows in each worker's local shuffle buffer (0 = no local shuffle).", ge=0)
+    shuffle_buffer: int = option(2000, "Samples in each worker's local shuffle buffer (0 = none; the reference "
+                                 "mixes with a 2000-sample buffer).", ge=0)
+    mix_shards: bool = option(True, "Mix batches: read the feature shards' row groups in a seeded order that "
+                              "changes every epoch, each block drawing on many shards, rows spread by variant "
+                              "(training/data.py).")
     tf32: bool = option(True, "Allow TF32 matmuls on GPU (METHOD.md s5: TF32 enabled).")
     cache_data: bool = option(False, "Materialise the (small) training set in the object store once, so epochs "
                               "do not re-read the shards; leave off for large feature sets.")

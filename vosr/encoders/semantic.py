@@ -10,9 +10,11 @@ or .pth (read with torch.load(weights_only=True), never an arbitrary unpickle) i
   - timm layout (e.g. model.safetensors of the HF repo timm/vit_base_patch14_dinov2.lvd142m), or
   - the original facebookresearch/dinov2 layout (dinov2_vitb14_pretrain.pth / dinov2_vitl14_pretrain.pth,
     with mask_token; block_chunks=0 as in the torch.hub models).
-Both go through timm's own checkpoint filter, which also resamples the positional embedding from the
-checkpoint's grid (37x37 at 518 px) to the input grid (32x32 at 448) - bicubic without antialias, matching the
-original DINOv2 interpolation as closely as timm allows.
+Both go through timm's own checkpoint filter (key layout). The positional embedding is resampled first, from the
+checkpoint's grid (37x37 at 518 px) to the input grid (32x32 at 448), exactly as the released DINOv2 does it in
+`interpolate_pos_encoding` (facebookresearch/dinov2, hub models: interpolate_offset 0.1, interpolate_antialias
+False): float32, bicubic, no antialias, driven by scale_factor (n + 0.1) / M rather than by the output size, so the
+source coordinates (i + 0.5) * M / (n + 0.1) - 0.5 are the released model's, not timm's size-based ones.
 
 tiny_vit: weights drawn from a fixed seed (semantic.seed) unless semantic.path is given. Its random weights carry
 NO semantics: it exists so the tiny preset exercises the exact conditioning path on a CPU.
@@ -70,12 +72,45 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{p}: unsupported weights file type {p.suffix!r}; use .safetensors or .pth")
 
 
+DINOV2_INTERPOLATE_OFFSET = 0.1  # dinov2 hub models' interpolate_offset ("avoid floating point error", dino#8)
+
+
+def dinov2_resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1,
+                              offset: float = DINOV2_INTERPOLATE_OFFSET) -> torch.Tensor:
+    """[1, prefix + M*M, D] position table -> [1, prefix + gh*gw, D], the released DINOv2's interpolation.
+
+    Prefix (CLS) rows are kept; the M x M patch grid is resampled in float32 with F.interpolate(mode="bicubic",
+    antialias=False, scale_factor=((gh + offset) / M, (gw + offset) / M)); the result is cast back."""
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must be [1, N, D], got {tuple(pos_embed.shape)}")
+    n = pos_embed.shape[1] - num_prefix
+    m = int(round(n ** 0.5))
+    if m * m != n:
+        raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
+    gh, gw = int(grid[0]), int(grid[1])
+    if (gh, gw) == (m, m):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    pe = pos_embed.float()
+    patch = pe[:, num_prefix:].reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=(float(gh + offset) / m, float(gw + offset) / m), mode="bicubic",
+                          antialias=False)
+    if tuple(patch.shape[-2:]) != (gh, gw):
+        raise ValueError(f"DINOv2 position resampling gave {tuple(patch.shape[-2:])}, expected {(gh, gw)}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, gh * gw, dim)
+    return torch.cat([pe[:, :num_prefix], patch], dim=1).to(pos_embed.dtype)
+
+
 def load_vit_weights(vit: nn.Module, path: str | Path) -> None:
     """Load timm- or original-DINOv2-layout weights into `vit` (strict), resampling the position grid."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the hub models' head is Identity
+    pe = state.get("pos_embed")
+    if pe is not None and pe.shape != vit.pos_embed.shape:  # timm's filter then leaves it as it is
+        state["pos_embed"] = dinov2_resample_pos_embed(pe, tuple(vit.patch_embed.grid_size),
+                                                       num_prefix=0 if vit.no_embed_class else vit.num_prefix_tokens)
     state = checkpoint_filter_fn(state, vit, interpolation="bicubic", antialias=False)
     missing, unexpected = vit.load_state_dict(state, strict=False)
     if missing or unexpected:

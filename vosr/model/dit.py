@@ -45,11 +45,18 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c0: torch.Tensor, ctx,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, _, d = x.shape
-        mods = self.scale_shift_table[None].to(c0.dtype) + c0.view(b, 6, d)
+        # The modulation table, gates and the residual stream stay float32 under bf16 autocast: in the reference
+        # the fp32 table promotes the autocast (bf16) t_block output, so `x + gate * f(x)` is float32 in every
+        # block (METHOD.md s5: bf16 autocast with fp32 master weights). Inputs of the sub-layers are cast to their
+        # weight dtype, a no-op under autocast (fp32 weights; autocast then runs the matmuls in bf16) and what
+        # keeps a model whose weights were cast to bf16 (no autocast) working.
+        mods = self.scale_shift_table[None].float() + c0.view(b, 6, d).float()
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        x = x + self.cross_attn(x, ctx)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x.float()
+        wdt = self.attn.qkv.weight.dtype
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa).to(wdt), rope)
+        x = x + self.cross_attn(x.to(wdt), ctx)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp).to(wdt))
         return x
 
 
@@ -64,7 +71,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(modulate(self.norm(x), shift, scale).to(self.linear.weight.dtype))
 
 
 class SemanticContext:
