@@ -485,7 +485,8 @@ def _track(cfg, summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     from vosr.jobargs import parse_job_args
 
-    cfg, _ = parse_job_args("Curate web images into Parquet shards (Ray Data).", argv)
+    cfg, _ = parse_job_args("Curate web images into Parquet shards (Ray Data).", argv,
+                            writes=["curate.output"])
     summary = run(cfg)
     print(json.dumps(summary, indent=1))
     return 0
