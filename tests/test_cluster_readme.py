@@ -14,7 +14,7 @@ over as when pasted. What the test changes, and only this:
 - `configs/cluster/` -> `configs/demo/`, the README's own rule for a one-machine trial, and every job gets the
   `--set` overrides of TINY (a one-block DiT at 32 px, 4 steps, 2 evaluation images) so the chain takes ~2 min;
 - ports and addresses: 6379, 8265 and 8000 become free ports, 0.0.0.0 becomes 127.0.0.1, and `ray start` gets
-  `--node-ip-address 127.0.0.1`, 2 CPUs (head; 1 on the worker), a capped object store, free ports for the
+  `--node-ip-address 127.0.0.1`, 2 CPUs (head; none on the worker), a capped object store, free ports for the
   dashboard agent (Ray's fixed default 52365 is held by any other Ray on the machine) and the client server, and
   its own `--temp-dir` (head), so nothing here touches another Ray on this machine;
 - `lr.png` / `lr_x4.png` of the curl line become a small request image and an answer path in the test's folder.
@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -43,8 +44,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from pipelines.curate_schema import CURATED_SCHEMA
 from tests.helpers.http_fixture import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,13 +264,15 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
         im.convert("RGB").crop((0, 0, 128, 128)).resize((32, 32), Image.Resampling.BICUBIC).save(request)
 
     ports = {"gcs": free_port(), "dashboard": free_port(), "serve": free_port()}
-    temp_dir = tmp_path / "ray"
+    # Ray's socket paths under --temp-dir must stay under 107 bytes: pytest's tmp_path is too deep
+    temp_dir = Path(tempfile.mkdtemp(prefix="vosr-ray-", dir="/tmp"))
     home = tmp_path / "home"
     home.mkdir()
     common = ["--node-ip-address 127.0.0.1", f"--object-store-memory {200 * 2**20}"]
     extra = {"head": [*common, "--num-cpus 2", f"--temp-dir {temp_dir}", f"--ray-client-server-port {free_port()}",
                       f"--dashboard-agent-listen-port {free_port()}"],
-             "worker": [*common, "--num-cpus 1", f"--dashboard-agent-listen-port {free_port()}"]}
+             # the worker joins without CPUs: the machine has 2 cores, all given to the head as in the other tests
+             "worker": [*common, "--num-cpus 0", f"--dashboard-agent-listen-port {free_port()}"]}
 
     mlflow_port = free_port()
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
@@ -279,13 +284,14 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
     shell = None
     timings: dict[str, float] = {}
     outputs: dict[str, str] = {}
+    ended = False  # every command ran and passed its checks
     try:
         with s3_server() as s3, PhotoServer(photo_dir=site_dir) as site:
             site.write_url_list(tmp_path / "urls.txt")
+            site_expected = site.expected()
             urls = s3.put_file(tmp_path / "urls.txt", "cluster/urls.txt")
             for name in holdout[:2]:
                 s3.put_file(ROOT / "assets" / "photos" / name, f"hr/{name}")
-            _wait_http(mlflow_url + "/health", mlflow_proc, timeout=120)
 
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "VIRTUAL_ENV", "PYTHONPATH", "VOSR_"))}
@@ -298,21 +304,31 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
             shell = Shell(env, tmp_path / "session.log")
             for cmd in commands:
                 job = job_of(cmd)
+                if job and not outputs:  # the tracking server started meanwhile
+                    _wait_http(mlflow_url + "/health", mlflow_proc, timeout=120)
                 line = adapt(cmd, values, ports, extra)
                 t0 = time.monotonic()
-                rc, out = shell.run(line, timeout=240)
+                rc, out = shell.run(line, timeout=300)
                 timings[job or line.split()[0]] = timings.get(job or line.split()[0], 0) + time.monotonic() - t0
                 assert rc == 0, f"exit status {rc}: {line}\n{out[-5000:]}"
                 if job:
                     assert re.search(r"Job '\S+' succeeded", out), out[-3000:]
+                    # it joined this cluster (RAY_ADDRESS from the job supervisor), not a Ray of its own
+                    assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{ports['gcs']}\b", out), out
+                    assert "Started a local Ray instance" not in out
                     outputs[job] = out
                 if job == "pretrain":  # the README: TEACHER is the pretrain summary's checkpoint_uri
                     values["TEACHER"] = last_json(out)["checkpoint_uri"]
                 if job == "distill":  # STUDENT is the distill summary's registered_model.uri
                     values["STUDENT"] = last_json(out)["registered_model"]["uri"]
-                if line.startswith("ray start --address"):
-                    rc, status = shell.run(f"ray status --address 127.0.0.1:{ports['gcs']}", timeout=60)
-                    assert rc == 0 and status.count("node_") == 2, status  # the worker joined the head
+                if line.startswith("ray start --address"):  # the worker joined the head
+                    deadline = time.monotonic() + 60
+                    while True:
+                        rc, status = shell.run(f"ray status --address 127.0.0.1:{ports['gcs']}", timeout=60)
+                        if rc == 0 and status.count(" node_") == 2 or time.monotonic() > deadline:
+                            break
+                        time.sleep(2)
+                    assert rc == 0 and status.count(" node_") == 2, status
 
             # a submitted job refuses a relative path for what it writes, naming the key, before doing anything
             rc, refused = shell.run(
@@ -332,28 +348,44 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
 
             # each job's outputs are on S3 (the credentials came from the nodes' environment)
             keys = s3.keys("cluster/")
+            curated_summary = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="cluster/curated/summary.json")
+                                         ["Body"].read())
+            shard = s3.fs.open(s3.uri(next(k for k in keys if k.startswith("cluster/curated/shards/")
+                                           and k.endswith(".parquet"))).removeprefix("s3://"), "rb")
+            with shard:
+                assert pq.read_schema(shard).equals(CURATED_SCHEMA, check_metadata=False)
             for prefix in ("curated/shards/", "features/shards/", "checkpoints/demo-teacher/",
                            "checkpoints/demo-student/", "eval/summary.json", "mlartifacts/"):
                 assert any(k.startswith(f"cluster/{prefix}") for k in keys), (prefix, keys[:50])
+
+            # the runs and the registered student are on the tracking server
+            client = MlflowClient(tracking_uri=mlflow_url)
+            exp = client.get_experiment_by_name("vosr-demo")
+            assert exp is not None
+            runs = client.search_runs([exp.experiment_id])
+            by_name = {r.info.run_name: r for r in runs}
+            for name in ("demo-curate-curate", "demo-precompute-precompute", "demo-teacher", "demo-student",
+                         "demo-evaluate-eval"):
+                assert name in by_name and by_name[name].info.status == "FINISHED", sorted(by_name)
+            student = last_json(outputs["distill"])["registered_model"]
+            version = client.get_model_version(student["name"], str(student["version"]))
+            assert version.run_id == by_name["demo-student"].info.run_id
+            assert last_json(outputs["pretrain"])["steps"] == 4
+            curate = last_json(outputs["curate"])
+            assert curate == curated_summary  # the job printed its summary last
+            assert (curate["kept"], curate["duplicates"]) == (N_PHOTOS, site_expected["near_duplicate"])
+            assert "[curate] stage 1 block" in outputs["curate"]  # its progress reached the submitter
+            assert re.search(r"Uploading package gcs://_ray_pkg_\w+\.zip", outputs["curate"])  # --working-dir .
+        ended = True
     finally:
         if shell is not None:
             shell.stop()
         _stop_group(mlflow_proc)
+        if ended:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        else:
+            print(f"Ray's logs are kept in {temp_dir}")
         print("seconds per command:", json.dumps({k: round(v, 1) for k, v in timings.items()}))
-
-    # the runs and the registered student are on the tracking server
-    client = MlflowClient(tracking_uri=mlflow_url)
-    exp = client.get_experiment_by_name("vosr-demo")
-    assert exp is not None
-    runs = client.search_runs([exp.experiment_id])
-    by_name = {r.info.run_name: r for r in runs}
-    for name in ("demo-curate", "demo-precompute", "demo-teacher", "demo-student", "demo-evaluate"):
-        assert name in by_name and by_name[name].info.status == "FINISHED", sorted(by_name)
-    student = last_json(outputs["distill"])["registered_model"]
-    version = client.get_model_version(student["name"], str(student["version"]))
-    assert version.run_id == by_name["demo-student"].info.run_id
-    assert last_json(outputs["pretrain"])["steps"] == 4
-    assert last_json(outputs["curate"])["kept"] == N_PHOTOS
 
 
 def test_submitted_job_refuses_relative_output_paths(monkeypatch, capsys):
