@@ -577,7 +577,8 @@ def _run(cfg, out: Path, final: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from vosr.jobargs import parse_job_args
 
-    cfg, _ = parse_job_args("VOSR evaluation: PSNR/SSIM-Y (+ pyiqa), Table 1 and the guidance sweep.", argv)
+    cfg, _ = parse_job_args("VOSR evaluation: PSNR/SSIM-Y (+ pyiqa), Table 1 and the guidance sweep.", argv,
+                            writes=["eval.output"])
     try:
         summary = run(cfg)
     except (FileNotFoundError, ValueError) as exc:        # PeerError is a ValueError

@@ -524,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     from vosr.config import redact
     from vosr.jobargs import parse_job_args
 
-    cfg, _ = parse_job_args("Curate web images into Parquet shards (Ray Data).", argv)
+    cfg, _ = parse_job_args("Curate web images into Parquet shards (Ray Data).", argv,
+                            writes=["curate.output"])
     summary = run(cfg)
     print(json.dumps(redact(summary), indent=1))
     return 0

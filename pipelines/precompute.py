@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     from vosr.config import redact
     from vosr.jobargs import parse_job_args
 
-    cfg, _ = parse_job_args("Precompute VOSR features (HR latents, K LR variants with semantic tokens).", argv)
+    cfg, _ = parse_job_args("Precompute VOSR features (HR latents, K LR variants with semantic tokens).", argv,
+                            writes=["precompute.output"])
     try:
         summary = run(cfg)
     except (FileNotFoundError, feature_schema.FeatureMismatchError) as exc:

@@ -41,7 +41,8 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args("Distil the VOSR teacher into a one-step student on Ray Train.", argv)
+    cfg, _ = parse_job_args("Distil the VOSR teacher into a one-step student on Ray Train.", argv,
+                            writes=["train.storage_path"])
     summary = run(cfg)
     print(json.dumps(redact(summary), indent=2, sort_keys=True, default=str))
     return 0

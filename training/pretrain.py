@@ -25,7 +25,8 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args("Pretrain the multi-step VOSR teacher on Ray Train.", argv)
+    cfg, _ = parse_job_args("Pretrain the multi-step VOSR teacher on Ray Train.", argv,
+                            writes=["train.storage_path"])
     summary = run(cfg)
     print(json.dumps(redact(summary), indent=2, sort_keys=True, default=str))
     return 0
