@@ -43,7 +43,7 @@ from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1  # noqa:
 from vosr import storage  # noqa: E402
 
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
-                  "list_category", "embedding"]
+                  "list_category", "embedding", "fidelity", "sharpness"]
 
 
 class InjectedFault(RuntimeError):
