@@ -32,6 +32,8 @@ TEXT_REASONS = ("not_image_html", "not_image_svg", "not_image_json", "not_image_
 # Reason codes a decode can fail with (pipelines count them by these names).
 DECODE_REASONS = ("empty", "not_image", *TEXT_REASONS, "unsupported_format", "too_many_pixels", "truncated",
                   "corrupt")
+# The reasons that say "these bytes are not an image this project decodes" (as opposed to a broken or huge one).
+NOT_IMAGE_REASONS = ("empty", "not_image", *TEXT_REASONS, "unsupported_format")
 
 
 class ImageDecodeError(ValueError):
