@@ -39,10 +39,10 @@ class FilterConfig:
                                   "spectral power in 0.63-1.0 of Nyquist over that in 0.125-0.315, on the 4 most "
                                   "textured of 16 crops of 128 px taken at the image's own resolution "
                                   "(pipelines/curation/analysis.py native_sharpness). Calibrated with "
-                                  "benchmarks/bench_sharpness.py on the 44 dev photos: at -3.0, 98% of originals "
-                                  "and of their JPEG q85/q95 re-encodes are kept and >= 95% of their 2x/3x/4x "
-                                  "bicubic/Lanczos upscales are rejected (ROC AUC 0.995); 1.5x upscales are only "
-                                  "partly caught. -100 turns it off.")
+                                  "benchmarks/bench_sharpness.py on the 44 dev photos: at -3.0, 97.7% of the "
+                                  "originals and of their JPEG q85/q90/q95 re-encodes are kept, 95.5% (2x bicubic, "
+                                  "the hardest) to 100% of their 2x/3x/4x bicubic/Lanczos upscales are rejected "
+                                  "(ROC AUC 0.995); of 1.5x upscales only 30-41%. -100 turns it off.")
     min_gradient: float = option(0.0, "Reject images whose mean gradient magnitude (0-255 scale) at the analysis "
                                  "size is below this. Off by default: at the analysis size it cannot see upscaling "
                                  "(an 11x enlargement scored like a sharp photo); min_sharpness is the sharpness "
