@@ -73,18 +73,25 @@ def main() -> int:
           f"ok {summary['ok']}, duplicates {summary['duplicates']}, kept {summary['kept']}, "
           f"failed {summary['failed']}, filtered {summary['filtered']}")
     print(f"declared types of the decoded images: {summary.get('ok_by_declared_type')}")
-    bad = 0
+    bad = filtered_out = 0
     for p in paths:
         members = [r for r in rows if expect.get(r["source"]) == p.name]
         kept = [r for r in members if r["kept"]]
         winner = kept[0]["source"].rsplit("/", 1)[-1] if len(kept) == 1 else f"{len(kept)} kept"
+        original_in = any(r["source"] in originals[p.name] for r in members)
         ok = (len(kept) == 1 and kept[0]["source"] in originals[p.name]
-              and all(by_id.get(r["duplicate_of"]) is kept[0] for r in members if not r["kept"])
-              and len(members) == 7)
-        bad += not ok
-        print(f"  {p.name:<32} {len(members)} members, kept {winner:<24} fidelity "
-              f"{kept[0]['fidelity'] if kept else '-'} {'ok' if ok else 'WRONG'}")
-    print(f"every original is its group's representative: {'YES' if not bad else f'NO ({bad} groups wrong)'}")
+              and all(by_id.get(r["duplicate_of"]) is kept[0] for r in members if not r["kept"]))
+        if not original_in:  # the original itself failed a filter (stage-1 reason in the ledger)
+            filtered_out += 1
+            verdict = "original filtered out by stage 1"
+        else:
+            bad += not ok
+            verdict = "ok" if ok else "WRONG"
+        print(f"  {p.name:<32} {len(members)} of 7 reached dedup, kept {winner:<28} fidelity "
+              f"{kept[0]['fidelity'] if kept else '-'}  {verdict}")
+    print(f"groups whose original passed the filters: {len(paths) - filtered_out}; represented by their original: "
+          f"{len(paths) - filtered_out - bad}; originals filtered out by stage 1: {filtered_out}")
+    print(f"every original that passed the filters is its group's representative: {'YES' if not bad else 'NO'}")
     return 1 if bad else 0
 
 
