@@ -266,3 +266,17 @@ def test_unlisted_formats_and_bombs_are_refused_before_decoding(tmp_path):
     want = {"ICO": "unsupported_format", **{f"bomb_{k}": "too_many_pixels" for k in ALLOWED_FORMATS}}
     assert got["reasons"] == want
     assert got["peak_growth_kib"] < 8 * 1024, got  # a few MiB at most, not the hundreds a decode would take
+
+
+def test_shard_stats_count_decoded_images_by_declared_type():
+    import pyarrow as pa
+
+    from pipelines.curation.writer import ledger_counts
+
+    ledger = pa.table({"reason": ["ok", "ok", "ok", "ok", "not_image_html", "ok"],
+                       "declared_type": ["image/png", "text/plain; charset=utf-8", None, "image/svg+xml",
+                                         "text/html", "made up!"]})
+    stats = ledger_counts(ledger)
+    assert stats["ok_by_declared_type"] == {"image/png": 1, "image/svg_xml": 1, "none": 1, "other": 1,
+                                            "text/plain": 1}
+    assert stats["failed"] == {"not_image_html": 1} and stats["fetched"] == 6  # a refused body was fetched

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import Counter
 
 import pyarrow as pa
@@ -47,9 +48,19 @@ def declared_types(ledger: pa.Table) -> dict:
     if "declared_type" not in ledger.column_names:
         return {}
     ok = pa.compute.equal(ledger["reason"], "ok")
-    types = Counter((t or "none").split(";", 1)[0].strip().lower() or "none"
-                    for t in ledger.filter(ok)["declared_type"].to_pylist())
-    return dict(sorted(types.items()))
+    return dict(sorted(Counter(_media_type(t) for t in ledger.filter(ok)["declared_type"].to_pylist()).items()))
+
+
+_MEDIA_TYPE = re.compile(r"^(image|text|application|binary|video|audio|multipart|font)/[a-z0-9][a-z0-9.+-]{0,40}$")
+
+
+def _media_type(declared: str | None) -> str:
+    """A stats key for a declared Content-Type: its media type (a metric-safe name), "none", or "other" for
+    anything malformed (so a server cannot grow the stats with made-up types)."""
+    t = (declared or "").split(";", 1)[0].strip().lower()
+    if not t:
+        return "none"
+    return t.replace("+", "_") if _MEDIA_TYPE.match(t) else "other"
 
 
 def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprint: str) -> pa.Table:
