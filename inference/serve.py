@@ -196,7 +196,7 @@ def parse_query(params, serve_cfg) -> dict[str, Any]:
 
 def decode_upload(data: bytes, serve_cfg):
     """Bytes -> RGB PIL image with the caps applied; raises ServeError(413/415/400)."""
-    from vosr.imageio import ImageDecodeError, decode_image
+    from vosr.imageio import NOT_IMAGE_REASONS, ImageDecodeError, decode_image
 
     if len(data) > serve_cfg.max_body_bytes:
         raise ServeError(413, "too_large", f"body of {len(data)} bytes exceeds {serve_cfg.max_body_bytes} bytes")
@@ -206,7 +206,7 @@ def decode_upload(data: bytes, serve_cfg):
         if exc.reason == "too_many_pixels":
             raise ServeError(413, "too_many_pixels", f"image exceeds {serve_cfg.max_pixels} pixels "
                                                      f"({exc.detail})") from None
-        if exc.reason in ("empty", "not_image"):
+        if exc.reason in NOT_IMAGE_REASONS:
             raise ServeError(415, "not_an_image", f"the body is not a supported image ({exc.reason})") from None
         raise ServeError(400, "bad_image", f"the image could not be decoded ({exc.reason}: {exc.detail})") from None
 

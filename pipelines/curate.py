@@ -43,7 +43,7 @@ from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1, stage1_
 from vosr import storage  # noqa: E402
 
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
-                  "list_category", "embedding"]
+                  "list_category", "embedding", "fidelity", "sharpness"]
 
 
 class InjectedFault(RuntimeError):
@@ -483,6 +483,7 @@ def run_stages(cfg, semantic: bool) -> dict:
         "failed": totals.get("failed", {}), "filtered": totals.get("filtered", {}),
         "duplicates": totals.get("duplicates", 0), "capped": totals.get("capped", 0), "kept": totals.get("kept", 0),
         "kept_by_category": dict(sorted(totals.get("kept_by_category", {}).items())),
+        "ok_by_declared_type": dict(sorted(totals.get("ok_by_declared_type", {}).items())),  # issue 14
         **info,
         "seconds": {"stage1": round(t1 - t0, 3), "stage2": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
     }

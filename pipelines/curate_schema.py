@@ -21,6 +21,16 @@ the per-category cap have `kept = false`, `drop_reason = "category_cap"`. Droppe
 (`image = null`) to save storage; the bytes stay in `_stage1/` for a re-run with other settings. Inputs that
 failed to fetch or decode or were filtered out appear only in `_stage1/` and in the stats.
 
+Representative of a duplicate group (pipelines/curation/dedup.py `node_key`, the one place it is decided): the
+member with the most pixels (width x height), then the least lossy encoding (`fidelity`, higher first: 100 for
+lossless true colour; a JPEG its quality estimated from the quantisation tables; lossy WebP 50; CMYK storage at
+most 50 and palette/bilevel storage such as palette PNG or GIF at most 40, so a palette or CMYK re-encode of an RGB
+original never beats it), then the native-scale `sharpness` (higher first), then the smallest id. Compression
+artefacts raise gradient-based scores, so sharpness only breaks ties between equally faithful encodings.
+
+Schema versions: 1 (initial); 2 adds `sharpness` and `fidelity` to both schemas and `declared_type` (the
+Content-Type the server declared, null for files; what is decoded is decided from the bytes) to the ledger.
+
 Readers use `read_kept(uri)` (Ray Data) or `read_kept_table(uri)` (pyarrow), or filter with `KEPT_FILTER`.
 """
 
@@ -31,7 +41,7 @@ import pyarrow.compute as pc
 
 from vosr import storage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_VERSION_KEY = b"vosr.curate.schema_version"
 
 CURATED_SCHEMA = pa.schema(
@@ -47,6 +57,8 @@ CURATED_SCHEMA = pa.schema(
         pa.field("dhash", pa.int64()),                     # 64-bit dHash, bits as signed int64
         pa.field("gradient", pa.float32()),                # mean gradient magnitude (0-255) at analysis size
         pa.field("entropy", pa.float32()),                 # grey-level entropy (bits)
+        pa.field("sharpness", pa.float32()),               # native-scale sharpness (analysis.native_sharpness)
+        pa.field("fidelity", pa.float32()),                # encoding fidelity 0-100 (analysis.encoding_fidelity)
         pa.field("category", pa.string()),                 # from the source list, else "cluster-<k>"
         pa.field("category_source", pa.string()),          # "list" | "kmeans" | "none"
         pa.field("duplicate_of", pa.string()),             # null for kept rows
@@ -75,6 +87,9 @@ STAGE1_SCHEMA = pa.schema(
         pa.field("gradient", pa.float32()),
         pa.field("entropy", pa.float32()),
         pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("sharpness", pa.float32()),
+        pa.field("fidelity", pa.float32()),
+        pa.field("declared_type", pa.string()),            # Content-Type declared by the server (URLs only)
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )

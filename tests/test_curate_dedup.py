@@ -95,7 +95,7 @@ def test_cap_bounds_the_work_and_counts_the_overflow():
 
 
 def _keys(n: int) -> list[str]:
-    return [dedup.node_key(100 + i % 7, 100, float(i % 5), f"{i:032x}", "u" * 24, i) for i in range(n)]
+    return [dedup.node_key(100 + i % 7, 100, 100.0, float(i % 5), f"{i:032x}", "u" * 24, i) for i in range(n)]
 
 
 def _local_pass(rows: pa.Table, key: str, kind: str, parts: int, fn) -> pa.Table:

@@ -69,7 +69,7 @@ def test_curate_under_ray_job_submit_with_working_dir(photos, tmp_path, monkeypa
     config.write_text(json.dumps({  # YAML is a superset of JSON
         "run": {"name": "curate-job", "output_root": str(tmp_path / "root"), "seed": 5, "mlflow": {"enabled": False}},
         "curate": {"sources": [str(src)], "output": "placeholder", "rows_per_shard": 3,
-                   "filters": {"min_short_side": 128}, "balance": {"per_category_cap": 100, "num_clusters": 2}},
+                   "filters": {"min_short_side": 128, "min_sharpness": -100.0}, "balance": {"per_category_cap": 100, "num_clusters": 2}},
     }))
 
     if ray.is_initialized():

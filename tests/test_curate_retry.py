@@ -23,7 +23,7 @@ def _cfg(tmp, listing, out, **extra):
                    # no in-run retries: a transient failure ends the first run's attempt at once
                    "crawl": {"timeout_s": 0.5, "retries": 0, "allow_hosts": ["127.0.0.1"],
                              "per_domain_rps": 200.0},
-                   "filters": {"min_short_side": 128},
+                   "filters": {"min_short_side": 128, "min_sharpness": -100.0},
                    # stage 2 reduced to the writer: retries are a stage-1 matter (fewer Ray Data runs, faster)
                    "dedup": {"enabled": False}, "balance": {"enabled": False}, **extra},
     })
@@ -44,7 +44,7 @@ def test_rerun_retries_transient_failures_only(ray_local, photos, tmp_path):
             site.photo_url(a): "ok", site.photo_url(b): "ok", site.url("/status/404"): "http_404",
             site.url(f"/flaky/{c}"): "http_503", site.url("/status/500"): "http_500",
             site.url("/truncated.jpg"): "truncated",
-            site.url("/html"): "not_image", site.url("/status/429"): "http_429", site.url("/hang"): "timeout",
+            site.url("/html"): "not_image_html", site.url("/status/429"): "http_429", site.url("/hang"): "timeout",
         }
         listing = tmp_path / "urls.txt"
         listing.write_text("".join(u + "\n" for u in first))
@@ -67,7 +67,7 @@ def test_rerun_retries_transient_failures_only(ray_local, photos, tmp_path):
         assert s2["urls_retried"] == 4 and s2["retry_blocks_changed"] == 1
         assert (s2["seen"], s2["ok"], s2["kept"]) == (9, 3, 3)
         assert s2["ok"] + sum(s2["failed"].values()) + sum(s2["filtered"].values()) == 9
-        assert s2["failed"] == {"http_404": 1, "http_500": 1, "http_429": 1, "timeout": 1, "not_image": 1,
+        assert s2["failed"] == {"http_404": 1, "http_500": 1, "http_429": 1, "timeout": 1, "not_image_html": 1,
                                 "truncated": 1}
         assert s2["shards_skipped"] == 0  # a changed ledger changes stage 2 for every shard
         rows = [r for f in shard_files(str(out)) for r in pq.read_table(f).to_pylist()]

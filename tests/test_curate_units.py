@@ -36,7 +36,7 @@ def test_decode_real_photo_and_reject_hostile_bytes(photos):
     img, fmt = decode_image(data, 50_000_000, with_format=True)
     assert img.mode == "RGB" and fmt in ("png", "jpeg") and img.size == Image.open(photos[0]).size
     jpeg = encode(img, "JPEG", quality=90)
-    cases = {b"": "empty", b"<html>hi</html>": "not_image", jpeg[: len(jpeg) // 2]: "truncated",
+    cases = {b"": "empty", b"<html>hi</html>": "not_image_html", b"this is not an image": "not_image", jpeg[: len(jpeg) // 2]: "truncated",
              bomb_png_header_only(): "too_many_pixels", bomb_png_real(9000): "too_many_pixels"}
     for blob, reason in cases.items():
         with pytest.raises(ImageDecodeError) as e:
@@ -63,7 +63,7 @@ def test_exif_orientation_and_alpha_are_applied():
 
 def test_filters_reject_by_reason_and_measure_sharpness(photos):
     f = config_from_dict({"curate": {"filters": {"min_short_side": 64, "min_gradient": 1.0,
-                                                 "min_entropy": 3.0}}}).curate.filters
+                                                 "min_entropy": 3.0, "min_sharpness": -100.0}}}).curate.filters
     a = analyse(photos[0].read_bytes(), f)
     assert a.gradient > 1.0 and 3.0 < a.entropy <= 8.0 and a.embedding.shape == (196,)
     blurred = Image.open(photos[0]).convert("RGB").resize((64, 64)).resize((512, 512), Image.Resampling.BICUBIC)
@@ -159,10 +159,12 @@ def test_star_contraction_matches_union_find():
 
 
 def test_node_keys_sort_best_first():
-    big = dedup.node_key(1000, 800, 3.0, "b" * 32, "u" * 24, 5)
-    small_sharp = dedup.node_key(500, 400, 9.0, "a" * 32, "u" * 24, 1)
-    big_sharper = dedup.node_key(1000, 800, 4.0, "c" * 32, "u" * 24, 2)
-    assert min(big, small_sharp, big_sharper) == big_sharper
+    big = dedup.node_key(1000, 800, 100.0, -2.5, "b" * 32, "u" * 24, 5)
+    small_sharp = dedup.node_key(500, 400, 100.0, -1.0, "a" * 32, "u" * 24, 1)
+    big_sharper = dedup.node_key(1000, 800, 100.0, -2.0, "c" * 32, "u" * 24, 2)
+    big_sharper_jpeg = dedup.node_key(1000, 800, 95.0, -1.0, "d" * 32, "u" * 24, 3)
+    assert min(big, small_sharp, big_sharper, big_sharper_jpeg) == big_sharper
+    assert min(big_sharper_jpeg, small_sharp) == big_sharper_jpeg  # pixels first
     assert dedup.key_id(big) == "b" * 32 and dedup.key_unit(big) == "u" * 24 and dedup.key_row(big) == 5
 
 
@@ -251,7 +253,7 @@ def test_rerun_retry_reasons_and_ledger_generations_after_a_kill(tmp_path):
     for reason in ("timeout", "http_429", "http_500", "http_503", "connect_error", "server_disconnected",
                    "incomplete_body"):
         assert retry_next_run(reason), reason
-    for reason in ("http_404", "http_403", "not_image", "truncated", "corrupt", "too_many_pixels", "oversize",
+    for reason in ("http_404", "http_403", "not_image", "not_image_html", "unsupported_format", "truncated", "corrupt", "too_many_pixels", "oversize",
                    "blocked_address", "bad_url", "robots_noai", "too_small", "http_5xx"):
         assert not retry_next_run(reason), reason
     out = str(tmp_path)

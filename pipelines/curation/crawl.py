@@ -43,6 +43,7 @@ class FetchResult:
     status: int = 0
     attempts: int = 0
     final_url: str = ""
+    content_type: str = ""  # as the server declared it; recorded, never trusted (the bytes are sniffed)
 
 
 class BlockedAddressError(OSError):
@@ -83,6 +84,13 @@ _REFUSED_V6 = tuple(ipaddress.ip_network(n) for n in (
 # IPv4 ranges refused besides Python's non-global ones (its list varies across versions): IETF protocol
 # assignments (RFC 6890), benchmarking (RFC 2544), reserved (RFC 1112).
 _REFUSED_V4 = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "198.18.0.0/15", "240.0.0.0/4"))
+
+
+def _text_body(head: bytearray) -> bool:
+    """Whether a body's first bytes are a text document (HTML, SVG, JSON, XML, PDF) rather than a raster image."""
+    from vosr.imageio import sniff
+
+    return sniff(bytes(head[:4096])) in ("html", "svg", "json", "xml", "pdf")
 
 
 def address_allowed(ip: str) -> bool:
@@ -272,7 +280,7 @@ class Crawler:
         except BlockedAddressError as exc:
             raise _Failure("blocked_address", str(exc)) from exc
 
-    async def _one_attempt(self, session: aiohttp.ClientSession, url: str) -> tuple[bytes, int, str]:
+    async def _one_attempt(self, session: aiohttp.ClientSession, url: str) -> tuple[bytes, int, str, str]:
         cfg = self.cfg
         hops = 0
         while True:
@@ -303,9 +311,9 @@ class Crawler:
                             raise _Failure(f"http_{status}", resp.reason or "", status)
                         if cfg.respect_noai and _robots_noai(resp.headers):
                             raise _Failure("robots_noai", "X-Robots-Tag opts out of AI use", status)
-                        ctype = resp.headers.get("Content-Type", "").lower()
-                        if ctype.startswith(("text/", "application/json", "application/xhtml")):
-                            raise _Failure("not_image", f"Content-Type {ctype[:80]}", status)
+                        # The declared type is recorded, not trusted: servers send PNGs as text/plain or
+                        # octet-stream; stage 1 sniffs the bytes (vosr.imageio.sniff) and refuses non-images.
+                        ctype = resp.headers.get("Content-Type", "")[:200]
                         length = resp.content_length
                         if length is not None and length > cfg.max_bytes:
                             raise _Failure("oversize", f"Content-Length {length} > {cfg.max_bytes}", status)
@@ -314,7 +322,9 @@ class Crawler:
                             buf.extend(chunk)
                             if len(buf) > cfg.max_bytes:
                                 raise _Failure("oversize", f"body > {cfg.max_bytes} bytes", status)
-                        return bytes(buf), status, url
+                            if len(buf) - len(chunk) < 1 << 16 <= len(buf) and _text_body(buf):
+                                break  # an HTML / JSON / XML page: its start is enough to refuse it
+                        return bytes(buf), status, url, ctype
                 except _Failure as f:
                     f.host = host
                     if f.retry_after is not None and f.status in (429, 503):  # before the gate lets the next in
@@ -344,8 +354,9 @@ class Crawler:
         while True:
             attempts += 1
             try:
-                data, status, final = await self._one_attempt(session, url)
-                return FetchResult(url, "ok", data, status=status, attempts=attempts, final_url=final)
+                data, status, final, ctype = await self._one_attempt(session, url)
+                return FetchResult(url, "ok", data, status=status, attempts=attempts, final_url=final,
+                                   content_type=ctype)
             except _Failure as f:
                 if not _retryable(f.reason) or attempts > cfg.retries:
                     return FetchResult(url, f.reason, None, f.detail, f.status, attempts)

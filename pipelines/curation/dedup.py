@@ -1,7 +1,8 @@
 """Exact and near-duplicate detection on Ray as vectorised partition passes, plus connected components.
 
 Every stage-1 "ok" row becomes a graph node named by a sortable key whose lexicographic minimum is the best
-member of any group (`node_key`: the representative rule lives there and only there). The search is the one
+member of any group (`node_key`: the representative rule lives there and only there: most pixels, then the
+least lossy encoding, then native sharpness, then smallest id). The search is the one
 of lsh.py, split over Ray tasks:
   1. hash-partition the rows by pHash (one map task per block, one reduce task per partition); each partition
      sorts its rows by (pHash, key) with numpy/pyarrow and emits one node per distinct pHash (its best key and
@@ -32,7 +33,7 @@ NODE_SCHEMA = pa.schema([pa.field("phash", pa.int64()), pa.field("key", pa.strin
 HPAIR_SCHEMA = pa.schema([pa.field("ha", pa.int64()), pa.field("hb", pa.int64())])
 STEP_SCHEMA = pa.schema([pa.field("a", pa.string()), pa.field("b", pa.string()), pa.field("changed", pa.int8())])
 
-_ID_AT, _UNIT_AT, _ROW_AT, _KEY_LEN = 22, 54, 78, 86
+_ID_AT, _UNIT_AT, _ROW_AT, _KEY_LEN = 25, 57, 81, 89
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 # Below this many edges the components are computed on the driver (scipy.sparse.csgraph): ~200 bytes per edge,
@@ -40,13 +41,15 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 DRIVER_MAX_EDGES = 500_000
 
 
-def node_key(width: int, height: int, gradient: float, rid: str, unit: str, row: int) -> str:
-    """Sortable node name: smaller = better (resolution desc, gradient desc, id asc); carries id/unit/row.
-
-    This is THE duplicate-representative rule: the smallest key of a duplicate group is the row kept."""
+def node_key(width: int, height: int, fidelity: float, sharpness: float, rid: str, unit: str, row: int) -> str:
+    """Sortable node name: smaller = better, so a group's minimum is its representative (the rule is documented
+    in pipelines/curate_schema.py): most pixels, then the least lossy encoding (fidelity desc), then native
+    sharpness desc, then id asc. Carries id/unit/row."""
     pixels = min(int(width) * int(height), (1 << 40) - 1)
-    grad = min(10**9 - 1, max(0, int(round(float(gradient) * 1000))))
-    key = f"{(1 << 40) - pixels:013d}{10**9 - 1 - grad:09d}{rid}{unit}{int(row):08d}"
+    fid = min(1000, max(0, int(round(float(fidelity if fidelity is not None else 0.0) * 10))))
+    sharp = float(sharpness) if sharpness is not None and np.isfinite(sharpness) else -100.0
+    sh = min(10**8 - 1, max(0, int(round((sharp + 100.0) * 1e5))))
+    key = f"{(1 << 40) - pixels:013d}{9999 - fid:04d}{10**8 - 1 - sh:08d}{rid}{unit}{int(row):08d}"
     if len(key) != _KEY_LEN:
         raise ValueError(f"unexpected id/unit length in node key {key!r}")
     return key
@@ -65,9 +68,10 @@ def key_row(key: str) -> int:
 
 
 def add_node_keys(batch: pa.Table) -> pa.Table:
-    keys = [node_key(w, h, g, i, u, r) for w, h, g, i, u, r in zip(
-        batch["width"].to_pylist(), batch["height"].to_pylist(), batch["gradient"].to_pylist(),
-        batch["id"].to_pylist(), batch["unit"].to_pylist(), batch["row"].to_pylist())]
+    keys = [node_key(w, h, f, s, i, u, r) for w, h, f, s, i, u, r in zip(
+        batch["width"].to_pylist(), batch["height"].to_pylist(), batch["fidelity"].to_pylist(),
+        batch["sharpness"].to_pylist(), batch["id"].to_pylist(), batch["unit"].to_pylist(),
+        batch["row"].to_pylist())]
     return batch.append_column("key", pa.array(keys, pa.string()))
 
 

@@ -44,7 +44,7 @@ from pipelines.curation.sources import Item, Unit, read_items
 from vosr import storage
 
 # Reasons that mean "an image was received and decoded but a quality filter removed it" (paper s4.1).
-FILTER_REASONS = ("too_small", "bad_aspect", "low_gradient", "low_entropy")
+FILTER_REASONS = ("too_small", "bad_aspect", "low_gradient", "low_entropy", "low_sharpness")
 
 
 def stage1_uri(output: str, key: str, suffix: str = ".parquet") -> str:
@@ -120,7 +120,8 @@ def _fetch(unit: Unit, items: list[Item], ccfg, gates=None) -> Iterator[tuple[It
 
 def _ledger_row(key: str, it: Item, res: FetchResult, ccfg) -> dict:
     """One ledger row: "ok" with image, hashes and embedding, or the failure/filter reason."""
-    row = {"unit": key, "row": it.index, "source": it.source, "list_category": it.category}
+    row = {"unit": key, "row": it.index, "source": it.source, "list_category": it.category,
+           "declared_type": res.content_type or None}  # recorded only: the bytes decide (imageio.sniff)
     if res.reason != "ok":
         return {**row, "reason": res.reason, "detail": res.detail}
     data = res.data or b""
@@ -131,7 +132,7 @@ def _ledger_row(key: str, it: Item, res: FetchResult, ccfg) -> dict:
     return {**row, "reason": "ok", "detail": "", "id": row_id(data, it.source), "image": data,
             "format": a.format, "width": a.width, "height": a.height, "sha256": a.sha256,
             "phash": a.phash, "dhash": a.dhash, "gradient": a.gradient, "entropy": a.entropy,
-            "embedding": a.embedding.tolist()}
+            "embedding": a.embedding.tolist(), "sharpness": a.sharpness, "fidelity": a.fidelity}
 
 
 def ledger_stats(key: str, reasons: list[str], seconds: float) -> dict:

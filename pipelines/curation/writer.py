@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import Counter
 
 import pyarrow as pa
@@ -41,7 +42,28 @@ def ledger_counts(ledger: pa.Table) -> dict:
     fetch_failed = sum(n for r, n in failed.items() if r not in DECODE_REASONS)
     seen = ledger.num_rows
     return {"seen": seen, "fetched": seen - fetch_failed, "ok": ok, "failed": dict(sorted(failed.items())),
-            "filtered": dict(sorted(filtered.items()))}
+            "filtered": dict(sorted(filtered.items())), "ok_by_declared_type": declared_types(ledger)}
+
+
+def declared_types(ledger: pa.Table) -> dict:
+    """Images that decoded, counted by the Content-Type their server declared (media type only; "none" for files
+    and answers without one): how often the declared type was wrong (issue 14)."""
+    if "declared_type" not in ledger.column_names:
+        return {}
+    ok = pa.compute.equal(ledger["reason"], "ok")
+    return dict(sorted(Counter(_media_type(t) for t in ledger.filter(ok)["declared_type"].to_pylist()).items()))
+
+
+_MEDIA_TYPE = re.compile(r"^(image|text|application|binary|video|audio|multipart|font)/[a-z0-9][a-z0-9.+-]{0,40}$")
+
+
+def _media_type(declared: str | None) -> str:
+    """A stats key for a declared Content-Type: its media type (a metric-safe name), "none", or "other" for
+    anything malformed (so a server cannot grow the stats with made-up types)."""
+    t = (declared or "").split(";", 1)[0].strip().lower()
+    if not t:
+        return "none"
+    return t.replace("+", "_") if _MEDIA_TYPE.match(t) else "other"
 
 
 def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprint: str) -> pa.Table:
@@ -89,6 +111,7 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
         rows.append({"id": r["id"], "source": r["source"], "image": r["image"] if kept else None,
                      "format": r["format"], "width": r["width"], "height": r["height"], "sha256": r["sha256"],
                      "phash": r["phash"], "dhash": r["dhash"], "gradient": r["gradient"], "entropy": r["entropy"],
+                     "sharpness": r["sharpness"], "fidelity": r["fidelity"],
                      "category": d["category"], "category_source": d["category_source"],
                      "duplicate_of": d["duplicate_of"] if drop == "duplicate" else None, "kept": kept,
                      "drop_reason": drop})

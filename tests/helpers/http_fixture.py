@@ -170,6 +170,16 @@ class _Server:
             raise web.HTTPFound("/photo/" + path.rsplit("/", 1)[1])
         if path == "/html":
             return web.Response(text="<html><body>not an image</body></html>", content_type="text/html")
+        if path.startswith("/mislabelled/"):  # /mislabelled/<type>/<subtype>/<photo>: a photo under a wrong type
+            _, _, major, minor, name = path.split("/", 4)
+            resp = self._photo(name)
+            resp.content_type = f"{major}/{minor}"
+            return resp
+        if path == "/svg.png":
+            return web.Response(text='<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+                                content_type="image/png")
+        if path == "/json.jpg":
+            return web.Response(text='{"error": "no such image"}', content_type="image/jpeg")
         if path == "/oversize":
             return web.Response(body=b"\xff" * self.oversize_bytes, content_type="image/jpeg")
         if path == "/oversize-chunked":
@@ -220,7 +230,7 @@ class _Server:
 # max_bytes < oversize_bytes, max_pixels < 144M, min_short_side > 64, entropy/gradient thresholds > 0).
 HOSTILE_REASONS = {
     "/status/404": "http_404", "/status/500": "http_500", "/status/429": "http_429", "/hang": "timeout",
-    "/drip": "timeout", "/loop": "too_many_redirects", "/html": "not_image", "/truncated.jpg": "truncated",
+    "/drip": "timeout", "/loop": "too_many_redirects", "/html": "not_image_html", "/truncated.jpg": "truncated",
     "/bomb.png": "too_many_pixels", "/bomb-real.png": "too_many_pixels", "/oversize": "oversize",
     "/oversize-chunked": "oversize", "/tiny.png": "too_small", "/flat.png": "low_gradient", "/empty": "empty",
     "/does-not-exist": "http_404",

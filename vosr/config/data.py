@@ -35,13 +35,31 @@ class CrawlConfig:
 
 @dataclass
 class FilterConfig:
-    min_short_side: int = option(256, "Reject images whose short side is below this (paper s4.1 resolution "
-                                 "filter).", ge=1)
+    min_short_side: int = option(512, "Reject images whose short side is below this (paper s4.1 resolution "
+                                 "filter). Default 512: METHOD.md s1 trains on 512 px crops, so a smaller image "
+                                 "cannot give one crop at native scale. Set it to the crop size of your training.",
+                                 ge=1)
     max_aspect_ratio: float = option(3.0, "Reject images whose long/short side ratio exceeds this.", ge=1)
-    max_pixels: int = option(64_000_000, "Decompression-bomb cap on width*height.", ge=1)
+    max_pixels: int = option(64_000_000, "Decompression-bomb cap on width*height, checked from the header before "
+                             "any pixel data is decoded (vosr/imageio.py).", ge=1)
+    min_sharpness: float = option(-3.0, "Reject images whose native-scale sharpness is below this (paper s4.1 "
+                                  "gradient-based filtering, measured where it sees upscaling): log10 of the mean "
+                                  "spectral power in 0.63-1.0 of Nyquist over that in 0.125-0.315, on the 4 most "
+                                  "textured of 16 crops of 128 px taken at the image's own resolution "
+                                  "(pipelines/curation/analysis.py native_sharpness). Calibrated with "
+                                  "benchmarks/bench_sharpness.py on the 44 dev photos: at -3.0, 97.7% of the "
+                                  "originals and of their JPEG q85/q90/q95 re-encodes are kept, 95.5% (2x bicubic, "
+                                  "the hardest) to 100% of their 2x/3x/4x bicubic/Lanczos upscales are rejected "
+                                  "(ROC AUC 0.995); of 1.5x upscales only 30-41%. -100 turns it off.")
     min_gradient: float = option(0.0, "Reject images whose mean gradient magnitude (0-255 scale) at the analysis "
-                                 "size is below this.", ge=0)
-    min_entropy: float = option(0.0, "Reject images whose grey-level entropy (bits) is below this.", ge=0)
+                                 "size is below this. Off by default: at the analysis size it cannot see upscaling "
+                                 "(an 11x enlargement scored like a sharp photo); min_sharpness is the sharpness "
+                                 "filter. Still useful against flat images.", ge=0)
+    min_entropy: float = option(3.0, "Reject images whose grey-level entropy (bits, 256-bin histogram at the "
+                                "analysis size) is below this (paper s4.1 image-entropy filtering): removes "
+                                "near-constant images, graphics and scans with few grey levels. Default 3.0, under "
+                                "every dev photo (lowest 4.08 bits, median 7.3; benchmarks/bench_sharpness.py "
+                                "prints them); flat or two-tone images score 1 bit or less.", ge=0)
     analysis_size: int = option(256, "Short side the image is resized to before the gradient/entropy analysis.",
                                 ge=16)
 
