@@ -20,9 +20,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         return 2
     import yaml
 
-    from vosr.config import redact
-
-    print(yaml.safe_dump(redact(cfg), sort_keys=False), end="")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 
 
