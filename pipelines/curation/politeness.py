@@ -122,10 +122,14 @@ class SharedGates:
 
 def start_gates(crawl_cfg) -> SharedGates:
     """Start the crawl's gate actors (no CPU reserved: they only keep time); they end with the driver or with
-    stop_gates."""
+    stop_gates. They live on the driver's node: a worker node lost mid-crawl would otherwise take them along and
+    every fetch waiting on them would fail (found by tests/test_multinode.py); the driver's node outlives the job."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=-1, max_task_retries=3)(DomainLimiter)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0, max_concurrency=100_000, max_restarts=-1, max_task_retries=3,
+                       scheduling_strategy=here)(DomainLimiter)
     actors = [actor.remote() for _ in range(crawl_cfg.gate_actors)]
     # a request holds its lease for at most its timeout per attempt; the slack covers the body and a dead task
     lease_s = crawl_cfg.timeout_s + 5.0
