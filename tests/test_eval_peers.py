@@ -38,14 +38,7 @@ def data() -> Path:
     return DATA
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _skimage_psnr_y(hr: np.ndarray, sr: np.ndarray, border: int) -> float:

@@ -13,16 +13,7 @@ from test_upscale import make_checkpoint
 from vosr.config import config_from_dict
 from vosr.metrics import psnr_y
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test machine's 2 cores are shared: one intra-op thread avoids OpenMP spin contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

@@ -16,16 +16,7 @@ from vosr.config import config_from_dict
 from vosr.model import build_dit
 from vosr.upscaler import Upscaler
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test machine's 2 cores are shared: one intra-op thread avoids OpenMP spin contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def make_checkpoint(folder, student: bool, seed: int = 0) -> str:
     """A tiny random-weight checkpoint saved and loaded the way real ones are. The final layer is zero at init
