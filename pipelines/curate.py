@@ -88,7 +88,8 @@ def _run_blocks(items: list[dict], ccfg, gates=None):
     import ray
 
     memory = block_memory(ccfg)
-    task = ray.remote(num_cpus=ccfg.cpus_per_block, max_retries=3,
+    # a lost node's tasks are retried by Ray; so is a block whose crawl lost its domain gate (GateUnavailable)
+    task = ray.remote(num_cpus=ccfg.cpus_per_block, max_retries=3, retry_exceptions=[politeness.GateUnavailable],
                       **({"memory": memory} if memory else {}))(_stage1_task)
     in_flight_cap = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / ccfg.cpus_per_block))
     todo, running = iter(items), []

@@ -88,3 +88,19 @@ def test_cluster_curate_config_runs_as_shipped_on_s3(env, photos, tmp_path):
     kept = read_kept_table(output, s3site.endpoint_url, columns=["source", "category"])
     assert kept.num_rows == summary["kept"]
     assert set(kept["source"].to_pylist()) <= {site.photo_url(p.name) for p in big}
+
+
+def test_a_lost_domain_gate_fails_the_block_not_its_urls(env, photos):
+    """When the crawl-wide gate cannot be reached (its actor gone, as on a lost node), the block's crawl raises
+    GateUnavailable (curate retries the block) instead of writing every waiting URL off as a fetch error."""
+    from pipelines.curation import politeness
+    from pipelines.curation.crawl import fetch_urls
+
+    ccfg = config_from_dict({"curate": {"crawl": {"allow_hosts": ["127.0.0.1"], "timeout_s": 5.0}}}).curate
+    with http_server(photos[:1]) as site:
+        urls = [site.photo_url(photos[0].name) + f"?i={i}" for i in range(3)]
+        gates = politeness.start_gates(ccfg.crawl)
+        assert [r.reason for r in fetch_urls(urls, ccfg.crawl, gates)] == ["ok"] * 3
+        politeness.stop_gates(gates)  # ray.kill: no restart
+        with pytest.raises(politeness.GateUnavailable, match="unreachable"):
+            fetch_urls(urls, ccfg.crawl, gates)

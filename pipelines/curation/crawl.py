@@ -30,6 +30,8 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp.resolver import ThreadedResolver
 
+from pipelines.curation.politeness import GateUnavailable
+
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 NOAI_DIRECTIVES = ("noai", "noimageai")  # img2dataset's X-Robots-Tag opt-outs for AI training
 
@@ -379,6 +381,8 @@ class Crawler:
         async def one(i: int, u: str) -> None:
             try:
                 res = await self.fetch(session, u)
+            except GateUnavailable:
+                raise  # the block's failure, not the URL's: the block runs again (politeness.GateUnavailable)
             except Exception as exc:  # noqa: BLE001 - every URL must end in a counted reason
                 res = FetchResult(u, "fetch_error", None, f"{type(exc).__name__}: {str(exc)[:200]}")
             emit(i, res)
@@ -394,7 +398,7 @@ class Crawler:
                     task.add_done_callback(running.discard)
                 while running:
                     await asyncio.gather(*list(running))
-            except asyncio.CancelledError:  # the consumer stopped early
+            except BaseException:  # the consumer stopped early, or the block failed (GateUnavailable)
                 for task in list(running):
                     task.cancel()
                 await asyncio.gather(*list(running), return_exceptions=True)

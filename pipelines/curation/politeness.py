@@ -98,6 +98,15 @@ def shard_of(host: str, n: int) -> int:
     return zlib.crc32(host.lower().encode()) % n
 
 
+class GateUnavailable(RuntimeError):
+    """The crawl-wide limiter could not be reached (its actor, or this worker's own Ray connection, is gone).
+
+    Not a property of the URL: the block fails and Ray runs it again (curate._run_blocks retries this exception),
+    rather than recording every URL waiting on the gate as a fetch error. Seen when a worker node is lost: its
+    dying block tasks' gate calls failed and, before this, 6 of 9 URLs of a block were written off as
+    `fetch_error` (tests/test_multinode.py, CI run of 2026-12-01)."""
+
+
 class SharedGates:
     """Client side, picklable (a list of actor handles plus the limits); used by crawl.Crawler."""
 
@@ -108,7 +117,11 @@ class SharedGates:
         return self.actors[shard_of(host, len(self.actors))]
 
     async def acquire(self, host: str) -> int:
-        delay, lease = await self._actor(host).acquire.remote(host, self.rps, self.concurrency, self.lease_s)
+        try:
+            delay, lease = await self._actor(host).acquire.remote(host, self.rps, self.concurrency, self.lease_s)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the gate is the block's, not the URL's
+            raise GateUnavailable(f"domain gate for {host!r} unreachable: {type(exc).__name__}: "
+                                  f"{str(exc)[:200]}") from exc
         if delay > 0:
             await asyncio.sleep(delay)
         return lease
