@@ -85,7 +85,7 @@ def service(registered, ray_local):
         "serve.batch_wait_timeout_s=0.05", "serve.replica_cpus=1", f"serve.api_key_env={KEY_ENV}",
         f"serve.api_key_file={key_file}", "serve.max_tile=64", "serve.force_tile_pixels=20000",
         "serve.max_evaluations=40", "serve.request_timeout_s=5", "serve.body_timeout_s=2",
-        "serve.max_ongoing_requests=16", "serve.max_queued_requests=8", "serve.retry_after_s=3",
+        "serve.max_ongoing_requests=16", "serve.max_queued_requests=32", "serve.retry_after_s=3",
         "serve.fault_injection=true",
         "inference.device=cpu", f"inference.checkpoint={model_uri}", f"run.mlflow.tracking_uri={tracking}",
         f"run.output_root={root}"])
@@ -316,11 +316,12 @@ def test_bodies_over_the_cap_are_refused_while_streaming(service):
                                                    first, total, chunk)
         assert status == 413 and body["error"] == "too_large", body
         # the replica read at most the cap (+ the multipart framing) plus one chunk (what uvicorn hands over per
-        # read: at most its 64 KiB flow-control mark plus one recv), and the answer came before the client had sent
-        # it all (Ray Serve's proxy buffers what arrives until the replica answers)
+        # read: at most its 64 KiB flow-control mark plus one recv). How much the client got to send is not the
+        # replica's doing: Ray Serve's proxy reads the body ahead of the replica (on loopback it can take all 60 MiB
+        # before the 413 arrives), so a front proxy's body limit bounds that hop (infra/k8s/rayservice-endpoint.yaml).
         assert body["bytes_read"] - body["last_chunk"] <= cap + len(first), body
         assert body["last_chunk"] <= 2**20, body
-        assert sent < total, sent
+        assert 0 < sent <= total, sent
         print(f"{ctype.split(';')[0]}: replica read {body['bytes_read']} bytes, client sent {sent} of {total}")
         assert time.perf_counter() - t0 < 30
 
@@ -356,18 +357,20 @@ def test_500_carries_a_request_id_and_the_replica_logs_the_traceback(service, sm
 
 
 def test_request_timeout_and_the_bounded_queue(service, small):
-    """16 requests that outlive serve.request_timeout_s fill the replica (max_ongoing_requests 16); 8 more wait in
-    Ray Serve's queue (max_queued_requests 8) and a few beyond it get 503 + Retry-After at once."""
+    """16 requests that outlive serve.request_timeout_s fill the replica (max_ongoing_requests 16); 32 more wait in
+    Ray Serve's queue (max_queued_requests 32) and the ones beyond it get 503 + Retry-After at once. (The queue is
+    sized above the other tests' client concurrency of 16: the proxy's count of a replica's ongoing requests lags
+    the answers, so at 16 clients up to 16 requests can sit queued for a moment; with 8, a busy machine saw 503s.)"""
     url = f"{service['url']}/upscale"
     body = png_bytes(small)
 
     async def run():
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=40),
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=80),
                                      headers={"X-API-Key": API_KEY}) as client:
             slow = [asyncio.create_task(client.post(url, content=body, params={"seed": 2**62 + 14})) for _ in range(16)]
             await asyncio.sleep(1.5)
             t0 = time.perf_counter()
-            rest = await asyncio.gather(*(client.post(url, content=body, params={"seed": i}) for i in range(12)))
+            rest = await asyncio.gather(*(client.post(url, content=body, params={"seed": i}) for i in range(44)))
             return await asyncio.gather(*slow), [(r, time.perf_counter() - t0) for r in rest]
 
     slow, rest = asyncio.run(run())
