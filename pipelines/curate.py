@@ -408,6 +408,15 @@ def lost_cluster_resource(exc: BaseException) -> bool:
     return False
 
 
+def set_shuffle(name: str) -> None:
+    """The shuffle strategy of this driver's Ray Data group-bys (curate.shuffle)."""
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    strategy = {"sort": ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, "hash": ShuffleStrategy.SHUFFLE_V2}[name]
+    ray.data.DataContext.get_current().shuffle_strategy = strategy
+
+
 def run_stages(cfg, semantic: bool) -> dict:
     """plan -> stage 1 -> dedup -> embed -> balance -> write; every finished piece is on storage, so a repeat
     after a failure redoes only what is missing."""
@@ -416,6 +425,7 @@ def run_stages(cfg, semantic: bool) -> dict:
     ccfg = cfg.curate
     t0 = time.perf_counter()
     ep = ccfg.s3_endpoint_url
+    set_shuffle(ccfg.shuffle)
 
     # plan
     units = plan_units(ccfg.sources, ccfg.rows_per_shard, ep)

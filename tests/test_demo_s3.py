@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,25 @@ TINY = ["data.resolution=32", "semantic.input_size=32", "model.hidden_size=32", 
         "model.num_heads=2", "model.patch_size=1", "precompute.variants=1", "train.steps=4", "train.batch_size=4",
         "train.checkpoint_every=2", "train.log_every=1", "eval.max_images=2", "eval.crop=64",
         "eval.sweep_steps=2", "eval.guidance_sweep=[0.0, 1.0]"]
+
+
+CLEANER_WARNING = "Failed to query Ray Train Controller actor state"
+PROGRESS = re.compile(r"\[(pretrain|distill)\] step (\d+)/(\d+) \(([\d.]+)%\) \| loss ([\d.]+) \| ([\d.]+) samples/s "
+                      r"\| ETA (\d+:\d\d:\d\d) \| last checkpoint: (step \d+|none yet)")
+
+
+def check_progress_logs(logs: Path) -> None:
+    """Issue 16 item 6, on the stage logs of a chain whose jobs join a dashboard-less local Ray (RAY_ADDRESS +
+    VOSR_RAY_DASHBOARDLESS=1): one progress line per train.log_every (1) of the 4 steps, with the last checkpoint
+    (checkpoint_every 2) and an ETA reaching 0; none of the placement-group cleaner's once-a-second warnings."""
+    for job in ("pretrain", "distill"):
+        text = (logs / f"{job}.log").read_text()
+        found = [m.groups() for m in PROGRESS.finditer(text) if m.group(1) == job]
+        assert [int(g[1]) for g in found] == [1, 2, 3, 4] and all(g[2] == "4" for g in found), text[-3000:]
+        assert [g[7] for g in found] == ["none yet", "step 2", "step 2", "step 4"], found
+        assert found[-1][6] == "0:00:00" and float(found[0][5]) > 0
+    for log in logs.glob("*.log"):
+        assert CLEANER_WARNING not in log.read_text(), log.name
 
 
 def test_demo_chain_with_every_stage_on_s3(tmp_path):
@@ -55,6 +75,7 @@ def test_demo_chain_with_every_stage_on_s3(tmp_path):
     for name in ("curated", "features", "checkpoints", "mlartifacts", "holdout", "eval", "teacher_checkpoint"):
         assert not (out / name).exists(), f"{name} was written locally"
 
+    check_progress_logs(out / "logs")
     summaries = {p.stem: json.loads(p.read_text()) for p in (out / "summaries").glob("*.json")}
     curate = summaries["curate"]["summary"]
     assert curate["kept"] == 8 and curate["seen"] == 15 and curate["duplicates"] == 4
