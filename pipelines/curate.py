@@ -521,24 +521,25 @@ def _track(cfg, summary: dict) -> None:
     import mlflow
 
     from vosr.config import to_dict
-    from vosr.tracking import setup_mlflow
+    from vosr.tracking import log_dict, log_params, setup_mlflow
 
     setup_mlflow(cfg)
     with mlflow.start_run(run_name=f"{cfg.run.name}-curate"):
         params = {k: v for k, v in _flat("curate.", to_dict(cfg.curate), {}).items()}
         params["curate.sources"] = ",".join(cfg.curate.sources)[:500]
-        mlflow.log_params(params)
+        log_params(params)
         mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in _flat("", summary, {}).items()})
-        mlflow.log_dict(summary, "curate_summary.json")
+        log_dict(summary, "curate_summary.json")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vosr.config import redact
     from vosr.jobargs import parse_job_args
 
     cfg, _ = parse_job_args("Curate web images into Parquet shards (Ray Data).", argv,
                             writes=["curate.output"])
     summary = run(cfg)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(redact(summary), indent=1))
     return 0
 
 

@@ -241,7 +241,7 @@ def summarize(cfg, p: dict, written: list[dict], meta: dict, wall: float) -> dic
 def log_mlflow(cfg, summary: dict) -> None:
     import mlflow
 
-    from vosr.tracking import setup_mlflow
+    from vosr.tracking import log_dict, log_params, setup_mlflow
 
     setup_mlflow(cfg)
     with mlflow.start_run(run_name=f"{cfg.run.name}-precompute"):
@@ -249,13 +249,14 @@ def log_mlflow(cfg, summary: dict) -> None:
         params.update({"preset": cfg.preset, "data.resolution": cfg.data.resolution,
                        "autoencoder.name": cfg.autoencoder.name, "semantic.name": cfg.semantic.name,
                        "degrade.preset": cfg.degrade.preset, "run.seed": cfg.run.seed})
-        mlflow.log_params(params)
+        log_params(params)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))
                             and not isinstance(v, bool) and v is not None})
-        mlflow.log_dict(summary, "precompute_summary.json")
+        log_dict(summary, "precompute_summary.json")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vosr.config import redact
     from vosr.jobargs import parse_job_args
 
     cfg, _ = parse_job_args("Precompute VOSR features (HR latents, K LR variants with semantic tokens).", argv,
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, feature_schema.FeatureMismatchError) as exc:
         print(f"precompute error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(redact(summary), indent=2))
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.job import run_job  # noqa: E402
+from vosr.config import redact  # noqa: E402
 from vosr.jobargs import parse_job_args  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_job_args("Distil the VOSR teacher into a one-step student on Ray Train.", argv,
                             writes=["train.storage_path"])
     summary = run(cfg)
-    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    print(json.dumps(redact(summary), indent=2, sort_keys=True, default=str))
     return 0
 
 

@@ -87,6 +87,7 @@ def start_tracking(cfg: Any, paths: RunPaths, job: str) -> tuple[str, str]:
         return "", ""
     from mlflow.tracking import MlflowClient
 
+    from vosr.config import redact, redact_text
     from vosr.config.schema import flatten
     from vosr.tracking import resolve_tracking_uri, setup_mlflow
 
@@ -94,7 +95,7 @@ def start_tracking(cfg: Any, paths: RunPaths, job: str) -> tuple[str, str]:
     uri = resolve_tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
     info = _read_json(paths.file(RUN_INFO), paths.endpoint)
-    if info and info.get("tracking_uri") == uri:
+    if info and info.get("tracking_uri") in (uri, redact_text(uri)):
         run_id = info["run_id"]
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "vosr.resubmitted", "true")
@@ -103,9 +104,9 @@ def start_tracking(cfg: Any, paths: RunPaths, job: str) -> tuple[str, str]:
                                                                "vosr.storage": paths.run_uri})
     from training.tracking import RunLogger
 
-    params = {k: v for k, v in flatten(cfg.to_dict()).items()}
+    params = flatten(redact(cfg))
     RunLogger(uri, run.info.run_id).params(params)
-    _write_json(paths.file(RUN_INFO), {"run_id": run.info.run_id, "tracking_uri": uri,
+    _write_json(paths.file(RUN_INFO), {"run_id": run.info.run_id, "tracking_uri": redact_text(uri),
                                        "experiment_id": exp_id, "job": job}, paths.endpoint)
     return uri, run.info.run_id
 
@@ -203,7 +204,9 @@ def prune_checkpoints(cfg: Any, paths: RunPaths, result: Any, final_step: int) -
 
 def finish(paths: RunPaths, summary: dict[str, Any], tracking_uri: str, run_id: str) -> None:
     from training.loop import DONE_MARKER
+    from vosr.config import redact
 
+    summary = redact(summary)
     _write_json(paths.file(SUMMARY), summary, paths.endpoint)
     _write_json(paths.file(DONE_MARKER), {"steps": summary["steps"], "time": time.time()}, paths.endpoint)
     if run_id:

@@ -46,7 +46,20 @@ def _inference_copy(folder: str, dst: Path) -> Path:
     for f in Path(folder).iterdir():
         if f.is_file() and f.name not in TRAINING_ONLY:
             shutil.copy2(f, dst / f.name)
+    _redact_config(dst / "config.json")
     return dst
+
+
+def _redact_config(path: Path) -> None:
+    """Registry metadata without credentials, also for checkpoints written before config.json was redacted."""
+    import json
+
+    from vosr.config import redact
+
+    meta = json.loads(path.read_text())
+    clean = redact(meta)
+    if clean != meta:
+        path.write_text(json.dumps(clean, indent=2, sort_keys=True))
 
 
 def register_student(folder: str, name: str, tracking_uri: str, run_id: str = "") -> int:

@@ -41,10 +41,14 @@ class RunLogger:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in values.items()]
+        from vosr.config import redact
+
+        items = [Param(k, str(v)[:6000]) for k, v in redact(values).items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self._client.log_batch(self.run_id, params=items[i:i + 100])
 
     def tag(self, key: str, value: str) -> None:
         if self.enabled:
-            self._client.set_tag(self.run_id, key, value)
+            from vosr.config import redact
+
+            self._client.set_tag(self.run_id, key, redact(str(value), key))

@@ -19,6 +19,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import storage
+from .config.redact import redact
 
 FORMAT = "vosr-checkpoint"
 VERSION = 1
@@ -112,8 +113,8 @@ def save_checkpoint(folder: str, cfg, model: nn.Module, ema: Any = None, extra: 
         "latent_channels": int(getattr(model, "latent_channels", 0)),
         "sem_dim": int(getattr(model, "sem_dim", 0)),
         "files": files,
-        "config": cfg.to_dict(),
-        "extra": extra or {},
+        "config": redact(cfg),             # no credentials in checkpoints (vosr.config.redact)
+        "extra": redact(extra or {}),
     }
     storage.write_bytes_atomic(storage.join(folder, CONFIG_FILE),
                                json.dumps(meta, indent=2, sort_keys=True).encode(), endpoint_url)

@@ -20,7 +20,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
         return 2
     import yaml
 
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    from vosr.config import redact
+
+    print(yaml.safe_dump(redact(cfg), sort_keys=False), end="")
     return 0
 
 

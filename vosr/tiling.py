@@ -72,19 +72,34 @@ def tile_grid(latent_h: int, latent_w: int, tile_px: int, overlap_px: int, facto
     """Tile geometry of METHOD.md s8, generalised from f = 8 to the autoencoder's downsample `factor`.
 
     lt = max(floor(T/f/m)*m, m), then min(lt, lh, lw) (the latent sizes are multiples of m after padding);
-    ov = max(overlap // f, lt // 8), capped at lt - 1. With T = 512, f = 8: lt = 64, ov = 8 latents.
+    ov = max(overlap // f, lt // 8), capped at lt // 2: a larger overlap only multiplies the tiles (the stride
+    falls to one latent at lt - 1) without blending any wider. With T = 512, f = 8: lt = 64, ov = 8 latents.
     """
+    lt, ov = tile_geometry(latent_h, latent_w, tile_px, overlap_px, factor, multiple)
+    stride = lt - ov
+    tiles = tuple(Tile(y, x, lt) for y in tile_starts(latent_h, lt, stride)
+                  for x in tile_starts(latent_w, lt, stride))
+    return TileGrid(lt, ov, tiles)
+
+
+def tile_geometry(latent_h: int, latent_w: int, tile_px: int, overlap_px: int, factor: int,
+                  multiple: int = 2) -> tuple[int, int]:
+    """(lt, ov) of `tile_grid`, without building the tiles."""
     if tile_px <= 0:
         raise ValueError("tile_px must be > 0 for tiling")
     lt = min(tile_size_latents(tile_px, factor, multiple), latent_h, latent_w)
     if lt % multiple:
         raise ValueError(f"tile side {lt} latents is not a multiple of the patch size {multiple}; pad the latent "
                          f"grid ({latent_h}x{latent_w}) to a multiple of {multiple} first")
-    ov = min(max(overlap_px // factor, lt // 8), lt - 1)
-    stride = lt - ov
-    tiles = tuple(Tile(y, x, lt) for y in tile_starts(latent_h, lt, stride)
-                  for x in tile_starts(latent_w, lt, stride))
-    return TileGrid(lt, ov, tiles)
+    return lt, min(max(overlap_px // factor, lt // 8), lt // 2)
+
+
+def tile_count(latent_h: int, latent_w: int, tile_px: int, overlap_px: int, factor: int,
+               multiple: int = 2) -> tuple[int, int]:
+    """(number of tiles, tile side in latents) of `tile_grid`, counted without building the tiles."""
+    lt, ov = tile_geometry(latent_h, latent_w, tile_px, overlap_px, factor, multiple)
+    n = len(tile_starts(latent_h, lt, lt - ov)) * len(tile_starts(latent_w, lt, lt - ov))
+    return n, lt
 
 
 def gaussian_weights(size: int, dtype: torch.dtype = torch.float32,

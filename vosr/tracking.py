@@ -35,3 +35,21 @@ def setup_mlflow(cfg: Any) -> str:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """mlflow.log_params of the active run, secrets redacted (vosr.config.redact)."""
+    import mlflow
+
+    from vosr.config import redact
+
+    mlflow.log_params(redact(params))
+
+
+def log_dict(data: dict[str, Any], artifact_file: str) -> None:
+    """mlflow.log_dict of the active run, secrets redacted (vosr.config.redact)."""
+    import mlflow
+
+    from vosr.config import redact
+
+    mlflow.log_dict(redact(data), artifact_file)

@@ -29,7 +29,7 @@ from PIL import Image
 from vosr import flow
 from vosr.colorfix import COLOR_FIXES, color_fix
 from vosr.seeding import derive_seed
-from vosr.tiling import TiledVelocity, reflect_pad, tile_grid
+from vosr.tiling import TiledVelocity, ceil_to, reflect_pad, tile_count, tile_grid
 
 MODES = ("onestep", "multistep")
 SCHEDULES = ("linear", "cosine")
@@ -72,6 +72,28 @@ class UpscaleOptions:
         """Options that must be equal for images to share one forward pass (seed and colour fix need not)."""
         return (self.mode, self.steps, self.guidance, self.weak_strength, self.schedule, self.tile_size,
                 self.tile_overlap, self.tile_batch, self.upscale)
+
+
+@dataclass(frozen=True)
+class CostPlan:
+    """The model work of one upscale, known before any of it runs: `tiles` DiT inputs per step (1 untiled), each
+    `area` latents (a tile, or the whole padded latent grid), for `steps` Euler steps of `passes` model passes
+    (2 for the guided multi-step mode: conditioned and weak branch, METHOD.md s6; 1 for the student)."""
+
+    tiles: int
+    steps: int
+    passes: int
+    area: int
+
+    @property
+    def evaluations(self) -> int:
+        """Model evaluations: tiles x steps x guidance passes."""
+        return self.tiles * self.steps * self.passes
+
+    def cost(self, ref_area: int) -> float:
+        """Evaluations in units of a `ref_area` evaluation: every evaluation counts at least one (per-tile work
+        such as the tile's semantic encoding does not shrink with the tile), a larger one by its area ratio."""
+        return self.evaluations * max(1.0, self.area / max(1, ref_area))
 
 
 def options_from_config(cfg) -> UpscaleOptions:
@@ -178,6 +200,18 @@ class Upscaler:
         if opts.steps == 0:
             opts = opts.replace(steps=self.onestep_steps if opts.mode == "onestep" else self.multistep_steps)
         return opts
+
+    def plan(self, size: tuple[int, int], options: UpscaleOptions) -> CostPlan:
+        """The CostPlan of upscaling an image of `size` (w, h) with resolved `options`; runs nothing."""
+        w, h = size
+        lh = ceil_to(h * options.upscale, self.multiple) // self.factor
+        lw = ceil_to(w * options.upscale, self.multiple) // self.factor
+        if options.tile_size > 0:
+            tiles, lt = tile_count(lh, lw, options.tile_size, options.tile_overlap, self.factor, self.patch)
+            area = lt * lt
+        else:
+            tiles, area = 1, lh * lw
+        return CostPlan(tiles, max(1, options.steps), 2 if options.mode == "multistep" else 1, area)
 
     def upscale(self, image: Image.Image, options: UpscaleOptions | None = None, **overrides: Any) -> Image.Image:
         return self.upscale_batch([image], options, **overrides)[0]

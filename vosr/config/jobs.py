@@ -89,8 +89,34 @@ class ServeConfig:
     max_body_bytes: int = option(20 * 2**20, "Largest accepted request body (413 above).", ge=1)
     max_pixels: int = option(4_000_000, "Largest accepted input width*height (413 above).", ge=1)
     max_steps: int = option(50, "Largest `steps` query value accepted (422 above).", ge=1)
-    api_key: str = option("", "When set, every request must send it as X-API-Key (401 otherwise); the upload page "
-                          "itself is static and asks for the key.")
+    min_tile: int = option(64, "Smallest `tile` query value in pixels (smaller tiles only multiply the work; 422).",
+                           ge=1)
+    max_tile: int = option(1024, "Largest `tile` query value in pixels (422 above); also the tile used when tiling "
+                           "is forced and inference.tile_size is 0.", ge=1)
+    force_tile_pixels: int = option(1024 * 1024, "Tiling is forced (tile = inference.tile_size, else "
+                                    "serve.max_tile) when the upscaled image has more pixels than this, so one "
+                                    "model evaluation never covers more than max(this, max_tile^2) pixels.", ge=1)
+    max_evaluations: int = option(20000, "Budget of one request in model evaluations (tiles x steps x guidance "
+                                  "passes, each tile counted at least once and larger-than-default tiles by "
+                                  "their area); 413 above, before any work.", ge=1)
+    max_cost_ratio: float = option(3.0, "A request's options may cost at most this many times the server's "
+                                   "default options on the same image (422 above, before any work).", ge=1)
+    request_timeout_s: float = option(120.0, "Per-request deadline: the replica answers 504 past it (a client "
+                                      "header can lift Ray Serve's proxy timeout, which is set to this plus "
+                                      "serve.body_timeout_s and answers 408).", gt=0)
+    body_timeout_s: float = option(30.0, "Deadline for reading a request body (408 after it).", gt=0)
+    max_queued_requests: int = option(32, "Requests queued per caller beyond the replicas' max_ongoing_requests "
+                                      "(Ray Serve max_queued_requests); more get 503 with Retry-After.", ge=1)
+    retry_after_s: float = option(5.0, "Retry-After seconds sent with a 503 when the queue is full.", ge=0)
+    api_key: str = option("", "A key every request must send as X-API-Key (401 otherwise); a config file value only: "
+                          "never from --set (argv is visible to anyone). Prefer serve.api_key_env or "
+                          "serve.api_key_file. The upload page itself is static and asks for the key.", secret=True)
+    api_key_env: str = option("VOSR_API_KEY", "Environment variable holding the API key (read where the app is "
+                              "built; only its SHA-256 reaches the replicas).")
+    api_key_file: str = option("", "File holding API keys, one per line (# comments; a Kubernetes Secret mount).")
+    allow_anonymous: bool = option(False, "Serve without a key on a non-loopback host (refused otherwise).")
+    fault_injection: bool = option(False, "Tests only: seed=2**62+13 raises inside the model run, seed=2**62+14 "
+                                   "sleeps past the request timeout before it.")
     app_name: str = option("vosr", "Ray Serve application name.")
     route_prefix: str = option("/", "Route prefix of the application.")
 

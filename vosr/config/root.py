@@ -11,6 +11,7 @@ from typing import Any
 from .data import CurateConfig, DataConfig, PrecomputeConfig
 from .jobs import DistillTrainConfig, EvalConfig, InferenceConfig, ServeConfig, TrainConfig
 from .method import AutoencoderConfig, DegradeConfig, DistillConfig, FlowConfig, ModelConfig, SemanticConfig
+from .redact import redact, secret_paths
 from .run import RunConfig
 from .schema import ConfigError, _closest, build, explain, option, parse_override, set_path, to_dict
 
@@ -82,8 +83,14 @@ def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | 
     tree: dict[str, Any] = copy.deepcopy(data or {})
     if not isinstance(tree, dict):
         raise ConfigError("a configuration file must hold a mapping at the top level")
+    secret = None
     for text in overrides:
         path, value = parse_override(text)
+        secret = secret if secret is not None else secret_paths()
+        if ".".join(path) in secret:
+            raise ConfigError(f"{'.'.join(path)} cannot be set on the command line (argv is visible to every user "
+                              "and in job manifests); put it in a config file, or for serve.api_key in the "
+                              "environment variable named by serve.api_key_env or the file serve.api_key_file")
         set_path(tree, path, value)
     preset = tree.get("preset", "tiny")
     if preset not in PRESETS:
@@ -128,4 +135,4 @@ def explain_config(section: str | None = None) -> str:
 def save_config(cfg: Config, path: str | Path) -> None:
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(redact(cfg), sort_keys=False))

@@ -21,11 +21,13 @@ class ConfigError(ValueError):
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", *, ge: float | None = None,
            le: float | None = None, gt: float | None = None, lt: float | None = None,
-           choices: typing.Sequence[Any] | None = None, factory: Any = None):
-    """Declare one configuration key with its documentation and its valid range."""
+           choices: typing.Sequence[Any] | None = None, factory: Any = None, secret: bool = False):
+    """Declare one configuration key with its documentation and its valid range. `secret`: the value is a
+    credential: never accepted as a command-line override, redacted wherever a config is written or logged."""
     if not doc:
         raise TypeError("every configuration key needs a doc string")
-    meta = {"doc": doc, "ge": ge, "le": le, "gt": gt, "lt": lt, "choices": tuple(choices) if choices else None}
+    meta = {"doc": doc, "ge": ge, "le": le, "gt": gt, "lt": lt, "choices": tuple(choices) if choices else None,
+            "secret": secret}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     if isinstance(default, (list, dict, set)):
