@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny", choices=["tiny", "vosr-0.5b", "vosr-1.4b"])
     p.add_argument("--size", type=int, default=256, help="output size in pixels (LR = size / 4)")
-    p.add_argument("--steps", type=int, default=25, help="multi-step Euler steps (METHOD.md s6: 25)")
+    p.add_argument("--steps", type=int, default=25, help="multi-step Euler steps (docs/method.md s6: 25)")
     p.add_argument("--guidance", type=float, default=0.5)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

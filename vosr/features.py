@@ -29,7 +29,7 @@ def encode_views(autoencoder, semantic, hr01: torch.Tensor, lr01: torch.Tensor,
     """hr01, lr01: [B, 3, H, W] in [0, 1] (LR already at HR size). Returns float32 (hr_latent, lr_latent, tokens)."""
     if hr01.shape != lr01.shape:
         raise ValueError(f"HR {tuple(hr01.shape)} and LR {tuple(lr01.shape)} must have the same shape (the LR is "
-                         "pre-upsampled to HR size, METHOD.md s10.1)")
+                         "pre-upsampled to HR size, docs/method.md s1)")
     b = hr01.shape[0]
     hr = hr01.float() * 2 - 1
     lr = lr01.float() * 2 - 1

@@ -194,7 +194,7 @@ class Upscaler:
         opts = opts.validate()
         if opts.mode == "multistep" and self.is_student:
             raise ValueError("mode=multistep needs a multi-step (teacher) checkpoint; this checkpoint is the "
-                             "one-step student (guidance is distilled into it, METHOD.md s7)")
+                             "one-step student (guidance is distilled into it, docs/method.md s7)")
         if opts.mode == "onestep" and not self.is_student:
             raise ValueError("mode=onestep needs a distilled student checkpoint; this is a multi-step teacher")
         if opts.steps == 0:

@@ -36,7 +36,7 @@ class CrawlConfig:
 @dataclass
 class FilterConfig:
     min_short_side: int = option(512, "Reject images whose short side is below this (paper s4.1 resolution "
-                                 "filter). Default 512: METHOD.md s1 trains on 512 px crops, so a smaller image "
+                                 "filter). Default 512: docs/method.md s1 trains on 512 px crops, so a smaller image "
                                  "cannot give one crop at native scale. Set it to the crop size of your training.",
                                  ge=1)
     max_aspect_ratio: float = option(3.0, "Reject images whose long/short side ratio exceeds this.", ge=1)
@@ -156,7 +156,7 @@ class PrecomputeConfig:
 
 @dataclass
 class DataConfig:
-    resolution: int = option(64, "HR crop size in pixels (METHOD.md s1: 512; paper's first stage 256).", ge=8)
+    resolution: int = option(64, "HR crop size in pixels (docs/method.md s1: 512; paper's first stage 256).", ge=8)
     holdout_fraction: float = option(0.0, "Fraction of ids held out of training for in-job validation (chosen by "
                                      "id hash). Default 0: train on everything; evaluation has its own data.",
                                      ge=0, lt=1)

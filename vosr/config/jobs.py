@@ -35,7 +35,7 @@ class TrainConfig:
     init_from: str = option("", "Checkpoint folder to start from (progressive stage; RoPE positions rebuilt).")
     fail_at_step: int = option(-1, "Fault injection: a worker raises once at this step (-1 = off).", ge=-1)
     s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
-    adam_eps: float = option(1e-8, "AdamW epsilon (METHOD.md s5: 1e-8).", gt=0)
+    adam_eps: float = option(1e-8, "AdamW epsilon (docs/method.md s5: 1e-8).", gt=0)
     cpus_per_worker: float = option(1.0, "CPUs reserved per Ray Train worker (also its torch thread count on CPU).",
                                     gt=0)
     shuffle_buffer: int = option(2000, "Samples in each worker's local shuffle buffer (0 = none; the reference "
@@ -43,7 +43,7 @@ class TrainConfig:
     mix_shards: bool = option(True, "Mix batches: read the feature shards' row groups in a seeded order that "
                               "changes every epoch, each block drawing on many shards, rows spread by variant "
                               "(training/data.py).")
-    tf32: bool = option(True, "Allow TF32 matmuls on GPU (METHOD.md s5: TF32 enabled).")
+    tf32: bool = option(True, "Allow TF32 matmuls on GPU (docs/method.md s5: TF32 enabled).")
     cache_data: bool = option(False, "Materialise the (small) training set in the object store once, so epochs "
                               "do not re-read the shards; leave off for large feature sets.")
 
@@ -52,7 +52,7 @@ class TrainConfig:
 class DistillTrainConfig:
     teacher: str = option("", "Teacher checkpoint folder (its EMA weights are used).")
     register_name: str = option("vosr-student", "MLflow registered-model name of the student (empty = none).")
-    teacher_use_ema: bool = option(True, "Load the teacher's EMA weights (METHOD.md s7: the multi-step EMA).")
+    teacher_use_ema: bool = option(True, "Load the teacher's EMA weights (docs/method.md s7: the multi-step EMA).")
 
 
 @dataclass
@@ -61,9 +61,10 @@ class InferenceConfig:
                        "(teacher with guidance flow.guidance_scale, flow.steps Euler steps).",
                        choices=["onestep", "multistep"])
     checkpoint: str = option("", "Checkpoint folder or MLflow model URI (models:/name/version).")
-    tile_size: int = option(0, "Tile size in pixels of the upsampled image (0 = no tiling; METHOD.md s8: 512 -> "
+    tile_size: int = option(0, "Tile size in pixels of the upsampled image (0 = no tiling; docs/method.md s8: 512 -> "
                             "64 latents at f=8).", ge=0)
-    tile_overlap: int = option(0, "Tile overlap in pixels (at least tile/8 latents is used, METHOD.md s8).", ge=0)
+    tile_overlap: int = option(0, "Tile overlap in pixels (at least tile/8 latents is used, docs/method.md s8).",
+                               ge=0)
     tile_batch: int = option(4, "Tiles run through the DiT per forward pass when tiling.", ge=1)
     color_fix: str = option("adain", "Colour fix against the bicubic LR: adain (default), wavelet (a Gaussian "
                             "low/high swap, named as in the reference), none.",

@@ -12,16 +12,16 @@ from .schema import ConfigError, option
 
 @dataclass
 class ModelConfig:
-    hidden_size: int = option(96, "DiT width D (METHOD.md s4: 1024 for 0.5B, 1536 for 1.4B).", ge=8)
+    hidden_size: int = option(96, "DiT width D (docs/method.md s4: 1024 for 0.5B, 1536 for 1.4B).", ge=8)
     depth: int = option(4, "Number of DiT blocks (28 for 0.5B, 36 for 1.4B).", ge=1)
     num_heads: int = option(4, "Attention heads; head_dim = D / heads (64 in both real presets).", ge=1)
     patch_size: int = option(2, "Patch size over the latent grid (paper A.3: 2).", ge=1)
     mlp_ratio: float = option(4.0, "MLP ratio; the SwiGLU hidden width is int(2/3 * ratio * D) = int(8D/3) at 4.",
                               gt=0)
-    encdim_ratio: int = option(3, "Hidden ratio of the semantic-token projection MLP (METHOD.md s3: 3).", ge=1)
+    encdim_ratio: int = option(3, "Hidden ratio of the semantic-token projection MLP (docs/method.md s3: 3).", ge=1)
     time_freq_dim: int = option(256, "Sinusoid size of the time embedding (DiT: 256).", ge=8)
-    rope_theta: float = option(10000.0, "RoPE base frequency (METHOD.md s4: 10000).", gt=0)
-    qk_norm: bool = option(True, "RMSNorm on queries and keys in self- and cross-attention (METHOD.md s4).")
+    rope_theta: float = option(10000.0, "RoPE base frequency (docs/method.md s4: 10000).", gt=0)
+    qk_norm: bool = option(True, "RMSNorm on queries and keys in self- and cross-attention (docs/method.md s4).")
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -42,8 +42,8 @@ class AutoencoderConfig:
                        "the vae folder itself or a repo folder holding vae/. Unused by pixel. Nothing is downloaded.")
     downsample: int = option(4, "Spatial factor of the pixel codec (sd21 and qwen2d are fixed at 8).", ge=1)
     sample_posterior: bool = option(True, "Encode with a posterior sample (reference behaviour) instead of the mode.")
-    inference_sample_posterior: bool = option(True, "Posterior sample at inference too (METHOD.md s0: mode is an "
-                                              "option; the default follows the reference).")
+    inference_sample_posterior: bool = option(True, "Posterior sample at inference too (docs/method.md s0: mode is "
+                                              "an option; the default follows the reference).")
 
 
 @dataclass
@@ -53,8 +53,8 @@ class SemanticConfig:
                        choices=["tiny_vit", "dinov2_vitb14", "dinov2_vitl14"])
     path: str = option("", "Local weights file (.pth or .safetensors; timm or original DINOv2 key layout) for DINOv2, "
                        "optional for tiny_vit; nothing is downloaded.")
-    layer: int = option(2, "Block whose output is used, 0-based, CLS removed, no final norm (METHOD.md s3: 8 for "
-                        "ViT-B/14, 17 for ViT-L/14).", ge=0)
+    layer: int = option(2, "Block whose output is used, 0-based, CLS removed, no final norm (docs/method.md s3: "
+                        "8 for ViT-B/14, 17 for ViT-L/14).", ge=0)
     input_size: int = option(64, "Square input size the upsampled LR is bicubic-resized to (448 for DINOv2 -> "
                              "32x32 tokens).", ge=14)
     allow_random: bool = option(False, "Let a real preset run with randomly initialised semantic weights "
@@ -68,19 +68,20 @@ class SemanticConfig:
 
 @dataclass
 class FlowConfig:
-    cfg_ratio: float = option(0.1, "Probability per sample of the partial (weak) branch in training (METHOD.md s5).",
-                              ge=0, le=1)
-    weak_strength_min: float = option(0.05, "Lower end of w ~ U[min, max], drawn once per batch (METHOD.md s5).",
+    cfg_ratio: float = option(0.1, "Probability per sample of the partial (weak) branch in training "
+                              "(docs/method.md s5).", ge=0, le=1)
+    weak_strength_min: float = option(0.05, "Lower end of w ~ U[min, max], drawn once per batch (docs/method.md s5).",
                                       ge=0, le=1)
-    weak_strength_max: float = option(0.25, "Upper end of w ~ U[min, max] (METHOD.md s5).", ge=0, le=1)
-    lr_aug_mu: float = option(5.0, "LR-latent noise augmentation a = sigmoid(N(mu, sigma)) (METHOD.md s5).")
+    weak_strength_max: float = option(0.25, "Upper end of w ~ U[min, max] (docs/method.md s5).", ge=0, le=1)
+    lr_aug_mu: float = option(5.0, "LR-latent noise augmentation a = sigmoid(N(mu, sigma)) (docs/method.md s5).")
     lr_aug_sigma: float = option(1.0, "Std of the normal inside the sigmoid of the LR noise augmentation.", ge=0)
-    steps: int = option(25, "Euler steps of the multi-step sampler (METHOD.md s6: 25).", ge=1)
+    steps: int = option(25, "Euler steps of the multi-step sampler (docs/method.md s6: 25).", ge=1)
     schedule: str = option("linear", "Time schedule of the sampler: linear (default) or cosine.",
                            choices=["linear", "cosine"])
-    guidance_scale: float = option(0.5, "Guidance s in v = v_w + s (v_c - v_w). Explicit per preset (METHOD.md s0); "
-                                   "README presets: -0.5 RealSR, 0.5 ScreenSR. s=1: full branch, s=0: partial.")
-    weak_strength: float = option(0.15, "Weak-branch LR strength w at multi-step inference (METHOD.md s6: 0.15, "
+    guidance_scale: float = option(0.5, "Guidance s in v = v_w + s (v_c - v_w). Explicit per preset "
+                                   "(docs/method.md s0); README presets: -0.5 RealSR, 0.5 ScreenSR. s=1: full "
+                                   "branch, s=0: partial.")
+    weak_strength: float = option(0.15, "Weak-branch LR strength w at multi-step inference (docs/method.md s6: 0.15, "
                                   "a working option here).", ge=0, le=1)
 
     def validate(self) -> None:
@@ -92,13 +93,14 @@ class FlowConfig:
 class DistillConfig:
     method: str = option("rcgm", "Consistency loss: rcgm (recursive consistency, default) or shortcut.",
                          choices=["rcgm", "shortcut"])
-    omega: float = option(0.5, "Guidance omega of the teacher target v_w + omega (v_c - v_w) (METHOD.md s7).")
-    weak_strength: float = option(0.1, "Fixed weak-branch strength during distillation (METHOD.md s7: 0.1).",
+    omega: float = option(0.5, "Guidance omega of the teacher target v_w + omega (v_c - v_w) (docs/method.md s7).")
+    weak_strength: float = option(0.1, "Fixed weak-branch strength during distillation (docs/method.md s7: 0.1).",
                                   ge=0, le=1)
-    delta_t: float = option(0.01, "RCGM finite-difference step Delta (METHOD.md s7: 0.01).", gt=0, lt=1)
-    rollout_steps: int = option(2, "RCGM student roll-out steps N (METHOD.md s7: 2).", ge=1)
-    consistency_weight: float = option(1.0, "Weight of the consistency term (u_weight, METHOD.md s7: 1.0).", ge=0)
-    clip: float = option(1.0, "Element-wise clip of the RCGM correction (METHOD.md s7: 1).", gt=0)
+    delta_t: float = option(0.01, "RCGM finite-difference step Delta (docs/method.md s7: 0.01).", gt=0, lt=1)
+    rollout_steps: int = option(2, "RCGM student roll-out steps N (docs/method.md s7: 2).", ge=1)
+    consistency_weight: float = option(1.0, "Weight of the consistency term (u_weight, docs/method.md s7: 1.0).",
+                                       ge=0)
+    clip: float = option(1.0, "Element-wise clip of the RCGM correction (docs/method.md s7: 1).", gt=0)
     onestep_steps: int = option(1, "Steps of the few-step student sampler at inference (1 = one-step).", ge=1)
 
 
@@ -123,21 +125,22 @@ def _check_range(name: str, rng: list[float]) -> None:
 class RealESRGANConfig:
     """Every constant of the second-order Real-ESRGAN x4 degradation (METHOD.md s1, params_realsr.yml)."""
 
-    kernel_sizes: list[int] = option(_SIZES, "Odd blur/sinc kernel sizes drawn uniformly (METHOD.md s1: 7..21).")
-    kernel_pad_to: int = option(21, "Every kernel is zero-padded to this size (METHOD.md s1: 21).", ge=1)
+    kernel_sizes: list[int] = option(_SIZES, "Odd blur/sinc kernel sizes drawn uniformly (docs/method.md s1: 7..21).")
+    kernel_pad_to: int = option(21, "Every kernel is zero-padded to this size (docs/method.md s1: 21).", ge=1)
     kernel_families: list[str] = option(_FAMILIES, "Kernel families of random_mixed_kernels.")
-    kernel_probs: list[float] = option(_FAMILY_PROBS, "Probabilities of the first-stage families (METHOD.md s1).")
+    kernel_probs: list[float] = option(_FAMILY_PROBS, "Probabilities of the first-stage families "
+                                       "(docs/method.md s1).")
     sinc_prob: float = option(0.1, "Probability that k1 is a sinc (circular low-pass) kernel.", ge=0, le=1)
-    blur_sigma: list[float] = option([0.2, 3.0], "Gaussian sigma range of k1 (METHOD.md s1).")
+    blur_sigma: list[float] = option([0.2, 3.0], "Gaussian sigma range of k1 (docs/method.md s1).")
     betag_range: list[float] = option([0.5, 4.0], "Generalised-Gaussian beta range of k1.")
     betap_range: list[float] = option([1.0, 2.0], "Plateau beta range of k1.")
     kernel_probs2: list[float] = option(_FAMILY_PROBS, "Probabilities of the second-stage families.")
     sinc_prob2: float = option(0.1, "Probability that k2 is a sinc kernel.", ge=0, le=1)
-    blur_sigma2: list[float] = option([0.2, 1.5], "Gaussian sigma range of k2 (METHOD.md s1).")
+    blur_sigma2: list[float] = option([0.2, 1.5], "Gaussian sigma range of k2 (docs/method.md s1).")
     betag_range2: list[float] = option([0.5, 4.0], "Generalised-Gaussian beta range of k2.")
     betap_range2: list[float] = option([1.0, 2.0], "Plateau beta range of k2.")
-    final_sinc_prob: float = option(0.8, "Probability of the final sinc filter; otherwise a delta (METHOD.md s1).",
-                                    ge=0, le=1)
+    final_sinc_prob: float = option(0.8, "Probability of the final sinc filter; otherwise a delta "
+                                    "(docs/method.md s1).", ge=0, le=1)
     resize_modes: list[str] = option(["area", "bilinear", "bicubic"], "Interpolation modes drawn uniformly for "
                                      "every resize, including the resize back to HR size.")
     resize_prob: list[float] = option([0.2, 0.7, 0.1], "Stage-1 up / down / keep probabilities.")
@@ -157,7 +160,7 @@ class RealESRGANConfig:
     gray_noise_prob2: float = option(0.4, "Stage-2 grey-noise probability.", ge=0, le=1)
     jpeg_range2: list[float] = option([30.0, 95.0], "Final-step JPEG quality range.")
     final_order_prob: float = option(0.5, "Probability of [resize + sinc] then JPEG (else JPEG first) "
-                                     "(METHOD.md s1: 50/50).", ge=0, le=1)
+                                     "(docs/method.md s1: 50/50).", ge=0, le=1)
 
     def validate(self) -> None:
         n = len(self.kernel_families)
@@ -186,8 +189,11 @@ class RealESRGANConfig:
 
 @dataclass
 class DegradeConfig:
-    preset: str = option("realesrgan", "Degradation preset: realesrgan (second-order Real-ESRGAN x4, METHOD.md s1) "
-                         "or bicubic (classic x4 bicubic down).", choices=["realesrgan", "bicubic"])
+    preset: str = option("realesrgan", "Degradation preset: realesrgan (second-order Real-ESRGAN x4, "
+                         "docs/method.md s1) or bicubic (classic x4 bicubic down).",
+                         choices=["realesrgan", "bicubic"])
     scale: int = option(4, "Super-resolution factor (x4 in the paper).", ge=1)
-    resize_back: bool = option(True, "Resize the LR back to HR size (resize_bak=True, METHOD.md s1) before encoding.")
-    realesrgan: RealESRGANConfig = option(RealESRGANConfig(), "Parameters of the realesrgan preset (METHOD.md s1).")
+    resize_back: bool = option(True, "Resize the LR back to HR size (resize_bak=True, docs/method.md s1) before "
+                               "encoding.")
+    realesrgan: RealESRGANConfig = option(RealESRGANConfig(), "Parameters of the realesrgan preset "
+                                          "(docs/method.md s1).")

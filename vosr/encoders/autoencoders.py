@@ -28,7 +28,7 @@ def _check_image(x: torch.Tensor, f: int, name: str) -> None:
     h, w = x.shape[-2:]
     if h % f or w % f:
         raise ValueError(f"{name}.encode: image size {h}x{w} is not a multiple of the autoencoder factor {f}; "
-                         f"pad to a multiple of {f} first (reflect) and crop the output back (METHOD.md s0)")
+                         f"pad to a multiple of {f} first (reflect) and crop the output back (docs/method.md s0)")
 
 
 def _check_latent(z: torch.Tensor, c: int, name: str) -> None:
@@ -103,7 +103,7 @@ class SD21VAE(_DiffusersVAE):
         cfg_scale = getattr(vae.config, "scaling_factor", SD21_SCALE)
         if abs(float(cfg_scale) - SD21_SCALE) > 1e-6:
             warnings.warn(f"sd21 VAE at {folder} declares scaling_factor {cfg_scale}; VOSR uses {SD21_SCALE} "
-                          "(METHOD.md s2)", stacklevel=3)
+                          "(docs/method.md s2)", stacklevel=3)
         if vae.config.latent_channels != self.latent_channels:
             raise ValueError(f"sd21 VAE at {folder} has {vae.config.latent_channels} latent channels, expected 4")
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -169,7 +169,7 @@ class SemanticEncoder(_FrozenViT):
         depth = len(vit.blocks)
         if not 0 <= layer < depth:
             raise ValueError(f"semantic.layer {layer} is out of range for {name} with {depth} blocks "
-                             f"(0-based; METHOD.md s3: 8 for ViT-B/14, 17 for ViT-L/14)")
+                             f"(0-based; docs/method.md s3: 8 for ViT-B/14, 17 for ViT-L/14)")
         vit.prune_intermediate_layers(indices=[layer], prune_norm=True, prune_head=True)  # blocks > layer unused
         super().__init__(name, vit, input_size, weights_sha256, source)
         self.layer = int(layer)
