@@ -6,8 +6,9 @@ Two task kinds, both run on the cluster:
                     each piece as a part file `_parts/<stem>/<hash>.parquet`; returns one small summary row per
                     piece (shard, part uri, rows) -- the only thing the driver ever reads.
     finalize_shard  remote task launched by the driver when a shard's rows (kept images x K) have all arrived as
-                    parts: concatenates them, counts and drops failed rows, sorts by (id, variant), writes
-                    `shards/part-<key>.stats.json` then `shards/part-<key>.parquet` (the completion mark) and
+                    parts: reads their keys, counts and drops failed rows, sorts by (id, variant), streams the
+                    rows one output row group at a time into `shards/part-<key>.parquet`, writes
+                    `shards/part-<key>.stats.json` before the shard appears (the shard marks completion) and
                     removes the shard's parts.
 
 The module imports neither torch nor the config (fresh task workers start in a fraction of a second); the driver
@@ -15,8 +16,9 @@ hands the tasks a plain `writer_settings(cfg)` dict that holds the shard schema.
 
 Part names are a hash of the part's (id, variant) keys, so a retried task rewrites the same file with the same
 bytes; a killed run's leftover parts are never listed (the driver passes the exact parts to merge) and are removed
-with the shard's part folder once the shard is final. Peak memory of a merge is about twice the shard's bytes
-(curated rows_per_shard x K x bytes per row): size curated shards for it (docs/scale.md).
+with the shard's part folder once the shard is final. A merge streams: it reads the keys of every row, then
+gathers and writes one output row group (precompute.rows_per_shard rows) at a time, so its peak is
+`merge_peak_bound` (about 4 row groups of feature bytes), whatever the shard's size.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from vosr import storage
 
 SHARDS_DIR = "shards"  # = pipelines.feature_schema.SHARDS_DIR (not imported here: that module imports torch)
 PARTS_DIR = "_parts"
+# Part files hold row groups of 1/PART_GROUP_DIVISOR of the shard's row group: reading a Parquet row group of
+# fixed-size lists of 16-bit values transiently takes up to ~8x its bytes (uint16 is stored as INT32 and cast back;
+# measured with tests/test_feature_merge.py), so a part row group read costs about one output row group.
+PART_GROUP_DIVISOR = 8
 PART_SUMMARY_SCHEMA = pa.schema([pa.field("shard", pa.string()), pa.field("part", pa.string()),
                                  pa.field("rows", pa.int64())])
 
@@ -62,8 +68,11 @@ def _part_name(table: pa.Table) -> str:
     return f"{h.hexdigest()[:24]}.parquet"
 
 
-def write_parts(batch: pa.Table, output: str, endpoint_url: str = "") -> pa.Table:
-    """Task (Ray Data map_batches, pyarrow): write the batch's rows per source shard as part files."""
+def write_parts(batch: pa.Table, output: str, endpoint_url: str = "", row_group_size: int | None = None) -> pa.Table:
+    """Task (Ray Data map_batches, pyarrow): write the batch's rows per source shard as part files, in row groups
+    of `row_group_size` / PART_GROUP_DIVISOR rows (`row_group_size`: the shard's; the merge reads one part row
+    group at a time)."""
+    part_rows = max(1, int(row_group_size) // PART_GROUP_DIVISOR) if row_group_size else None
     out = {"shard": [], "part": [], "rows": []}
     if batch.num_rows == 0:
         return pa.table(out, schema=PART_SUMMARY_SCHEMA)
@@ -75,7 +84,7 @@ def write_parts(batch: pa.Table, output: str, endpoint_url: str = "") -> pa.Tabl
         fs, path = storage.open_fs(uri, endpoint_url)
         fs.create_dir(posixpath.dirname(path) if storage.is_remote(uri) else os.path.dirname(path), recursive=True)
         with fs.open_output_stream(path) as f:  # transient: no compression, one plain write
-            pq.write_table(piece, f, compression=None)
+            pq.write_table(piece, f, compression=None, row_group_size=part_rows)
         out["shard"].append(name)
         out["part"].append(uri)
         out["rows"].append(piece.num_rows)
@@ -110,15 +119,14 @@ def writer_settings(cfg) -> dict:
 
 
 def parquet_bytes(table: pa.Table, settings: dict) -> bytes:
+    """The shard file of a whole table in memory (the reference layout the streaming merge reproduces)."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression=settings["compression"], use_dictionary=settings["dictionary"],
                    write_statistics=["id", "variant", "seed"], row_group_size=settings["row_group_size"])
     return buf.getvalue()
 
 
-def column_bytes(data: bytes) -> dict[str, int]:
-    """Compressed bytes per column of a Parquet file (sum over row groups)."""
-    md = pq.ParquetFile(io.BytesIO(data)).metadata
+def _column_bytes_md(md) -> dict[str, int]:
     out: dict[str, int] = {}
     for rg in range(md.num_row_groups):
         g = md.row_group(rg)
@@ -129,8 +137,14 @@ def column_bytes(data: bytes) -> dict[str, int]:
     return out
 
 
+def column_bytes(data: bytes) -> dict[str, int]:
+    """Compressed bytes per column of a Parquet file (sum over row groups)."""
+    return _column_bytes_md(pq.ParquetFile(io.BytesIO(data)).metadata)
+
+
 def assemble_shard(parts: list[pa.Table], schema: pa.Schema) -> tuple[pa.Table, dict[str, int]]:
-    """All rows of one shard -> (sorted table of the good rows in the shard schema, failed rows by reason)."""
+    """All rows of one shard in memory -> (sorted table of the good rows in the shard schema, failed rows by
+    reason). The reference the streaming merge (`merge_parts`) must equal; used by tests and small callers."""
     failed: dict[str, int] = {}
     if not parts:
         return schema.empty_table(), failed
@@ -143,29 +157,162 @@ def assemble_shard(parts: list[pa.Table], schema: pa.Schema) -> tuple[pa.Table, 
     return table.drop_columns(["error"]).cast(schema), failed
 
 
-def write_shard(settings: dict, name: str, parts: list[pa.Table]) -> dict:
-    """Assemble one shard's rows, write stats then the shard (the shard's presence marks completion)."""
-    out, ep = settings["output"], settings["endpoint_url"]
-    table, failed = assemble_shard(parts, settings["schema"])
-    data = parquet_bytes(table, settings)
-    stats = {"shard": name, "rows": table.num_rows, "images": len(set(table.column("id").to_pylist())),
-             "failed_rows_by_reason": failed, "bytes": len(data), "column_bytes": column_bytes(data)}
-    storage.write_bytes_atomic(shard_uri(out, f"{stem(name)}.stats.json"), json.dumps(stats, indent=2).encode(), ep)
-    storage.write_bytes_atomic(shard_uri(out, name), data, ep)
+class _Sink:
+    """File-like wrapper the ParquetWriter writes through: counts bytes and ignores close(), so the caller
+    closes the real stream (an S3 multipart upload completes, i.e. the object appears, only then) after the
+    stats are written."""
+
+    closed = False
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.n += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.n
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _part_keys(part_uris: list[str], ep: str) -> tuple[pa.Table, list]:
+    """Keys of every part row (id, variant, error, part index, row index) and each part's (row-group starts,
+    footer): only these small columns are read here, never the feature columns."""
+    keys, metas = [], []
+    for p, uri in enumerate(part_uris):
+        fs, path = storage.open_fs(uri, ep)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            t = pf.read(columns=["id", "variant", "error"])
+            md = pf.metadata
+        starts = [0]
+        for g in range(md.num_row_groups):
+            starts.append(starts[-1] + md.row_group(g).num_rows)
+        metas.append((starts, md))
+        keys.append(t.append_column("part", pa.array([p] * t.num_rows, pa.int32()))
+                    .append_column("row", pa.array(range(t.num_rows), pa.int64())))
+    if not keys:
+        empty = pa.table({"id": pa.array([], pa.string()), "variant": pa.array([], pa.int32()),
+                          "error": pa.array([], pa.string()), "part": pa.array([], pa.int32()),
+                          "row": pa.array([], pa.int64())})
+        return empty, metas
+    return pa.concat_tables(keys, promote_options="permissive"), metas
+
+
+def _gather(part_uris: list[str], metas: list, parts: list[int], rows: list[int], names: list[str],
+            ep: str) -> pa.Table:
+    """The rows (part, row) in the given order, reading one part row group at a time (each at most once)."""
+    import bisect
+
+    need: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (part, row group) -> [(position, row in group)]
+    for pos, (p, r) in enumerate(zip(parts, rows)):
+        starts = metas[p][0]
+        g = bisect.bisect_right(starts, r) - 1
+        need.setdefault((p, g), []).append((pos, r - starts[g]))
+    pieces, order = [], []
+    for (p, g), items in sorted(need.items()):
+        fs, path = storage.open_fs(part_uris[p], ep)
+        with fs.open_input_file(path) as f:
+            group = pq.ParquetFile(f, metadata=metas[p][1]).read_row_group(g, columns=names)
+        pieces.append(group.take(pa.array([r for _, r in items], pa.int64())))
+        del group
+        order.extend(pos for pos, _ in items)
+    table = pa.concat_tables(pieces)
+    inverse = [0] * len(order)
+    for i, pos in enumerate(order):
+        inverse[pos] = i
+    return table.take(pa.array(inverse, pa.int64()))
+
+
+def merge_peak_bound(row_group_rows: int, row_bytes: int, rows: int) -> int:
+    """Stated peak of Arrow memory in one merge task (bytes), for a shard of `rows` rows of `row_bytes` bytes
+    each (in memory) and output row groups of G = `row_group_rows` rows: the keys of all rows (~256 B each),
+    10 G rows of feature bytes and 8 MiB of fixed buffers. Measured ~8 G + 3.3 MiB (tests/test_feature_merge.py,
+    16-bit tensors): the row group being written (1), the Parquet writer's pages and buffers (~6: 16-bit values
+    are encoded as INT32), the gathered pieces and one part row group being decoded (~1-2), plus the writer's
+    1 MiB data pages. Independent of the shard's size."""
+    return 256 * rows + 10 * row_group_rows * row_bytes + (8 << 20)
+
+
+def schema_row_bytes(schema: pa.Schema) -> int:
+    """In-memory bytes of one row of a feature schema: the fixed-size tensor columns plus 64 B per other column
+    (ids, params: small)."""
+    total = 0
+    for f in schema:
+        t = f.type
+        if pa.types.is_fixed_size_list(t) and t.value_type.bit_width > 0:
+            total += t.list_size * t.value_type.bit_width // 8
+        else:
+            total += 64
+    return total
+
+
+def merge_parts(settings: dict, name: str, part_uris: list[str]) -> dict:
+    """Stream one shard's parts into the final shard, one output row group at a time: the keys of every row are
+    read first (sort by (id, variant), count and drop failed rows), then each output row group's rows are
+    gathered from the parts' row groups and written by one ParquetWriter. Rows, order and row groups equal
+    `parquet_bytes(assemble_shard(...))` (tests check it); the peak is `merge_peak_bound`, not the shard's size.
+    Stats are written before the shard appears (its presence marks completion)."""
+    import uuid
+
+    out, ep, schema = settings["output"], settings["endpoint_url"], settings["schema"]
+    g_rows = max(1, int(settings["row_group_size"]))
+    keys, metas = _part_keys(part_uris, ep)
+    failed: dict[str, int] = {}
+    for e in keys.column("error").to_pylist():
+        if e:
+            failed[e] = failed.get(e, 0) + 1
+    good = keys.filter(pc.equal(keys.column("error"), "")).sort_by([("id", "ascending"), ("variant", "ascending")])
+    parts_of, rows_of = good.column("part").to_pylist(), good.column("row").to_pylist()
+    images = len(set(good.column("id").to_pylist()))
+    del keys
+    uri = shard_uri(out, name)
+    fs, path = storage.open_fs(uri, ep)
+    remote = storage.is_remote(uri)
+    fs.create_dir(posixpath.dirname(path) if remote else os.path.dirname(path), recursive=True)
+    # S3: the object appears when the stream closes (after the stats); local: a temporary name, renamed after
+    target = path if remote else f"{path}.tmp-{uuid.uuid4().hex}"
+    stream = fs.open_output_stream(target)
+    sink = _Sink(stream)
+    try:
+        writer = pq.ParquetWriter(sink, schema, compression=settings["compression"],
+                                  use_dictionary=settings["dictionary"], write_statistics=["id", "variant", "seed"])
+        if not parts_of:
+            writer.write_table(schema.empty_table(), row_group_size=g_rows)
+        for s in range(0, len(parts_of), g_rows):
+            chunk = _gather(part_uris, metas, parts_of[s:s + g_rows], rows_of[s:s + g_rows], schema.names, ep)
+            writer.write_table(chunk.cast(schema), row_group_size=g_rows)
+            del chunk
+        writer.close()
+        md = writer.writer.metadata
+        stats = {"shard": name, "rows": len(parts_of), "images": images, "failed_rows_by_reason": failed,
+                 "bytes": sink.n, "column_bytes": _column_bytes_md(md)}
+        storage.write_bytes_atomic(shard_uri(out, f"{stem(name)}.stats.json"), json.dumps(stats, indent=2).encode(),
+                                   ep)
+    except BaseException:
+        # pyarrow cannot abort an S3 upload (closing completes it): close, then delete the partial file. A killed
+        # process never completes its upload, so no partial object appears then.
+        stream.close()
+        fs.delete_file(target)
+        raise
+    stream.close()
+    if not remote:
+        fs.move(target, path)
     return stats
 
 
 def finalize_shard(settings: dict, name: str, part_uris: list[str]) -> dict:
-    """Task: merge one shard's parts into the final shard, then remove its part folder (stale parts included)."""
-    ep = settings["endpoint_url"]
-    parts = []
-    for uri in part_uris:
-        fs, path = storage.open_fs(uri, ep)
-        with fs.open_input_file(path) as f:
-            parts.append(pq.read_table(f))
-    stats = write_shard(settings, name, parts)
-    del parts
-    remove_parts(settings["output"], name, ep)
+    """Task: merge one shard's parts into the final shard (streamed, `merge_parts`), then remove its part folder
+    (stale parts included)."""
+    stats = merge_parts(settings, name, part_uris)
+    remove_parts(settings["output"], name, settings["endpoint_url"])
     return stats
 
 

@@ -128,9 +128,13 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
     t0 = time.perf_counter()
     total_rows = sum(want.values())
 
+    row_bytes = feature_writer.schema_row_bytes(settings["schema"])
+
     def launch(name: str) -> None:
         launched.add(name)
-        running[finalize.remote(settings, name, parts.pop(name))] = name
+        # the streamed merge's stated peak (a few output row groups, not the shard) is its memory reservation
+        mem = feature_writer.merge_peak_bound(settings["row_group_size"], row_bytes, want[name])
+        running[finalize.options(memory=mem).remote(settings, name, parts.pop(name))] = name
 
     def collect(timeout: float | None) -> None:
         if not running:
@@ -196,7 +200,8 @@ def run(cfg, log=print) -> dict:
         ds = degrade_and_encode(ds, cfg, list(range(cfg.precompute.variants)))
         # rows never come back to the driver: each batch is written as parts by a task; shards merge in tasks
         ds = ds.map_batches(feature_writer.write_parts, fn_kwargs={"output": cfg.precompute.output,
-                                                                   "endpoint_url": cfg.precompute.s3_endpoint_url},
+                                                                   "endpoint_url": cfg.precompute.s3_endpoint_url,
+                                                                   "row_group_size": cfg.precompute.rows_per_shard},
                             batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.25)
         written = write_shards(ds, cfg, p["expected"], log)
     if len(p["done"]) + len(written) == len(p["files"]):
