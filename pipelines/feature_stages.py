@@ -23,15 +23,38 @@ CURATED_COLUMNS = ["id", "image"]  # plus "kept"
 HELPER_COLUMNS = ("src", "error")  # travel with the rows between stages; never written
 
 
+READ_NUM_CPUS = 0.25  # reading a curated shard is I/O and Parquet decoding, not the degradation's CPU work
+READ_BATCH_ROWS = 64  # rows per output block of the read (64 x a few hundred KB of image bytes)
+
+
 def read_curated(files: list[str], endpoint_url: str = ""):
-    """Kept rows of the given curated shard files, with their shard path in column `path`."""
+    """Kept rows of the given curated shard files, with their shard path in column `path`.
+
+    The files are already listed by the caller (the plan), so the dataset starts from that list on the driver
+    (`from_items`: paths only) and reads each file in a task of READ_NUM_CPUS CPUs, in blocks of READ_BATCH_ROWS.
+    `ray.data.read_parquet` would list them again in a ListFiles task of one whole CPU, which on a small node
+    waits behind the encoder actor (~10 s of fixed cost on 2 CPUs, docs/scale.md s5)."""
     import ray.data
 
-    fs, _ = storage.open_fs(files[0], endpoint_url)
-    paths = [storage.open_fs(f, endpoint_url)[1] for f in files]
+    items = [{"uri": f, "path": storage.open_fs(f, endpoint_url)[1]} for f in files]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))  # ~a file per task
     # Dropped rows (kept = false, no image bytes) are skipped in make_pairs; see pipelines/curate_schema.py.
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
-    return ds.select_columns(CURATED_COLUMNS + ["kept", "path"])
+    return ds.map_batches(_read_files, fn_kwargs={"endpoint_url": endpoint_url}, batch_size=1,
+                          batch_format="pyarrow", num_cpus=READ_NUM_CPUS)
+
+
+def _read_files(batch: pa.Table, endpoint_url: str = ""):
+    """Task: the rows (CURATED_COLUMNS, kept, path) of each curated shard named in the batch, READ_BATCH_ROWS
+    rows at a time (a generator: one block each, so a big shard never sits in one block)."""
+    import pyarrow.parquet as pq
+
+    for uri, path in zip(batch.column("uri").to_pylist(), batch.column("path").to_pylist()):
+        fs, fs_path = storage.open_fs(uri, endpoint_url)
+        with fs.open_input_file(fs_path) as f:
+            pf = pq.ParquetFile(f)
+            for b in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=CURATED_COLUMNS + ["kept"]):
+                t = pa.Table.from_batches([b])
+                yield t.append_column("path", pa.array([path] * t.num_rows, pa.string()))
 
 
 def make_pairs(batch: dict[str, np.ndarray], cfg_dict: dict, variants: list[int]) -> dict[str, np.ndarray]:
