@@ -14,11 +14,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 import training.fsdp  # noqa: F401  (imported before the fork, with torch.distributed)
 import vosr.ema  # noqa: F401
+from tests.helpers.s3_fixture import s3  # noqa: F401 - pytest fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,16 +127,27 @@ def _spawn(fn, world: int, tmp_path: Path, tag: str) -> None:
                        join=True, start_method="fork")
 
 
-def test_sharded_checkpoint_resumes_at_other_world_sizes_and_exports(tmp_path):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Two FSDP ranks train 3 AdamW steps and save, each into its own folder; merged into ckpt/ as Ray does."""
+    root = tmp_path_factory.mktemp("fsdp-ckpt")
+    _spawn(_save_worker, 2, root, "save")
+    (root / "ckpt").mkdir()
+    for d in ("rank0", "rank1"):  # the merge Ray Train's per-rank uploads do
+        shutil.copytree(root / d, root / "ckpt", dirs_exist_ok=True)
+    return root, torch.load(root / "ref.pt", weights_only=True)
+
+
+def test_sharded_checkpoint_resumes_at_other_world_sizes_and_exports(saved):
     from safetensors.torch import load_file
 
+    from inference.model_uri import ModelNotFoundError, find_checkpoint
     from training.export import export_checkpoint
     from training.fsdp import load_sharded
     from vosr.ema import EMA
-    from vosr.sharded import read_tensors, reader
+    from vosr.sharded import iter_tensors, reader
 
-    _spawn(_save_worker, 2, tmp_path, "save")
-    ref = torch.load(tmp_path / "ref.pt", weights_only=True)
+    tmp_path, ref = saved
     assert int(ref["optim"]["state"]["inp.weight"]["step"]) == 3
     assert not torch.equal(ref["ema"]["out.weight"], ref["model"]["out.weight"])  # the EMA lags the weights
 
@@ -149,9 +162,6 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes_and_exports(tmp_path):
         assert sorted(tuple(c.sizes) for c in chunks) == [(3, 4), (4, 4)], key
     files = {md.storage_data[idx].relative_path for idx in md.storage_data if idx.fqn == "model.inp.weight"}
     assert files == {"__0_0.distcp", "__1_0.distcp"}
-    (tmp_path / "ckpt").mkdir()
-    for d in ("rank0", "rank1"):  # the merge Ray Train's per-rank uploads do
-        shutil.copytree(tmp_path / d, tmp_path / "ckpt", dirs_exist_ok=True)
 
     # 2 -> 3 FSDP ranks: resharded (7 rows -> 3/3/1), equal state.
     _spawn(_load_worker, 3, tmp_path, "load3")
@@ -171,7 +181,7 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes_and_exports(tmp_path):
                          "optim": get_optimizer_state_dict(model, opt)}, ref)
 
     # Weights without any process group, streamed a tensor at a time; and the one-file export.
-    ema_read = read_tensors(str(tmp_path / "ckpt"), "ema")
+    ema_read = dict(iter_tensors(str(tmp_path / "ckpt"), "ema", group_bytes=64))  # 8 tensors, several loads
     assert set(ema_read) == set(ref["ema"])
     for k, v in ref["ema"].items():
         assert torch.equal(ema_read[k], v), k
@@ -183,3 +193,31 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes_and_exports(tmp_path):
     for k, v in load_file(str(out / "model.safetensors")).items():
         assert torch.equal(v, ref["model"][k]), k
     assert info["model_bytes"] == (out / "model.safetensors").stat().st_size
+    with pytest.raises(ModelNotFoundError, match="training.export"):  # serving names the export command
+        find_checkpoint(tmp_path / "ckpt")
+
+
+def test_sharded_checkpoint_on_s3_resumes_and_exports(saved, s3):  # noqa: F811
+    from safetensors.torch import load
+
+    from training.export import export_checkpoint
+    from training.fsdp import load_sharded
+    from vosr.ema import EMA
+    from vosr.sharded import reader
+
+    root, ref = saved
+    for f in (root / "ckpt").rglob("*"):
+        if f.is_file():
+            s3.put_file(f, f"run/checkpoint_00000003/{f.relative_to(root / 'ckpt').as_posix()}")
+    src = s3.uri("run/checkpoint_00000003")
+    torch.manual_seed(2)
+    model = Net()
+    ema = EMA(model, 0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_sharded(model, opt, ema, reader(src, s3.endpoint_url))  # byte ranges straight from S3, no download
+    for k, v in ref["model"].items():
+        assert torch.equal(model.state_dict()[k], v) and torch.equal(ema.module.state_dict()[k], ref["ema"][k]), k
+    export_checkpoint(src, s3.uri("run/export"), s3.endpoint_url, weights_only=True)
+    assert s3.keys("run/export/") == ["run/export/ema_model.safetensors", "run/export/model.safetensors"]
+    got = load(s3.client.get_object(Bucket=s3.bucket, Key="run/export/ema_model.safetensors")["Body"].read())
+    assert got.keys() == ref["ema"].keys() and all(torch.equal(got[k], ref["ema"][k]) for k in got)

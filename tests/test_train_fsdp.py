@@ -23,8 +23,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice the 
 def test_fsdp_checkpoints_sharded_and_resumes_the_optimizer(ray_local, photos, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from inference.model_uri import find_checkpoint
     from tests.helpers.train_data import make_feature_shards
-    from training.export import export_checkpoint
     from training.pretrain import run
     from training.resume import MANIFEST
     from training.train_state import FULL_OPTIMIZER
@@ -76,8 +76,12 @@ def test_fsdp_checkpoints_sharded_and_resumes_the_optimizer(ray_local, photos, t
     first = read_tensors(str(final.parent / "checkpoint_00000002"), "optim.state")
     assert all(int(v) == 2 for k, v in first.items() if k.endswith(".step"))
 
-    out = export_checkpoint(str(final), str(tmp_path / "export"))
-    exported, _, emeta = load_checkpoint(str(tmp_path / "export"))
-    assert emeta["weights"] == "ema_model.safetensors" and out["ema_tensors"] == len(named)
+    # The driver exported the final checkpoint for serving and the registry (training/job.export_final).
+    assert summary["export_uri"] == str(final.parent / "export_00000004")
+    export = Path(summary["export_uri"])
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "ema_model.safetensors", "model.safetensors"]
+    assert find_checkpoint(export) == export
+    exported, _, emeta = load_checkpoint(str(export))
+    assert emeta["weights"] == "ema_model.safetensors" and "layout" not in emeta
     for name, p in exported.named_parameters():
         assert torch.equal(p.detach(), ema[name]), name

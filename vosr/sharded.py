@@ -48,7 +48,7 @@ def reader(folder: str, endpoint_url: str = ""):
     """A DCP storage reader for `<folder>/dcp` (a local FileSystemReader, or fsspec for s3://)."""
     path = storage.join(folder, DCP_DIR)
     if storage.is_remote(path):
-        from torch.distributed.checkpoint import FsspecReader
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # not re-exported in 2.14
 
         return FsspecReader(path, use_listings_cache=False, **storage.s3_storage_options(endpoint_url))
     from torch.distributed.checkpoint import FileSystemReader
