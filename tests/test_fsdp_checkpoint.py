@@ -95,7 +95,8 @@ def _load_worker(rank: int, world: int, rdzv: str, root: str) -> None:
     sys.path.insert(0, str(ROOT))
     import torch.distributed as dist
 
-    from training.fsdp import load_sharded
+    from training.fsdp import ShardedEMA, load_optimizer, load_sharded, shard
+    from vosr.ema import EMA
     from vosr.sharded import reader
 
     model, ema, sharded, opt = _setup(rank, world, rdzv, seed=1)  # other weights than the saved ones
@@ -103,8 +104,20 @@ def _load_worker(rank: int, world: int, rdzv: str, root: str) -> None:
         load_sharded(model, opt, sharded, reader(f"{root}/ckpt"))
         local = [tuple(s.shape) for s in sharded.shards]
         got = _full(model, opt, sharded, ema)
+        # The earlier unsharded format (full weights + name-keyed optimizer_full) still resumes, as the loop does
+        # it: weights loaded before sharding, the optimizer state after.
+        ref = torch.load(f"{root}/ref.pt", weights_only=True)
+        old = Net()
+        old.load_state_dict(ref["model"])
+        old_ema = EMA(old, 0.5)
+        old_ema.load_state_dict(ref["ema"])
+        shard(old)
+        old_sharded = ShardedEMA(old_ema, old)
+        old_opt = torch.optim.AdamW(old.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01)
+        load_optimizer(old, old_opt, ref["optim"])
+        got_old = _full(old, old_opt, old_sharded, old_ema)
         if rank == 0:
-            torch.save({**got, "local": local}, f"{root}/got{world}.pt")
+            torch.save({**got, "local": local, "old": got_old}, f"{root}/got{world}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -118,7 +131,7 @@ def _assert_state_equal(got: dict, ref: dict) -> None:
     for k, s in ref["optim"]["state"].items():
         for field in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(got["optim"]["state"][k][field], s[field], rtol=0, atol=0)
-    assert got["optim"]["param_groups"][0]["betas"] == ref["optim"]["param_groups"][0]["betas"]
+    assert tuple(got["optim"]["param_groups"][0]["betas"]) == tuple(ref["optim"]["param_groups"][0]["betas"])
 
 
 def _spawn(fn, world: int, tmp_path: Path, tag: str) -> None:
@@ -168,6 +181,7 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes_and_exports(saved):
     got3 = torch.load(tmp_path / "got3.pt", weights_only=True)
     assert got3["local"][0] == (3, 4)
     _assert_state_equal(got3, ref)
+    _assert_state_equal(got3["old"], ref)
 
     # 2 -> 1 without a process group: a plain model, optimizer and vosr EMA.
     torch.manual_seed(1)
