@@ -238,7 +238,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     if ckpt is not None and not sharded_ckpt:  # a sharded one is loaded after wrapping, shard by shard
         with ckpt.as_directory() as d:
             _load_weights(Path(d), model, ema)
-    elif tc.init_from:
+    elif ckpt is None and tc.init_from:
         init_info = init_from_checkpoint(objective, model, ema, tc.init_from)
 
     # --- stage: parallel wrapper and optimiser ---------------------------------------------------------------
