@@ -17,6 +17,8 @@ from pathlib import Path
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
+_SHARDED_HINT = ("; this is a sharded (FSDP) training checkpoint: use the run's export (summary.json export_uri) "
+                 "or export it with `python -m training.export <checkpoint> <output folder>`")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -36,7 +38,8 @@ def find_checkpoint(root: str | Path) -> Path:
         return root
     found = sorted({p.parent for p in root.rglob("model.safetensors") if is_checkpoint(p.parent)})
     if not found:
-        raise ModelNotFoundError(f"no checkpoint folder (config.json + model.safetensors) under {root}")
+        raise ModelNotFoundError(f"no checkpoint folder (config.json + model.safetensors) under {root}"
+                                 f"{_SHARDED_HINT if any(root.rglob('dcp/.metadata')) else ''}")
     if len(found) > 1:
         names = ", ".join(str(p.relative_to(root)) for p in found[:5])
         raise ModelNotFoundError(f"{len(found)} checkpoint folders under {root} ({names}); point at one of them")
@@ -118,8 +121,10 @@ def _remote_checkpoint_files(uri: str, endpoint_url: str) -> list[tuple[str, str
         by_dir.setdefault(folder, {})[name] = info
     found = sorted(d for d, files in by_dir.items() if all(n in files for n in CHECKPOINT_FILES))
     if not found:
+        sharded = any(p.endswith("/dcp/.metadata") for p in listing)
         raise ModelNotFoundError(f"no checkpoint at {uri}: expected a folder holding "
-                                 f"{' + '.join(CHECKPOINT_FILES)} (found {len(listing)} objects)")
+                                 f"{' + '.join(CHECKPOINT_FILES)} (found {len(listing)} objects)"
+                                 f"{_SHARDED_HINT if sharded else ''}")
     if len(found) > 1:
         names = ", ".join(posixpath.relpath(d, root) for d in found[:5])
         raise ModelNotFoundError(f"{len(found)} checkpoint folders under {uri} ({names}); point at one of them")

@@ -357,11 +357,13 @@ def main(argv: list[str] | None = None) -> int:
             ctx["site"] = json.loads((out / "summaries" / "site.json").read_text())
         step("precompute", lambda: chain.run("precompute"))
         if step("pretrain", lambda: chain.run("pretrain")):
-            ctx["teacher"] = chain.results["pretrain"].summary.get("checkpoint_uri", "")
+            psum = chain.results["pretrain"].summary  # an FSDP run's export_uri: its unsharded final weights
+            ctx["teacher"] = psum.get("export_uri") or psum.get("checkpoint_uri", "")
         if step("distill", distill):
             dsum = chain.results["distill"].summary
             # the registered student (models:/name/version), else the student's checkpoint folder
-            ctx["student"] = (dsum.get("registered_model") or {}).get("uri") or dsum.get("checkpoint_uri", "")
+            ctx["student"] = ((dsum.get("registered_model") or {}).get("uri") or dsum.get("export_uri")
+                              or dsum.get("checkpoint_uri", ""))
             if not ctx["student"]:
                 raise SystemExit("the distill summary names neither a registered model nor a checkpoint")
         step("evaluate", evaluate)

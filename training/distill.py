@@ -29,8 +29,13 @@ def _register(cfg):
             return {"registered_model": None}
         from training.registry import register_student
 
+        ckpt = result.checkpoint
+        if summary.get("export_uri"):  # FSDP: the final checkpoint is sharded; register its unsharded export
+            from training.resume import open_checkpoint
+
+            ckpt = open_checkpoint(summary["export_uri"], paths.endpoint)
         with tempfile.TemporaryDirectory(prefix="vosr-student-") as tmp:
-            folder = result.checkpoint.to_directory(str(Path(tmp) / "checkpoint"))
+            folder = ckpt.to_directory(str(Path(tmp) / "checkpoint"))
             version = register_student(folder, name, tracking_uri, run_id)
         return {"registered_model": {"name": name, "version": version, "uri": f"models:/{name}/{version}"}}
     return after_fit

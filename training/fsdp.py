@@ -1,7 +1,11 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard) for train.strategy=fsdp: the large presets' parameters, gradients and
-optimizer moments are sharded across the Ray Train workers; checkpoints stay in the method library's unsharded
-format (full model weights, full EMA copy, full optimizer state keyed by parameter name), so any number of
-workers -- or a DDP run -- can read the weights, and an FSDP run of any size can resume the optimizer.
+optimizer moments are sharded across the Ray Train workers.
+
+Checkpoints are sharded too (`save_sharded` / `load_sharded`, torch.distributed.checkpoint): every rank writes its
+own shards of the model, the AdamW moments and the EMA (ShardedEMA's local shards, as DTensors); no rank gathers
+the full state. DCP reshards on load, so a run of another world size (FSDP, DDP or one worker) resumes it, and
+vosr/sharded.py reads or exports its weights without a process group. `full_state` / `load_optimizer` are the
+earlier unsharded format (full weights, full name-keyed optimizer state on rank 0), still read on resume.
 
 Every function here except `shard` is a collective: all ranks call it, in the same order.
 """
@@ -101,6 +105,60 @@ class ShardedEMA:
                 full = shard
             target[name].copy_(full.to(target[name].device, target[name].dtype))
         ema.num_updates = self.num_updates
+
+    def dtensors(self) -> dict[str, torch.Tensor]:
+        """{name: this rank's shard as a DTensor of the parameter's full shape} (views, no copy), for DCP."""
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for name, p, shard in zip(self.names, self.params, self.shards):
+            out[name] = (DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                            run_check=False) if isinstance(p, DTensor) else shard)
+        return out
+
+    @torch.no_grad()
+    def load_dtensors(self, state: dict[str, torch.Tensor]) -> None:
+        for name, shard in zip(self.names, self.shards):
+            t = state[name]
+            shard.copy_(t.to_local() if hasattr(t, "to_local") else t)
+
+
+def sharded_state(model: nn.Module, opt: torch.optim.Optimizer, ema) -> dict[str, Any]:
+    """The DCP state of a run: {"model", "optim" (keyed by parameter name), "ema"}, every tensor this rank's
+    shard (a DTensor) under FSDP, a plain tensor otherwise. `ema`: ShardedEMA or vosr.ema.EMA. No copies."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    ema_state = ema.dtensors() if isinstance(ema, ShardedEMA) else dict(ema.module.named_parameters())
+    return {"model": msd, "optim": osd, "ema": ema_state}
+
+
+def save_sharded(model: nn.Module, opt: torch.optim.Optimizer, ema, path: str) -> None:
+    """Collective: each rank writes its shards to `path` (`__<rank>_0.distcp`; rank 0 also `.metadata`). The
+    ranks' paths may differ (each its own local folder; Ray Train merges the uploads into one checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(sharded_state(model, opt, ema), storage_writer=dcp.FileSystemWriter(path))
+
+
+@torch.no_grad()
+def load_sharded(model: nn.Module, opt: torch.optim.Optimizer, ema, storage_reader) -> None:
+    """Collective (when a process group exists): load a sharded checkpoint saved under any world size into this
+    run's model, optimizer and EMA, each rank reading only the pieces of its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from vosr.sharded import quiet_no_dist
+
+    state = sharded_state(model, opt, ema)
+    with quiet_no_dist():
+        dcp.load(state, storage_reader=storage_reader, no_dist=not torch.distributed.is_initialized())
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if isinstance(ema, ShardedEMA):
+        ema.load_dtensors(state["ema"])
+    else:
+        for name, p in ema.module.named_parameters():
+            p.copy_(state["ema"][name])
 
 
 def _options(**kw):

@@ -2,7 +2,8 @@
 
 resolve_run -> finished_summary (a finished run does nothing new) -> connect -> open_data -> start_tracking ->
 fit (Ray TorchTrainer; FailureConfig retries, resumes from the latest checkpoint in the run's storage) ->
-summarise -> (distill: register) -> finish (summary.json + done marker in the storage path, MLflow run closed).
+summarise -> export_final (FSDP: the sharded final checkpoint as one unsharded folder) -> (distill: register) ->
+finish (summary.json + done marker in the storage path, MLflow run closed).
 
 A re-submitted job with the same run name and storage path resumes by itself, and so do workers Ray Train
 restarts after a failure: rank 0 takes the latest complete checkpoint in the run's storage folder (or
@@ -202,6 +203,21 @@ def prune_checkpoints(cfg: Any, paths: RunPaths, result: Any, final_step: int) -
     return prune_untracked(paths.run_uri, paths.endpoint, tracked, cfg.train.keep_checkpoints, final_step)
 
 
+def export_final(paths: RunPaths, result: Any) -> str:
+    """An FSDP run's checkpoints are sharded (training/fsdp.py); serving, evaluation and the registry read one
+    unsharded folder. Export the final checkpoint to <run>/export_<step> (training/export.py, streamed, no
+    process group) and return its URI; "" when the final checkpoint is unsharded already (or none)."""
+    from training.export import export_checkpoint, is_sharded
+    from training.resume import checkpoint_step
+
+    uri = checkpoint_uri(paths, result.checkpoint)
+    if not uri or not is_sharded(uri, paths.endpoint):
+        return ""
+    dst = paths.file(f"export_{checkpoint_step(uri) or 0:08d}")
+    export_checkpoint(uri, dst, paths.endpoint)
+    return dst
+
+
 def finish(paths: RunPaths, summary: dict[str, Any], tracking_uri: str, run_id: str) -> None:
     from training.loop import DONE_MARKER
     from vosr.config import redact
@@ -259,6 +275,9 @@ def run_job(cfg: Any, job: str, after_fit=None) -> dict[str, Any]:
     summary = summarise(cfg, job, paths, result, run_id, time.perf_counter() - t0, start_step)
     summary["data"] = {k: v for k, v in data_info.items() if k != "metadata"}
     summary["pruned_checkpoints"] = prune_checkpoints(cfg, paths, result, summary["steps"])
+    summary["export_uri"] = export_final(paths, result)
+    if summary["export_uri"]:
+        timed("export")
     if after_fit is not None:
         summary.update(after_fit(summary, result, paths, tracking_uri, run_id) or {})
         timed("after_fit")

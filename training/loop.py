@@ -3,7 +3,7 @@
 Per worker: build the objective's model -> restore (the run's latest complete checkpoint, training/resume.py;
 else `train.init_from`) -> wrap for DDP/FSDP -> stream its data shard -> optimise (AdamW, clip, constant LR with
 warm-up, EMA, accumulation) -> log (rank 0, MLflow) -> validate (rank 0) -> checkpoint (rank 0 writes, every
-rank reports).
+rank reports; under FSDP every rank writes and uploads its own shards, `_checkpoint_sharded`).
 
 Randomness: each optimiser step of each rank draws from its own generator seeded by
 vosr.seeding.rank_seed(seed, rank, step) (METHOD.md s0: ranks never share a stream), so a resumed run draws the
@@ -201,6 +201,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     import ray.train
 
     from training.data import BatchStream
+    from training.export import is_sharded
     from training.objectives import make_objective
     from training.resume import checkpoint_name, open_checkpoint, write_manifest
     from training.tracking import RunLogger
@@ -233,10 +234,11 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     init_info: dict[str, Any] = {}
     resume = _resume_point(spec, rank, world, device)
     ckpt = open_checkpoint(resume[1], spec.get("endpoint", "")) if resume else None
-    if ckpt is not None:
+    sharded_ckpt = resume is not None and is_sharded(resume[1], spec.get("endpoint", ""))
+    if ckpt is not None and not sharded_ckpt:  # a sharded one is loaded after wrapping, shard by shard
         with ckpt.as_directory() as d:
             _load_weights(Path(d), model, ema)
-    elif tc.init_from:
+    elif ckpt is None and tc.init_from:
         init_info = init_from_checkpoint(objective, model, ema, tc.init_from)
 
     # --- stage: parallel wrapper and optimiser ---------------------------------------------------------------
@@ -249,7 +251,10 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         from training import fsdp as fsdp_utils
 
         step_ema = fsdp_utils.ShardedEMA(ema, model)
-    if ckpt is not None:
+    if sharded_ckpt:  # any world size and strategy: DCP reshards; each rank reads only the pieces it holds
+        position = _load_sharded(resume[1], spec.get("endpoint", ""), wrapped, opt, step_ema, device)
+        resumed_from = int(position["step"])
+    elif ckpt is not None:
         with ckpt.as_directory() as d:
             saved = load_train_state(str(d))
         if saved:
@@ -329,7 +334,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             progress = (mean.get("loss"), throughput, per_step * (tc.steps - step))
 
         val_due = tc.validate_every > 0 and step % tc.validate_every == 0
-        if fsdp and (is_ckpt or (tc.val_images > 0 and (val_due or step == tc.steps))):
+        if fsdp and tc.val_images > 0 and (val_due or step == tc.steps):
             step_ema.gather_into(ema)  # collective, on step-determined conditions only
         if validator is not None and (val_due or step == tc.steps):
             vm = validator.run(ema.module, step, logger)
@@ -338,17 +343,14 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         if is_ckpt:
             position = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch,
                         "samples": samples}
-            full = None
-            if fsdp:  # collective: rank 0 receives the unsharded model and optimizer state
-                from training import fsdp as fsdp_utils
-
-                full = fsdp_utils.full_state(wrapped, opt)
             metrics = {"step": step, "samples": samples, **{k: v for k, v in last.items()
                                                              if isinstance(v, (int, float)) and math.isfinite(v)}}
-            if rank == 0:
+            if fsdp:  # every rank writes and uploads its own shards; no rank gathers the full state
+                _checkpoint_sharded(spec, cfg, model, wrapped, opt, step_ema, position, metrics, rank, world)
+            elif rank == 0:
                 with tempfile.TemporaryDirectory(prefix="vosr-ckpt-") as tmp:
                     folder = Path(tmp)
-                    _save(folder, cfg, model, full, ema, opt, position, spec)
+                    _save(folder, cfg, model, ema, opt, position, spec)
                     write_manifest(folder)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                                      checkpoint_dir_name=checkpoint_name(step))
@@ -371,21 +373,55 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     stream.close()
 
 
-def _save(folder: Path, cfg, model: nn.Module, full: tuple[dict, dict] | None, ema, opt,
-          position: dict[str, Any], spec: dict[str, Any]) -> None:
+def _save(folder: Path, cfg, model: nn.Module, ema, opt, position: dict[str, Any], spec: dict[str, Any],
+          sharded: bool = False) -> None:
     """One resumable checkpoint in the method library's format plus optimiser/RNG/data position.
-    `full`: under FSDP, the gathered (model state, name-keyed optimizer state) of training/fsdp.full_state."""
+    `sharded`: only config.json and the position/RNG state (the weights and moments are in dcp/)."""
     from training.train_state import build_train_state
     from vosr.checkpoint import save_checkpoint
 
-    if full is not None:
-        import copy
-
-        model = copy.deepcopy(ema.module)  # an unsharded module of the same class and attributes
-        model.load_state_dict(full[0])
-        state = build_train_state(None, position, full_optimizer=full[1])
-    else:
-        state = build_train_state(opt, position)
-    save_checkpoint(str(folder), cfg, model, ema=ema.module,
+    state = build_train_state(None if sharded else opt, position)
+    save_checkpoint(str(folder), cfg, model, ema=None if sharded else ema.module,
                     extra={"job": spec["job"], "step": position["step"], "mlflow_run_id": spec.get("run_id", "")},
-                    train_state=state)
+                    train_state=state, sharded=sharded)
+
+
+def _checkpoint_sharded(spec: dict[str, Any], cfg, model: nn.Module, wrapped: nn.Module, opt, ema,
+                        position: dict[str, Any], metrics: dict[str, Any], rank: int, world: int) -> None:
+    """Collective FSDP checkpoint. Every rank writes its shards of the model, the AdamW moments and the EMA
+    (training/fsdp.save_sharded) into a local folder and reports it; Ray Train V2 uploads each rank's folder into
+    the same checkpoint_<step> (TrainContext.report syncs the name from rank 0, StorageContext.
+    persist_current_checkpoint copies the files) and registers it once every rank has reported. Rank 0 adds
+    config.json, the position/RNG state and the manifest of every rank's files, so training/resume.py counts the
+    folder complete only once all shards are in."""
+    import ray.train
+    import torch.distributed as dist
+
+    from training import fsdp as fsdp_utils
+    from training.resume import checkpoint_name, local_files, write_manifest
+    from vosr.sharded import DCP_DIR
+
+    with tempfile.TemporaryDirectory(prefix="vosr-ckpt-") as tmp:
+        folder = Path(tmp)
+        fsdp_utils.save_sharded(wrapped, opt, ema, str(folder / DCP_DIR))
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, local_files(folder))
+        if rank == 0:
+            _save(folder, cfg, model, None, None, position, spec, sharded=True)
+            write_manifest(folder, {k: v for files in everyone[1:] for k, v in files.items()})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=checkpoint_name(position["step"]))
+        if rank == 0:  # registered before any rank moves on (see the unsharded path)
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def _load_sharded(uri: str, endpoint: str, wrapped: nn.Module, opt, ema, device: torch.device) -> dict[str, Any]:
+    """Resume a sharded checkpoint into this run (any world size; FSDP, DDP or one worker): model, optimizer and
+    EMA from dcp/, then the RNG state; returns the data position."""
+    from training import fsdp as fsdp_utils
+    from training.train_state import restore_train_state
+    from vosr.checkpoint import load_train_state
+    from vosr.sharded import reader
+
+    fsdp_utils.load_sharded(wrapped, opt, ema, reader(uri, endpoint))
+    return restore_train_state(load_train_state(uri, endpoint), None, device)

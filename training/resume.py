@@ -37,12 +37,19 @@ def checkpoint_step(name: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-def write_manifest(folder: Path) -> None:
-    """Record every file of a finished local checkpoint folder with its size (call after writing, before upload)."""
+def local_files(folder: Path) -> dict[str, int]:
+    """{relative path: size} of the files under a local checkpoint folder (the manifest itself excluded)."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(folder: Path, other_ranks: dict[str, int] | None = None) -> None:
+    """Record every file of a finished local checkpoint folder with its size (call after writing, before upload).
+    `other_ranks`: the files other ranks upload into the same checkpoint (a sharded FSDP checkpoint), which the
+    folder is only complete with."""
+    files = {**(other_ranks or {}), **local_files(folder)}
+    (Path(folder) / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
 def complete_checkpoints(run_uri: str, endpoint: str = "") -> list[tuple[int, str]]:

@@ -4,6 +4,8 @@ No pickle anywhere: weights and optimiser tensors are safetensors, everything el
 resolved config (so `load_checkpoint` rebuilds the exact model), the preset, whether it is a student, the
 training grid, and `extra` (encoder identities with weight hashes, step, ...). It is written last, so a folder
 without it is an unfinished checkpoint. Local paths and s3:// URIs both work (vosr.storage).
+An FSDP run writes the sharded layout instead (config.json "layout": "dcp", weights and optimizer in dcp/,
+vosr/sharded.py); load_checkpoint reads both, and `python -m training.export` turns one into this layout.
 RoPE is never stored: it is recomputed from the grid, so `train_grid` / `train_resolution` on load rebuild it for
 another training grid (progressive 256 -> 512 stage, METHOD.md s5).
 """
@@ -20,6 +22,7 @@ from torch import nn
 
 from . import storage
 from .config.redact import redact
+from .sharded import DCP_DIR, LAYOUT
 
 FORMAT = "vosr-checkpoint"
 VERSION = 1
@@ -90,12 +93,16 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # --- save / load -----------------------------------------------------------------------------------------------
 
 def save_checkpoint(folder: str, cfg, model: nn.Module, ema: Any = None, extra: dict | None = None,
-                    train_state: dict | None = None, endpoint_url: str = "") -> dict[str, Any]:
+                    train_state: dict | None = None, endpoint_url: str = "", sharded: bool = False) -> dict[str, Any]:
     """Write a checkpoint folder; returns the config.json content. `ema`: vosr.ema.EMA, a module or a state dict.
-    `train_state`: nested dict of tensors and JSON values (e.g. {"optimizer": opt.state_dict(), "step": 10})."""
-    storage.write_bytes_atomic(storage.join(folder, MODEL_FILE), _state_bytes(_module_state(model)), endpoint_url)
-    files = [MODEL_FILE]
-    if ema is not None:
+    `train_state`: nested dict of tensors and JSON values (e.g. {"optimizer": opt.state_dict(), "step": 10}).
+    `sharded`: the weights are in the folder's dcp/ (vosr/sharded.py, written by every FSDP rank); only the
+    train state and config.json (layout "dcp") are written here, and `model` gives only its attributes."""
+    files = [DCP_DIR] if sharded else [MODEL_FILE]
+    if not sharded:
+        storage.write_bytes_atomic(storage.join(folder, MODEL_FILE), _state_bytes(_module_state(model)),
+                                   endpoint_url)
+    if ema is not None and not sharded:
         storage.write_bytes_atomic(storage.join(folder, EMA_FILE), _state_bytes(_module_state(ema)), endpoint_url)
         files.append(EMA_FILE)
     if train_state is not None:
@@ -116,6 +123,8 @@ def save_checkpoint(folder: str, cfg, model: nn.Module, ema: Any = None, extra: 
         "config": redact(cfg),             # no credentials in checkpoints (vosr.config.redact)
         "extra": redact(extra or {}),
     }
+    if sharded:
+        meta["layout"] = LAYOUT
     storage.write_bytes_atomic(storage.join(folder, CONFIG_FILE),
                                json.dumps(meta, indent=2, sort_keys=True).encode(), endpoint_url)
     return meta
@@ -133,6 +142,17 @@ def read_meta(folder: str, endpoint_url: str = "") -> dict[str, Any]:
     return meta
 
 
+def _weights_file(folder: str, use_ema: bool, meta: dict, endpoint_url: str) -> tuple[str, str]:
+    name = EMA_FILE if use_ema and EMA_FILE in meta.get("files", [EMA_FILE]) else MODEL_FILE
+    wpath = storage.join(folder, name)
+    if not storage.exists(wpath, endpoint_url):
+        if name == EMA_FILE:
+            name, wpath = MODEL_FILE, storage.join(folder, MODEL_FILE)
+        if not storage.exists(wpath, endpoint_url):
+            raise CheckpointError(f"{folder}: no weights file ({MODEL_FILE})")
+    return name, wpath
+
+
 def load_checkpoint(folder: str, use_ema: bool = True, device: str | torch.device = "cpu",
                     train_grid: int | None = None, train_resolution: int | None = None,
                     dtype: torch.dtype | None = None, endpoint_url: str = "") -> tuple[nn.Module, Any, dict]:
@@ -145,14 +165,15 @@ def load_checkpoint(folder: str, use_ema: bool = True, device: str | torch.devic
 
     meta = read_meta(folder, endpoint_url)
     cfg = config_from_dict(meta["config"])
-    name = EMA_FILE if use_ema and EMA_FILE in meta.get("files", [EMA_FILE]) else MODEL_FILE
-    wpath = storage.join(folder, name)
-    if not storage.exists(wpath, endpoint_url):
-        if name == EMA_FILE:
-            name, wpath = MODEL_FILE, storage.join(folder, MODEL_FILE)
-        if not storage.exists(wpath, endpoint_url):
-            raise CheckpointError(f"{folder}: no weights file ({MODEL_FILE})")
-    state = st_load(storage.read_bytes(wpath, endpoint_url))
+    if meta.get("layout") == LAYOUT:  # an FSDP run's sharded checkpoint: assembled from every rank's shards
+        from .sharded import read_tensors
+
+        name = "dcp:ema" if use_ema else "dcp:model"
+        wpath = storage.join(folder, DCP_DIR)
+        state = read_tensors(folder, name[4:], endpoint_url)
+    else:
+        name, wpath = _weights_file(folder, use_ema, meta, endpoint_url)
+        state = st_load(storage.read_bytes(wpath, endpoint_url))
     state = {k: v for k, v in state.items() if "rope" not in k and "freqs" not in k}
 
     grid = meta.get("train_grid") or None
