@@ -297,13 +297,22 @@ def spread_batches(blocks: Iterable[pa.Table], batch_size: int, buffer_size: int
     for a given block sequence and seed; rows are copied once, into their batch."""
     rng = np.random.default_rng(seed)
     buffer_size = max(int(buffer_size), batch_size)
-    n_cand = max(1, int(lookahead)) * batch_size
+    source = iter(blocks)
+    try:
+        yield from _spread(source, batch_size, buffer_size, rng, key, max(1, int(lookahead)) * batch_size)
+    finally:  # an epoch left early (a stream closed, a resume's skip) releases the dataset iterator at once
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+def _spread(source: Iterator[pa.Table], batch_size: int, buffer_size: int, rng: np.random.Generator, key: str,
+            n_cand: int) -> Iterator[pa.Table]:
     chunks: dict[int, pa.Table] = {}
     live: dict[int, int] = {}  # rows of each chunk still in the buffer
     s_chunk: list[int] = []  # the buffer's slots: chunk, row in chunk, image key
     s_row: list[int] = []
     s_key: list[Any] = []
-    source = iter(blocks)
     exhausted = False
     next_chunk = 0
     while True:
@@ -385,6 +394,7 @@ class BatchStream:
         self._it = None
 
     def _open_epoch(self, skip: int) -> None:
+        self.close()
         self._it = epoch_batches(self.shard, self.batch_size, self.shuffle_buffer, self.seed, self.rank,
                                  self.epoch, self.prefetch_batches)
         for _ in range(skip):
@@ -410,6 +420,9 @@ class BatchStream:
         return decode_batch(batch, self.device, self.meta)
 
     def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
         self._it = None
 
 
