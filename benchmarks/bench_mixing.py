@@ -7,7 +7,11 @@ keeps an image's variants out of one batch), at several data sizes.
     .venv/bin/python benchmarks/bench_mixing.py [--shards 16] [--images 64 256] [--variants 4] [--row-kb 8]
 
 The default sizes are 4,096 rows (2x the buffer) and 16,384 rows (8x the buffer: the buffer holds an eighth of
-the epoch, so a loader cannot look random just because the whole set fits in its buffer).
+the epoch, so a loader cannot look random just because the whole set fits in its buffer). Ray Data's block size
+is scaled to the rows as real feature rows scale it: a vosr-0.5b row is about 1.6 MiB (DINOv2-B tokens, 1024 x 768
+in float16, plus two 4x64x64 latents), so Ray's 128 MiB blocks hold about 80 rows; here the bench sets
+DataContext.target_max_block_size to 64 rows' bytes, one row group (with the default, 8 KiB rows would make one
+block of the whole set, which Ray's buffer would then shuffle in full, unlike training on real features).
 
 Per size it prints, for each loader and for random sampling (batches of 16 cut from a uniform random permutation
 of all rows, i.e. sampling without replacement from the whole set; simulated over 20 epochs, with the exact
@@ -39,11 +43,12 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.data import _SplitFilter, epoch_batches, mixed_shards_datasource  # noqa: E402
+from training.data import _SplitFilter, epoch_batches, read_mixed_shards  # noqa: E402
 
 BATCH = 16
 WINDOW = 8  # batches per window of the information-only pair count
 OLD_BUFFER = 64  # the unmixed loader's local buffer (the old train.shuffle_buffer)
+ROWS_PER_BLOCK = 64  # rows per Ray Data block, about what 128 MiB blocks of ~1.6 MiB real feature rows hold
 
 
 def write_shards(folder: Path, shards: int, images: int, variants: int, row_kb: int) -> list[str]:
@@ -120,8 +125,7 @@ def bench_size(folder: Path, args, images: int) -> bool:
         return ray.data.read_parquet(paths).map_batches(keep, batch_format="pyarrow")
 
     def mixed():
-        return ray.data.read_datasource(mixed_shards_datasource(paths, "", seed=0)).map_batches(
-            keep, batch_format="pyarrow")
+        return read_mixed_shards(paths, "", seed=0).map_batches(keep, batch_format="pyarrow")
 
     iters = {"unmixed": unmixed().streaming_split(1)[0], "mixed": mixed().streaming_split(1)[0]}
     results: dict[str, dict] = {k: {"t": 0.0, "rows": 0, "batches": [], "epochs": []} for k in iters}
@@ -189,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False,
              log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.target_max_block_size = ROWS_PER_BLOCK * (args.row_kb * 1024 + 64)
     ok = True
     try:
         with tempfile.TemporaryDirectory(prefix="vosr-bench-mixing-") as tmp:

@@ -160,7 +160,7 @@ def test_streamed_mixed_shards_feed_batches_of_many_shards_every_row_once_per_ep
     holds two variants of an image, batches draw on many shards, and the two epochs' orders differ."""
     import pyarrow.parquet as pq
 
-    from training.data import BatchStream, mixed_shards_datasource
+    from training.data import BatchStream, read_mixed_shards
 
     uris = []
     for s in range(8):  # 8 shards x 8 images x 4 variants, row groups of 16 rows
@@ -169,7 +169,7 @@ def test_streamed_mixed_shards_feed_batches_of_many_shards_every_row_once_per_ep
         path = tmp_path / f"shard-{s:05d}.parquet"
         pq.write_table(table, path, row_group_size=16)
         uris.append(str(path))
-    ds = ray_local.data.read_datasource(mixed_shards_datasource(uris, "", seed=0, group=8))
+    ds = read_mixed_shards(uris, "", seed=0, group=8)
     stream = BatchStream(ds.iterator(), 8, seed=0, rank=0, shuffle_buffer=64, device="cpu")
 
     def batch():
