@@ -1,24 +1,36 @@
 """Batch mixing of the training loader (issue 16): 16 feature-like shards, one source each, written sorted by
 (id, variant) with row groups of 64 rows, as precompute writes them; read into batches of 16 the old way (shards in
-file order, 64-row local buffer) and the mixed way (training/data.py: seeded per-epoch row-group order across
-shards, blocks spread by variant, 2000-sample buffer).
+file order, Ray's 64-row local shuffle buffer) and the mixed way (training/data.py: seeded per-epoch row-group
+order across shards, blocks spread by variant, then epoch_batches / spread_batches with a 2000-sample buffer that
+keeps an image's variants out of one batch), at several data sizes.
 
-    .venv/bin/python benchmarks/bench_mixing.py [--shards 16] [--images 256] [--variants 4] [--row-kb 8]
+    .venv/bin/python benchmarks/bench_mixing.py [--shards 16] [--images 64 256] [--variants 4] [--row-kb 8]
 
-The default set (16,384 rows) is 8x the 2000-sample buffer, so the buffer cannot hold the whole epoch (with a set
-that fits in it, any loader looks random).
+The default sizes are 4,096 rows (2x the buffer) and 16,384 rows (8x the buffer: the buffer holds an eighth of
+the epoch, so a loader cannot look random just because the whole set fits in its buffer). Ray Data's block size
+is scaled to the rows as real feature rows scale it: a vosr-0.5b row is about 1.6 MiB (DINOv2-B tokens, 1024 x 768
+in float16, plus two 4x64x64 latents), so Ray's 128 MiB blocks hold about 80 rows; here the bench sets
+DataContext.target_max_block_size to 64 rows' bytes, one row group (with the default, 8 KiB rows would make one
+block of the whole set, which Ray's buffer would then shuffle in full, unlike training on real features).
 
-Prints, for each loader and for random sampling (batches of a uniform random permutation, simulated):
-  - the mean number of distinct sources per batch of 16 (target: mixed within 10% of random);
-  - the same-image pair rate: mean number of pairs of rows of one image per batch (and the share of batches
-    holding one);
-then the loaders' samples/s over 2 epochs each (target: mixed >= 0.9x the unmixed loader), run alternately twice
-on one local Ray (2 CPUs) with the start-up excluded. CPU only.
+Per size it prints, for each loader and for random sampling (batches of 16 cut from a uniform random permutation
+of all rows, i.e. sampling without replacement from the whole set; simulated over 20 epochs, with the exact
+expectation beside it):
+  - distinct sources per batch of 16 (target: mixed within 10% of random);
+  - same-image pairs per batch: pairs of rows of one image in a batch, averaged over batches (target: mixed at
+    or below random's C(16,2) (K-1)/(N-1));
+  - for information only (no target), the same pair count in windows of 8 consecutive batches (128 rows): a
+    local buffer of B rows keeps an image's variants within about B rows of each other, while random sampling
+    spreads them over the epoch;
+  - the loaders' samples/s over --epochs epochs each (target: mixed >= 0.9x unmixed), epochs of the two loaders
+    alternated on one local Ray (2 CPUs), start-up excluded; and whether mixed epochs 1 and 2 differ in order.
+    CPU only; the stats above are over all the epochs run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -31,16 +43,19 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.data import _SplitFilter, batch_iter_kwargs, mixed_shards_datasource  # noqa: E402
+from training.data import _SplitFilter, epoch_batches, read_mixed_shards  # noqa: E402
 
 BATCH = 16
+WINDOW = 8  # batches per window of the information-only pair count
+OLD_BUFFER = 64  # the unmixed loader's local buffer (the old train.shuffle_buffer)
+ROWS_PER_BLOCK = 64  # rows per Ray Data block, about what 128 MiB blocks of ~1.6 MiB real feature rows hold
 
 
 def write_shards(folder: Path, shards: int, images: int, variants: int, row_kb: int) -> list[str]:
     rng = np.random.default_rng(0)
     paths = []
     for s in range(shards):
-        ids = [f"src{s:02d}_img{i:04d}" for i in range(images) for _ in range(variants)]
+        ids = [f"src{s:02d}_img{i:05d}" for i in range(images) for _ in range(variants)]
         var = [v for _ in range(images) for v in range(variants)]
         payload = [rng.bytes(row_kb * 1024) for _ in ids]
         table = pa.table({"id": ids, "variant": pa.array(var, pa.int32()), "source": [s] * len(ids),
@@ -51,104 +66,147 @@ def write_shards(folder: Path, shards: int, images: int, variants: int, row_kb: 
     return paths
 
 
-def batch_stats(batches: list[tuple[list[int], list[str]]]) -> tuple[float, float, float]:
-    distinct, pairs, any_pair = [], [], []
-    for sources, ids in batches:
-        distinct.append(len(set(sources)))
-        _, counts = np.unique(ids, return_counts=True)
-        p = int((counts * (counts - 1) // 2).sum())
-        pairs.append(p)
-        any_pair.append(p > 0)
-    return float(np.mean(distinct)), float(np.mean(pairs)), float(np.mean(any_pair))
+def pairs_in(ids: list) -> int:
+    _, counts = np.unique(np.asarray(ids), return_counts=True)
+    return int((counts * (counts - 1) // 2).sum())
 
 
-def random_batches(sources: np.ndarray, ids: np.ndarray, n: int, seed: int = 0):
+def batch_stats(batches: list[tuple[list[int], list[str]]]) -> dict[str, float]:
+    """Mean distinct sources and same-image pairs per batch, and pairs per window of WINDOW batches."""
+    windows = [sum((ids for _, ids in batches[i:i + WINDOW]), [])
+               for i in range(0, len(batches) - WINDOW + 1, WINDOW)]
+    return {"distinct": float(np.mean([len(set(s)) for s, _ in batches])),
+            "pairs": float(np.mean([pairs_in(ids) for _, ids in batches])),
+            "window_pairs": float(np.mean([pairs_in(w) for w in windows]))}
+
+
+def random_batches(sources: np.ndarray, ids: np.ndarray, epochs: int, seed: int = 0):
+    """Batches of a fresh uniform permutation of all rows per epoch: sampling without replacement."""
     rng = np.random.default_rng(seed)
     out = []
-    while len(out) < n:
+    for _ in range(epochs):
         perm = rng.permutation(len(ids))
-        for i in range(0, len(perm) - BATCH + 1, BATCH):
-            sel = perm[i:i + BATCH]
-            out.append((sources[sel].tolist(), ids[sel].tolist()))
-    return out[:n]
+        out += [(sources[perm[i:i + BATCH]].tolist(), ids[perm[i:i + BATCH]].tolist())
+                for i in range(0, len(perm) - BATCH + 1, BATCH)]
+    return out
 
 
-def run_loader(ds, buffer: int, epochs: int = 2) -> tuple[list, float, int]:
-    import ray  # noqa: F401
+def expected_random(n_rows: int, shards: int, variants: int) -> tuple[float, float]:
+    """Exact expectations for a batch of BATCH rows drawn without replacement from n_rows rows, shards equal
+    sources, images of `variants` rows: distinct sources (hypergeometric) and same-image pairs."""
+    per = n_rows // shards
+    p_absent = math.comb(n_rows - per, BATCH) / math.comb(n_rows, BATCH)
+    return shards * (1 - p_absent), math.comb(BATCH, 2) * (variants - 1) / (n_rows - 1)
 
-    it = ds.streaming_split(1)[0]
+
+def run_epoch(it, mixed: bool, buffer: int, epoch: int) -> tuple[list, float, int]:
+    """One epoch of a split iterator into batches of BATCH: (batches as (sources, ids), seconds, rows)."""
+    if mixed:  # the training path: BatchStream's epoch_batches
+        stream = epoch_batches(it, BATCH, buffer, seed=0, rank=0, epoch=epoch)
+    else:  # the old path: Ray's local shuffle buffer over the shards in file order
+        stream = it.iter_batches(batch_size=BATCH, batch_format="pyarrow", drop_last=True,
+                                 local_shuffle_buffer_size=OLD_BUFFER, local_shuffle_seed=epoch)
     batches, rows = [], 0
     t0 = time.perf_counter()
-    for epoch in range(epochs):
-        for b in it.iter_batches(**batch_iter_kwargs(BATCH, buffer, seed=0, rank=0, epoch=epoch)):
-            batches.append((b.column("source").to_pylist(), b.column("id").to_pylist()))
-            rows += b.num_rows
+    for b in stream:
+        batches.append((b.column("source").to_pylist(), b.column("id").to_pylist()))
+        rows += b.num_rows
     return batches, time.perf_counter() - t0, rows
+
+
+def bench_size(folder: Path, args, images: int) -> bool:
+    import ray
+
+    paths = write_shards(folder, args.shards, images, args.variants, args.row_kb)
+    n_rows = args.shards * images * args.variants
+    keep = _SplitFilter(0.0, keep_holdout=False)
+
+    def unmixed():
+        return ray.data.read_parquet(paths).map_batches(keep, batch_format="pyarrow")
+
+    def mixed():
+        return read_mixed_shards(paths, "", seed=0).map_batches(keep, batch_format="pyarrow")
+
+    iters = {"unmixed": unmixed().streaming_split(1)[0], "mixed": mixed().streaming_split(1)[0]}
+    results: dict[str, dict] = {k: {"t": 0.0, "rows": 0, "batches": [], "epochs": []} for k in iters}
+    ratios = []
+    for epoch in range(args.epochs):  # alternate epochs, so load drift on a shared machine hits both alike
+        sps = {}
+        for name, it in iters.items():
+            batches, dt, rows = run_epoch(it, name == "mixed", args.buffer, epoch)
+            r = results[name]
+            r["t"] += dt
+            r["rows"] += rows
+            r["batches"] += batches
+            r["epochs"].append([ids for _, ids in batches])
+            sps[name] = rows / dt
+        ratios.append(sps["mixed"] / sps["unmixed"])
+    for p in paths:
+        Path(p).unlink()
+
+    all_sources = np.repeat(np.arange(args.shards), images * args.variants)
+    all_ids = np.array([f"src{s:02d}_img{i:05d}" for s in range(args.shards) for i in range(images)
+                        for _ in range(args.variants)])
+    rnd = batch_stats(random_batches(all_sources, all_ids, epochs=20))
+    exp_distinct, exp_pairs = expected_random(n_rows, args.shards, args.variants)
+    print(f"\n== {args.shards} shards x {images} images x {args.variants} variants = {n_rows} rows "
+          f"({n_rows / args.buffer:.1f}x the {args.buffer}-sample buffer), {args.row_kb} KiB/row, batches of "
+          f"{BATCH}")
+    print(f"{'loader':<8} {'distinct sources/batch':>23} {'same-image pairs/batch':>23} "
+          f"{f'pairs/{WINDOW} batches (info)':>24} {'samples/s':>10}")
+    print(f"{'random':<8} {rnd['distinct']:>15.2f} (exp {exp_distinct:5.2f}) {rnd['pairs']:>14.4f} "
+          f"(exp {exp_pairs:.4f}) {rnd['window_pairs']:>24.2f} {'':>10}")
+    for name in ("unmixed", "mixed"):
+        r = results[name]
+        r["sps"] = r["rows"] / r["t"]
+        r["stats"] = st = batch_stats(r["batches"])
+        print(f"{name:<8} {st['distinct']:>23.2f} {st['pairs']:>23.4f} {st['window_pairs']:>24.2f} "
+              f"{r['sps']:>10.0f}")
+    m = results["mixed"]["stats"]
+    gap = (exp_distinct - m["distinct"]) / exp_distinct
+    ratio = results["mixed"]["sps"] / results["unmixed"]["sps"]
+    e0, e1 = results["mixed"]["epochs"][:2]
+    checks = [(f"mixed distinct sources {m['distinct']:.2f} vs random {exp_distinct:.2f}: "
+               f"{100 * gap:+.1f}% below (target: within 10%)", gap <= 0.10),
+              (f"mixed same-image pairs/batch {m['pairs']:.4f} vs random {exp_pairs:.4f} "
+               f"(target: at or below random)", m["pairs"] <= exp_pairs),
+              (f"mixed / unmixed samples/s: {ratio:.2f}x over {args.epochs} alternated epochs each (per-epoch "
+               f"ratios {' '.join(f'{x:.2f}' for x in ratios)}) (target: >= 0.9x)", ratio >= 0.9),
+              ("mixed epochs 1 and 2 differ in order", e0 != e1)]
+    for text, ok in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+    return all(ok for _, ok in checks)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", type=int, default=16)
-    ap.add_argument("--images", type=int, default=256, help="images per shard")
+    ap.add_argument("--images", type=int, nargs="+", default=[64, 256], help="images per shard, one run each")
     ap.add_argument("--variants", type=int, default=4, help="variants (K) per image")
     ap.add_argument("--row-kb", type=int, default=8, help="payload per row, KiB")
     ap.add_argument("--buffer", type=int, default=2000, help="mixed loader's shuffle buffer (samples)")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs per loader and size, alternated (>= 2)")
     args = ap.parse_args(argv)
 
     import ray
 
-    with tempfile.TemporaryDirectory(prefix="vosr-bench-mixing-") as tmp:
-        paths = write_shards(Path(tmp), args.shards, args.images, args.variants, args.row_kb)
-        n_rows = args.shards * args.images * args.variants
-        print(f"{args.shards} shards x {args.images} images x {args.variants} variants = {n_rows} rows of "
-              f"{args.row_kb} KiB; batches of {BATCH}")
-        ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False,
-                 log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        keep = _SplitFilter(0.0, keep_holdout=False)
-
-        def unmixed():
-            return ray.data.read_parquet(paths).map_batches(keep, batch_format="pyarrow"), 64
-
-        def mixed():
-            return (ray.data.read_datasource(mixed_shards_datasource(paths, "", seed=0))
-                    .map_batches(keep, batch_format="pyarrow"), args.buffer)
-
-        try:
-            run_loader(*unmixed(), epochs=1)  # warm-up: workers started, imports done
-            results: dict[str, dict] = {"unmixed": {"t": 0.0, "rows": 0}, "mixed": {"t": 0.0, "rows": 0}}
-            for _ in range(2):  # alternate, so load drift on a shared machine hits both alike
-                for name, make in (("unmixed", unmixed), ("mixed", mixed)):
-                    batches, dt, rows = run_loader(*make())
-                    r = results[name]
-                    r["t"] += dt
-                    r["rows"] += rows
-                    r["batches"] = batches
-        finally:
-            ray.shutdown()
-
-    all_sources = np.repeat(np.arange(args.shards), args.images * args.variants)
-    all_ids = np.array([f"src{s:02d}_img{i:04d}" for s in range(args.shards) for i in range(args.images)
-                        for _ in range(args.variants)])
-    rnd = batch_stats(random_batches(all_sources, all_ids, 4000))
-    print(f"{'loader':<10} {'distinct sources/batch':>23} {'same-image pairs/batch':>23} "
-          f"{'batches with a pair':>20} {'samples/s':>10}")
-    print(f"{'random':<10} {rnd[0]:>23.2f} {rnd[1]:>23.3f} {rnd[2]:>20.3f} {'':>10}")
-    for name in ("unmixed", "mixed"):
-        r = results[name]
-        st = batch_stats(r["batches"])
-        r["sps"] = r["rows"] / r["t"]
-        r["stats"] = st
-        print(f"{name:<10} {st[0]:>23.2f} {st[1]:>23.3f} {st[2]:>20.3f} {r['sps']:>10.0f}")
-    m = results["mixed"]
-    gap = (rnd[0] - m["stats"][0]) / rnd[0]
-    ratio = m["sps"] / results["unmixed"]["sps"]
-    e0 = [ids for _, ids in m["batches"][:n_rows // BATCH]]
-    e1 = [ids for _, ids in m["batches"][n_rows // BATCH:2 * (n_rows // BATCH)]]
-    print(f"mixed distinct sources vs random: {100 * gap:+.1f}% below (target: within 10%)")
-    print(f"mixed / unmixed samples/s: {ratio:.2f}x (target: >= 0.9x)")
-    print(f"mixed epochs 1 and 2 differ in order: {e0 != e1}")
-    return 0
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False,
+             log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.target_max_block_size = ROWS_PER_BLOCK * (args.row_kb * 1024 + 64)
+    ok = True
+    try:
+        with tempfile.TemporaryDirectory(prefix="vosr-bench-mixing-") as tmp:
+            warm = write_shards(Path(tmp), 2, 16, args.variants, 1)
+            run_epoch(ray.data.read_parquet(warm).streaming_split(1)[0], False, 0, 0)  # warm-up: workers, imports
+            for images in args.images:
+                ok &= bench_size(Path(tmp), args, images)
+    finally:
+        ray.shutdown()
+    print(f"\n{'ALL PASS' if ok else 'SOME FAIL'} ({time.perf_counter() - t0:.0f} s)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

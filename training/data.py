@@ -7,10 +7,12 @@ against the config, pipelines/feature_schema.check_compatible) or builds the onl
 Mixing (train.mix_shards, issue 16): shards are written sorted by (id, variant), one per curated source unit,
 so reading them in order gives one-source batches with an image's variants side by side. The training rows are
 read as the shards' row groups in a seeded order that changes every epoch, a block drawing on MIX_GROUP_UNITS
-shards with its rows spread by variant, then pass a local shuffle buffer of train.shuffle_buffer samples (2000,
-as the reference's). benchmarks/bench_mixing.py measures the result against random sampling.
+shards with its rows spread by variant, then pass each worker's shuffle buffer of train.shuffle_buffer samples
+(2000, as the reference's; spread_batches), which also keeps the K variants of an image out of one batch (a row
+group, hence a block, holds all variants of its images, so a plain buffer would pair them far more often than
+random sampling does). benchmarks/bench_mixing.py measures the result against random sampling; docs/mixing.md.
 Worker side: `BatchStream` iterates the worker's streaming-split shard (`ray.train.get_dataset_shard`) epoch after
-epoch with a per-(rank, epoch) local shuffle seed and counts its position (epoch, batch in epoch) for checkpoints;
+epoch with a per-(rank, epoch) buffer seed and counts its position (epoch, batch in epoch) for checkpoints;
 a resumed stream skips the batches its epoch had already consumed (the same count of batches; with mixing the
 skipped rows are those of the new execution's order, so a resumed epoch is complete in count, not row for row).
 """
@@ -18,6 +20,7 @@ skipped rows are those of the new execution's order, so a resumed epoch is compl
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -144,7 +147,19 @@ def mixed_shards_datasource(uris: list[str], endpoint: str, seed: int, group: in
                 tasks.append(ReadTask(_read_units_fn(spec, uris[0], endpoint, block_seed), meta))
             return tasks
 
-    return MixedShards()
+    source = MixedShards()
+    source.num_read_tasks = -(-len(units) // group)
+    return source
+
+
+def read_mixed_shards(uris: list[str], endpoint: str, seed: int, group: int = MIX_GROUP_UNITS):
+    """The Ray Dataset of mixed_shards_datasource, asking for exactly its read tasks: with fewer tasks than Ray's
+    default minimum of blocks (200), Ray would cut every task's output into many tiny blocks (4 rows each for a
+    4,096-row set, 5x slower to stream; benchmarks/bench_mixing.py)."""
+    import ray.data
+
+    source = mixed_shards_datasource(uris, endpoint, seed, group)
+    return ray.data.read_datasource(source, override_num_blocks=source.num_read_tasks)
 
 
 def derive_block_seed(seed: int, epoch: int, index: int) -> int:
@@ -221,7 +236,7 @@ def open_features(cfg: Any, mix: bool = False):
         tables = [pq.read_table(p, filesystem=fs) for p in paths]
         return tables, info
     if mix:
-        return ray.data.read_datasource(mixed_shards_datasource(files, tc.s3_endpoint_url, cfg.run.seed)), info
+        return read_mixed_shards(files, tc.s3_endpoint_url, cfg.run.seed), info
     return ray.data.read_parquet(paths, filesystem=fs), info
 
 
@@ -276,18 +291,100 @@ def decode_batch(batch: pa.Table | dict, device, meta: dict | None = None) -> di
             "ids": list(rows["id"])}
 
 
-def batch_iter_kwargs(batch_size: int, shuffle_buffer: int, seed: int, rank: int, epoch: int,
-                      prefetch_batches: int = 1) -> dict[str, Any]:
-    """iter_batches arguments of one worker's epoch: full micro-batches, a local shuffle buffer of
-    `shuffle_buffer` samples seeded per (rank, epoch)."""
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "batch_format": "pyarrow", "drop_last": True,
-                              "prefetch_batches": prefetch_batches}
-    if shuffle_buffer > 0:
-        from vosr.seeding import derive_seed
+SPREAD_LOOKAHEAD = 4  # candidate rows examined per batch, in batches: the bounded look-ahead of spread_batches
 
-        kwargs["local_shuffle_buffer_size"] = max(shuffle_buffer, batch_size)
-        kwargs["local_shuffle_seed"] = derive_seed(seed, "shuffle", rank, epoch) % 2**31
-    return kwargs
+
+def spread_batches(blocks: Iterable[pa.Table], batch_size: int, buffer_size: int, seed: int, key: str = "id",
+                   lookahead: int = SPREAD_LOOKAHEAD) -> Iterator[pa.Table]:
+    """Full batches of `batch_size` rows drawn at random from a shuffle buffer of `buffer_size` rows, with no two
+    rows of one image (`key` column) in a batch while the look-ahead finds another row.
+
+    The buffer fills from `blocks` (in their order) until it holds `buffer_size` rows, then each batch takes
+    `batch_size` rows chosen uniformly among up to `lookahead` x `batch_size` random candidates, skipping a
+    candidate whose image is already in the batch (if too few distinct ones turn up, the skipped candidates fill
+    the batch), and the buffer refills. At the end it drains; a last partial batch is dropped. A block read from
+    the feature shards holds all K variants of its images (a row group holds whole images), so a plain shuffle
+    buffer of B rows puts two rows of one image in a batch about C(batch, 2) (K-1) / B times per batch, far more
+    than random sampling over the whole set ((K-1) / (rows-1) per pair); this keeps it near zero. Deterministic
+    for a given block sequence and seed; rows are copied once, into their batch."""
+    rng = np.random.default_rng(seed)
+    buffer_size = max(int(buffer_size), batch_size)
+    source = iter(blocks)
+    try:
+        yield from _spread(source, batch_size, buffer_size, rng, key, max(1, int(lookahead)) * batch_size)
+    finally:  # an epoch left early (a stream closed, a resume's skip) releases the dataset iterator at once
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+def _spread(source: Iterator[pa.Table], batch_size: int, buffer_size: int, rng: np.random.Generator, key: str,
+            n_cand: int) -> Iterator[pa.Table]:
+    chunks: dict[int, pa.Table] = {}
+    live: dict[int, int] = {}  # rows of each chunk still in the buffer
+    s_chunk: list[int] = []  # the buffer's slots: chunk, row in chunk, image key
+    s_row: list[int] = []
+    s_key: list[Any] = []
+    exhausted = False
+    next_chunk = 0
+    while True:
+        while not exhausted and len(s_key) < buffer_size:
+            block = next(source, None)
+            if block is None:
+                exhausted = True
+                break
+            m = block.num_rows
+            if not m:
+                continue
+            cid, next_chunk = next_chunk, next_chunk + 1
+            chunks[cid], live[cid] = block, m
+            s_chunk.extend([cid] * m)
+            s_row.extend(range(m))
+            s_key.extend(block.column(key).to_pylist() if key in block.column_names else
+                         [(cid, r) for r in range(m)])
+        n = len(s_key)
+        if n < batch_size:
+            return
+        cand = rng.choice(n, size=min(n, n_cand), replace=False).tolist()
+        seen: set = set()
+        chosen: list[int] = []
+        skipped: list[int] = []
+        for c in cand:
+            if s_key[c] in seen:
+                skipped.append(c)
+                continue
+            seen.add(s_key[c])
+            chosen.append(c)
+            if len(chosen) == batch_size:
+                break
+        chosen += skipped[:batch_size - len(chosen)]
+        by_chunk: dict[int, list[int]] = {}
+        for c in chosen:
+            by_chunk.setdefault(s_chunk[c], []).append(s_row[c])
+        parts = [chunks[cid].take(pa.array(rows, pa.int64())) for cid, rows in by_chunk.items()]
+        for cid, rows in by_chunk.items():
+            live[cid] -= len(rows)
+            if not live[cid]:
+                del live[cid], chunks[cid]
+        for c in sorted(chosen, reverse=True):  # swap-remove: the last slot moves into the freed one
+            s_chunk[c], s_row[c], s_key[c] = s_chunk[-1], s_row[-1], s_key[-1]
+            s_chunk.pop()
+            s_row.pop()
+            s_key.pop()
+        yield parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="default")
+
+
+def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, rank: int, epoch: int,
+                  prefetch_batches: int = 1) -> Iterator[pa.Table]:
+    """One worker's epoch of full pyarrow micro-batches from its dataset shard: through spread_batches with a
+    buffer of `shuffle_buffer` samples seeded per (rank, epoch), or (0) in the shard's order."""
+    if shuffle_buffer <= 0:
+        return iter(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
+                                       prefetch_batches=prefetch_batches))
+    from vosr.seeding import derive_seed
+
+    blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches)
+    return spread_batches(blocks, batch_size, shuffle_buffer, derive_seed(seed, "shuffle", rank, epoch) % 2**63)
 
 
 class BatchStream:
@@ -309,9 +406,9 @@ class BatchStream:
         self._it = None
 
     def _open_epoch(self, skip: int) -> None:
-        kwargs = batch_iter_kwargs(self.batch_size, self.shuffle_buffer, self.seed, self.rank, self.epoch,
-                                   self.prefetch_batches)
-        self._it = iter(self.shard.iter_batches(**kwargs))
+        self.close()
+        self._it = epoch_batches(self.shard, self.batch_size, self.shuffle_buffer, self.seed, self.rank,
+                                 self.epoch, self.prefetch_batches)
         for _ in range(skip):
             next(self._it)
 
@@ -335,6 +432,9 @@ class BatchStream:
         return decode_batch(batch, self.device, self.meta)
 
     def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
         self._it = None
 
 

@@ -39,7 +39,8 @@ class TrainConfig:
     cpus_per_worker: float = option(1.0, "CPUs reserved per Ray Train worker (also its torch thread count on CPU).",
                                     gt=0)
     shuffle_buffer: int = option(2000, "Samples in each worker's local shuffle buffer (0 = none; the reference "
-                                 "mixes with a 2000-sample buffer).", ge=0)
+                                 "mixes with a 2000-sample buffer); batches draw from it at random and keep an "
+                                 "image's K variants out of one batch (docs/mixing.md).", ge=0)
     mix_shards: bool = option(True, "Mix batches: read the feature shards' row groups in a seeded order that "
                               "changes every epoch, each block drawing on many shards, rows spread by variant "
                               "(training/data.py).")
