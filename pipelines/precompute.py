@@ -54,7 +54,6 @@ def plan(cfg, start_ray=None) -> dict:
     if not files:
         raise FileNotFoundError(f"no curated shards under {storage.join(pcfg.input, curate_schema.SHARDS_DIR)}")
     out_dir = storage.join(pcfg.output, feature_schema.SHARDS_DIR)
-    storage.refresh_listing(out_dir, ep)
     finished = {_basename(f) for f in storage.list_files(out_dir, ".parquet", ep)}
     done = [f for f in files if _basename(f) in finished]
     pending = [f for f in files if _basename(f) not in finished]

@@ -154,7 +154,6 @@ def _inject_fault(spec: dict[str, Any], step: int, rank: int, world: int) -> Non
         return
     marker = storage.join(_storage_uri(spec), FAULT_MARKER.format(step=step))
     endpoint = spec.get("endpoint", "")
-    storage.refresh_listing(marker, endpoint)  # the marker may come from another process
     if storage.exists(marker, endpoint):
         return
     storage.write_bytes_atomic(marker, json.dumps({"step": step, "rank": rank, "time": time.time()}).encode(),

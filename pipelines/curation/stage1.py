@@ -63,7 +63,6 @@ _MARKER_NAME = re.compile(r"^([0-9a-f]+)\.retry$")
 def scan_stage1(output: str, endpoint_url: str = "") -> tuple[dict[str, int], set[str], list[str]]:
     """One listing of _stage1/: (latest ledger generation per finished block, blocks whose latest ledger has
     retryable rows, URIs of superseded ledger generations left by a killed run)."""
-    storage.refresh_listing(output, endpoint_url)
     found: dict[str, list[tuple[int, str]]] = {}
     markers: set[str] = set()
     for uri in storage.list_files(storage.join(output, STAGE1_DIR), endpoint_url=endpoint_url):
@@ -266,7 +265,6 @@ def run_unit(unit: Unit, key: str, ccfg, gen: int = -1, gates=None) -> dict:
     marker = stage1_uri(out, key, ".retry")
     if gen < 0:
         shard = ledger_uri(out, key)
-        storage.refresh_listing(shard, ep)
         if storage.exists(shard, ep):
             return {"unit": key, "skipped": True, "stats": "", "retried": 0, "changed": False}
     ccfg, scale = _lighter_after_kills(ccfg, key)

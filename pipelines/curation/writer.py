@@ -72,7 +72,6 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
     unit = group["unit"][0].as_py()
     target = shard_uri(output, unit)
     stats_uri = shard_uri(output, unit, ".stats.json")
-    storage.refresh_listing(target, endpoint_url)
     if storage.exists(target, endpoint_url) and storage.exists(stats_uri, endpoint_url):
         stats = storage.read_bytes(stats_uri, endpoint_url).decode()
         if json.loads(stats).get("fingerprint") == fingerprint:
