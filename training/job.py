@@ -47,7 +47,6 @@ def resolve_run(cfg: Any) -> RunPaths:
 
 
 def _read_json(uri: str, endpoint: str) -> dict[str, Any] | None:
-    storage.refresh_listing(uri, endpoint)  # markers come from Ray workers and earlier submissions
     if not storage.exists(uri, endpoint):
         return None
     return json.loads(storage.read_bytes(uri, endpoint))
@@ -241,7 +240,8 @@ def fail_tracking(tracking_uri: str, run_id: str) -> None:
 
 
 def run_job(cfg: Any, job: str, after_fit=None) -> dict[str, Any]:
-    """The whole driver for `job` ("pretrain" or "distill"). `after_fit(summary, result, paths)` may add keys."""
+    """The whole driver for `job` ("pretrain" or "distill"). `after_fit(summary, result, paths, tracking_uri,
+    run_id)` may return keys to add to the summary."""
     from training.data import training_datasets
 
     stage_s: dict[str, float] = {}

@@ -78,8 +78,9 @@ class FlowConfig:
     steps: int = option(25, "Euler steps of the multi-step sampler (docs/method.md s6: 25).", ge=1)
     schedule: str = option("linear", "Time schedule of the sampler: linear (default) or cosine.",
                            choices=["linear", "cosine"])
-    guidance_scale: float = option(0.5, "Guidance s in v = v_w + s (v_c - v_w). Explicit per preset "
-                                   "(docs/method.md s0); README presets: -0.5 RealSR, 0.5 ScreenSR. s=1: full "
+    guidance_scale: float = option(0.5, "Guidance s in v = v_w + s (v_c - v_w). The same default for "
+                                   "every preset (the presets set no flow keys; docs/method.md s0); set it per "
+                                   "run: the paper's README uses -0.5 for RealSR, 0.5 for ScreenSR. s=1: full "
                                    "branch, s=0: partial.")
     weak_strength: float = option(0.15, "Weak-branch LR strength w at multi-step inference (docs/method.md s6: 0.15, "
                                   "a working option here).", ge=0, le=1)
