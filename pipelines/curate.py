@@ -3,7 +3,8 @@
     python pipelines/curate.py --config configs/curate/local.yaml [--set curate.output=...]
     ray job submit --working-dir . -- python pipelines/curate.py --config configs/curate/urls.yaml
 
-Stages (each a named step below; Ray Data throughout, only counters reach the driver):
+Stages (each a named step below; plain Ray tasks for stage 1 and stage 2's partition passes, Ray Data for
+embedding, balance and write; only counters and summaries reach the driver):
   plan      sources -> input blocks (byte/row ranges of URL lists, runs of files), each named by a hash
   stage 1   per block: fetch -> safe decode -> filters -> hashes/embedding -> ledger shard (skipped if present)
   dedup     exact (pixel sha256 group-by) + near (banded-LSH group-by on pHash) -> edges -> components
@@ -339,7 +340,6 @@ def remove_stale_shards(ccfg, keys: list[str]) -> int:
     marker, written last: a shard without one was cut off by a kill; the writer makes it again)."""
     ep = ccfg.s3_endpoint_url
     want = {f"part-{k}" for k in keys}
-    storage.refresh_listing(ccfg.output, ep)
     removed = 0
     files = storage.list_files(storage.join(ccfg.output, SHARDS_DIR), endpoint_url=ep)
     present = set(files)
@@ -392,17 +392,24 @@ def run(cfg) -> dict:
     raise AssertionError("unreachable")
 
 
-# Ray errors that mean "part of the cluster went away", not "this job's code failed". Ray Data may hand them over
-# wrapped (e.g. as an UnserializableException that carries the original's text), hence the names as well.
+# Ray errors that mean "part of the cluster went away", not "this job's code failed": matched by type
+# (ray.exceptions). Ray Data may hand them over wrapped in an exception that keeps only the original's text
+# ("... Original exception: ray.exceptions.ActorDiedError: ..."), so a message naming one of them counts too.
 _LOST = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ObjectLostError", "OwnerDiedError",
-         "ActorUnavailableError", "LocalRayletDiedError", "node has died")
+         "ActorUnavailableError", "LocalRayletDiedError")
 
 
 def lost_cluster_resource(exc: BaseException) -> bool:
+    import ray.exceptions
+
+    types = tuple(getattr(ray.exceptions, name) for name in _LOST if hasattr(ray.exceptions, name))
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if any(name in type(exc).__name__ or name in str(exc) for name in _LOST):
+        if isinstance(exc, types):
+            return True
+        text = str(exc)  # a wrapped one names its original as ray.exceptions.<Name>
+        if "node has died" in text or any(f"ray.exceptions.{name}" in text for name in _LOST):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
