@@ -58,6 +58,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.config import BackpressureConfig  # noqa: E402
 
+from vosr.choices import COLOR_FIXES, MODES  # noqa: E402
+
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
@@ -187,10 +189,9 @@ def parse_query(params, serve_cfg) -> dict[str, Any]:
         raise ServeError(422, "bad_option", f"tile={tile} must be 0 (off) or >= {serve_cfg.min_tile} pixels")
     if tile and out.get("tile_overlap", 0) > tile // 2:
         raise ServeError(422, "bad_option", f"tile_overlap={out['tile_overlap']} exceeds half the tile ({tile // 2})")
-    if "mode" in out and out["mode"] not in ("onestep", "multistep"):
-        raise ServeError(422, "bad_option", f"mode={out['mode']!r}; valid: ['onestep', 'multistep']")
-    if "color_fix" in out and out["color_fix"] not in ("adain", "wavelet", "none"):
-        raise ServeError(422, "bad_option", f"color_fix={out['color_fix']!r}; valid: ['adain', 'wavelet', 'none']")
+    for field, valid in (("mode", MODES), ("color_fix", COLOR_FIXES)):
+        if field in out and out[field] not in valid:
+            raise ServeError(422, "bad_option", f"{field}={out[field]!r}; valid: {list(valid)}")
     return out
 
 

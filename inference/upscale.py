@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from vosr.choices import COLOR_FIXES, MODES  # noqa: E402
 from vosr.imageio import IMAGE_SUFFIXES  # noqa: E402  (the one list of decoded formats)
 
 
@@ -38,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config (e.g. configs/upscale/tiny.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder or models:/name/version")
-    p.add_argument("--mode", choices=["onestep", "multistep"], default=None)
+    p.add_argument("--mode", choices=MODES, default=None)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the mode's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance s (multi-step)")
     p.add_argument("--weak-strength", type=float, default=None, help="weak-branch strength w (multi-step)")
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (0 = off)")
     p.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in pixels")
-    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None)
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default=None)
     p.add_argument("--upscale", type=int, default=None, help="upscale factor (default 4)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)

@@ -27,12 +27,10 @@ import torch
 from PIL import Image
 
 from vosr import flow
+from vosr.choices import MODES, SCHEDULES
 from vosr.colorfix import COLOR_FIXES, color_fix
 from vosr.seeding import derive_seed
 from vosr.tiling import TiledVelocity, ceil_to, reflect_pad, tile_count, tile_grid
-
-MODES = ("onestep", "multistep")
-SCHEDULES = ("linear", "cosine")
 
 
 @dataclass(frozen=True)

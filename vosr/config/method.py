@@ -1,12 +1,13 @@
 """Configuration sections of the method library: backbone, encoders, flow matching, distillation, degradation.
 
-Constants cite METHOD.md (shared design notes, read against the reference code) or the paper (VOSR, arXiv).
+Constants cite docs/method.md (the method as this repository implements it) or the paper (VOSR, arXiv).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..choices import SCHEDULES
 from .schema import ConfigError, option
 
 
@@ -77,7 +78,7 @@ class FlowConfig:
     lr_aug_sigma: float = option(1.0, "Std of the normal inside the sigmoid of the LR noise augmentation.", ge=0)
     steps: int = option(25, "Euler steps of the multi-step sampler (docs/method.md s6: 25).", ge=1)
     schedule: str = option("linear", "Time schedule of the sampler: linear (default) or cosine.",
-                           choices=["linear", "cosine"])
+                           choices=list(SCHEDULES))
     guidance_scale: float = option(0.5, "Guidance s in v = v_w + s (v_c - v_w). The same default for "
                                    "every preset (the presets set no flow keys; docs/method.md s0); set it per "
                                    "run: the paper's README uses -0.5 for RealSR, 0.5 for ScreenSR. s=1: full "
