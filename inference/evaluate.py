@@ -575,9 +575,9 @@ def _run(cfg, out: Path, final: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vosr.jobargs import parse_job_args
+    from jobkit.args import parse_job_args
 
-    cfg, _ = parse_job_args("VOSR evaluation: PSNR/SSIM-Y (+ pyiqa), Table 1 and the guidance sweep.", argv,
+    cfg, _ = parse_job_args(__doc__, argv,
                             writes=["eval.output"])
     try:
         summary = run(cfg)

@@ -644,14 +644,14 @@ def default_request(path: Path, size: int = 256, scale: int = 4) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vosr.jobargs import job_parser, parse_job_args
+    from jobkit.args import job_parser, parse_job_args
 
-    p = job_parser(__doc__.split("\n")[0])
+    p = job_parser(__doc__)
     p.add_argument("--smoke", metavar="OUT_PNG", default=None,
                    help="start, upscale one image (--image), save the answer here, stop")
     p.add_argument("--image", default=None,
                    help="LR image for --smoke (default: a 64 px bicubic x1/4 of a shipped photo's centre crop)")
-    cfg, args = parse_job_args(__doc__.split("\n")[0], argv, parser=p)
+    cfg, args = parse_job_args(__doc__, argv, parser=p)
     started = _ray_init(cfg)
     try:
         if args.smoke:

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """CLI flags become config overrides, but only those actually given (METHOD.md s9.2: the reference let
+    """CLI flags become config overrides, but only those actually given (docs/method.md s9.2: the reference let
     every CLI default silently override the stored configuration)."""
     pairs = [("inference.checkpoint", args.checkpoint), ("inference.mode", args.mode),
              ("flow.guidance_scale", args.guidance), ("flow.weak_strength", args.weak_strength),

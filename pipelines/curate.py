@@ -7,7 +7,8 @@ Stages (each a named step below; plain Ray tasks for stage 1 and stage 2's parti
 embedding, balance and write; only counters and summaries reach the driver):
   plan      sources -> input blocks (byte/row ranges of URL lists, runs of files), each named by a hash
   stage 1   per block: fetch -> safe decode -> filters -> hashes/embedding -> ledger shard (skipped if present)
-  dedup     exact (pixel sha256 group-by) + near (banded-LSH group-by on pHash) -> edges -> components
+  dedup     exact copies + near duplicates (pHash within curate.dedup.hamming, exact multi-index hashing in
+            hash-partition passes; curation/dedup.py) -> edges -> connected components
   embed     (balance.embedding=semantic) CLS vectors of the semantic encoder, one encoder per actor
   balance   category from the list, else k-means on the embedding; cap each category at t (seeded)
   write     per block: final shard (CURATED_SCHEMA) + stats JSON, atomically; summary.json at the root
@@ -540,10 +541,10 @@ def _track(cfg, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobkit.args import parse_job_args
     from vosr.config import redact
-    from vosr.jobargs import parse_job_args
 
-    cfg, _ = parse_job_args("Curate web images into Parquet shards (Ray Data).", argv,
+    cfg, _ = parse_job_args(__doc__, argv,
                             writes=["curate.output"])
     summary = run(cfg)
     print(json.dumps(redact(summary), indent=1))

@@ -5,7 +5,7 @@
         tensors = decode_feature_rows(batch, online_metadata(cfg))
 
 Same stage functions as pipelines/precompute.py (read_curated -> make_pairs -> Encoder), so for the same ids,
-variants and global seed both modes give identical degraded bytes and equal encodings (METHOD.md s0). A training
+variants and global seed both modes give identical degraded bytes and equal encodings (docs/method.md s0). A training
 loop that wants fresh degradations every epoch passes `variants=range(e * K, (e + 1) * K)`.
 """
 

@@ -260,10 +260,10 @@ def log_mlflow(cfg, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobkit.args import parse_job_args
     from vosr.config import redact
-    from vosr.jobargs import parse_job_args
 
-    cfg, _ = parse_job_args("Precompute VOSR features (HR latents, K LR variants with semantic tokens).", argv,
+    cfg, _ = parse_job_args(__doc__, argv,
                             writes=["precompute.output"])
     try:
         summary = run(cfg)

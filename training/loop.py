@@ -6,7 +6,7 @@ warm-up, EMA, accumulation) -> log (rank 0, MLflow) -> validate (rank 0) -> chec
 rank reports; under FSDP every rank writes and uploads its own shards, `_checkpoint_sharded`).
 
 Randomness: each optimiser step of each rank draws from its own generator seeded by
-vosr.seeding.rank_seed(seed, rank, step) (METHOD.md s0: ranks never share a stream), so a resumed run draws the
+vosr.seeding.rank_seed(seed, rank, step) (docs/method.md s0: ranks never share a stream), so a resumed run draws the
 same numbers it would have drawn without the interruption.
 """
 
@@ -47,7 +47,7 @@ class ModelCall:
 
 
 def local_micro_batch(global_batch: int, world: int, accum: int) -> int:
-    """The global batch is split across workers and accumulation micro-steps (METHOD.md s5: global batch)."""
+    """The global batch is split across workers and accumulation micro-steps (docs/method.md s5: global batch)."""
     if global_batch % (world * accum):
         raise ValueError(f"train.batch_size {global_batch} must be divisible by num_workers x grad_accum "
                          f"({world} x {accum})")
@@ -55,7 +55,7 @@ def local_micro_batch(global_batch: int, world: int, accum: int) -> int:
 
 
 def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    """Constant LR after an optional linear warm-up (METHOD.md s5: constant_with_warmup, 0 warm-up)."""
+    """Constant LR after an optional linear warm-up (docs/method.md s5: constant_with_warmup, 0 warm-up)."""
     if warmup > 0 and step <= warmup:
         return base_lr * step / warmup
     return base_lr
@@ -70,7 +70,7 @@ def _device(use_gpu: bool) -> torch.device:
 
 
 def _autocast(device: torch.device):
-    # METHOD.md s5: bf16 autocast for the DiT with fp32 master weights on GPU; plain fp32 on CPU.
+    # docs/method.md s5: bf16 autocast for the DiT with fp32 master weights on GPU; plain fp32 on CPU.
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -97,21 +97,21 @@ def _no_sync(wrapped: nn.Module, fsdp: bool):
 
 
 def make_optimizer(params, tc) -> torch.optim.Optimizer:
-    """METHOD.md s5: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01 on all parameters (one group, no
+    """docs/method.md s5: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01 on all parameters (one group, no
     exclusions)."""
     return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.adam_eps,
                              weight_decay=tc.weight_decay)
 
 
 def init_from_checkpoint(objective, model: nn.Module, ema, folder: str) -> dict[str, Any]:
-    """`train.init_from`: load another run's weights, then re-initialise the EMA from them (METHOD.md s5)."""
+    """`train.init_from`: load another run's weights, then re-initialise the EMA from them (docs/method.md s5)."""
     info = objective.init_from(model, folder)
     ema.reset(model)
     return info
 
 
 def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, ema, grad_clip: float, fsdp: bool = False):
-    """Global-norm clip (METHOD.md s5: 1.0), AdamW step, zero grads, one EMA update (every optimiser step).
+    """Global-norm clip (docs/method.md s5: 1.0), AdamW step, zero grads, one EMA update (every optimiser step).
     `ema`: vosr.ema.EMA, or under FSDP training/fsdp.ShardedEMA (local shards, no communication).
     Returns the pre-clip gradient norm (a float under FSDP, a tensor otherwise)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # DTensors under FSDP2

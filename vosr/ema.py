@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's parameters (METHOD.md s5: decay 0.9999, every optimiser step,
+"""Exponential moving average of a model's parameters (docs/method.md s5: decay 0.9999, every optimiser step,
 over named_parameters; re-initialised from the weights after loading a pretrained checkpoint)."""
 
 from __future__ import annotations

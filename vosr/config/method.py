@@ -106,9 +106,9 @@ class DistillConfig:
     onestep_steps: int = option(1, "Steps of the few-step student sampler at inference (1 = one-step).", ge=1)
 
 
-_SIZES = [7, 9, 11, 13, 15, 17, 19, 21]  # Real-ESRGAN kernel_range: odd sizes 7..21 (METHOD.md s1)
+_SIZES = [7, 9, 11, 13, 15, 17, 19, 21]  # Real-ESRGAN kernel_range: odd sizes 7..21 (docs/method.md s1)
 _FAMILIES = ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
-_FAMILY_PROBS = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # METHOD.md s1 random_mixed_kernels
+_FAMILY_PROBS = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # docs/method.md s1 random_mixed_kernels
 
 
 def _check_probs(name: str, probs: list[float], n: int) -> None:
@@ -125,7 +125,7 @@ def _check_range(name: str, rng: list[float]) -> None:
 
 @dataclass
 class RealESRGANConfig:
-    """Every constant of the second-order Real-ESRGAN x4 degradation (METHOD.md s1, params_realsr.yml)."""
+    """Every constant of the second-order Real-ESRGAN x4 degradation (docs/method.md s1, params_realsr.yml)."""
 
     kernel_sizes: list[int] = option(_SIZES, "Odd blur/sinc kernel sizes drawn uniformly (docs/method.md s1: 7..21).")
     kernel_pad_to: int = option(21, "Every kernel is zero-padded to this size (docs/method.md s1: 21).", ge=1)

@@ -1,4 +1,5 @@
-"""Shared command-line front of every job: `--config FILE` plus repeated `--set section.key=value`."""
+"""Shared command-line front of every job: `--config FILE` plus repeated `--set section.key=value`; the job's
+module docstring (its stages, top to bottom) is its --help text."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from vosr.config import Config, ConfigError, load_config
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def job_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def job_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=False, default=None, help="YAML config file (see `vosr config --explain`)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one key; repeatable")
