@@ -32,12 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vosr.imageio import IMAGE_SUFFIXES  # the one list of decoded formats
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from vosr.imageio import IMAGE_SUFFIXES  # noqa: E402  (the one list of decoded formats)
-
 # Table 1 column order of the paper: (column title, metric key, higher is better, full-reference)
 TABLE_COLUMNS = [
     ("PSNR↑", "psnr", True), ("SSIM↑", "ssim", True), ("LPIPS↓", "lpips", False),

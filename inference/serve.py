@@ -49,17 +49,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.config import BackpressureConfig
+
+from vosr.choices import COLOR_FIXES, MODES
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
-from ray import serve  # noqa: E402
-from ray.serve.config import BackpressureConfig  # noqa: E402
-
-from vosr.choices import COLOR_FIXES, MODES  # noqa: E402
-
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
@@ -583,7 +580,7 @@ def _ray_init(cfg) -> bool:
         kwargs["num_cpus"] = cfg.run.ray.num_cpus
     if cfg.run.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.run.ray.object_store_memory_mb * 2**20
-    start_local_ray({"PYTHONPATH": str(ROOT)}, **kwargs)  # dashboard-less, quiet workers (pipelines/ray_env.py)
+    start_local_ray(None, **kwargs)  # dashboard-less, quiet workers (pipelines/ray_env.py)
     return True
 
 

@@ -15,13 +15,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from vosr.choices import COLOR_FIXES, MODES
+from vosr.imageio import IMAGE_SUFFIXES  # the one list of decoded formats
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from vosr.choices import COLOR_FIXES, MODES  # noqa: E402
-from vosr.imageio import IMAGE_SUFFIXES  # noqa: E402  (the one list of decoded formats)
-
 
 def list_inputs(src: Path) -> list[Path]:
     if src.is_file():

@@ -21,29 +21,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, SUMMARY_FILE
+from pipelines.curation import balance, dedup, politeness, writer
+from pipelines.curation.raytools import column_sums, partitions
+from pipelines.curation.semantic_embed import ClsEmbedder, check_semantic_weights
+from pipelines.curation.sources import Unit, plan_units
+from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1, stage1_peak_bytes
+from vosr import storage
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, SUMMARY_FILE  # noqa: E402
-from pipelines.curation import balance, dedup, politeness, writer  # noqa: E402
-from pipelines.curation.raytools import column_sums, partitions  # noqa: E402
-from pipelines.curation.semantic_embed import ClsEmbedder, check_semantic_weights  # noqa: E402
-from pipelines.curation.sources import Unit, plan_units  # noqa: E402
-from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1, stage1_peak_bytes  # noqa: E402
-from vosr import storage  # noqa: E402
-
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
                   "list_category", "embedding", "fidelity", "sharpness"]
 
@@ -377,8 +372,6 @@ def run(cfg) -> dict:
     semantic = ccfg.balance.enabled and ccfg.balance.embedding == "semantic"
     if semantic:
         check_semantic_weights(cfg.semantic)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "")
-                                                               .split(os.pathsep) if p])
     init_ray(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True

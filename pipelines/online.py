@@ -11,14 +11,10 @@ loop that wants fresh degradations every epoch passes `variants=range(e * K, (e 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines import curate_schema, feature_schema  # noqa: E402
-from pipelines.feature_stages import degrade_and_encode, read_curated, strip_helpers  # noqa: E402
+from pipelines import curate_schema, feature_schema
+from pipelines.feature_stages import degrade_and_encode, read_curated, strip_helpers
 
 
 def online_metadata(cfg) -> dict:

@@ -24,13 +24,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines import curate_schema, feature_schema, feature_writer  # noqa: E402
-from pipelines.feature_stages import degrade_and_encode, read_curated  # noqa: E402
-from vosr import storage  # noqa: E402
+from pipelines import curate_schema, feature_schema, feature_writer
+from pipelines.feature_stages import degrade_and_encode, read_curated
+from vosr import storage
 
 
 class FaultInjected(RuntimeError):

@@ -43,3 +43,15 @@ def test_the_console_script_and_the_module_give_the_same_exit_code_and_error():
                                 text=True, timeout=120)
     assert via_cli.returncode == via_module.returncode == 2
     assert "no_such_key" in via_cli.stderr and via_cli.stderr == via_module.stderr
+
+
+def test_no_library_or_job_module_edits_the_import_path():
+    """The packages are installed (make setup, the image: pip install -e), and `ray job submit --working-dir .`
+    puts the working dir on the entrypoint's and workers' PYTHONPATH, so no module edits sys.path or PYTHONPATH."""
+    offenders = []
+    for pkg in ("vosr", "pipelines", "training", "inference", "jobkit", "demo"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            text = f.read_text()
+            if "sys.path" in text or "PYTHONPATH" in text:
+                offenders.append(str(f.relative_to(ROOT)))
+    assert not offenders, offenders

@@ -14,15 +14,12 @@ summarise (prune checkpoints; an FSDP run exports its sharded final checkpoint) 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobkit.args import parse_job_args  # noqa: E402
-from training.job import run_job  # noqa: E402
-from vosr.config import redact  # noqa: E402
+from jobkit.args import parse_job_args
+from training.job import run_job
+from vosr.config import redact
 
 
 def _register(cfg):

@@ -14,7 +14,6 @@ not enough after a node loss.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +70,6 @@ def finished_summary(paths: RunPaths) -> dict[str, Any] | None:
 def connect(cfg: Any) -> None:
     from pipelines.ray_env import init_ray
 
-    # A locally started Ray inherits this environment, so workers can import the project.
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(REPO_ROOT) not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *parts])
     init_ray(cfg)
     import ray.data
 
@@ -118,14 +113,6 @@ def _storage_filesystem(paths: RunPaths):
     return None, paths.storage_uri
 
 
-def _worker_env() -> dict[str, Any] | None:
-    import ray
-
-    if "working_dir" in (ray.get_runtime_context().runtime_env or {}):
-        return None  # `ray job submit --working-dir .` already ships the project to every worker
-    return {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
-
-
 def fit(cfg: Any, job: str, paths: RunPaths, datasets: dict[str, Any], tracking_uri: str, run_id: str,
         feature_meta: dict | None = None):
     import ray.train
@@ -141,8 +128,7 @@ def fit(cfg: Any, job: str, paths: RunPaths, datasets: dict[str, Any], tracking_
     run_config = ray.train.RunConfig(
         name=paths.name, storage_path=storage_path, storage_filesystem=fs,
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-        worker_runtime_env=_worker_env())
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=spec,
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
