@@ -561,29 +561,6 @@ def config_from_env():
     return load_config(os.environ.get("VOSR_CONFIG") or None, overrides)
 
 
-def _ray_init(cfg) -> bool:
-    """Join a cluster (RAY_ADDRESS / run.ray.address) or start a local Ray; True when started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.run.ray.address or os.environ.get("RAY_ADDRESS"):
-        from pipelines.ray_env import init_ray
-
-        init_ray(cfg)
-        return False
-    # address="local": a new instance with our caps, even when another local cluster's address file exists
-    from pipelines.ray_env import start_local_ray
-
-    kwargs: dict[str, Any] = {}
-    if cfg.run.ray.num_cpus:
-        kwargs["num_cpus"] = cfg.run.ray.num_cpus
-    if cfg.run.ray.object_store_memory_mb:
-        kwargs["object_store_memory"] = cfg.run.ray.object_store_memory_mb * 2**20
-    start_local_ray(None, **kwargs)  # dashboard-less, quiet workers (pipelines/ray_env.py)
-    return True
-
-
 def start(cfg, blocking: bool = False) -> str:
     """Start Serve on serve.host:serve.port and deploy the app; returns its base URL. The app is built (and a
     public bind without a key refused) before anything listens."""
@@ -642,6 +619,7 @@ def default_request(path: Path, size: int = 256, scale: int = 4) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from jobkit.args import job_parser, parse_job_args
+    from jobkit.ray_env import init_ray
 
     p = job_parser(__doc__)
     p.add_argument("--smoke", metavar="OUT_PNG", default=None,
@@ -649,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", default=None,
                    help="LR image for --smoke (default: a 64 px bicubic x1/4 of a shipped photo's centre crop)")
     cfg, args = parse_job_args(__doc__, argv, parser=p)
-    started = _ray_init(cfg)
+    started = init_ray(cfg)
     try:
         if args.smoke:
             img = Path(args.image) if args.image else default_request(Path(args.smoke).parent / "request.png")

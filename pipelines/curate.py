@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobkit.faults import FaultInjected
 from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, SUMMARY_FILE
 from pipelines.curation import balance, dedup, politeness, writer
 from pipelines.curation.raytools import column_sums, partitions
@@ -41,10 +42,6 @@ from vosr import storage
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
                   "list_category", "embedding", "fidelity", "sharpness"]
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the fail_after_* testing knobs to simulate a job killed mid-way."""
 
 
 def log(msg: str) -> None:
@@ -140,7 +137,7 @@ def _collect_blocks(results, n: int, counts: dict, ccfg) -> None:
             what = f"seen {st.get('seen', 0)} ok {st.get('ok', 0)}"
         log(f"[curate] stage 1 block {i}/{n} {res['unit']}: {what} in {st.get('seconds', 0):.2f}s")
         if ccfg.fail_after_blocks and i >= ccfg.fail_after_blocks:
-            raise InjectedFault(f"fail_after_blocks={ccfg.fail_after_blocks} reached")
+            raise FaultInjected(f"fail_after_blocks={ccfg.fail_after_blocks} reached")
 
 
 # ------------------------------------------------------------------------------------------- dedup
@@ -364,7 +361,7 @@ def _merge_counts(total: dict, part: dict) -> None:
 def run(cfg) -> dict:
     import ray.data
 
-    from pipelines.ray_env import init_ray
+    from jobkit.ray_env import init_ray
 
     ccfg = cfg.curate
     if not ccfg.sources:
@@ -482,7 +479,7 @@ def run_stages(cfg, semantic: bool) -> dict:
         written += not res["skipped"]
         skipped += bool(res["skipped"])
         if ccfg.fail_after_shards and written >= ccfg.fail_after_shards:
-            raise InjectedFault(f"fail_after_shards={ccfg.fail_after_shards} reached")
+            raise FaultInjected(f"fail_after_shards={ccfg.fail_after_shards} reached")
     t2 = time.perf_counter()
 
     summary = {

@@ -36,7 +36,7 @@ def online_dataset(cfg, variants: Iterable[int] | None = None, keep_rows: Callab
     sem_tokens, degrade_params). Bad images are dropped (the materialised job counts them in its stats).
     `keep_rows` (pyarrow table -> filtered table, on the curated columns id/image/kept/path) selects images before
     any decoding or encoding, e.g. one side of training's hold-out split."""
-    from pipelines.ray_env import init_ray
+    from jobkit.ray_env import init_ray
 
     init_ray(cfg)
     pcfg = cfg.precompute

@@ -25,14 +25,10 @@ import json
 import sys
 import time
 
+from jobkit.faults import FaultInjected
 from pipelines import curate_schema, feature_schema, feature_writer
 from pipelines.feature_stages import degrade_and_encode, read_curated
 from vosr import storage
-
-
-class FaultInjected(RuntimeError):
-    """Raised by precompute.fail_after_shards (tests of resumption)."""
-
 
 _basename = feature_writer.basename
 
@@ -178,7 +174,7 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
 
 
 def run(cfg, log=print) -> dict:
-    from pipelines.ray_env import init_ray
+    from jobkit.ray_env import init_ray
 
     if cfg.precompute.mode != "materialize":
         raise ValueError("precompute.mode=online writes nothing; use pipelines.online.online_dataset(cfg) from the "

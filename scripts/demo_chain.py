@@ -169,10 +169,10 @@ def start_local_ray(num_cpus: int, object_store_mb: int) -> str:
     """One Ray for the whole chain; the jobs join it like `ray job submit` jobs join a cluster."""
     import ray
 
-    from pipelines.ray_env import start_local_ray as start
+    from jobkit.ray_env import start_local_ray as start
 
     # address="local": always a new Ray of our own, never another Ray that happens to run on this machine. Its
-    # jobs (started after this, with this environment) give their workers the quiet hook (pipelines/ray_env.py).
+    # jobs (started after this, with this environment) give their workers the quiet hook (jobkit/ray_env.py).
     start({"PYTHONPATH": str(ROOT)}, num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20,
           log_to_driver=False)
     return ray.get_runtime_context().gcs_address
@@ -268,7 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from demo.photo_server import PhotoServer
-    from pipelines.ray_env import DASHBOARDLESS_ENV
+    from jobkit.ray_env import DASHBOARDLESS_ENV
 
     out = Path(args.out)
     out = out if out.is_absolute() else (ROOT / out)

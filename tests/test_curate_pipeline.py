@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobkit.faults import FaultInjected
 from pipelines import curate
 from pipelines.curate_schema import CURATED_SCHEMA, read_kept, read_kept_table, shard_files
 from tests.helpers.http_fixture import encode, http_site  # noqa: F401 - pytest fixture
@@ -151,11 +152,11 @@ def test_s3_in_and_out_kill_and_resume_same_kept_set(env, photos, tmp_path):
     assert ref["bucket_overflow"]["buckets"] >= 1 and ref["bucket_overflow"]["rows"] >= 4  # 4 look-alikes, cap 3
 
     out = s3site.uri("resumed")
-    with pytest.raises(curate.InjectedFault):
+    with pytest.raises(FaultInjected):
         curate.run(_cfg(tmp_path, {**section, "output": out, "fail_after_blocks": 1}))
     n_stage1 = len(s3site.keys("resumed/_stage1/"))
     assert 0 < n_stage1 and not s3site.keys("resumed/shards/")
-    with pytest.raises(curate.InjectedFault):
+    with pytest.raises(FaultInjected):
         curate.run(_cfg(tmp_path, {**section, "output": out, "fail_after_shards": 1}))
     assert not s3site.keys("resumed/summary.json")
     done = curate.run(_cfg(tmp_path, {**section, "output": out}))

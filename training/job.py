@@ -68,7 +68,7 @@ def finished_summary(paths: RunPaths) -> dict[str, Any] | None:
 
 
 def connect(cfg: Any) -> None:
-    from pipelines.ray_env import init_ray
+    from jobkit.ray_env import init_ray
 
     init_ray(cfg)
     import ray.data

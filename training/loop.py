@@ -24,12 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from jobkit.faults import FaultInjected
+
 DONE_MARKER = "_vosr_done.json"
 FAULT_MARKER = "_vosr_fault_injected_step{step}"
-
-
-class FaultInjected(RuntimeError):
-    """Raised once by one worker at train.fail_at_step (fault-injection option)."""
 
 
 class ModelCall:
