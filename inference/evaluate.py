@@ -478,27 +478,22 @@ def log_to_mlflow(cfg, summary: dict[str, Any], out: Path) -> str | None:
     """One MLflow run per evaluation: parameters, per-row mean metrics, the report files. None when disabled."""
     if not cfg.run.mlflow.enabled:
         return None
-    import mlflow
+    from jobkit.tracking import log_job_run
 
-    from vosr.tracking import setup_mlflow
-
-    setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"{cfg.run.name}-eval") as active:
-        mlflow.log_params({"dataset": summary["dataset"], "images": summary["data"]["images"],
-                           "lr_source": summary["data"]["lr_source"], "crop": cfg.eval.crop,
-                           "scale": cfg.inference.upscale, "color_fix": cfg.inference.color_fix,
-                           "tile_size": cfg.inference.tile_size, "seed": cfg.inference.seed,
-                           **{f"model_{k}": v for k, v in summary["models"].items()},
-                           **{"peer_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", p["name"]): f"{p['architecture']} sha256:{p['sha256'][:16]}"
-                              for p in summary.get("peers", [])},
-                           **{f"metric_file_{k}": v["file"] for k, v in summary.get("metric_files", {}).items()}})
-        for row in summary["rows"]:
-            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", row["label"]).strip("_")
-            mlflow.log_metrics({f"{key}/{m}": v for m, v in row["metrics"].items() if math.isfinite(v)})
-        for name in ("summary.json", "table.md", "per_image.csv", "guidance_sweep.png"):
-            if (out / name).is_file():
-                mlflow.log_artifact(str(out / name), artifact_path="eval")
-        return active.info.run_id
+    params = {"dataset": summary["dataset"], "images": summary["data"]["images"],
+              "lr_source": summary["data"]["lr_source"], "crop": cfg.eval.crop,
+              "scale": cfg.inference.upscale, "color_fix": cfg.inference.color_fix,
+              "tile_size": cfg.inference.tile_size, "seed": cfg.inference.seed,
+              **{f"model_{k}": v for k, v in summary["models"].items()},
+              **{"peer_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", p["name"]): f"{p['architecture']} sha256:{p['sha256'][:16]}"
+                 for p in summary.get("peers", [])},
+              **{f"metric_file_{k}": v["file"] for k, v in summary.get("metric_files", {}).items()}}
+    metrics = {}
+    for row in summary["rows"]:
+        key = re.sub(r"[^A-Za-z0-9_.-]+", "_", row["label"]).strip("_")
+        metrics.update({f"{key}/{m}": v for m, v in row["metrics"].items() if math.isfinite(v)})
+    files = [(out / name, "eval") for name in ("summary.json", "table.md", "per_image.csv", "guidance_sweep.png")]
+    return log_job_run(cfg, "eval", params, summary, metrics=metrics, artifacts=files)
 
 
 def upload_folder(local: Path, uri: str, endpoint: str = "") -> list[str]:

@@ -505,29 +505,13 @@ def run_stages(cfg, semantic: bool) -> dict:
     return summary
 
 
-def _flat(prefix: str, d: dict, out: dict) -> dict:
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            _flat(key + ".", v, out)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = v
-    return out
-
-
 def _track(cfg, summary: dict) -> None:
-    import mlflow
-
+    from jobkit.tracking import log_job_run, numeric_leaves
     from vosr.config import to_dict
-    from vosr.tracking import log_dict, log_params, setup_mlflow
 
-    setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"{cfg.run.name}-curate"):
-        params = {k: v for k, v in _flat("curate.", to_dict(cfg.curate), {}).items()}
-        params["curate.sources"] = ",".join(cfg.curate.sources)[:500]
-        log_params(params)
-        mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in _flat("", summary, {}).items()})
-        log_dict(summary, "curate_summary.json")
+    params = numeric_leaves(to_dict(cfg.curate), "curate.")
+    params["curate.sources"] = ",".join(cfg.curate.sources)[:500]
+    log_job_run(cfg, "curate", params, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

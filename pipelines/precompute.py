@@ -236,20 +236,13 @@ def summarize(cfg, p: dict, written: list[dict], meta: dict, wall: float) -> dic
 
 
 def log_mlflow(cfg, summary: dict) -> None:
-    import mlflow
+    from jobkit.tracking import log_job_run
 
-    from vosr.tracking import log_dict, log_params, setup_mlflow
-
-    setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"{cfg.run.name}-precompute"):
-        params = {f"precompute.{k}": v for k, v in vars(cfg.precompute).items()}
-        params.update({"preset": cfg.preset, "data.resolution": cfg.data.resolution,
-                       "autoencoder.name": cfg.autoencoder.name, "semantic.name": cfg.semantic.name,
-                       "degrade.preset": cfg.degrade.preset, "run.seed": cfg.run.seed})
-        log_params(params)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))
-                            and not isinstance(v, bool) and v is not None})
-        log_dict(summary, "precompute_summary.json")
+    params = {f"precompute.{k}": v for k, v in vars(cfg.precompute).items()}
+    params.update({"preset": cfg.preset, "data.resolution": cfg.data.resolution,
+                   "autoencoder.name": cfg.autoencoder.name, "semantic.name": cfg.semantic.name,
+                   "degrade.preset": cfg.degrade.preset, "run.seed": cfg.run.seed})
+    log_job_run(cfg, "precompute", params, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

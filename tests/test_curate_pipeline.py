@@ -128,7 +128,7 @@ def test_url_list_every_url_accounted_dups_found_private_refused(env, http_site,
     # MLflow run with the counts
     import mlflow
 
-    from vosr.tracking import setup_mlflow
+    from jobkit.tracking import setup_mlflow
     setup_mlflow(cfg)
     runs = mlflow.search_runs(experiment_names=[cfg.run.mlflow.experiment])
     assert float(runs.iloc[0]["metrics.kept"]) == summary["kept"]

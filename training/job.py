@@ -82,9 +82,9 @@ def start_tracking(cfg: Any, paths: RunPaths, job: str) -> tuple[str, str]:
         return "", ""
     from mlflow.tracking import MlflowClient
 
+    from jobkit.tracking import resolve_tracking_uri, setup_mlflow
     from vosr.config import redact, redact_text
     from vosr.config.schema import flatten
-    from vosr.tracking import resolve_tracking_uri, setup_mlflow
 
     exp_id = setup_mlflow(cfg)
     uri = resolve_tracking_uri(cfg)

@@ -1,6 +1,6 @@
 """MLflow from inside Ray Train workers: metrics and artifacts go to a run the driver created, by run id.
 
-Workers run in other folders, so they receive the driver's resolved absolute tracking URI (vosr/tracking.py)
+Workers run in other folders, so they receive the driver's resolved absolute tracking URI (jobkit/tracking.py)
 and never rely on a relative `mlruns` folder. Only rank 0 logs.
 """
 
