@@ -26,7 +26,6 @@ import json
 import math
 import posixpath
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -567,17 +566,11 @@ def _run(cfg, out: Path, final: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobkit.args import parse_job_args
+    from jobkit.args import job_main
 
-    cfg, _ = parse_job_args(__doc__, argv,
-                            writes=["eval.output"])
-    try:
-        summary = run(cfg)
-    except (FileNotFoundError, ValueError) as exc:        # PeerError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    # a missing benchmark folder or an unusable peer file (PeerError is a ValueError) is the user's input
+    return job_main(__doc__, argv, lambda cfg, _: run(cfg), writes=["eval.output"],
+                    usage_errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, [*args.set, *_overrides(args)])
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         summary = run(cfg, args.input, args.output, force=args.force, steps=args.steps,

@@ -36,7 +36,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
             return 0
         cfg = load_config(args.config, args.set)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     import yaml
 
@@ -52,7 +52,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, [f"preset={args.preset}", *args.set] if args.preset else args.set)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     from vosr.model import count_parameters
 

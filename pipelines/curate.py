@@ -515,14 +515,9 @@ def _track(cfg, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobkit.args import parse_job_args
-    from vosr.config import redact
+    from jobkit.args import job_main
 
-    cfg, _ = parse_job_args(__doc__, argv,
-                            writes=["curate.output"])
-    summary = run(cfg)
-    print(json.dumps(redact(summary), indent=1))
-    return 0
+    return job_main(__doc__, argv, lambda cfg, _: run(cfg), writes=["curate.output"])
 
 
 if __name__ == "__main__":

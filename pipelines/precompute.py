@@ -22,7 +22,6 @@ and produces the rest. No row byte reaches the driver and no global order is kep
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from jobkit.faults import FaultInjected
@@ -246,18 +245,9 @@ def log_mlflow(cfg, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobkit.args import parse_job_args
-    from vosr.config import redact
+    from jobkit.args import job_main
 
-    cfg, _ = parse_job_args(__doc__, argv,
-                            writes=["precompute.output"])
-    try:
-        summary = run(cfg)
-    except (FileNotFoundError, feature_schema.FeatureMismatchError) as exc:
-        print(f"precompute error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(redact(summary), indent=2))
-    return 0
+    return job_main(__doc__, argv, lambda cfg, _: run(cfg), writes=["precompute.output"])
 
 
 if __name__ == "__main__":

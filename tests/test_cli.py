@@ -55,3 +55,20 @@ def test_no_library_or_job_module_edits_the_import_path():
             if "sys.path" in text or "PYTHONPATH" in text:
                 offenders.append(str(f.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def test_exit_codes_usage_2_runtime_1_with_one_error_line_and_traceback_only_with_debug(tmp_path, capsys):
+    from pipelines.precompute import main as precompute
+
+    base = ["--config", "configs/precompute/tiny.yaml", "--set", f"precompute.input={tmp_path / 'none'}",
+            "--set", f"precompute.output={tmp_path / 'out'}", "--set", "run.mlflow.enabled=false"]
+    with pytest.raises(SystemExit) as exc:  # a usage error: the config names a key that does not exist
+        precompute([*base, "--set", "precompute.no_such_key=1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no_such_key" in err[0]
+    assert precompute(base) == 1  # a runtime failure: no curated shards under the input
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: FileNotFoundError: no curated shards under")
+    with pytest.raises(FileNotFoundError):  # --debug: the exception itself, with its traceback
+        precompute([*base, "--debug"])

@@ -13,13 +13,11 @@ summarise (prune checkpoints; an FSDP run exports its sharded final checkpoint) 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-from jobkit.args import parse_job_args
+from jobkit.args import job_main
 from training.job import run_job
-from vosr.config import redact
 
 
 def _register(cfg):
@@ -46,11 +44,7 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args(__doc__, argv,
-                            writes=["train.storage_path"])
-    summary = run(cfg)
-    print(json.dumps(redact(summary), indent=2, sort_keys=True, default=str))
-    return 0
+    return job_main(__doc__, argv, lambda cfg, _: run(cfg), writes=["train.storage_path"])
 
 
 if __name__ == "__main__":
