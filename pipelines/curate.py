@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -162,8 +163,9 @@ def where(ds, column: str, op: str, value=None):
     return ds.map_batches(_where, fn_kwargs={"column": column, "op": op, "value": value}, batch_format="pyarrow")
 
 
-def stage_dedup(meta, ccfg, info: dict):
-    """Duplicate decisions (DECISION_SCHEMA rows for the dropped duplicates) as a Ray Dataset, or None.
+def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
+    """(duplicate decisions: DECISION_SCHEMA rows for the dropped duplicates as a Ray Dataset, or None; the
+    search's counters for the summary).
 
     Ray tasks over the materialized blocks (dedup.find_duplicates): vectorised partition passes, no call per
     group; only counters reach the driver unless the edge count is under dcfg.driver_max_edges."""
@@ -175,10 +177,9 @@ def stage_dedup(meta, ccfg, info: dict):
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     stars, found = dedup.find_duplicates(meta.to_arrow_refs(), dcfg.hamming, dcfg.max_bucket, partitions(n),
                                          search_tasks=cpus, driver_max_edges=dcfg.driver_max_edges, log=log)
-    info.update(found)
     if not stars:
-        return None
-    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow")
+        return None, found
+    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow"), found
 
 
 def _star_decisions(batch: pa.Table) -> pa.Table:
@@ -217,13 +218,13 @@ def stage_semantic_embed(meta, cfg):
 
 # ------------------------------------------------------------------------------------------- balance
 
-def fit_centres(meta, ccfg, seed: int, info: dict):
-    """k-means centres on a deterministic sample of the rows without a listed category (None if none)."""
+def fit_centres(meta, ccfg, seed: int) -> tuple[Any, int]:
+    """(k-means centres on a deterministic sample of the rows without a listed category, None if there are
+    none; how many rows have no listed category)."""
     bcfg = ccfg.balance
     n = column_sums(meta, ["unlabelled"])["unlabelled"]
-    info["unlabelled"] = n
     if n == 0:
-        return None
+        return None, 0
     frac = min(1.0, 2.0 * bcfg.sample_size / n)
     threshold = min(2**63 - 1, int(frac * 2**63))
     sample = (where(meta, "unlabelled", "eq", 1).select_columns(["id", "embedding"])
@@ -238,7 +239,7 @@ def fit_centres(meta, ccfg, seed: int, info: dict):
     centres = balance.kmeans_fit(x, bcfg.num_clusters, seed)
     log(f"[curate] balance: k-means with k={len(centres)} on the {bcfg.embedding} embedding (dim {x.shape[1]}) "
         f"fitted on {len(x)} of {n} unlabelled rows")
-    return centres
+    return centres, n
 
 
 def _merge_partition(n_cats: int, *pieces) -> pa.Table:
@@ -415,32 +416,23 @@ def set_shuffle(name: str) -> None:
     ray.data.DataContext.get_current().shuffle_strategy = strategy
 
 
-def run_stages(cfg, semantic: bool) -> dict:
-    """plan -> stage 1 -> dedup -> embed -> balance -> write; every finished piece is on storage, so a repeat
-    after a failure redoes only what is missing."""
-    import ray.data
-
-    ccfg = cfg.curate
-    t0 = time.perf_counter()
-    ep = ccfg.s3_endpoint_url
-    set_shuffle(ccfg.shuffle)
-
-    # plan
-    units = plan_units(ccfg.sources, ccfg.rows_per_shard, ep)
+def stage_plan(ccfg) -> tuple[list[Unit], list[str]]:
+    """The input blocks of every source and their keys (the names of their ledgers and shards)."""
+    units = plan_units(ccfg.sources, ccfg.rows_per_shard, ccfg.s3_endpoint_url)
     salt = stage1_salt(ccfg)
     keys = [u.key(salt) for u in units]
     if len(set(keys)) != len(keys):
         dupes = [k for k, n in Counter(keys).items() if n > 1]
         raise ValueError(f"the same input block appears twice in curate.sources (block {dupes[0]})")
     log(f"[curate] plan: {len(units)} input blocks from {len(ccfg.sources)} sources -> {ccfg.output}")
-    storage.makedirs(ccfg.output, ep)
+    storage.makedirs(ccfg.output, ccfg.s3_endpoint_url)
+    return units, keys
 
-    # stage 1
-    s1 = stage_fetch_analyse(units, keys, ccfg)
-    t1 = time.perf_counter()
 
-    # stage 2: dedup + balance from the ledgers (written by other processes: scan_stage1 lists afresh)
-    info: dict = {}
+def stage2_begin(cfg, keys: list[str], semantic: bool) -> tuple[dict[str, int], str, int]:
+    """(the ledger generation of every block, stage 2's fingerprint, stale shards removed). Each final shard
+    records the fingerprint it was made with; only shards with this one are skipped."""
+    ccfg, ep = cfg.curate, cfg.curate.s3_endpoint_url
     gens, _, _ = scan_stage1(ccfg.output, ep)
     missing = [k for k in keys if k not in gens]
     if missing:
@@ -448,30 +440,45 @@ def run_stages(cfg, semantic: bool) -> dict:
     gens = {k: gens[k] for k in keys}
     fp2 = _fingerprint(sorted(keys), asdict(ccfg.dedup), asdict(ccfg.balance), cfg.run.seed, SCHEMA_VERSION,
                        asdict(cfg.semantic) if semantic else None, sorted((k, g) for k, g in gens.items() if g))
-    # each final shard records the fingerprint it was made with; only shards with this one are skipped
     storage.write_bytes_atomic(storage.join(ccfg.output, "_stage2.json"),
                                json.dumps({"fingerprint": fp2, "blocks": len(keys)}).encode(), ep)
-    info["stale_shards_removed"] = remove_stale_shards(ccfg, keys)
+    return gens, fp2, remove_stale_shards(ccfg, keys)
+
+
+def read_ok_rows(cfg, keys: list[str], gens: dict[str, int], semantic: bool) -> tuple[Any, int]:
+    """(the rows that passed stage 1, with node keys and the unlabelled flag, materialised; their count)."""
+    import ray.data
+
+    ccfg, ep = cfg.curate, cfg.curate.s3_endpoint_url
+    if not keys:
+        return None, 0
     fs, _ = storage.open_fs(ccfg.output, ep)
     paths = [storage.open_fs(ledger_uri(ccfg.output, k, gens[k]), ep)[1] for k in keys]
-    meta = None
-    n_ok = 0
-    if paths:
-        meta = (ray.data.read_parquet(paths, filesystem=fs)
-                .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
-                .map_batches(_where, fn_kwargs={"column": "reason", "op": "eq", "value": "ok"},
-                             batch_format="pyarrow")
-                .map_batches(dedup.add_node_keys, batch_format="pyarrow")
-                .map_batches(_flag_unlabelled, batch_format="pyarrow"))
-        if semantic:
-            meta = stage_semantic_embed(meta, cfg)
-        meta = meta.materialize()
-        n_ok = meta.count()
-    decisions = None
-    if n_ok:
-        dups = stage_dedup(meta, ccfg, info) if ccfg.dedup.enabled else None
-        centres = fit_centres(meta, ccfg, cfg.run.seed, info) if ccfg.balance.enabled else None
-        decisions = stage_balance(meta, dups, centres, ccfg, cfg.run.seed)
+    meta = (ray.data.read_parquet(paths, filesystem=fs)
+            .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
+            .map_batches(_where, fn_kwargs={"column": "reason", "op": "eq", "value": "ok"}, batch_format="pyarrow")
+            .map_batches(dedup.add_node_keys, batch_format="pyarrow")
+            .map_batches(_flag_unlabelled, batch_format="pyarrow"))
+    if semantic:
+        meta = stage_semantic_embed(meta, cfg)
+    meta = meta.materialize()
+    return meta, meta.count()
+
+
+def stage_decide(cfg, meta) -> tuple[Any, dict]:
+    """(every row's decision: duplicate, category cap or kept with its category; the counters for the summary)."""
+    ccfg = cfg.curate
+    info: dict = {}
+    dups = centres = None
+    if ccfg.dedup.enabled:
+        dups, info = stage_dedup(meta, ccfg)
+    if ccfg.balance.enabled:
+        centres, info["unlabelled"] = fit_centres(meta, ccfg, cfg.run.seed)
+    return stage_balance(meta, dups, centres, ccfg, cfg.run.seed), info
+
+
+def write_all(decisions, keys: list[str], gens: dict[str, int], ccfg, fp2: str) -> tuple[dict, int, int]:
+    """(the shards' summed stats, shards written, shards skipped as already made with this fingerprint)."""
     totals: dict = {}
     written = skipped = 0
     for res in stage_write(decisions, keys, gens, ccfg, fp2).iter_rows():
@@ -480,8 +487,11 @@ def run_stages(cfg, semantic: bool) -> dict:
         skipped += bool(res["skipped"])
         if ccfg.fail_after_shards and written >= ccfg.fail_after_shards:
             raise FaultInjected(f"fail_after_shards={ccfg.fail_after_shards} reached")
-    t2 = time.perf_counter()
+    return totals, written, skipped
 
+
+def make_summary(ccfg, keys: list[str], s1: dict, totals: dict, written: int, skipped: int, info: dict,
+                 t0: float, t1: float, t2: float) -> dict:
     summary = {
         "schema_version": SCHEMA_VERSION, "output": ccfg.output, "blocks": len(keys),
         "stage1_blocks_run": s1["blocks_run"], "stage1_blocks_skipped": s1["blocks_skipped"],
@@ -499,7 +509,27 @@ def run_stages(cfg, semantic: bool) -> dict:
     summary["throughput_images_per_s"] = round(summary["seen"] / max(t2 - t0, 1e-9), 3)
     summary["stage1_images_per_s"] = round(
         summary["seen"] / max(t1 - t0, 1e-9), 3) if s1["blocks_run"] == len(keys) else None
-    storage.write_bytes_atomic(storage.join(ccfg.output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(), ep)
+    return summary
+
+
+def run_stages(cfg, semantic: bool) -> dict:
+    """plan -> stage 1 -> dedup -> embed -> balance -> write; every finished piece is on storage, so a repeat
+    after a failure redoes only what is missing."""
+    ccfg = cfg.curate
+    t0 = time.perf_counter()
+    set_shuffle(ccfg.shuffle)
+    units, keys = stage_plan(ccfg)
+    s1 = stage_fetch_analyse(units, keys, ccfg)
+    t1 = time.perf_counter()
+    # stage 2: dedup + balance from the ledgers (written by other processes: scan_stage1 lists afresh)
+    gens, fp2, stale = stage2_begin(cfg, keys, semantic)
+    meta, n_ok = read_ok_rows(cfg, keys, gens, semantic)
+    decisions, info = stage_decide(cfg, meta) if n_ok else (None, {})
+    totals, written, skipped = write_all(decisions, keys, gens, ccfg, fp2)
+    summary = make_summary(ccfg, keys, s1, totals, written, skipped, {"stale_shards_removed": stale, **info},
+                           t0, t1, time.perf_counter())
+    storage.write_bytes_atomic(storage.join(ccfg.output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(),
+                               ccfg.s3_endpoint_url)
     if cfg.run.mlflow.enabled:
         _track(cfg, summary)
     return summary
