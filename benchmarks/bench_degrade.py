@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_degrade.py [--images 40] [--size 512] [--threads 1] [--device cpu]
 
 Crops come from real photos (../shared/data/dev when present, else assets/photos). Each image is degraded with
-its own seed (per-image randomness, METHOD.md s0); the per-step breakdown sums the stage timers of the
+its own seed (per-image randomness, docs/method.md s0); the per-step breakdown sums the stage timers of the
 realesrgan preset. On a shared machine wall-clock numbers drop with the load; images per CPU-second (process
 time, one thread) is the per-core rate without that effect. Both are printed.
 """

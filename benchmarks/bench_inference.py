@@ -8,7 +8,7 @@ Weights are random (timing does not depend on their values). Real presets need t
 autoencoder; without --ae-path the weight-free pixel codec at the same factor 8 stands in (its decoder is far
 cheaper than the VAE's, so the ratio is then an upper bound for the full pipeline), and the DINOv2-shaped semantic
 encoder runs with random weights (semantic.allow_random). The one-step model is the student (r-embedder), the
-multi-step model the teacher with guidance (2 NFEs per step, METHOD.md s6).
+multi-step model the teacher with guidance (2 NFEs per step, docs/method.md s6).
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", default="")
     args = ap.parse_args(argv)
 
+    from jobkit.ray_env import init_ray
     from pipelines.precompute import run
-    from pipelines.ray_env import init_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         curated = Path(args.input) if args.input else Path(tmp) / "curated"

@@ -152,9 +152,8 @@ def dedup_ray(n: int, k: int, seed: int, cap: int, object_store_mib: int) -> dic
             meta = (ray.data.read_parquet(files).map_batches(dedup.add_node_keys, batch_format="pyarrow")
                     .materialize())
             t_meta = time.perf_counter() - t0
-            info: dict = {}
             t1 = time.perf_counter()
-            dups = curate.stage_dedup(meta, ccfg, info)
+            dups, info = curate.stage_dedup(meta, ccfg)
             dec = dups.select_columns(["id", "duplicate_of"]).materialize() if dups is not None else None
             secs = time.perf_counter() - t1
             stage_peak = _peak_rss_mib()  # before the benchmark's own read-back of every decision below

@@ -74,8 +74,8 @@ def child(args) -> None:
     import threading
 
     sys.path.insert(0, args.code_root)
+    from jobkit.ray_env import init_ray
     from pipelines.precompute import run
-    from pipelines.ray_env import init_ray
     from vosr.config import load_config
 
     cfg = load_config(Path(args.code_root) / "configs/precompute/tiny.yaml", [

@@ -124,7 +124,7 @@ def evaluate(model, cfg, pairs, a, student: bool = False) -> dict[str, float]:
 
 
 def optimiser_step(loss: torch.Tensor, model, opt, ema: EMA) -> None:
-    """Backward, global-norm clip 1.0, AdamW step, EMA update (METHOD.md s5), as the training loop does."""
+    """Backward, global-norm clip 1.0, AdamW step, EMA update (docs/method.md s5), as the training loop does."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 
     model = build_dit(cfg)
     ema = EMA(model, a.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.01)  # METHOD.md s5
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.01)  # docs/method.md s5
     g = torch.Generator().manual_seed(a.seed + 1)
     t_train = time.time()
     for step in range(a.steps):

@@ -10,10 +10,10 @@ optimizer step are not counted, as usual for MFU):
     vae_enc          autoencoder encode of HR and LR (2 images; diffusers AutoencoderKL with the SD2.1 VAE config
                      for 0.5B, AutoencoderKLQwenImage default = Qwen-Image config for 1.4B), frozen, no backward
     dino_fwd         DINOv2 ViT-B/14 (0.5B) / ViT-L/14 (1.4B) up to the used block (8 / 17), input 448 x 448 at
-                     every crop size (METHOD.md s3), frozen, no backward
-    online_train     dit_train + vae_enc + dino_fwd (features computed in the training step, METHOD.md s5)
+                     every crop size (docs/method.md s3), frozen, no backward
+    online_train     dit_train + vae_enc + dino_fwd (features computed in the training step, docs/method.md s5)
     dino_cls_full    curation's k-means embedding: the whole ViT's CLS token at 448 (one per crawled image)
-    distill          one RCGM distillation sample (METHOD.md s7): teacher 2 fwd (cond + weak), student 2 fwd
+    distill          one RCGM distillation sample (docs/method.md s7): teacher 2 fwd (cond + weak), student 2 fwd
                      without grad (N=2 roll-out) and 2 fwd+bwd (base loss at r=t and the RC loss at r)
 Then the paper's Table 5 recipe in GPU-days at the stated MFU of the stated dense bf16 peak.
 """
@@ -76,7 +76,7 @@ def dit_flops(preset: str, res: int) -> tuple[int, int]:
 
 
 def vae_flops(preset: str, res: int) -> int:
-    x = torch.empty(2, 3, res, res, device="meta")  # HR and LR, encoded together (METHOD.md s2)
+    x = torch.empty(2, 3, res, res, device="meta")  # HR and LR, encoded together (docs/method.md s2)
     with torch.device("meta"):
         if preset == "vosr-0.5b":
             from diffusers import AutoencoderKL

@@ -7,10 +7,10 @@
 
 Everything is built from configs with RANDOM weights (timings do not depend on the values): the DiT (teacher and
 student) from the preset, DINOv2 ViT-B/14 through vosr.encoders with semantic.allow_random, the SD2.1 VAE as
-diffusers AutoencoderKL built from its public config dict, and the light decoder (METHOD.md s2: SD2 decoder with
+diffusers AutoencoderKL built from its public config dict, and the light decoder (docs/method.md s2: SD2 decoder with
 halved channels, fed z/0.18215 without post_quant_conv), which is what the reference uses at inference.
 If diffusers is not installed the VAE encode/decode stages are SKIPPED (random latents feed the DiT) and the output
-says so. Pipeline per image (METHOD.md s8): bicubic x4 upsample -> VAE encode (posterior sample) -> DINOv2 on the
+says so. Pipeline per image (docs/method.md s8): bicubic x4 upsample -> VAE encode (posterior sample) -> DINOv2 on the
 448x448 resize -> DiT (one step: z0 = z1 - f(z1, 1, 0); multi-step: 25 Euler steps, both guidance branches in one
 doubled batch = 50 NFEs) -> decode -> clamp. Paper (A100, fp16): 0.094 s one-step, 1.226 s 25-step.
 Goal on an H100: <= 0.05 s and <= 0.6 s. This script imports neither Ray nor MLflow.
@@ -54,7 +54,7 @@ class RandomSD21:
 
         self.vae = AutoencoderKL(**SD21_VAE).to(device, dtype).eval()
         self.decoder_kind = decoder
-        if decoder == "light":  # halved channels, 3 resnets per up block, single-head mid attention (METHOD.md s2)
+        if decoder == "light":  # halved channels, 3 resnets per up block, single-head mid attention (docs/method.md s2)
             self.light = Decoder(in_channels=4, out_channels=3, up_block_types=("UpDecoderBlock2D",) * 4,
                                  block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32,
                                  act_fn="silu").to(device, dtype).eval()

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = model_dims(cfg)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = True  # METHOD.md s5: TF32 enabled
+    torch.backends.cuda.matmul.allow_tf32 = True  # docs/method.md s5: TF32 enabled
     torch.backends.cudnn.allow_tf32 = True
     teacher = build_dit(cfg, device=dev)
     if args.job == "distill":

@@ -15,14 +15,11 @@ import json
 import math
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 STAGE_ORDER = ["curate", "precompute", "pretrain", "distill", "evaluate", "serve"]
 

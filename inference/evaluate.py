@@ -26,18 +26,14 @@ import json
 import math
 import posixpath
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from vosr.imageio import IMAGE_SUFFIXES  # the one list of decoded formats
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from vosr.imageio import IMAGE_SUFFIXES  # noqa: E402  (the one list of decoded formats)
-
 # Table 1 column order of the paper: (column title, metric key, higher is better, full-reference)
 TABLE_COLUMNS = [
     ("PSNR↑", "psnr", True), ("SSIM↑", "ssim", True), ("LPIPS↓", "lpips", False),
@@ -481,27 +477,22 @@ def log_to_mlflow(cfg, summary: dict[str, Any], out: Path) -> str | None:
     """One MLflow run per evaluation: parameters, per-row mean metrics, the report files. None when disabled."""
     if not cfg.run.mlflow.enabled:
         return None
-    import mlflow
+    from jobkit.tracking import log_job_run
 
-    from vosr.tracking import setup_mlflow
-
-    setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"{cfg.run.name}-eval") as active:
-        mlflow.log_params({"dataset": summary["dataset"], "images": summary["data"]["images"],
-                           "lr_source": summary["data"]["lr_source"], "crop": cfg.eval.crop,
-                           "scale": cfg.inference.upscale, "color_fix": cfg.inference.color_fix,
-                           "tile_size": cfg.inference.tile_size, "seed": cfg.inference.seed,
-                           **{f"model_{k}": v for k, v in summary["models"].items()},
-                           **{"peer_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", p["name"]): f"{p['architecture']} sha256:{p['sha256'][:16]}"
-                              for p in summary.get("peers", [])},
-                           **{f"metric_file_{k}": v["file"] for k, v in summary.get("metric_files", {}).items()}})
-        for row in summary["rows"]:
-            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", row["label"]).strip("_")
-            mlflow.log_metrics({f"{key}/{m}": v for m, v in row["metrics"].items() if math.isfinite(v)})
-        for name in ("summary.json", "table.md", "per_image.csv", "guidance_sweep.png"):
-            if (out / name).is_file():
-                mlflow.log_artifact(str(out / name), artifact_path="eval")
-        return active.info.run_id
+    params = {"dataset": summary["dataset"], "images": summary["data"]["images"],
+              "lr_source": summary["data"]["lr_source"], "crop": cfg.eval.crop,
+              "scale": cfg.inference.upscale, "color_fix": cfg.inference.color_fix,
+              "tile_size": cfg.inference.tile_size, "seed": cfg.inference.seed,
+              **{f"model_{k}": v for k, v in summary["models"].items()},
+              **{"peer_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", p["name"]): f"{p['architecture']} sha256:{p['sha256'][:16]}"
+                 for p in summary.get("peers", [])},
+              **{f"metric_file_{k}": v["file"] for k, v in summary.get("metric_files", {}).items()}}
+    metrics = {}
+    for row in summary["rows"]:
+        key = re.sub(r"[^A-Za-z0-9_.-]+", "_", row["label"]).strip("_")
+        metrics.update({f"{key}/{m}": v for m, v in row["metrics"].items() if math.isfinite(v)})
+    files = [(out / name, "eval") for name in ("summary.json", "table.md", "per_image.csv", "guidance_sweep.png")]
+    return log_job_run(cfg, "eval", params, summary, metrics=metrics, artifacts=files)
 
 
 def upload_folder(local: Path, uri: str, endpoint: str = "") -> list[str]:
@@ -575,17 +566,11 @@ def _run(cfg, out: Path, final: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vosr.jobargs import parse_job_args
+    from jobkit.args import job_main
 
-    cfg, _ = parse_job_args("VOSR evaluation: PSNR/SSIM-Y (+ pyiqa), Table 1 and the guidance sweep.", argv,
-                            writes=["eval.output"])
-    try:
-        summary = run(cfg)
-    except (FileNotFoundError, ValueError) as exc:        # PeerError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    # a missing benchmark folder or an unusable peer file (PeerError is a ValueError) is the user's input
+    return job_main(__doc__, argv, lambda cfg, _: run(cfg), writes=["eval.output"],
+                    usage_errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

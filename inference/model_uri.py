@@ -47,11 +47,11 @@ def find_checkpoint(root: str | Path) -> Path:
 
 
 def tracking_uri_for(cfg) -> str:
-    """The configured MLflow tracking URI, resolved like every job does (vosr.tracking: run.mlflow.tracking_uri,
+    """The configured MLflow tracking URI, resolved like every job does (jobkit.tracking: run.mlflow.tracking_uri,
     else sqlite under run.output_root); without a config, MLFLOW_TRACKING_URI or MLflow's default."""
     if cfg is None:
         return os.environ.get("MLFLOW_TRACKING_URI", "")
-    from vosr.tracking import resolve_tracking_uri
+    from jobkit.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(cfg)
 

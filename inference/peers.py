@@ -7,7 +7,7 @@ from the state dict. Files it cannot load (e.g. ncnn .param/.bin exports, ONNX, 
 A peer runs on the same LR crops as the VOSR rows, with the same tiling (`inference.tile_size`, in output pixels,
 and `inference.tile_overlap`): the LR is cut into tiles of tile_size / scale pixels overlapping by
 max(tile_overlap / scale, tile / 8), each tile is upscaled, and the outputs are blended with the separable Gaussian
-weights of vosr.tiling (METHOD.md s8), here in pixel space.
+weights of vosr.tiling (docs/method.md s8), here in pixel space.
 """
 
 from __future__ import annotations

@@ -49,15 +49,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.config import BackpressureConfig
+
+from vosr.choices import COLOR_FIXES, MODES
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
-from ray import serve  # noqa: E402
-from ray.serve.config import BackpressureConfig  # noqa: E402
-
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
@@ -187,10 +186,9 @@ def parse_query(params, serve_cfg) -> dict[str, Any]:
         raise ServeError(422, "bad_option", f"tile={tile} must be 0 (off) or >= {serve_cfg.min_tile} pixels")
     if tile and out.get("tile_overlap", 0) > tile // 2:
         raise ServeError(422, "bad_option", f"tile_overlap={out['tile_overlap']} exceeds half the tile ({tile // 2})")
-    if "mode" in out and out["mode"] not in ("onestep", "multistep"):
-        raise ServeError(422, "bad_option", f"mode={out['mode']!r}; valid: ['onestep', 'multistep']")
-    if "color_fix" in out and out["color_fix"] not in ("adain", "wavelet", "none"):
-        raise ServeError(422, "bad_option", f"color_fix={out['color_fix']!r}; valid: ['adain', 'wavelet', 'none']")
+    for field, valid in (("mode", MODES), ("color_fix", COLOR_FIXES)):
+        if field in out and out[field] not in valid:
+            raise ServeError(422, "bad_option", f"{field}={out[field]!r}; valid: {list(valid)}")
     return out
 
 
@@ -563,29 +561,6 @@ def config_from_env():
     return load_config(os.environ.get("VOSR_CONFIG") or None, overrides)
 
 
-def _ray_init(cfg) -> bool:
-    """Join a cluster (RAY_ADDRESS / run.ray.address) or start a local Ray; True when started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.run.ray.address or os.environ.get("RAY_ADDRESS"):
-        from pipelines.ray_env import init_ray
-
-        init_ray(cfg)
-        return False
-    # address="local": a new instance with our caps, even when another local cluster's address file exists
-    from pipelines.ray_env import start_local_ray
-
-    kwargs: dict[str, Any] = {}
-    if cfg.run.ray.num_cpus:
-        kwargs["num_cpus"] = cfg.run.ray.num_cpus
-    if cfg.run.ray.object_store_memory_mb:
-        kwargs["object_store_memory"] = cfg.run.ray.object_store_memory_mb * 2**20
-    start_local_ray({"PYTHONPATH": str(ROOT)}, **kwargs)  # dashboard-less, quiet workers (pipelines/ray_env.py)
-    return True
-
-
 def start(cfg, blocking: bool = False) -> str:
     """Start Serve on serve.host:serve.port and deploy the app; returns its base URL. The app is built (and a
     public bind without a key refused) before anything listens."""
@@ -643,15 +618,16 @@ def default_request(path: Path, size: int = 256, scale: int = 4) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vosr.jobargs import job_parser, parse_job_args
+    from jobkit.args import job_parser, parse_job_args
+    from jobkit.ray_env import init_ray
 
-    p = job_parser(__doc__.split("\n")[0])
+    p = job_parser(__doc__)
     p.add_argument("--smoke", metavar="OUT_PNG", default=None,
                    help="start, upscale one image (--image), save the answer here, stop")
     p.add_argument("--image", default=None,
                    help="LR image for --smoke (default: a 64 px bicubic x1/4 of a shipped photo's centre crop)")
-    cfg, args = parse_job_args(__doc__.split("\n")[0], argv, parser=p)
-    started = _ray_init(cfg)
+    cfg, args = parse_job_args(__doc__, argv, parser=p)
+    started = init_ray(cfg)
     try:
         if args.smoke:
             img = Path(args.image) if args.image else default_request(Path(args.smoke).parent / "request.png")

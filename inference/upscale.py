@@ -15,12 +15,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from vosr.choices import COLOR_FIXES, MODES
+from vosr.imageio import IMAGE_SUFFIXES  # the one list of decoded formats
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from vosr.imageio import IMAGE_SUFFIXES  # noqa: E402  (the one list of decoded formats)
-
 
 def list_inputs(src: Path) -> list[Path]:
     if src.is_file():
@@ -38,13 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config (e.g. configs/upscale/tiny.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder or models:/name/version")
-    p.add_argument("--mode", choices=["onestep", "multistep"], default=None)
+    p.add_argument("--mode", choices=MODES, default=None)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the mode's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance s (multi-step)")
     p.add_argument("--weak-strength", type=float, default=None, help="weak-branch strength w (multi-step)")
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (0 = off)")
     p.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in pixels")
-    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None)
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default=None)
     p.add_argument("--upscale", type=int, default=None, help="upscale factor (default 4)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
@@ -54,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """CLI flags become config overrides, but only those actually given (METHOD.md s9.2: the reference let
+    """CLI flags become config overrides, but only those actually given (docs/method.md s9.2: the reference let
     every CLI default silently override the stored configuration)."""
     pairs = [("inference.checkpoint", args.checkpoint), ("inference.mode", args.mode),
              ("flow.guidance_scale", args.guidance), ("flow.weak_strength", args.weak_strength),
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, [*args.set, *_overrides(args)])
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         summary = run(cfg, args.input, args.output, force=args.force, steps=args.steps,

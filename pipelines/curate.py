@@ -3,10 +3,12 @@
     python pipelines/curate.py --config configs/curate/local.yaml [--set curate.output=...]
     ray job submit --working-dir . -- python pipelines/curate.py --config configs/curate/urls.yaml
 
-Stages (each a named step below; Ray Data throughout, only counters reach the driver):
+Stages (each a named step below; plain Ray tasks for stage 1 and stage 2's partition passes, Ray Data for
+embedding, balance and write; only counters and summaries reach the driver):
   plan      sources -> input blocks (byte/row ranges of URL lists, runs of files), each named by a hash
   stage 1   per block: fetch -> safe decode -> filters -> hashes/embedding -> ledger shard (skipped if present)
-  dedup     exact (pixel sha256 group-by) + near (banded-LSH group-by on pHash) -> edges -> components
+  dedup     exact copies + near duplicates (pHash within curate.dedup.hamming, exact multi-index hashing in
+            hash-partition passes; curation/dedup.py) -> edges -> connected components
   embed     (balance.embedding=semantic) CLS vectors of the semantic encoder, one encoder per actor
   balance   category from the list, else k-means on the embedding; cap each category at t (seeded)
   write     per block: final shard (CURATED_SCHEMA) + stats JSON, atomically; summary.json at the root
@@ -19,35 +21,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobkit.faults import FaultInjected
+from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, SUMMARY_FILE
+from pipelines.curation import balance, dedup, politeness, writer
+from pipelines.curation.raytools import column_sums, partitions
+from pipelines.curation.semantic_embed import ClsEmbedder, check_semantic_weights
+from pipelines.curation.sources import Unit, plan_units
+from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1, stage1_peak_bytes
+from vosr import storage
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, SUMMARY_FILE  # noqa: E402
-from pipelines.curation import balance, dedup, politeness, writer  # noqa: E402
-from pipelines.curation.raytools import column_sums, partitions  # noqa: E402
-from pipelines.curation.semantic_embed import ClsEmbedder, check_semantic_weights  # noqa: E402
-from pipelines.curation.sources import Unit, plan_units  # noqa: E402
-from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1, stage1_peak_bytes  # noqa: E402
-from vosr import storage  # noqa: E402
-
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
                   "list_category", "embedding", "fidelity", "sharpness"]
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the fail_after_* testing knobs to simulate a job killed mid-way."""
 
 
 def log(msg: str) -> None:
@@ -143,7 +138,7 @@ def _collect_blocks(results, n: int, counts: dict, ccfg) -> None:
             what = f"seen {st.get('seen', 0)} ok {st.get('ok', 0)}"
         log(f"[curate] stage 1 block {i}/{n} {res['unit']}: {what} in {st.get('seconds', 0):.2f}s")
         if ccfg.fail_after_blocks and i >= ccfg.fail_after_blocks:
-            raise InjectedFault(f"fail_after_blocks={ccfg.fail_after_blocks} reached")
+            raise FaultInjected(f"fail_after_blocks={ccfg.fail_after_blocks} reached")
 
 
 # ------------------------------------------------------------------------------------------- dedup
@@ -168,8 +163,9 @@ def where(ds, column: str, op: str, value=None):
     return ds.map_batches(_where, fn_kwargs={"column": column, "op": op, "value": value}, batch_format="pyarrow")
 
 
-def stage_dedup(meta, ccfg, info: dict):
-    """Duplicate decisions (DECISION_SCHEMA rows for the dropped duplicates) as a Ray Dataset, or None.
+def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
+    """(duplicate decisions: DECISION_SCHEMA rows for the dropped duplicates as a Ray Dataset, or None; the
+    search's counters for the summary).
 
     Ray tasks over the materialized blocks (dedup.find_duplicates): vectorised partition passes, no call per
     group; only counters reach the driver unless the edge count is under dcfg.driver_max_edges."""
@@ -181,10 +177,9 @@ def stage_dedup(meta, ccfg, info: dict):
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     stars, found = dedup.find_duplicates(meta.to_arrow_refs(), dcfg.hamming, dcfg.max_bucket, partitions(n),
                                          search_tasks=cpus, driver_max_edges=dcfg.driver_max_edges, log=log)
-    info.update(found)
     if not stars:
-        return None
-    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow")
+        return None, found
+    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow"), found
 
 
 def _star_decisions(batch: pa.Table) -> pa.Table:
@@ -223,13 +218,13 @@ def stage_semantic_embed(meta, cfg):
 
 # ------------------------------------------------------------------------------------------- balance
 
-def fit_centres(meta, ccfg, seed: int, info: dict):
-    """k-means centres on a deterministic sample of the rows without a listed category (None if none)."""
+def fit_centres(meta, ccfg, seed: int) -> tuple[Any, int]:
+    """(k-means centres on a deterministic sample of the rows without a listed category, None if there are
+    none; how many rows have no listed category)."""
     bcfg = ccfg.balance
     n = column_sums(meta, ["unlabelled"])["unlabelled"]
-    info["unlabelled"] = n
     if n == 0:
-        return None
+        return None, 0
     frac = min(1.0, 2.0 * bcfg.sample_size / n)
     threshold = min(2**63 - 1, int(frac * 2**63))
     sample = (where(meta, "unlabelled", "eq", 1).select_columns(["id", "embedding"])
@@ -244,7 +239,7 @@ def fit_centres(meta, ccfg, seed: int, info: dict):
     centres = balance.kmeans_fit(x, bcfg.num_clusters, seed)
     log(f"[curate] balance: k-means with k={len(centres)} on the {bcfg.embedding} embedding (dim {x.shape[1]}) "
         f"fitted on {len(x)} of {n} unlabelled rows")
-    return centres
+    return centres, n
 
 
 def _merge_partition(n_cats: int, *pieces) -> pa.Table:
@@ -339,7 +334,6 @@ def remove_stale_shards(ccfg, keys: list[str]) -> int:
     marker, written last: a shard without one was cut off by a kill; the writer makes it again)."""
     ep = ccfg.s3_endpoint_url
     want = {f"part-{k}" for k in keys}
-    storage.refresh_listing(ccfg.output, ep)
     removed = 0
     files = storage.list_files(storage.join(ccfg.output, SHARDS_DIR), endpoint_url=ep)
     present = set(files)
@@ -368,7 +362,7 @@ def _merge_counts(total: dict, part: dict) -> None:
 def run(cfg) -> dict:
     import ray.data
 
-    from pipelines.ray_env import init_ray
+    from jobkit.ray_env import init_ray
 
     ccfg = cfg.curate
     if not ccfg.sources:
@@ -376,8 +370,6 @@ def run(cfg) -> dict:
     semantic = ccfg.balance.enabled and ccfg.balance.embedding == "semantic"
     if semantic:
         check_semantic_weights(cfg.semantic)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "")
-                                                               .split(os.pathsep) if p])
     init_ray(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
@@ -392,17 +384,24 @@ def run(cfg) -> dict:
     raise AssertionError("unreachable")
 
 
-# Ray errors that mean "part of the cluster went away", not "this job's code failed". Ray Data may hand them over
-# wrapped (e.g. as an UnserializableException that carries the original's text), hence the names as well.
+# Ray errors that mean "part of the cluster went away", not "this job's code failed": matched by type
+# (ray.exceptions). Ray Data may hand them over wrapped in an exception that keeps only the original's text
+# ("... Original exception: ray.exceptions.ActorDiedError: ..."), so a message naming one of them counts too.
 _LOST = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ObjectLostError", "OwnerDiedError",
-         "ActorUnavailableError", "LocalRayletDiedError", "node has died")
+         "ActorUnavailableError", "LocalRayletDiedError")
 
 
 def lost_cluster_resource(exc: BaseException) -> bool:
+    import ray.exceptions
+
+    types = tuple(getattr(ray.exceptions, name) for name in _LOST if hasattr(ray.exceptions, name))
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if any(name in type(exc).__name__ or name in str(exc) for name in _LOST):
+        if isinstance(exc, types):
+            return True
+        text = str(exc)  # a wrapped one names its original as ray.exceptions.<Name>
+        if "node has died" in text or any(f"ray.exceptions.{name}" in text for name in _LOST):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -417,32 +416,23 @@ def set_shuffle(name: str) -> None:
     ray.data.DataContext.get_current().shuffle_strategy = strategy
 
 
-def run_stages(cfg, semantic: bool) -> dict:
-    """plan -> stage 1 -> dedup -> embed -> balance -> write; every finished piece is on storage, so a repeat
-    after a failure redoes only what is missing."""
-    import ray.data
-
-    ccfg = cfg.curate
-    t0 = time.perf_counter()
-    ep = ccfg.s3_endpoint_url
-    set_shuffle(ccfg.shuffle)
-
-    # plan
-    units = plan_units(ccfg.sources, ccfg.rows_per_shard, ep)
+def stage_plan(ccfg) -> tuple[list[Unit], list[str]]:
+    """The input blocks of every source and their keys (the names of their ledgers and shards)."""
+    units = plan_units(ccfg.sources, ccfg.rows_per_shard, ccfg.s3_endpoint_url)
     salt = stage1_salt(ccfg)
     keys = [u.key(salt) for u in units]
     if len(set(keys)) != len(keys):
         dupes = [k for k, n in Counter(keys).items() if n > 1]
         raise ValueError(f"the same input block appears twice in curate.sources (block {dupes[0]})")
     log(f"[curate] plan: {len(units)} input blocks from {len(ccfg.sources)} sources -> {ccfg.output}")
-    storage.makedirs(ccfg.output, ep)
+    storage.makedirs(ccfg.output, ccfg.s3_endpoint_url)
+    return units, keys
 
-    # stage 1
-    s1 = stage_fetch_analyse(units, keys, ccfg)
-    t1 = time.perf_counter()
 
-    # stage 2: dedup + balance from the ledgers (written by other processes: scan_stage1 lists afresh)
-    info: dict = {}
+def stage2_begin(cfg, keys: list[str], semantic: bool) -> tuple[dict[str, int], str, int]:
+    """(the ledger generation of every block, stage 2's fingerprint, stale shards removed). Each final shard
+    records the fingerprint it was made with; only shards with this one are skipped."""
+    ccfg, ep = cfg.curate, cfg.curate.s3_endpoint_url
     gens, _, _ = scan_stage1(ccfg.output, ep)
     missing = [k for k in keys if k not in gens]
     if missing:
@@ -450,30 +440,45 @@ def run_stages(cfg, semantic: bool) -> dict:
     gens = {k: gens[k] for k in keys}
     fp2 = _fingerprint(sorted(keys), asdict(ccfg.dedup), asdict(ccfg.balance), cfg.run.seed, SCHEMA_VERSION,
                        asdict(cfg.semantic) if semantic else None, sorted((k, g) for k, g in gens.items() if g))
-    # each final shard records the fingerprint it was made with; only shards with this one are skipped
     storage.write_bytes_atomic(storage.join(ccfg.output, "_stage2.json"),
                                json.dumps({"fingerprint": fp2, "blocks": len(keys)}).encode(), ep)
-    info["stale_shards_removed"] = remove_stale_shards(ccfg, keys)
+    return gens, fp2, remove_stale_shards(ccfg, keys)
+
+
+def read_ok_rows(cfg, keys: list[str], gens: dict[str, int], semantic: bool) -> tuple[Any, int]:
+    """(the rows that passed stage 1, with node keys and the unlabelled flag, materialised; their count)."""
+    import ray.data
+
+    ccfg, ep = cfg.curate, cfg.curate.s3_endpoint_url
+    if not keys:
+        return None, 0
     fs, _ = storage.open_fs(ccfg.output, ep)
     paths = [storage.open_fs(ledger_uri(ccfg.output, k, gens[k]), ep)[1] for k in keys]
-    meta = None
-    n_ok = 0
-    if paths:
-        meta = (ray.data.read_parquet(paths, filesystem=fs)
-                .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
-                .map_batches(_where, fn_kwargs={"column": "reason", "op": "eq", "value": "ok"},
-                             batch_format="pyarrow")
-                .map_batches(dedup.add_node_keys, batch_format="pyarrow")
-                .map_batches(_flag_unlabelled, batch_format="pyarrow"))
-        if semantic:
-            meta = stage_semantic_embed(meta, cfg)
-        meta = meta.materialize()
-        n_ok = meta.count()
-    decisions = None
-    if n_ok:
-        dups = stage_dedup(meta, ccfg, info) if ccfg.dedup.enabled else None
-        centres = fit_centres(meta, ccfg, cfg.run.seed, info) if ccfg.balance.enabled else None
-        decisions = stage_balance(meta, dups, centres, ccfg, cfg.run.seed)
+    meta = (ray.data.read_parquet(paths, filesystem=fs)
+            .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
+            .map_batches(_where, fn_kwargs={"column": "reason", "op": "eq", "value": "ok"}, batch_format="pyarrow")
+            .map_batches(dedup.add_node_keys, batch_format="pyarrow")
+            .map_batches(_flag_unlabelled, batch_format="pyarrow"))
+    if semantic:
+        meta = stage_semantic_embed(meta, cfg)
+    meta = meta.materialize()
+    return meta, meta.count()
+
+
+def stage_decide(cfg, meta) -> tuple[Any, dict]:
+    """(every row's decision: duplicate, category cap or kept with its category; the counters for the summary)."""
+    ccfg = cfg.curate
+    info: dict = {}
+    dups = centres = None
+    if ccfg.dedup.enabled:
+        dups, info = stage_dedup(meta, ccfg)
+    if ccfg.balance.enabled:
+        centres, info["unlabelled"] = fit_centres(meta, ccfg, cfg.run.seed)
+    return stage_balance(meta, dups, centres, ccfg, cfg.run.seed), info
+
+
+def write_all(decisions, keys: list[str], gens: dict[str, int], ccfg, fp2: str) -> tuple[dict, int, int]:
+    """(the shards' summed stats, shards written, shards skipped as already made with this fingerprint)."""
     totals: dict = {}
     written = skipped = 0
     for res in stage_write(decisions, keys, gens, ccfg, fp2).iter_rows():
@@ -481,9 +486,12 @@ def run_stages(cfg, semantic: bool) -> dict:
         written += not res["skipped"]
         skipped += bool(res["skipped"])
         if ccfg.fail_after_shards and written >= ccfg.fail_after_shards:
-            raise InjectedFault(f"fail_after_shards={ccfg.fail_after_shards} reached")
-    t2 = time.perf_counter()
+            raise FaultInjected(f"fail_after_shards={ccfg.fail_after_shards} reached")
+    return totals, written, skipped
 
+
+def make_summary(ccfg, keys: list[str], s1: dict, totals: dict, written: int, skipped: int, info: dict,
+                 t0: float, t1: float, t2: float) -> dict:
     summary = {
         "schema_version": SCHEMA_VERSION, "output": ccfg.output, "blocks": len(keys),
         "stage1_blocks_run": s1["blocks_run"], "stage1_blocks_skipped": s1["blocks_skipped"],
@@ -501,46 +509,45 @@ def run_stages(cfg, semantic: bool) -> dict:
     summary["throughput_images_per_s"] = round(summary["seen"] / max(t2 - t0, 1e-9), 3)
     summary["stage1_images_per_s"] = round(
         summary["seen"] / max(t1 - t0, 1e-9), 3) if s1["blocks_run"] == len(keys) else None
-    storage.write_bytes_atomic(storage.join(ccfg.output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(), ep)
+    return summary
+
+
+def run_stages(cfg, semantic: bool) -> dict:
+    """plan -> stage 1 -> dedup -> embed -> balance -> write; every finished piece is on storage, so a repeat
+    after a failure redoes only what is missing."""
+    ccfg = cfg.curate
+    t0 = time.perf_counter()
+    set_shuffle(ccfg.shuffle)
+    units, keys = stage_plan(ccfg)
+    s1 = stage_fetch_analyse(units, keys, ccfg)
+    t1 = time.perf_counter()
+    # stage 2: dedup + balance from the ledgers (written by other processes: scan_stage1 lists afresh)
+    gens, fp2, stale = stage2_begin(cfg, keys, semantic)
+    meta, n_ok = read_ok_rows(cfg, keys, gens, semantic)
+    decisions, info = stage_decide(cfg, meta) if n_ok else (None, {})
+    totals, written, skipped = write_all(decisions, keys, gens, ccfg, fp2)
+    summary = make_summary(ccfg, keys, s1, totals, written, skipped, {"stale_shards_removed": stale, **info},
+                           t0, t1, time.perf_counter())
+    storage.write_bytes_atomic(storage.join(ccfg.output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(),
+                               ccfg.s3_endpoint_url)
     if cfg.run.mlflow.enabled:
         _track(cfg, summary)
     return summary
 
 
-def _flat(prefix: str, d: dict, out: dict) -> dict:
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            _flat(key + ".", v, out)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = v
-    return out
-
-
 def _track(cfg, summary: dict) -> None:
-    import mlflow
-
+    from jobkit.tracking import log_job_run, numeric_leaves
     from vosr.config import to_dict
-    from vosr.tracking import log_dict, log_params, setup_mlflow
 
-    setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"{cfg.run.name}-curate"):
-        params = {k: v for k, v in _flat("curate.", to_dict(cfg.curate), {}).items()}
-        params["curate.sources"] = ",".join(cfg.curate.sources)[:500]
-        log_params(params)
-        mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in _flat("", summary, {}).items()})
-        log_dict(summary, "curate_summary.json")
+    params = numeric_leaves(to_dict(cfg.curate), "curate.")
+    params["curate.sources"] = ",".join(cfg.curate.sources)[:500]
+    log_job_run(cfg, "curate", params, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vosr.config import redact
-    from vosr.jobargs import parse_job_args
+    from jobkit.args import job_main
 
-    cfg, _ = parse_job_args("Curate web images into Parquet shards (Ray Data).", argv,
-                            writes=["curate.output"])
-    summary = run(cfg)
-    print(json.dumps(redact(summary), indent=1))
-    return 0
+    return job_main(__doc__, argv, lambda cfg, _: run(cfg), writes=["curate.output"])
 
 
 if __name__ == "__main__":

@@ -108,7 +108,6 @@ def shard_files(uri: str, endpoint_url: str = "") -> list[str]:
     In a curate job's output (one with _stage2.json) a shard is committed by its stats JSON, written after it
     (pipelines/curation/writer.py): a shard without one was cut off by a kill and is not listed. A folder of shards
     made otherwise (no _stage2.json) lists every .parquet."""
-    storage.refresh_listing(uri, endpoint_url)
     files = storage.list_files(storage.join(uri, SHARDS_DIR), endpoint_url=endpoint_url)
     shards = [f for f in files if f.endswith(".parquet")]
     if not storage.exists(storage.join(uri, STAGE2_FILE), endpoint_url):

@@ -319,7 +319,6 @@ def finalize_shard(settings: dict, name: str, part_uris: list[str]) -> dict:
 def remove_parts(output: str, name: str = "", endpoint_url: str = "") -> int:
     """Delete the part files of one shard (or all parts when `name` is empty); returns how many were removed."""
     root = parts_uri(output, name)
-    storage.refresh_listing(root, endpoint_url)
     files = storage.list_files(root, "", endpoint_url)
     for f in files:
         storage.delete(f, endpoint_url)

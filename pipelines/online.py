@@ -5,20 +5,16 @@
         tensors = decode_feature_rows(batch, online_metadata(cfg))
 
 Same stage functions as pipelines/precompute.py (read_curated -> make_pairs -> Encoder), so for the same ids,
-variants and global seed both modes give identical degraded bytes and equal encodings (METHOD.md s0). A training
+variants and global seed both modes give identical degraded bytes and equal encodings (docs/method.md s0). A training
 loop that wants fresh degradations every epoch passes `variants=range(e * K, (e + 1) * K)`.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines import curate_schema, feature_schema  # noqa: E402
-from pipelines.feature_stages import degrade_and_encode, read_curated, strip_helpers  # noqa: E402
+from pipelines import curate_schema, feature_schema
+from pipelines.feature_stages import degrade_and_encode, read_curated, strip_helpers
 
 
 def online_metadata(cfg) -> dict:
@@ -40,7 +36,7 @@ def online_dataset(cfg, variants: Iterable[int] | None = None, keep_rows: Callab
     sem_tokens, degrade_params). Bad images are dropped (the materialised job counts them in its stats).
     `keep_rows` (pyarrow table -> filtered table, on the curated columns id/image/kept/path) selects images before
     any decoding or encoding, e.g. one side of training's hold-out split."""
-    from pipelines.ray_env import init_ray
+    from jobkit.ray_env import init_ray
 
     init_ray(cfg)
     pcfg = cfg.precompute

@@ -22,20 +22,12 @@ and produces the rest. No row byte reaches the driver and no global order is kep
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines import curate_schema, feature_schema, feature_writer  # noqa: E402
-from pipelines.feature_stages import degrade_and_encode, read_curated  # noqa: E402
-from vosr import storage  # noqa: E402
-
-
-class FaultInjected(RuntimeError):
-    """Raised by precompute.fail_after_shards (tests of resumption)."""
-
+from jobkit.faults import FaultInjected
+from pipelines import curate_schema, feature_schema, feature_writer
+from pipelines.feature_stages import degrade_and_encode, read_curated
+from vosr import storage
 
 _basename = feature_writer.basename
 
@@ -54,7 +46,6 @@ def plan(cfg, start_ray=None) -> dict:
     if not files:
         raise FileNotFoundError(f"no curated shards under {storage.join(pcfg.input, curate_schema.SHARDS_DIR)}")
     out_dir = storage.join(pcfg.output, feature_schema.SHARDS_DIR)
-    storage.refresh_listing(out_dir, ep)
     finished = {_basename(f) for f in storage.list_files(out_dir, ".parquet", ep)}
     done = [f for f in files if _basename(f) in finished]
     pending = [f for f in files if _basename(f) not in finished]
@@ -182,7 +173,7 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
 
 
 def run(cfg, log=print) -> dict:
-    from pipelines.ray_env import init_ray
+    from jobkit.ray_env import init_ray
 
     if cfg.precompute.mode != "materialize":
         raise ValueError("precompute.mode=online writes nothing; use pipelines.online.online_dataset(cfg) from the "
@@ -244,35 +235,19 @@ def summarize(cfg, p: dict, written: list[dict], meta: dict, wall: float) -> dic
 
 
 def log_mlflow(cfg, summary: dict) -> None:
-    import mlflow
+    from jobkit.tracking import log_job_run
 
-    from vosr.tracking import log_dict, log_params, setup_mlflow
-
-    setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"{cfg.run.name}-precompute"):
-        params = {f"precompute.{k}": v for k, v in vars(cfg.precompute).items()}
-        params.update({"preset": cfg.preset, "data.resolution": cfg.data.resolution,
-                       "autoencoder.name": cfg.autoencoder.name, "semantic.name": cfg.semantic.name,
-                       "degrade.preset": cfg.degrade.preset, "run.seed": cfg.run.seed})
-        log_params(params)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))
-                            and not isinstance(v, bool) and v is not None})
-        log_dict(summary, "precompute_summary.json")
+    params = {f"precompute.{k}": v for k, v in vars(cfg.precompute).items()}
+    params.update({"preset": cfg.preset, "data.resolution": cfg.data.resolution,
+                   "autoencoder.name": cfg.autoencoder.name, "semantic.name": cfg.semantic.name,
+                   "degrade.preset": cfg.degrade.preset, "run.seed": cfg.run.seed})
+    log_job_run(cfg, "precompute", params, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vosr.config import redact
-    from vosr.jobargs import parse_job_args
+    from jobkit.args import job_main
 
-    cfg, _ = parse_job_args("Precompute VOSR features (HR latents, K LR variants with semantic tokens).", argv,
-                            writes=["precompute.output"])
-    try:
-        summary = run(cfg)
-    except (FileNotFoundError, feature_schema.FeatureMismatchError) as exc:
-        print(f"precompute error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(redact(summary), indent=2))
-    return 0
+    return job_main(__doc__, argv, lambda cfg, _: run(cfg), writes=["precompute.output"])
 
 
 if __name__ == "__main__":

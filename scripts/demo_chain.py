@@ -169,10 +169,10 @@ def start_local_ray(num_cpus: int, object_store_mb: int) -> str:
     """One Ray for the whole chain; the jobs join it like `ray job submit` jobs join a cluster."""
     import ray
 
-    from pipelines.ray_env import start_local_ray as start
+    from jobkit.ray_env import start_local_ray as start
 
     # address="local": always a new Ray of our own, never another Ray that happens to run on this machine. Its
-    # jobs (started after this, with this environment) give their workers the quiet hook (pipelines/ray_env.py).
+    # jobs (started after this, with this environment) give their workers the quiet hook (jobkit/ray_env.py).
     start({"PYTHONPATH": str(ROOT)}, num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20,
           log_to_driver=False)
     return ray.get_runtime_context().gcs_address
@@ -204,8 +204,8 @@ def record_in_mlflow(chain: Chain, stage: str, res: StageResult, artifacts: list
     MLflow store holds every stage: the job's summary numbers as metrics, its outputs as artifacts."""
     import mlflow
 
+    from jobkit.tracking import setup_mlflow
     from vosr.config import load_config
-    from vosr.tracking import setup_mlflow
 
     cfg = load_config(CONFIG_DIR / f"{stage}.yaml", [*chain.base_sets(), f"run.output_root={chain.out}"])
     setup_mlflow(cfg)
@@ -265,44 +265,79 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from demo.photo_server import PhotoServer
-    from pipelines.ray_env import DASHBOARDLESS_ENV
-
+def prepare_output(args) -> Path:
+    """The output root; a chain from the first stage rebuilds every stage's output (the MLflow store stays: run
+    history)."""
     out = Path(args.out)
     out = out if out.is_absolute() else (ROOT / out)
-    first, last = STAGES.index(args.start), STAGES.index(args.stop)
-    if first == 0 and out.exists():
-        # A fresh chain: the MLflow store stays (run history), stage outputs are rebuilt.
+    if STAGES.index(args.start) == 0 and out.exists():
         for sub in ("curated", "features", "checkpoints", "eval", "holdout", "serve", "summaries", "logs",
                     "report_assets"):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    holdout = read_holdout()
-    holdout_uri = prepare_holdout(out, holdout, args.storage)
-    log(f"output root {out}; {len(holdout)} photos held out of training for evaluation ({holdout_uri}): "
-        f"{', '.join(holdout)}")
+    return out
+
+
+def job_environment(args) -> tuple[dict[str, str], str]:
+    """(the environment of the stage jobs, the address of the local Ray they all join: "" with --ray-per-stage).
+    The repository root goes first on their PYTHONPATH, so the stages import this checkout even where the
+    installed (editable) project points at another one."""
+    from jobkit.ray_env import DASHBOARDLESS_ENV
 
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_DEDUP_LOGS", "0")
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
-    ray_address = ""
-    if not args.ray_per_stage:
-        t0 = time.time()
-        ray_address = start_local_ray(args.num_cpus, args.object_store_mb)
-        env["RAY_ADDRESS"] = ray_address
-        env[DASHBOARDLESS_ENV] = "1"  # the jobs joining this dashboard-less Ray quiet their workers (ray_env.py)
-        # A new local Ray enables token authentication in this process's environment; the jobs need the same
-        # mode to join it (the token itself is read from the default token file).
-        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-            if k in os.environ:
-                env[k] = os.environ[k]
-        log(f"local Ray at {ray_address} ({args.num_cpus} CPUs) started in {time.time() - t0:.0f}s; "
-            "every stage joins it")
+    if args.ray_per_stage:
+        return env, ""
+    t0 = time.time()
+    ray_address = start_local_ray(args.num_cpus, args.object_store_mb)
+    env["RAY_ADDRESS"] = ray_address
+    env[DASHBOARDLESS_ENV] = "1"  # the jobs joining this dashboard-less Ray quiet their workers (ray_env.py)
+    # A new local Ray enables token authentication in this process's environment; the jobs need the same mode to
+    # join it (the token itself is read from the default token file).
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    log(f"local Ray at {ray_address} ({args.num_cpus} CPUs) started in {time.time() - t0:.0f}s; "
+        "every stage joins it")
+    return env, ray_address
+
+
+def serve_photos_and_curate(chain, out: Path, args, holdout: list[str]) -> dict[str, Any]:
+    """The curate stage against the project's own photo site on loopback (the held-out photos not served);
+    returns what the site served, also kept in summaries/site.json."""
+    from demo.photo_server import PhotoServer, list_photos
+
+    exclude = list(holdout)
+    if args.max_photos:
+        served = [p.name for p in list_photos() if p.name not in holdout]
+        exclude += served[args.max_photos:]
+    with PhotoServer(exclude=exclude) as site:
+        site.write_url_list(out / "urls.txt")
+        if args.storage:
+            from vosr import storage
+
+            storage.write_bytes_atomic(chain.data_uri("urls.txt"), (out / "urls.txt").read_bytes())
+        info = {"base_url": site.base_url, "expected": site.expected(), "urls": len(site.site)}
+        log(f"photo site at {site.base_url}: {len(site.site)} URLs {site.expected()}")
+        chain.run("curate")
+    (out / "summaries" / "site.json").write_text(json.dumps(info))
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = prepare_output(args)
+    first, last = STAGES.index(args.start), STAGES.index(args.stop)
+    t_start = time.time()
+    holdout = read_holdout()
+    holdout_uri = prepare_holdout(out, holdout, args.storage)
+    log(f"output root {out}; {len(holdout)} photos held out of training for evaluation ({holdout_uri}): "
+        f"{', '.join(holdout)}")
+
+    env, ray_address = job_environment(args)
     chain = Chain(out, args.set, ray_address, env, args.storage)
     ctx: dict[str, Any] = {"site": {}, "teacher": "", "student": ""}
 
@@ -319,22 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         return True
 
     def crawl_and_curate() -> None:
-        exclude = list(holdout)
-        if args.max_photos:
-            from demo.photo_server import list_photos
-
-            served = [p.name for p in list_photos() if p.name not in holdout]
-            exclude += served[args.max_photos:]
-        with PhotoServer(exclude=exclude) as site:
-            site.write_url_list(out / "urls.txt")
-            if args.storage:
-                from vosr import storage
-
-                storage.write_bytes_atomic(chain.data_uri("urls.txt"), (out / "urls.txt").read_bytes())
-            ctx["site"] = {"base_url": site.base_url, "expected": site.expected(), "urls": len(site.site)}
-            log(f"photo site at {site.base_url}: {len(site.site)} URLs {site.expected()}")
-            chain.run("curate")
-        (out / "summaries" / "site.json").write_text(json.dumps(ctx["site"]))
+        ctx["site"] = serve_photos_and_curate(chain, out, args, holdout)
 
     def distill() -> None:
         if not ctx["teacher"]:

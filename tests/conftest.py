@@ -36,7 +36,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    from pipelines.ray_env import start_local_ray
+    from jobkit.ray_env import start_local_ray
 
     start_local_ray({"PYTHONPATH": str(ROOT)}, num_cpus=2, object_store_memory=300 * 2**20)  # quiet workers
     yield ray

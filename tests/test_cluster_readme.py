@@ -395,7 +395,7 @@ def test_submitted_job_refuses_relative_output_paths(monkeypatch, capsys):
     """Unit check (no Ray) of the rule the README states: under `ray job submit` (Ray's job supervisor sets
     RAY_JOB_CONFIG_JSON_ENV_VAR), relative paths a job writes to are refused, naming the key; relative paths it
     only reads, and every path of a job run directly, are left alone."""
-    from vosr.jobargs import SUBMITTED_JOB_ENV, parse_job_args, submitted_working_dir
+    from jobkit.args import SUBMITTED_JOB_ENV, parse_job_args, submitted_working_dir
 
     argv = ["--set", "curate.output=rel/curated", "--set", "curate.sources=[assets/urls.txt]",
             "--set", "run.mlflow.tracking_uri=http://127.0.0.1:5000"]

@@ -70,11 +70,11 @@ def test_explain_lists_every_key_with_default():
 def test_cli_misspelt_key_exits_nonzero(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("train:\n  stpes: 3\n")
-    r = subprocess.run([sys.executable, "-m", "vosr.cli", "config", "--config", str(f)],
+    r = subprocess.run([sys.executable, "-m", "jobkit.cli", "config", "--config", str(f)],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "train.stpes" in r.stderr and "'steps'" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "vosr.cli", "config", "--explain", "distill"],
+    r = subprocess.run([sys.executable, "-m", "jobkit.cli", "config", "--explain", "distill"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "distill.delta_t: float = 0.01" in r.stdout
 

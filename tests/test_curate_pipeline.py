@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobkit.faults import FaultInjected
 from pipelines import curate
 from pipelines.curate_schema import CURATED_SCHEMA, read_kept, read_kept_table, shard_files
 from tests.helpers.http_fixture import encode, http_site  # noqa: F401 - pytest fixture
@@ -127,7 +128,7 @@ def test_url_list_every_url_accounted_dups_found_private_refused(env, http_site,
     # MLflow run with the counts
     import mlflow
 
-    from vosr.tracking import setup_mlflow
+    from jobkit.tracking import setup_mlflow
     setup_mlflow(cfg)
     runs = mlflow.search_runs(experiment_names=[cfg.run.mlflow.experiment])
     assert float(runs.iloc[0]["metrics.kept"]) == summary["kept"]
@@ -151,11 +152,11 @@ def test_s3_in_and_out_kill_and_resume_same_kept_set(env, photos, tmp_path):
     assert ref["bucket_overflow"]["buckets"] >= 1 and ref["bucket_overflow"]["rows"] >= 4  # 4 look-alikes, cap 3
 
     out = s3site.uri("resumed")
-    with pytest.raises(curate.InjectedFault):
+    with pytest.raises(FaultInjected):
         curate.run(_cfg(tmp_path, {**section, "output": out, "fail_after_blocks": 1}))
     n_stage1 = len(s3site.keys("resumed/_stage1/"))
     assert 0 < n_stage1 and not s3site.keys("resumed/shards/")
-    with pytest.raises(curate.InjectedFault):
+    with pytest.raises(FaultInjected):
         curate.run(_cfg(tmp_path, {**section, "output": out, "fail_after_shards": 1}))
     assert not s3site.keys("resumed/summary.json")
     done = curate.run(_cfg(tmp_path, {**section, "output": out}))

@@ -1,4 +1,4 @@
-"""Degradation (METHOD.md s1): kernels, sampled-parameter distributions, determinism, quantisation, crops."""
+"""Degradation (docs/method.md s1): kernels, sampled-parameter distributions, determinism, quantisation, crops."""
 
 from __future__ import annotations
 

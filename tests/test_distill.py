@@ -1,4 +1,4 @@
-"""One-step distillation against METHOD.md s7 / s10.9 and paper A.1."""
+"""One-step distillation against docs/method.md s7 / s10.9 and paper A.1."""
 
 from __future__ import annotations
 

@@ -112,7 +112,7 @@ def test_distillation_moves_onestep_toward_the_teacher_and_registers_the_student
     hq, lq, sem = _rows(features)
     noise = torch.randn(lq.shape, generator=generator(7))
     with torch.no_grad():
-        # the teacher target of METHOD.md s7: guidance omega with the weak branch at w = 0.1, 25 Euler steps
+        # the teacher target of docs/method.md s7: guidance omega with the weak branch at w = 0.1, 25 Euler steps
         target = sample_multistep(t_model, lq, sem, steps=25, guidance_scale=cfg.distill.omega,
                                   weak_strength=cfg.distill.weak_strength, noise=noise)
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Encoders (METHOD.md s2, s3, s10 items 6 and 8): specs, registries, codecs and the semantic ViT.
+"""Encoders (docs/method.md s2, s3, s10 items 6 and 8): specs, registries, codecs and the semantic ViT.
 
 No weights can be downloaded here, so every loader is exercised with tiny models built in the test, saved in the
 real on-disk formats (diffusers folders, timm / original DINOv2 state dicts) and loaded through the same code
@@ -136,7 +136,7 @@ def test_sd21_loader_scaling_and_posterior(tmp_path):
     assert mode.shape == (2, 4, 4, 6)
     torch.testing.assert_close(mode, post.mode() * 0.18215)
     g = torch.Generator().manual_seed(3)
-    sampled = codec.encode(x, generator=g)  # default: sample_posterior=True (METHOD.md s2)
+    sampled = codec.encode(x, generator=g)  # default: sample_posterior=True (docs/method.md s2)
     assert not torch.allclose(sampled, mode)
     torch.testing.assert_close(sampled, post.sample(generator=torch.Generator().manual_seed(3)) * 0.18215)
     torch.testing.assert_close(codec.encode(x, generator=torch.Generator().manual_seed(3)), sampled)
@@ -240,7 +240,7 @@ def _hand_tokens(vit, x01, layer, size=448):
 def test_dinov2_loader_block_output_without_cls_or_norm(tmp_path, monkeypatch):
     monkeypatch.setitem(enc_specs.DINOV2_ARCH, "dinov2_vitb14", SMALL_DINO)
     src = _small_dinov2_checkpoint(tmp_path)
-    x = torch.rand(2, 3, 96, 160)  # non-square: resized to 448x448 regardless of aspect (METHOD.md s3)
+    x = torch.rand(2, 3, 96, 160)  # non-square: resized to 448x448 regardless of aspect (docs/method.md s3)
     with torch.no_grad():
         want, full = _hand_tokens(src, x, layer=1)
         normed = src.norm(full)[:, 1:]

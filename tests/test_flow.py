@@ -1,4 +1,4 @@
-"""Flow matching, partial conditioning, guidance and samplers against METHOD.md s5-6 / s10.2-5."""
+"""Flow matching, partial conditioning, guidance and samplers against docs/method.md s5-6 / s10.2-5."""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def test_student_r_embedder_is_drawn_from_normal_0_002_with_zero_biases():
     for student in (build_dit(cfg, student=True), distill.student_from_teacher(teacher, cfg)):
         for layer in (student.r_embedder.mlp[0], student.r_embedder.mlp[2]):
             w = layer.weight.detach().double().flatten().numpy()
-            # METHOD.md s4: timestep MLPs N(0, 0.02) (not xavier: a uniform of that width fails the KS test)
+            # docs/method.md s4: timestep MLPs N(0, 0.02) (not xavier: a uniform of that width fails the KS test)
             assert stats.kstest(w, "norm", args=(0.0, 0.02)).pvalue > 1e-4
             assert stats.kstest(w, "uniform", args=(-w.std() * 3 ** 0.5, 2 * w.std() * 3 ** 0.5)).pvalue < 1e-6
             assert torch.count_nonzero(layer.bias) == 0
@@ -203,7 +203,7 @@ def test_shortcut_target_is_the_average_velocity_through_the_midpoint_state():
     b = hq.shape[0]
     z_t, t, r, lq_in, sem_in = z2[:b], t2[:b], r2[b:], lq2[:b], sem2[:b]
     assert torch.equal(r2[:b], t)
-    # METHOD.md s7 shortcut, by hand: s = (t+r)/2; v1 = f(z_t, t, s); z_s = z_t - (t-r)/2 v1; v2 = f(z_s, s, r)
+    # docs/method.md s7 shortcut, by hand: s = (t+r)/2; v1 = f(z_t, t, s); z_s = z_t - (t-r)/2 v1; v2 = f(z_s, s, r)
     with torch.no_grad():
         s = (t + r) / 2
         v1 = student(z_t, t, lq_in, sem_in, r=s)
@@ -222,7 +222,7 @@ def test_self_distillation_fallback_guides_between_ground_truth_and_the_students
 
     cfg, _, student, hq, lq, sem = _distill_setup("rcgm")
     d = distill.distill_inputs(student, None, hq, lq, sem, cfg.distill, cfg.flow, torch.Generator().manual_seed(6))
-    with torch.no_grad():  # METHOD.md s7: v_cond = eps - hq, v_weak = student(0.1 lq, zero tokens, r = t)
+    with torch.no_grad():  # docs/method.md s7: v_cond = eps - hq, v_weak = student(0.1 lq, zero tokens, r = t)
         v_w = student(d["z_t"], d["t"], 0.1 * lq, torch.zeros_like(sem), r=d["t"])
     v_c = d["eps"] - hq
     omega = cfg.distill.omega
@@ -340,7 +340,7 @@ def test_poisson_noise_levels_are_the_next_power_of_two_of_distinct_8bit_values(
 def test_adain_uses_the_unbiased_std_with_eps_inside_the_square_root():
     from vosr.colorfix import ADAIN_EPS, adain
 
-    assert ADAIN_EPS == 1e-5  # METHOD.md s8
+    assert ADAIN_EPS == 1e-5  # docs/method.md s8
     x = torch.tensor([0.1, 0.2, 0.6, 0.3], dtype=torch.float64).view(1, 1, 2, 2).repeat(1, 3, 1, 1)
     ref = torch.tensor([0.5, 0.9, 0.7, 0.5, 0.6, 0.8], dtype=torch.float64).view(1, 1, 2, 3).repeat(1, 3, 1, 1)
     rs = ref[0, 0].flatten()

@@ -165,7 +165,10 @@ def test_dockerfile_uses_cuda_base_and_installs_the_project():
     assert pinned and f"torch=={pinned.group(1)}" in pyproject, "the image pins the project's torch"
     assert "-c constraints.txt" in text and re.search(r"pip install .*-e \"?\.", text)
     copied = set(re.findall(r"^COPY\s+(\S+)\s", text, flags=re.M))
-    for needed in ("vosr", "pipelines", "training", "inference", "configs", "pyproject.toml"):
+    packages = [name.rstrip("*") for name in
+                re.findall(r'"([^"]+)"', re.search(r"^include = \[(.*)\]", pyproject, flags=re.M).group(1))]
+    assert "jobkit" in packages  # every installed package is copied into the image, the console script's included
+    for needed in (*packages, "configs", "pyproject.toml"):
         assert needed in copied, f"the image does not copy {needed}"
     for src in copied:
         assert (ROOT / src).exists(), f"COPY of a missing path {src}"

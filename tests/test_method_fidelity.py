@@ -1,6 +1,6 @@
-"""Independent fidelity checks of the method library against METHOD.md (s1, s4-s7, s10).
+"""Independent fidelity checks of the method library against docs/method.md (s1, s4-s7, s10).
 
-Each test recomputes a detail by hand from METHOD.md (not from the code under test) and compares, so it fails if
+Each test recomputes a detail by hand from docs/method.md (not from the code under test) and compares, so it fails if
 the detail is wrong: adaLN-single chunk order and the raw cross-attention, QK-norm before 2D RoPE, the final layer
 on c (not c0), the gap-scaled r embedding, init rules, the rectified-flow training draws (per-sample t, a, mask;
 per-batch w; clean w*lq; zeroed raw tokens), the guided sampler and its branches, the Euler direction, the
@@ -66,7 +66,7 @@ class Recorder(torch.nn.Module):
         return self.model(z, t, lq, sem, r=r)
 
 
-# --- METHOD.md s4 / s10.7: block layout ----------------------------------------------------------------------------
+# --- docs/method.md s4 / s10.7: block layout ----------------------------------------------------------------------------
 
 def _hand_rope(x, h, w, head_dim, theta=10000.0):
     """EVA 2D RoPE by hand: first half of the channels rotate with the row, second with the column; adjacent
@@ -148,7 +148,7 @@ def test_block_update_sequence_and_adaln_chunk_order():
         h = h + blk.cross_attn(h, ctx)  # raw residual stream as the query: no norm, no modulation, no gate
         return h + g2 * blk.mlp(_rms(h, blk.norm2.weight) * (1 + sc2) + sh2)
 
-    method = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")  # METHOD.md s4
+    method = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")  # docs/method.md s4
     with torch.no_grad():
         got = blk(x, c0, ctx, rope)
         torch.testing.assert_close(got, reference(method), atol=1e-5, rtol=1e-5)
@@ -231,7 +231,7 @@ def test_zeroed_raw_tokens_reach_every_block_as_one_learned_constant_token():
     assert float(want.abs().max()) > 1e-3  # the null token is learned, not zero
 
 
-# --- METHOD.md s5 / s10.2-10.4: training draws -------------------------------------------------------------------
+# --- docs/method.md s5 / s10.2-10.4: training draws -------------------------------------------------------------------
 
 def test_training_inputs_flow_convention_and_per_sample_draws():
     cfg = _cfg()
@@ -292,7 +292,7 @@ def test_training_loss_is_plain_mse_of_the_model_on_the_mixed_inputs():
     assert abs(float(other) - float(want)) > 1e-3 * float(want)  # the comparison is sensitive to t
 
 
-# --- METHOD.md s6 / s10.2, s10.5: sampler --------------------------------------------------------------------------
+# --- docs/method.md s6 / s10.2, s10.5: sampler --------------------------------------------------------------------------
 
 def test_timesteps_and_euler_direction():
     torch.testing.assert_close(flow.timesteps(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
@@ -354,7 +354,7 @@ def test_one_step_sampler_is_z1_minus_f_at_t1_r0_without_cfg():
     assert [(float(c["t"][0]), float(c["r"][0])) for c in rec.calls] == [(1.0, 0.5), (0.5, 0.0)]
 
 
-# --- METHOD.md s7 / s10.9: distillation ------------------------------------------------------------------------
+# --- docs/method.md s7 / s10.9: distillation ------------------------------------------------------------------------
 
 def test_t_r_sampling_distribution():
     t, r = distill.sample_t_r(20000, torch.Generator().manual_seed(3))
@@ -489,7 +489,7 @@ def test_rcgm_loss_end_to_end_with_student_rollout_and_stop_gradient():
     torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-3)
 
 
-# --- METHOD.md s1 / s10.10: degradation order ----------------------------------------------------------------------
+# --- docs/method.md s1 / s10.10: degradation order ----------------------------------------------------------------------
 
 def _spy_ops(monkeypatch):
     from vosr.degrade import ops

@@ -1,4 +1,4 @@
-"""The DiT backbone against METHOD.md s4 / s10.7: sizes, structure, RoPE, time embedding, conditioning paths."""
+"""The DiT backbone against docs/method.md s4 / s10.7: sizes, structure, RoPE, time embedding, conditioning paths."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from vosr.cli import main as cli_main
+from jobkit.cli import main as cli_main
 from vosr.config import config_from_dict
 from vosr.model import build_dit, count_parameters
 from vosr.model.layers import timestep_sinusoid
@@ -38,7 +38,7 @@ def with_output_layer(model, seed=1):
     return model
 
 
-# --- sizes (METHOD.md s4 table) ------------------------------------------------------------------------------------
+# --- sizes (docs/method.md s4 table) ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset,total,extra", [("vosr-0.5b", 485.6e6, 1.31e6), ("vosr-1.4b", 1393.9e6, 2.76e6)])
 def test_parameter_counts_match_method_table(preset, total, extra):

@@ -19,7 +19,7 @@ def save_tiny(uri: str, endpoint: str, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = build_dit(cfg)
     with torch.no_grad():
-        model.final_layer.linear.weight.normal_(0, 0.05)   # zero at init (METHOD.md s4): make it distinct
+        model.final_layer.linear.weight.normal_(0, 0.05)   # zero at init (docs/method.md s4): make it distinct
     save_checkpoint(uri, cfg, model, endpoint_url=endpoint)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -119,7 +119,8 @@ def materialised(s3, ray_local, curated, tmp_path_factory):
     """The precompute job on s3:// in and out, killed by fault injection after its first shard, then re-run to
     completion. (s3 starts before Ray so the workers inherit its test credentials.) Both runs under DriverGuard,
     with the plan's row counting in tasks (one shard per task)."""
-    from pipelines.precompute import FaultInjected, run
+    from jobkit.faults import FaultInjected
+    from pipelines.precompute import run
 
     local = tmp_path_factory.mktemp("run")
     out, ep = s3.uri("features"), s3.endpoint_url

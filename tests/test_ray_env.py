@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from pipelines.ray_env import init_ray
+from jobkit.ray_env import init_ray
 from vosr.config import config_from_dict
 
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"

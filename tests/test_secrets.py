@@ -46,7 +46,7 @@ def test_redact_text_and_structures():
 
 
 def test_secret_keys_are_refused_on_the_command_line(capsys):
-    from vosr.cli import main
+    from jobkit.cli import main
 
     with pytest.raises(ConfigError, match="cannot be set on the command line"):
         config_from_dict({}, [f"serve.api_key={KEY}"])
@@ -62,7 +62,7 @@ def test_secret_keys_are_refused_on_the_command_line(capsys):
 
 
 def test_vosr_config_prints_no_secret(tmp_path, capsys):
-    from vosr.cli import main
+    from jobkit.cli import main
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"serve": {"api_key": KEY},

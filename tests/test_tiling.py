@@ -1,4 +1,4 @@
-"""Tile geometry, blend weights and the blended velocity wrapper (METHOD.md s8)."""
+"""Tile geometry, blend weights and the blended velocity wrapper (docs/method.md s8)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_tile_starts_append_the_edge_tile():
 
 
 def test_reference_geometry_at_512px():
-    # METHOD.md s8: T = 512 at f = 8 gives lt = 64 latents and ov = 8 (the lt // 8 floor dominates 4 px or 32 px)
+    # docs/method.md s8: T = 512 at f = 8 gives lt = 64 latents and ov = 8 (the lt // 8 floor dominates 4 px or 32 px)
     for overlap_px in (4, 32):
         g = tile_grid(128, 160, 512, overlap_px, factor=8)
         assert (g.size, g.overlap, g.stride) == (64, 8, 56)
@@ -52,7 +52,7 @@ def test_tiles_cover_and_stay_inside(lh, lw, tile, ov):
 def test_gaussian_weights_shape_and_edges():
     w = gaussian_weights(64)
     assert w.shape == (64, 64)
-    # sigma = 0.1 lt: the edge weighs ~5e-6 of the centre (METHOD.md s8)
+    # sigma = 0.1 lt: the edge weighs ~5e-6 of the centre (docs/method.md s8)
     edge = math.exp(-((31.5 / 64) ** 2) / 0.02)
     assert w[0, 32].item() == pytest.approx(edge * w[31, 32].item() / math.exp(-((0.5 / 64) ** 2) / 0.02),
                                             rel=1e-5)

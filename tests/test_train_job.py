@@ -77,14 +77,6 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def _s3(uri: str, endpoint: str):
-    """vosr.storage with s3fs's per-process listing cache dropped (the objects come from Ray workers)."""
-    from vosr import storage
-
-    storage.refresh_listing(uri, endpoint)
-    return storage
-
-
 def _metric_steps(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
@@ -141,11 +133,11 @@ def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_
     # 1. a worker dies at step 5 with no retries left: the job stops after the step-4 checkpoint
     with pytest.raises(ray.train.TrainingFailedError):
         run(tiny_cfg(tmp_path, features, "pt", *base, "train.fail_at_step=5", "train.max_failures=0"))
-    files = _s3(run_uri, moto_s3).list_files(run_uri, "", moto_s3)
+    files = storage.list_files(run_uri, "", moto_s3)
     assert any(f.endswith("checkpoint_00000004/model.safetensors") for f in files)
     assert not any("checkpoint_00000006" in f for f in files)
-    assert _s3(run_uri, moto_s3).exists(f"{run_uri}/_vosr_fault_injected_step5", moto_s3)
-    run_id = json.loads(_s3(run_uri, moto_s3).read_bytes(f"{run_uri}/_vosr_run.json", moto_s3))["run_id"]
+    assert storage.exists(f"{run_uri}/_vosr_fault_injected_step5", moto_s3)
+    run_id = json.loads(storage.read_bytes(f"{run_uri}/_vosr_run.json", moto_s3))["run_id"]
     assert client.get_run(run_id).info.status == "FAILED"
 
     # 2. re-submitted: resumes from step 4; a worker dies again at step 7 and FailureConfig restores step 6
@@ -154,8 +146,8 @@ def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_
     assert summary["steps"] == 8 and summary["steps_this_submission"] == 4
     assert summary["mlflow_run_id"] == run_id, "a resumed job continues its MLflow run"
     assert summary["checkpoint_uri"] == f"{run_uri}/checkpoint_00000008"
-    assert _s3(run_uri, moto_s3).exists(f"{run_uri}/_vosr_fault_injected_step7", moto_s3)
-    assert json.loads(_s3(run_uri, moto_s3).read_bytes(f"{run_uri}/summary.json", moto_s3))["steps"] == 8
+    assert storage.exists(f"{run_uri}/_vosr_fault_injected_step7", moto_s3)
+    assert json.loads(storage.read_bytes(f"{run_uri}/summary.json", moto_s3))["steps"] == 8
 
     local = tmp_path / "final"
     ray.train.Checkpoint(summary["checkpoint_uri"].removeprefix("s3://"),
@@ -199,5 +191,5 @@ def test_pretrain_interrupted_resumed_fault_tolerant_tracked_and_idempotent(ray_
     again = run(cfg)
     assert again["skipped"] is True and again["steps_this_submission"] == 0 and again["steps"] == 8
     assert len(client.get_metric_history(run_id, "train/loss")) == n_loss
-    ckpts = {f.split("/")[-2] for f in _s3(run_uri, moto_s3).list_files(run_uri, "config.json", moto_s3)}
+    ckpts = {f.split("/")[-2] for f in storage.list_files(run_uri, "config.json", moto_s3)}
     assert ckpts == {"checkpoint_00000006", "checkpoint_00000008"}  # keep_checkpoints = 2

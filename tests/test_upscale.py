@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def make_checkpoint(folder, student: bool, seed: int = 0) -> str:
     """A tiny random-weight checkpoint saved and loaded the way real ones are. The final layer is zero at init
-    (METHOD.md s4), which would make the velocity 0; give it small random weights so the model matters."""
+    (docs/method.md s4), which would make the velocity 0; give it small random weights so the model matters."""
     cfg = config_from_dict({})
     torch.manual_seed(seed)
     model = build_dit(cfg, student=student)
@@ -109,7 +109,7 @@ def test_multistep_guidance_changes_the_result(teacher, photo):
     a = teacher.upscale(lr, steps=2, guidance=1.0, color_fix="none")
     b = teacher.upscale(lr, steps=2, guidance=-0.5, color_fix="none")
     assert a.size == (80, 80) and _psnr(a, b) < 80
-    assert teacher.resolve(mode="multistep").steps == 25          # flow.steps default (METHOD.md s6)
+    assert teacher.resolve(mode="multistep").steps == 25          # flow.steps default (docs/method.md s6)
     assert teacher.resolve(mode="multistep").weak_strength == 0.15
 
 

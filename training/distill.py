@@ -1,4 +1,4 @@
-"""One-step distillation of the multi-step teacher on Ray Train (METHOD.md s7), registered in MLflow.
+"""One-step distillation of the multi-step teacher on Ray Train (docs/method.md s7), registered in MLflow.
 
     python training/distill.py --config configs/distill/tiny.yaml --set distill_job.teacher=<checkpoint folder>
 
@@ -6,20 +6,18 @@ The student starts from the teacher's EMA weights plus a fresh target-time embed
 The loss is recursive consistency (distill.method=rcgm, default) or shortcut, with the teacher guidance omega
 from distill.omega. At the end the student's final checkpoint is registered in the MLflow model registry under
 distill_job.register_name; the summary JSON carries the registered version.
+
+Stages (training/job.py): resolve run -> skip if finished -> connect -> open data -> start tracking -> fit ->
+summarise (prune checkpoints; an FSDP run exports its sharded final checkpoint) -> register -> finish.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.job import run_job  # noqa: E402
-from vosr.config import redact  # noqa: E402
-from vosr.jobargs import parse_job_args  # noqa: E402
+from jobkit.args import job_main
+from training.job import run_job
 
 
 def _register(cfg):
@@ -46,11 +44,7 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args("Distil the VOSR teacher into a one-step student on Ray Train.", argv,
-                            writes=["train.storage_path"])
-    summary = run(cfg)
-    print(json.dumps(redact(summary), indent=2, sort_keys=True, default=str))
-    return 0
+    return job_main(__doc__, argv, lambda cfg, _: run(cfg), writes=["train.storage_path"])
 
 
 if __name__ == "__main__":

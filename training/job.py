@@ -14,7 +14,6 @@ not enough after a node loss.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,6 @@ def resolve_run(cfg: Any) -> RunPaths:
 
 
 def _read_json(uri: str, endpoint: str) -> dict[str, Any] | None:
-    storage.refresh_listing(uri, endpoint)  # markers come from Ray workers and earlier submissions
     if not storage.exists(uri, endpoint):
         return None
     return json.loads(storage.read_bytes(uri, endpoint))
@@ -70,12 +68,8 @@ def finished_summary(paths: RunPaths) -> dict[str, Any] | None:
 
 
 def connect(cfg: Any) -> None:
-    from pipelines.ray_env import init_ray
+    from jobkit.ray_env import init_ray
 
-    # A locally started Ray inherits this environment, so workers can import the project.
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(REPO_ROOT) not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *parts])
     init_ray(cfg)
     import ray.data
 
@@ -88,9 +82,9 @@ def start_tracking(cfg: Any, paths: RunPaths, job: str) -> tuple[str, str]:
         return "", ""
     from mlflow.tracking import MlflowClient
 
+    from jobkit.tracking import resolve_tracking_uri, setup_mlflow
     from vosr.config import redact, redact_text
     from vosr.config.schema import flatten
-    from vosr.tracking import resolve_tracking_uri, setup_mlflow
 
     exp_id = setup_mlflow(cfg)
     uri = resolve_tracking_uri(cfg)
@@ -119,14 +113,6 @@ def _storage_filesystem(paths: RunPaths):
     return None, paths.storage_uri
 
 
-def _worker_env() -> dict[str, Any] | None:
-    import ray
-
-    if "working_dir" in (ray.get_runtime_context().runtime_env or {}):
-        return None  # `ray job submit --working-dir .` already ships the project to every worker
-    return {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
-
-
 def fit(cfg: Any, job: str, paths: RunPaths, datasets: dict[str, Any], tracking_uri: str, run_id: str,
         feature_meta: dict | None = None):
     import ray.train
@@ -142,8 +128,7 @@ def fit(cfg: Any, job: str, paths: RunPaths, datasets: dict[str, Any], tracking_
     run_config = ray.train.RunConfig(
         name=paths.name, storage_path=storage_path, storage_filesystem=fs,
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-        worker_runtime_env=_worker_env())
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=spec,
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
@@ -241,7 +226,8 @@ def fail_tracking(tracking_uri: str, run_id: str) -> None:
 
 
 def run_job(cfg: Any, job: str, after_fit=None) -> dict[str, Any]:
-    """The whole driver for `job` ("pretrain" or "distill"). `after_fit(summary, result, paths)` may add keys."""
+    """The whole driver for `job` ("pretrain" or "distill"). `after_fit(summary, result, paths, tracking_uri,
+    run_id)` may return keys to add to the summary."""
     from training.data import training_datasets
 
     stage_s: dict[str, float] = {}

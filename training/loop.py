@@ -6,7 +6,7 @@ warm-up, EMA, accumulation) -> log (rank 0, MLflow) -> validate (rank 0) -> chec
 rank reports; under FSDP every rank writes and uploads its own shards, `_checkpoint_sharded`).
 
 Randomness: each optimiser step of each rank draws from its own generator seeded by
-vosr.seeding.rank_seed(seed, rank, step) (METHOD.md s0: ranks never share a stream), so a resumed run draws the
+vosr.seeding.rank_seed(seed, rank, step) (docs/method.md s0: ranks never share a stream), so a resumed run draws the
 same numbers it would have drawn without the interruption.
 """
 
@@ -18,18 +18,17 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from jobkit.faults import FaultInjected
+
 DONE_MARKER = "_vosr_done.json"
 FAULT_MARKER = "_vosr_fault_injected_step{step}"
-
-
-class FaultInjected(RuntimeError):
-    """Raised once by one worker at train.fail_at_step (fault-injection option)."""
 
 
 class ModelCall:
@@ -47,7 +46,7 @@ class ModelCall:
 
 
 def local_micro_batch(global_batch: int, world: int, accum: int) -> int:
-    """The global batch is split across workers and accumulation micro-steps (METHOD.md s5: global batch)."""
+    """The global batch is split across workers and accumulation micro-steps (docs/method.md s5: global batch)."""
     if global_batch % (world * accum):
         raise ValueError(f"train.batch_size {global_batch} must be divisible by num_workers x grad_accum "
                          f"({world} x {accum})")
@@ -55,7 +54,7 @@ def local_micro_batch(global_batch: int, world: int, accum: int) -> int:
 
 
 def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    """Constant LR after an optional linear warm-up (METHOD.md s5: constant_with_warmup, 0 warm-up)."""
+    """Constant LR after an optional linear warm-up (docs/method.md s5: constant_with_warmup, 0 warm-up)."""
     if warmup > 0 and step <= warmup:
         return base_lr * step / warmup
     return base_lr
@@ -70,7 +69,7 @@ def _device(use_gpu: bool) -> torch.device:
 
 
 def _autocast(device: torch.device):
-    # METHOD.md s5: bf16 autocast for the DiT with fp32 master weights on GPU; plain fp32 on CPU.
+    # docs/method.md s5: bf16 autocast for the DiT with fp32 master weights on GPU; plain fp32 on CPU.
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -97,21 +96,21 @@ def _no_sync(wrapped: nn.Module, fsdp: bool):
 
 
 def make_optimizer(params, tc) -> torch.optim.Optimizer:
-    """METHOD.md s5: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01 on all parameters (one group, no
+    """docs/method.md s5: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01 on all parameters (one group, no
     exclusions)."""
     return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.adam_eps,
                              weight_decay=tc.weight_decay)
 
 
 def init_from_checkpoint(objective, model: nn.Module, ema, folder: str) -> dict[str, Any]:
-    """`train.init_from`: load another run's weights, then re-initialise the EMA from them (METHOD.md s5)."""
+    """`train.init_from`: load another run's weights, then re-initialise the EMA from them (docs/method.md s5)."""
     info = objective.init_from(model, folder)
     ema.reset(model)
     return info
 
 
 def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, ema, grad_clip: float, fsdp: bool = False):
-    """Global-norm clip (METHOD.md s5: 1.0), AdamW step, zero grads, one EMA update (every optimiser step).
+    """Global-norm clip (docs/method.md s5: 1.0), AdamW step, zero grads, one EMA update (every optimiser step).
     `ema`: vosr.ema.EMA, or under FSDP training/fsdp.ShardedEMA (local shards, no communication).
     Returns the pre-clip gradient norm (a float under FSDP, a tensor otherwise)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # DTensors under FSDP2
@@ -154,7 +153,6 @@ def _inject_fault(spec: dict[str, Any], step: int, rank: int, world: int) -> Non
         return
     marker = storage.join(_storage_uri(spec), FAULT_MARKER.format(step=step))
     endpoint = spec.get("endpoint", "")
-    storage.refresh_listing(marker, endpoint)  # the marker may come from another process
     if storage.exists(marker, endpoint):
         return
     storage.write_bytes_atomic(marker, json.dumps({"step": step, "rank": rank, "time": time.time()}).encode(),
@@ -196,22 +194,48 @@ def _mean_across_ranks(values: dict[str, float], world: int, device: torch.devic
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
 
-def train_loop_per_worker(spec: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker. `spec`: job, cfg (dict), run_uri, endpoint, tracking_uri, run_id."""
+@dataclass
+class Worker:
+    """One Ray Train worker's state, built by the named steps of `train_loop_per_worker` below."""
+
+    spec: dict[str, Any]
+    cfg: Any
+    rank: int
+    world: int
+    device: torch.device
+    micro: int
+    objective: Any = None
+    model: nn.Module | None = None
+    ema: Any = None                 # vosr.ema.EMA: full weights (validation, unsharded checkpoints)
+    step_ema: Any = None            # what each optimiser step updates: `ema`, or under FSDP its local shards
+    wrapped: nn.Module | None = None
+    call: ModelCall | None = None
+    opt: torch.optim.Optimizer | None = None
+    fsdp: bool = False
+    position: dict[str, Any] = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0,
+                                                               "samples": 0})
+    resume: tuple | None = None     # (step, folder URI, source) of the checkpoint continued from
+    resumed_from: int | None = None
+    init_info: dict[str, Any] = field(default_factory=dict)
+    logger: Any = None
+    validator: Any = None
+    stream: Any = None
+
+    @property
+    def tc(self):
+        return self.cfg.train
+
+    @property
+    def endpoint(self) -> str:
+        return self.spec.get("endpoint", "")
+
+
+def _start(spec: dict[str, Any]) -> Worker:
+    """This worker's rank, device and micro-batch; CPU threads or TF32 as configured."""
     import ray.train
 
-    from training.data import BatchStream
-    from training.export import is_sharded
-    from training.objectives import make_objective
-    from training.resume import checkpoint_name, open_checkpoint, write_manifest
-    from training.tracking import RunLogger
-    from training.train_state import FULL_OPTIMIZER, check_optimizer_format, restore_train_state
-    from vosr.checkpoint import load_train_state
     from vosr.config import config_from_dict
-    from vosr.ema import EMA
-    from vosr.seeding import generator, rank_seed
 
-    t_start = time.perf_counter()
     cfg = config_from_dict(spec["cfg"])
     tc = cfg.train
     ctx = ray.train.get_context()
@@ -222,100 +246,182 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     elif tc.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    micro = local_micro_batch(tc.batch_size, world, tc.grad_accum)
+    return Worker(spec, cfg, rank, world, device, local_micro_batch(tc.batch_size, world, tc.grad_accum))
 
-    # --- stage: model and EMA, restored from the latest checkpoint or `train.init_from` ----------------------
-    torch.manual_seed(rank_seed(cfg.run.seed, 0, -1))  # same init on every rank (DDP also broadcasts rank 0)
-    objective = make_objective(spec["job"], cfg, device)
-    model = objective.build_model().to(device)
-    ema = EMA(model, tc.ema_decay)
-    position: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
-    resumed_from = None
-    init_info: dict[str, Any] = {}
-    resume = _resume_point(spec, rank, world, device)
-    ckpt = open_checkpoint(resume[1], spec.get("endpoint", "")) if resume else None
-    sharded_ckpt = resume is not None and is_sharded(resume[1], spec.get("endpoint", ""))
-    if ckpt is not None and not sharded_ckpt:  # a sharded one is loaded after wrapping, shard by shard
-        with ckpt.as_directory() as d:
-            _load_weights(Path(d), model, ema)
-    elif ckpt is None and tc.init_from:
-        init_info = init_from_checkpoint(objective, model, ema, tc.init_from)
 
-    # --- stage: parallel wrapper and optimiser ---------------------------------------------------------------
-    fsdp = tc.strategy == "fsdp" and world > 1
-    wrapped = _wrap(model, tc.strategy, world)
-    call = ModelCall(wrapped, model)
-    opt = make_optimizer(wrapped.parameters(), tc)
-    step_ema = ema
-    if fsdp:  # the EMA is updated on local shards and gathered into `ema` only to export or validate
+def _restore_weights(w: Worker) -> None:
+    """Model and EMA: the same init on every rank, then the run's latest complete checkpoint (an unsharded one
+    here; a sharded one after wrapping, shard by shard) or else `train.init_from`."""
+    from training.export import is_sharded
+    from training.objectives import make_objective
+    from training.resume import open_checkpoint
+    from vosr.ema import EMA
+    from vosr.seeding import rank_seed
+
+    torch.manual_seed(rank_seed(w.cfg.run.seed, 0, -1))  # same init on every rank (DDP also broadcasts rank 0)
+    w.objective = make_objective(w.spec["job"], w.cfg, w.device)
+    w.model = w.objective.build_model().to(w.device)
+    w.ema = EMA(w.model, w.tc.ema_decay)
+    w.resume = _resume_point(w.spec, w.rank, w.world, w.device)
+    if w.resume is not None and not is_sharded(w.resume[1], w.endpoint):
+        with open_checkpoint(w.resume[1], w.endpoint).as_directory() as d:
+            _load_weights(Path(d), w.model, w.ema)
+    elif w.resume is None and w.tc.init_from:
+        w.init_info = init_from_checkpoint(w.objective, w.model, w.ema, w.tc.init_from)
+
+
+def _wrap_and_optimiser(w: Worker) -> None:
+    """DDP or FSDP wrapper, AdamW, and the EMA the steps update (under FSDP: local shards, no communication)."""
+    w.fsdp = w.tc.strategy == "fsdp" and w.world > 1
+    w.wrapped = _wrap(w.model, w.tc.strategy, w.world)
+    w.call = ModelCall(w.wrapped, w.model)
+    w.opt = make_optimizer(w.wrapped.parameters(), w.tc)
+    w.step_ema = w.ema
+    if w.fsdp:  # the EMA is gathered into `ema` only to export or validate
         from training import fsdp as fsdp_utils
 
-        step_ema = fsdp_utils.ShardedEMA(ema, model)
-    if sharded_ckpt:  # any world size and strategy: DCP reshards; each rank reads only the pieces it holds
-        position = _load_sharded(resume[1], spec.get("endpoint", ""), wrapped, opt, step_ema, device)
-        resumed_from = int(position["step"])
-    elif ckpt is not None:
-        with ckpt.as_directory() as d:
+        w.step_ema = fsdp_utils.ShardedEMA(w.ema, w.model)
+
+
+def _restore_state(w: Worker) -> None:
+    """Optimizer moments, RNG and data position of the checkpoint continued from (a sharded one also its weights:
+    DCP reshards to any world size and strategy, each rank reading only the pieces it holds)."""
+    from training.export import is_sharded
+    from training.resume import open_checkpoint
+    from training.train_state import FULL_OPTIMIZER, check_optimizer_format, restore_train_state
+    from vosr.checkpoint import load_train_state
+
+    if w.resume is None:
+        return
+    if is_sharded(w.resume[1], w.endpoint):
+        w.position = _load_sharded(w.resume[1], w.endpoint, w.wrapped, w.opt, w.step_ema, w.device)
+    else:
+        with open_checkpoint(w.resume[1], w.endpoint).as_directory() as d:
             saved = load_train_state(str(d))
         if saved:
-            check_optimizer_format(saved, fsdp)
-            position = restore_train_state(saved, None if fsdp else opt, device)
-            if fsdp:  # every rank holds the full, name-keyed state; each keeps its shard
+            check_optimizer_format(saved, w.fsdp)
+            w.position = restore_train_state(saved, None if w.fsdp else w.opt, w.device)
+            if w.fsdp:  # every rank holds the full, name-keyed state; each keeps its shard
                 from training import fsdp as fsdp_utils
 
-                fsdp_utils.load_optimizer(wrapped, opt, saved[FULL_OPTIMIZER])
-        resumed_from = int(position["step"])
+                fsdp_utils.load_optimizer(w.wrapped, w.opt, saved[FULL_OPTIMIZER])
+    w.resumed_from = int(w.position["step"])
 
-    logger = RunLogger(spec.get("tracking_uri", ""), spec.get("run_id", ""), enabled=rank == 0)
-    if rank == 0 and resumed_from is not None:
-        logger.metrics({"train/resumed_from_step": resumed_from}, step=resumed_from)
-        logger.tag("vosr.last_resume_source", resume[2])
-    if rank == 0 and init_info:
-        logger.params({f"init.{k}": v for k, v in init_info.items()})
 
-    validator = None
-    if rank == 0 and tc.val_images > 0:
+def _open_logging_and_data(w: Worker, t_start: float) -> None:
+    """MLflow logger (rank 0 logs), the validator (rank 0) and this rank's batch stream from its position."""
+    import ray.train
+
+    from training.data import BatchStream
+    from training.tracking import RunLogger
+
+    w.logger = RunLogger(w.spec.get("tracking_uri", ""), w.spec.get("run_id", ""), enabled=w.rank == 0)
+    if w.rank == 0 and w.resumed_from is not None:
+        w.logger.metrics({"train/resumed_from_step": w.resumed_from}, step=w.resumed_from)
+        w.logger.tag("vosr.last_resume_source", w.resume[2])
+    if w.rank == 0 and w.init_info:
+        w.logger.params({f"init.{k}": v for k, v in w.init_info.items()})
+    if w.rank == 0 and w.tc.val_images > 0:
         from training.validation import Validator
 
-        validator = Validator(cfg, objective, ray.train.get_dataset_shard("val"), device, spec.get("feature_meta"))
+        w.validator = Validator(w.cfg, w.objective, ray.train.get_dataset_shard("val"), w.device,
+                                w.spec.get("feature_meta"))
+    w.stream = BatchStream(ray.train.get_dataset_shard("train"), w.micro, seed=w.cfg.run.seed, rank=w.rank,
+                           shuffle_buffer=w.tc.shuffle_buffer, device=w.device, epoch=w.position["epoch"],
+                           batch_in_epoch=w.position["batch_in_epoch"], meta=w.spec.get("feature_meta"))
+    if w.rank == 0:
+        w.logger.metrics({"train/setup_s": time.perf_counter() - t_start}, step=int(w.position["step"]))
 
-    stream = BatchStream(ray.train.get_dataset_shard("train"), micro, seed=cfg.run.seed, rank=rank,
-                         shuffle_buffer=tc.shuffle_buffer, device=device, epoch=position["epoch"],
-                         batch_in_epoch=position["batch_in_epoch"], meta=spec.get("feature_meta"))
 
-    if rank == 0:
-        logger.metrics({"train/setup_s": time.perf_counter() - t_start}, step=int(position["step"]))
+def _optimise(w: Worker, step: int) -> tuple[float, dict[str, float], float]:
+    """One optimiser step: constant LR (after any warm-up), `grad_accum` micro-batches (gradient sync on the last
+    only), the loss's own generator per rank and step, clip, AdamW, EMA. Returns (lr, mean stats, grad norm)."""
+    from vosr.seeding import generator, rank_seed
 
-    # --- stage: optimise --------------------------------------------------------------------------------
-    step = int(position["step"])
-    samples = int(position["samples"])
+    tc = w.tc
+    if tc.fail_at_step == step:
+        _inject_fault(w.spec, step, w.rank, w.world)
+    lr = lr_at(step, tc.lr, tc.warmup_steps)
+    for group in w.opt.param_groups:
+        group["lr"] = lr
+    gen = generator(rank_seed(w.cfg.run.seed, w.rank, step))
+    stats_sum: dict[str, float] = {}
+    for k in range(tc.grad_accum):
+        batch = next(w.stream)
+        last_micro = k == tc.grad_accum - 1 or w.world == 1
+        with contextlib.nullcontext() if last_micro else _no_sync(w.wrapped, w.fsdp):
+            with _autocast(w.device):
+                loss, stats = w.objective.loss(w.call, batch, gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {float(loss)} at step {step} on rank {w.rank}")
+            (loss / tc.grad_accum).backward()
+        for key, v in stats.items():
+            if isinstance(v, (int, float)):
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(v) / tc.grad_accum
+    grad_norm = optimizer_step(w.model, w.opt, w.step_ema, tc.grad_clip, w.fsdp)
+    return lr, stats_sum, grad_norm
+
+
+def _checkpoint(w: Worker, step: int, samples: int, last: dict[str, float]) -> None:
+    """Every rank reports; rank 0 writes (under FSDP every rank writes and uploads its own shards); a checkpoint
+    step ends for every rank only once the checkpoint is registered, so a failure after it restores this one."""
+    import ray.train
+
+    from training.resume import checkpoint_name, write_manifest
+
+    w.position = {"step": step, "epoch": w.stream.epoch, "batch_in_epoch": w.stream.batch_in_epoch,
+                  "samples": samples}
+    metrics = {"step": step, "samples": samples, **{k: v for k, v in last.items()
+                                                     if isinstance(v, (int, float)) and math.isfinite(v)}}
+    if w.fsdp:  # no rank gathers the full state
+        _checkpoint_sharded(w.spec, w.cfg, w.model, w.wrapped, w.opt, w.step_ema, w.position, metrics, w.rank,
+                            w.world)
+    elif w.rank == 0:
+        with tempfile.TemporaryDirectory(prefix="vosr-ckpt-") as tmp:
+            folder = Path(tmp)
+            _save(folder, w.cfg, w.model, w.ema, w.opt, w.position, w.spec)
+            write_manifest(folder)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=checkpoint_name(step))
+        # Wait until the controller has registered it (at most one health-check poll): a restart after a failure
+        # from here on gets this checkpoint from Ray itself (training/resume.py).
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    else:
+        ray.train.report(metrics)
+    if w.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _print_progress(job: str, step: int, total: int, progress: tuple, last_ckpt_step: int | None) -> None:
+    """On the job's console (Ray forwards the worker's stdout to the driver); written to the stream, not print():
+    Ray Train patches print into its logger and may also tee it (twice)."""
+    sys.stdout.write(progress_line(job, step, total, progress[0], progress[1], progress[2], last_ckpt_step) + "\n")
+    sys.stdout.flush()
+
+
+def train_loop_per_worker(spec: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker. `spec`: job, cfg (dict), run_uri, endpoint, tracking_uri, run_id.
+    start -> restore weights -> wrap and optimiser -> restore state -> logging and data -> per step: optimise,
+    log, validate, checkpoint, progress line."""
+    t_start = time.perf_counter()
+    w = _start(spec)
+    _restore_weights(w)
+    _wrap_and_optimiser(w)
+    _restore_state(w)
+    _open_logging_and_data(w, t_start)
+
+    tc = w.tc
+    step, samples = int(w.position["step"]), int(w.position["samples"])
     window_t0, window_samples = time.perf_counter(), 0
     loop_t0, first_step = window_t0, step
-    last_ckpt_step = resumed_from
+    last_ckpt_step = w.resumed_from
     last: dict[str, float] = {}
-    model.train()
+    w.model.train()
     while step < tc.steps:
         step += 1
-        if tc.fail_at_step == step:
-            _inject_fault(spec, step, rank, world)
-        lr = lr_at(step, tc.lr, tc.warmup_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = generator(rank_seed(cfg.run.seed, rank, step))
-        stats_sum: dict[str, float] = {}
-        for k in range(tc.grad_accum):
-            batch = next(stream)
-            sync = contextlib.nullcontext() if (k == tc.grad_accum - 1 or world == 1) else _no_sync(wrapped, fsdp)
-            with sync:
-                with _autocast(device):
-                    loss, stats = objective.loss(call, batch, gen)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {step} on rank {rank}")
-                (loss / tc.grad_accum).backward()
-            for key, v in stats.items():
-                if isinstance(v, (int, float)):
-                    stats_sum[key] = stats_sum.get(key, 0.0) + float(v) / tc.grad_accum
-        grad_norm = optimizer_step(model, opt, step_ema, tc.grad_clip, fsdp)
+        lr, stats_sum, grad_norm = _optimise(w, step)
         samples += tc.batch_size
         window_samples += tc.batch_size
 
@@ -323,54 +429,27 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         is_log = step % tc.log_every == 0 or is_ckpt
         if is_log:
             stats_sum["grad_norm"] = float(grad_norm)
-            mean = _mean_across_ranks(stats_sum, world, device)
+            mean = _mean_across_ranks(stats_sum, w.world, w.device)
             now = time.perf_counter()
             throughput = window_samples / max(now - window_t0, 1e-9)
             window_t0, window_samples = now, 0
             last = {f"train/{k}": v for k, v in mean.items()}
-            last.update({"train/lr": lr, "train/samples_per_s": throughput, "train/epoch": stream.epoch})
-            logger.metrics(last, step=step)
+            last.update({"train/lr": lr, "train/samples_per_s": throughput, "train/epoch": w.stream.epoch})
+            w.logger.metrics(last, step=step)
             per_step = (now - loop_t0) / max(step - first_step, 1)
             progress = (mean.get("loss"), throughput, per_step * (tc.steps - step))
 
         val_due = tc.validate_every > 0 and step % tc.validate_every == 0
-        if fsdp and tc.val_images > 0 and (val_due or step == tc.steps):
-            step_ema.gather_into(ema)  # collective, on step-determined conditions only
-        if validator is not None and (val_due or step == tc.steps):
-            vm = validator.run(ema.module, step, logger)
-            last.update(vm)
-
+        if w.fsdp and tc.val_images > 0 and (val_due or step == tc.steps):
+            w.step_ema.gather_into(w.ema)  # collective, on step-determined conditions only
+        if w.validator is not None and (val_due or step == tc.steps):
+            last.update(w.validator.run(w.ema.module, step, w.logger))
         if is_ckpt:
-            position = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch,
-                        "samples": samples}
-            metrics = {"step": step, "samples": samples, **{k: v for k, v in last.items()
-                                                             if isinstance(v, (int, float)) and math.isfinite(v)}}
-            if fsdp:  # every rank writes and uploads its own shards; no rank gathers the full state
-                _checkpoint_sharded(spec, cfg, model, wrapped, opt, step_ema, position, metrics, rank, world)
-            elif rank == 0:
-                with tempfile.TemporaryDirectory(prefix="vosr-ckpt-") as tmp:
-                    folder = Path(tmp)
-                    _save(folder, cfg, model, ema, opt, position, spec)
-                    write_manifest(folder)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                                     checkpoint_dir_name=checkpoint_name(step))
-                # Wait until the controller has registered it (at most one health-check poll): a restart after
-                # a failure from here on gets this checkpoint from Ray itself (training/resume.py).
-                ray.train.get_all_reported_checkpoints(
-                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-            else:
-                ray.train.report(metrics)
-            if world > 1:  # a checkpoint step ends for every rank only once rank 0's checkpoint is registered, so
-                import torch.distributed as dist  # a failure on any rank after it restores this one
-
-                dist.barrier()
+            _checkpoint(w, step, samples, last)
             last_ckpt_step = step
-        if is_log and rank == 0:  # on the job's console (Ray forwards the worker's stdout to the driver); written
-            # to the stream, not print(): Ray Train patches print into its logger and may also tee it (twice)
-            line = progress_line(spec["job"], step, tc.steps, progress[0], progress[1], progress[2], last_ckpt_step)
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-    stream.close()
+        if is_log and w.rank == 0:
+            _print_progress(spec["job"], step, tc.steps, progress, last_ckpt_step)
+    w.stream.close()
 
 
 def _save(folder: Path, cfg, model: nn.Module, ema, opt, position: dict[str, Any], spec: dict[str, Any],

@@ -1,7 +1,7 @@
 """What each job trains: the model it optimises, its loss, and how validation samples from it.
 
 pretrain: the multi-step teacher with the flow-matching objective of vosr/flow.py (partial conditioning and LR
-noise augmentation, METHOD.md s5); validation samples with the multi-step guided sampler (s6).
+noise augmentation, docs/method.md s5); validation samples with the multi-step guided sampler (s6).
 distill: the one-step student initialised from the teacher's EMA (+ the target-time embedding) with the
 recursive-consistency (or shortcut) loss of vosr/distill.py (s7); the teacher is frozen, in eval mode, unwrapped.
 """
@@ -16,7 +16,7 @@ from torch import nn
 
 
 def _strip_positions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # METHOD.md s5: weights are loaded without RoPE tables, which are rebuilt for the new grid.
+    # docs/method.md s5: weights are loaded without RoPE tables, which are rebuilt for the new grid.
     return {k: v for k, v in state.items() if "rope" not in k and "freqs" not in k}
 
 
@@ -85,7 +85,7 @@ class DistillObjective:
         if meta.get("is_student"):
             raise ValueError(f"distill_job.teacher {folder} holds a student; give the multi-step teacher")
         teacher.to(device).eval()
-        teacher.requires_grad_(False)  # METHOD.md s7: frozen, eval mode, not wrapped
+        teacher.requires_grad_(False)  # docs/method.md s7: frozen, eval mode, not wrapped
         self.teacher = teacher
 
     def build_model(self) -> nn.Module:

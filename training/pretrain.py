@@ -1,23 +1,16 @@
-"""Multi-step teacher pretraining on Ray Train (METHOD.md s5), tracked in MLflow, fault tolerant.
+"""Multi-step teacher pretraining on Ray Train (docs/method.md s5), tracked in MLflow, fault tolerant.
 
     python training/pretrain.py --config configs/train/tiny.yaml [--set train.steps=50 ...]
     ray job submit --working-dir . -- python training/pretrain.py --config configs/train/tiny.yaml
 
 Stages (training/job.py): resolve run -> skip if finished -> connect -> open data -> start tracking -> fit ->
-summarise -> finish. Prints the summary JSON and writes it to <train.storage_path>/<run.name>/summary.json.
+summarise (prune checkpoints; an FSDP run exports its sharded final checkpoint) -> finish. Prints the summary JSON and writes it to <train.storage_path>/<run.name>/summary.json.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.job import run_job  # noqa: E402
-from vosr.config import redact  # noqa: E402
-from vosr.jobargs import parse_job_args  # noqa: E402
+from jobkit.args import job_main
+from training.job import run_job
 
 
 def run(cfg) -> dict:
@@ -25,11 +18,7 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args("Pretrain the multi-step VOSR teacher on Ray Train.", argv,
-                            writes=["train.storage_path"])
-    summary = run(cfg)
-    print(json.dumps(redact(summary), indent=2, sort_keys=True, default=str))
-    return 0
+    return job_main(__doc__, argv, lambda cfg, _: run(cfg), writes=["train.storage_path"])
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ def complete_checkpoints(run_uri: str, endpoint: str = "") -> list[tuple[int, st
     """[(step, folder URI)] of the complete checkpoint folders directly under `run_uri`, by step."""
     import pyarrow.fs as pafs
 
-    storage.refresh_listing(run_uri, endpoint)  # written by other processes
     fs, root = storage.open_fs(run_uri, endpoint)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         return []
@@ -125,5 +124,4 @@ def prune_untracked(run_uri: str, endpoint: str, tracked: set[str], keep: int, f
                 and name not in tracked and name not in newest):
             fs.delete_dir(info.path)
             deleted.append(name)
-    storage.refresh_listing(run_uri, endpoint)
     return sorted(deleted)

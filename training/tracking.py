@@ -1,6 +1,6 @@
 """MLflow from inside Ray Train workers: metrics and artifacts go to a run the driver created, by run id.
 
-Workers run in other folders, so they receive the driver's resolved absolute tracking URI (vosr/tracking.py)
+Workers run in other folders, so they receive the driver's resolved absolute tracking URI (jobkit/tracking.py)
 and never rely on a relative `mlruns` folder. Only rank 0 logs.
 """
 
@@ -44,8 +44,7 @@ class RunLogger:
         from vosr.config import redact
 
         items = [Param(k, str(v)[:6000]) for k, v in redact(values).items()]
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self._client.log_batch(self.run_id, params=items[i:i + 100])
+        self._client.log_batch(self.run_id, params=items)  # the client splits it into batches the server takes
 
     def tag(self, key: str, value: str) -> None:
         if self.enabled:

@@ -1,6 +1,6 @@
 """In-training validation on the held-out split (rank 0): sample, decode, PSNR/SSIM on Y, an image grid.
 
-Samples come from the EMA model (METHOD.md s5: the reference evaluates the EMA) with the objective's sampler:
+Samples come from the EMA model (docs/method.md s5: the reference evaluates the EMA) with the objective's sampler:
 multi-step with the configured guidance for the teacher, few-step for the student. Latents are decoded with the
 configured autoencoder; the reference is the decoded HR latent, so the metric measures the generator alone.
 The grid has one row per held-out image: LR (decoded LR latent) | sample | HR.

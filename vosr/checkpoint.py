@@ -7,7 +7,7 @@ without it is an unfinished checkpoint. Local paths and s3:// URIs both work (vo
 An FSDP run writes the sharded layout instead (config.json "layout": "dcp", weights and optimizer in dcp/,
 vosr/sharded.py); load_checkpoint reads both, and `python -m training.export` turns one into this layout.
 RoPE is never stored: it is recomputed from the grid, so `train_grid` / `train_resolution` on load rebuild it for
-another training grid (progressive 256 -> 512 stage, METHOD.md s5).
+another training grid (progressive 256 -> 512 stage, docs/method.md s5).
 """
 
 from __future__ import annotations

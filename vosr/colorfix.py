@@ -1,4 +1,4 @@
-"""Colour correction of the SR output against the bicubic-upsampled LR (METHOD.md s8, "Post-processing").
+"""Colour correction of the SR output against the bicubic-upsampled LR (docs/method.md s8, "Post-processing").
 
 - `adain` (default): per-channel global mean/std matching; std is the unbiased one, with eps 1e-5 added to the
   variance before the square root.
@@ -16,8 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-ADAIN_EPS = 1e-5          # METHOD.md s8
-LOWPASS_SIGMA = 5.0       # METHOD.md s8: the "wavelet" fix is a sigma = 5 px Gaussian blur
+ADAIN_EPS = 1e-5          # docs/method.md s8
+LOWPASS_SIGMA = 5.0       # docs/method.md s8: the "wavelet" fix is a sigma = 5 px Gaussian blur
 
 
 def _mean_std(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""One-step distillation of the guided teacher into a student f(z_t, t, r, kappa) (METHOD.md s7, paper A.1).
+"""One-step distillation of the guided teacher into a student f(z_t, t, r, kappa) (docs/method.md s7, paper A.1).
 
 Teacher target v_guide = v_w + omega (v_c - v_w): v_c from the noise-augmented lq and the full tokens, v_w from
 weak_strength * lq (0.1) and zeroed tokens; the same target for every sample, including the student's 10% in the
@@ -19,7 +19,7 @@ from .flow import _bcast, guide, interpolate, lr_noise_augment, rand, randn, vel
 
 def sample_t_r(batch: int, generator: torch.Generator | None, device: torch.device | str = "cpu"
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """t = max(u1, u2) (density 2t, toward noise), r = t * (1 - g), g ~ U(0, 1) = Beta(1, 1) (METHOD.md s7)."""
+    """t = max(u1, u2) (density 2t, toward noise), r = t * (1 - g), g ~ U(0, 1) = Beta(1, 1) (docs/method.md s7)."""
     u = rand((2, batch), generator, device)
     t = torch.maximum(u[0], u[1])
     g = rand((batch,), generator, device)
@@ -81,7 +81,7 @@ def distill_inputs(student: nn.Module, teacher: nn.Module | None, hq: torch.Tens
     z_t = interpolate(hq, eps, t)
     lq_noised, a = lr_noise_augment(lq, flow_cfg, generator)
     weak = rand((b,), generator, dev) < flow_cfg.cfg_ratio
-    ws = distill_cfg.weak_strength  # fixed 0.1 in distillation (METHOD.md s7)
+    ws = distill_cfg.weak_strength  # fixed 0.1 in distillation (docs/method.md s7)
     lq_in = torch.where(_bcast(weak, lq).bool(), ws * lq, lq_noised)
     sem_in = torch.where(_bcast(weak, sem).bool(), torch.zeros_like(sem), sem)
     if teacher is not None:
@@ -98,7 +98,7 @@ def distill_inputs(student: nn.Module, teacher: nn.Module | None, hq: torch.Tens
 def distill_loss(student: nn.Module, teacher: nn.Module | None, hq: torch.Tensor, lq: torch.Tensor,
                  sem: torch.Tensor, distill_cfg, flow_cfg, generator: torch.Generator | None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Base + consistency_weight * (RCGM | shortcut) loss for one batch (METHOD.md s7)."""
+    """Base + consistency_weight * (RCGM | shortcut) loss for one batch (docs/method.md s7)."""
     d = distill_inputs(student, teacher, hq, lq, sem, distill_cfg, flow_cfg, generator)
     b = hq.shape[0]
     t, r, z_t, lq_in, sem_in, v_guide, weak = (d[k] for k in ("t", "r", "z_t", "lq_in", "sem_in", "v_guide",

@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's parameters (METHOD.md s5: decay 0.9999, every optimiser step,
+"""Exponential moving average of a model's parameters (docs/method.md s5: decay 0.9999, every optimiser step,
 over named_parameters; re-initialised from the weights after loading a pretrained checkpoint)."""
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         src = dict(model.named_parameters())
-        for name, p_ema in self.module.named_parameters():
-            p = src[name].detach()
-            p_ema.lerp_(p.to(p_ema.device, p_ema.dtype), 1.0 - self.decay)
+        names = [name for name, _ in self.module.named_parameters()]
+        targets = [p for _, p in self.module.named_parameters()]
+        sources = [src[name].detach().to(t.device, t.dtype) for name, t in zip(names, targets)]
+        torch._foreach_lerp_(targets, sources, 1.0 - self.decay)  # one fused op over every parameter
         for name, b in model.named_buffers():  # buffers (none in the DiT) are copied as is
             self.module.get_buffer(name).copy_(b)
         self.num_updates += 1

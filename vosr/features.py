@@ -1,7 +1,7 @@
 """(HR crop, LR crop) -> (HR latent, LR latent, semantic tokens): the one encoding function.
 
 Used identically by the materialised precompute, the online dataset and training validation, so both data modes
-give the same tensors (METHOD.md s0). Following the reference (METHOD.md s2-3):
+give the same tensors (docs/method.md s0). Following the reference (docs/method.md s2-3):
 - HR and LR are mapped to [-1, 1], concatenated along the batch and encoded in one fp32 autoencoder call
   (posterior sample by default);
 - the semantic encoder sees the x4-upsampled LR in [0, 1] (it resizes to its input size itself).

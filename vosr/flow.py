@@ -1,6 +1,6 @@
 """Rectified-flow training with partial conditioning, restoration-oriented guidance and the samplers.
 
-Convention (METHOD.md s5-6, s10.2): t = 0 is data, t = 1 is noise; z_t = (1 - t) x0 + t eps; the network predicts
+Convention (docs/method.md s5-6, s10.2): t = 0 is data, t = 1 is noise; z_t = (1 - t) x0 + t eps; the network predicts
 the velocity eps - x0; sampling integrates with Euler from t = 1 down to t = 0: z <- z - (t_i - t_{i+1}) v.
 All training randomness comes from the torch.Generator passed in (its device is where draws happen).
 """
@@ -37,20 +37,20 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """z_t = (1 - t) x0 + t eps (METHOD.md s5.7)."""
+    """z_t = (1 - t) x0 + t eps (docs/method.md s5.7)."""
     tb = _bcast(t, x0)
     return (1 - tb) * x0 + tb * eps
 
 
 def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Flow-matching target eps - x0 (METHOD.md s5.7)."""
+    """Flow-matching target eps - x0 (docs/method.md s5.7)."""
     return eps - x0
 
 
 def lr_noise_augment(lq: torch.Tensor, flow_cfg, generator: torch.Generator | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical LR-latent noise augmentation a*lq + sqrt(1-a^2)*eps', a = sigmoid(N(mu, sigma)) per sample
-    (METHOD.md s5.5: mu 5, sigma 1 -> median a 0.993). Returns (lq_noised, a)."""
+    (docs/method.md s5.5: mu 5, sigma 1 -> median a 0.993). Returns (lq_noised, a)."""
     b = lq.shape[0]
     a = torch.sigmoid(flow_cfg.lr_aug_mu + flow_cfg.lr_aug_sigma * randn((b,), generator, lq.device))
     noise = randn(lq.shape, generator, lq.device).to(lq.dtype)
@@ -60,7 +60,7 @@ def lr_noise_augment(lq: torch.Tensor, flow_cfg, generator: torch.Generator | No
 
 def training_inputs(hq: torch.Tensor, lq: torch.Tensor, sem: torch.Tensor, flow_cfg,
                     generator: torch.Generator | None) -> dict[str, Any]:
-    """Draw everything one multi-step training step needs (METHOD.md s5).
+    """Draw everything one multi-step training step needs (docs/method.md s5).
 
     t ~ U(0,1) and eps per sample; LR noise augmentation per sample; a Bernoulli(cfg_ratio) partial-branch mask
     per sample whose samples get w*lq (CLEAN lq, w ~ U[min, max] drawn ONCE per batch) and zeroed raw semantic
@@ -80,7 +80,7 @@ def training_inputs(hq: torch.Tensor, lq: torch.Tensor, sem: torch.Tensor, flow_
 
 def training_loss(model, hq: torch.Tensor, lq: torch.Tensor, sem: torch.Tensor, flow_cfg,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Plain MSE over all elements of model(z_t, t, lq_mixed, sem_mixed) - (eps - x0) (METHOD.md s5.8)."""
+    """Plain MSE over all elements of model(z_t, t, lq_mixed, sem_mixed) - (eps - x0) (docs/method.md s5.8)."""
     d = training_inputs(hq, lq, sem, flow_cfg, generator)
     pred = model(d["z_t"], d["t"], d["lq_in"], d["sem_in"])
     loss = F.mse_loss(pred.float(), d["target"].float())
@@ -89,7 +89,7 @@ def training_loss(model, hq: torch.Tensor, lq: torch.Tensor, sem: torch.Tensor, 
     return loss, stats
 
 
-# --- guidance and samplers (METHOD.md s6, s7 one-step) --------------------------------------------------------
+# --- guidance and samplers (docs/method.md s6, s7 one-step) --------------------------------------------------------
 
 def guide(v_weak: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """v_w + s (v_c - v_w), written as (1-s) v_w + s v_c so s=0 / s=1 give each branch exactly."""
@@ -135,7 +135,7 @@ def _prepared(model, sem: torch.Tensor, cache: bool):
 def multistep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor, scale: float,
                           weak_strength: float = 0.15, cache_semantic: bool = False) -> VelocityFn:
     """Guided teacher velocity: conditioned branch (clean lq, a = 1, full tokens) and weak branch
-    (weak_strength * lq, zeroed raw tokens) in ONE doubled batch (METHOD.md s6)."""
+    (weak_strength * lq, zeroed raw tokens) in ONE doubled batch (docs/method.md s6)."""
     lq2 = torch.cat([lq, weak_strength * lq])
     sem2 = _prepared(model, torch.cat([sem, torch.zeros_like(sem)]), cache_semantic)
 
@@ -150,7 +150,7 @@ def multistep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor, scale: flo
 
 
 def fewstep_velocity_fn(model, lq: torch.Tensor, sem: torch.Tensor, cache_semantic: bool = False) -> VelocityFn:
-    """Student velocity f(z, t, r = t_next) with clean lq and full tokens, no CFG (METHOD.md s7)."""
+    """Student velocity f(z, t, r = t_next) with clean lq and full tokens, no CFG (docs/method.md s7)."""
     sem = _prepared(model, sem, cache_semantic)
 
     def fn(z: torch.Tensor, t: float, t_next: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Deterministic per-sample random streams: seed = f(global seed, sample id, variant, purpose).
 
-METHOD.md s0: every random draw of a sample (crop, degradation, noise) comes from its own generator, so a result
+docs/method.md s0: every random draw of a sample (crop, degradation, noise) comes from its own generator, so a result
 depends only on (global seed, id, variant), never on batch composition, worker count or rank.
 """
 
@@ -31,5 +31,5 @@ def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
 
 
 def rank_seed(global_seed: int, rank: int, step: int = 0) -> int:
-    """Seed of a training rank's own stream (METHOD.md s0: ranks never share a stream)."""
+    """Seed of a training rank's own stream (docs/method.md s0: ranks never share a stream)."""
     return derive_seed(int(global_seed), "rank", int(rank), int(step))

@@ -90,13 +90,6 @@ def delete(uri: str, endpoint_url: str = "") -> None:
         pass
 
 
-def refresh_listing(uri: str, endpoint_url: str = "") -> None:
-    """Forget this process's cached s3:// directory listings: s3fs caches them per process, and files written by
-    other processes since (Ray workers, earlier runs) would stay invisible to exists / list / read. No-op locally."""
-    if uri.startswith("s3://"):
-        fsspec_fs(uri, endpoint_url).invalidate_cache()
-
-
 def list_files(uri: str, suffix: str = "", endpoint_url: str = "") -> list[str]:
     """Files below `uri` (recursive), as URIs of the same scheme, sorted."""
     fs, path = open_fs(uri, endpoint_url)

@@ -1,4 +1,4 @@
-"""Latent-space tiling with Gaussian velocity blending (METHOD.md s8, "Tiled path").
+"""Latent-space tiling with Gaussian velocity blending (docs/method.md s8, "Tiled path").
 
 Large images are sampled tile by tile in latent space while the autoencoder still encodes and decodes the whole
 image once. At every ODE step each tile's velocity is computed from its own crop of the noisy latent, the LR
@@ -18,7 +18,7 @@ import torch
 
 VelocityFn = Callable[[torch.Tensor, float, float], torch.Tensor]
 
-# Blend weights exp(-((i - (lt-1)/2) / lt)^2 / (2 * 0.01)), i.e. sigma = 0.1 * lt (METHOD.md s8).
+# Blend weights exp(-((i - (lt-1)/2) / lt)^2 / (2 * 0.01)), i.e. sigma = 0.1 * lt (docs/method.md s8).
 GAUSSIAN_VAR = 0.01
 
 
@@ -69,7 +69,7 @@ def tile_size_latents(tile_px: int, factor: int, multiple: int = 2) -> int:
 
 def tile_grid(latent_h: int, latent_w: int, tile_px: int, overlap_px: int, factor: int,
               multiple: int = 2) -> TileGrid:
-    """Tile geometry of METHOD.md s8, generalised from f = 8 to the autoencoder's downsample `factor`.
+    """Tile geometry of docs/method.md s8, generalised from f = 8 to the autoencoder's downsample `factor`.
 
     lt = max(floor(T/f/m)*m, m), then min(lt, lh, lw) (the latent sizes are multiples of m after padding);
     ov = max(overlap // f, lt // 8), capped at lt // 2: a larger overlap only multiplies the tiles (the stride
@@ -104,7 +104,7 @@ def tile_count(latent_h: int, latent_w: int, tile_px: int, overlap_px: int, fact
 
 def gaussian_weights(size: int, dtype: torch.dtype = torch.float32,
                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """Separable [size, size] blend weights, peak 1 at the centre, about 5e-6 at an edge (METHOD.md s8)."""
+    """Separable [size, size] blend weights, peak 1 at the centre, about 5e-6 at an edge (docs/method.md s8)."""
     i = torch.arange(size, dtype=torch.float64)
     w = torch.exp(-(((i - (size - 1) / 2) / size) ** 2) / (2 * GAUSSIAN_VAR))
     return torch.outer(w, w).to(dtype=dtype, device=device)
@@ -125,7 +125,7 @@ class TiledVelocity:
     `make_fn(lq_tiles [n*B, C, lt, lt], sem_tiles [n*B, N, D]) -> velocity_fn(z, t, t_next)` builds the model's
     velocity function for a stack of tiles (e.g. `vosr.flow.multistep_velocity_fn` bound to model and options);
     tiles are processed `tile_batch` at a time. `sem_tiles` holds one [B, N, D] tensor per tile, encoded once
-    from the matching pixel crop before sampling starts (METHOD.md s8).
+    from the matching pixel crop before sampling starts (docs/method.md s8).
     """
 
     def __init__(self, make_fn: Callable[[torch.Tensor, torch.Tensor], VelocityFn], lq: torch.Tensor,
@@ -170,7 +170,7 @@ def pad_amount(size: int, multiple: int) -> int:
 
 
 def reflect_pad(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad [B, C, H, W] at the bottom/right to multiples of `multiple` by reflection (METHOD.md s0).
+    """Pad [B, C, H, W] at the bottom/right to multiples of `multiple` by reflection (docs/method.md s0).
 
     Reflection needs the pad to be smaller than the side, so a very small image is reflected repeatedly.
     Returns the padded tensor and the original (H, W) to crop back to.

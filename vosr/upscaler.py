@@ -1,8 +1,8 @@
 """Upscale images of any size with a VOSR checkpoint: one-step/few-step (student) or guided multi-step.
 
-Pipeline for a batch of same-size LR images (METHOD.md s8 with the project's decisions of s0):
+Pipeline for a batch of same-size LR images (docs/method.md s8 with the project's decisions of s0):
 1. PIL bicubic upsample to exactly (w*u, h*u), to [0, 1] (this is also the colour-fix reference).
-2. Reflect-pad to a multiple of downsample*patch so the latent grid patchifies (METHOD.md s0); crop back at the end.
+2. Reflect-pad to a multiple of downsample*patch so the latent grid patchifies (docs/method.md s0); crop back at the end.
 3. Autoencoder-encode the whole padded image once ([-1, 1] in; posterior sample or mode per
    autoencoder.inference_sample_posterior; each image draws from its own seeded generator).
 4. Semantic tokens of the whole image, or, when tiling, of each tile's matching pixel crop, encoded once.
@@ -27,12 +27,10 @@ import torch
 from PIL import Image
 
 from vosr import flow
+from vosr.choices import MODES, SCHEDULES
 from vosr.colorfix import COLOR_FIXES, color_fix
 from vosr.seeding import derive_seed
 from vosr.tiling import TiledVelocity, ceil_to, reflect_pad, tile_count, tile_grid
-
-MODES = ("onestep", "multistep")
-SCHEDULES = ("linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class UpscaleOptions:
 class CostPlan:
     """The model work of one upscale, known before any of it runs: `tiles` DiT inputs per step (1 untiled), each
     `area` latents (a tile, or the whole padded latent grid), for `steps` Euler steps of `passes` model passes
-    (2 for the guided multi-step mode: conditioned and weak branch, METHOD.md s6; 1 for the student)."""
+    (2 for the guided multi-step mode: conditioned and weak branch, docs/method.md s6; 1 for the student)."""
 
     tiles: int
     steps: int
@@ -126,7 +124,7 @@ def batch_to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 
 def bicubic_upsample(img: Image.Image, factor: int) -> Image.Image:
-    """PIL bicubic to exactly (w*u, h*u) (METHOD.md s8 preprocessing)."""
+    """PIL bicubic to exactly (w*u, h*u) (docs/method.md s8 preprocessing)."""
     img = img.convert("RGB")
     if factor == 1:
         return img
@@ -249,7 +247,7 @@ class Upscaler:
         return lambda lq, sem: flow.fewstep_velocity_fn(self.model, lq, sem, cache_semantic=cache)
 
     def _timesteps(self, opts: UpscaleOptions) -> torch.Tensor:
-        # the student's few-step sampler always runs on a linear schedule (METHOD.md s7)
+        # the student's few-step sampler always runs on a linear schedule (docs/method.md s7)
         return flow.timesteps(opts.steps, opts.schedule if opts.mode == "multistep" else "linear")
 
     def _encode(self, padded01: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:

@@ -63,7 +63,6 @@ _MARKER_NAME = re.compile(r"^([0-9a-f]+)\.retry$")
 def scan_stage1(output: str, endpoint_url: str = "") -> tuple[dict[str, int], set[str], list[str]]:
     """One listing of _stage1/: (latest ledger generation per finished block, blocks whose latest ledger has
     retryable rows, URIs of superseded ledger generations left by a killed run)."""
-    storage.refresh_listing(output, endpoint_url)
     found: dict[str, list[tuple[int, str]]] = {}
     markers: set[str] = set()
     for uri in storage.list_files(storage.join(output, STAGE1_DIR), endpoint_url=endpoint_url):
@@ -135,8 +134,9 @@ def _ledger_row(key: str, it: Item, res: FetchResult, ccfg) -> dict:
             "embedding": a.embedding.tolist(), "sharpness": a.sharpness, "fidelity": a.fidelity}
 
 
-def ledger_stats(key: str, reasons: list[str], seconds: float) -> dict:
-    """Counts of one ledger: seen, fetched (a body arrived), ok, failed/filtered by reason, retryable rows."""
+def reason_counts(reasons: list[str]) -> dict:
+    """The ledger counting rule, the one place it lives: seen, fetched (a body arrived: every reason but the fetch
+    failures; a decode failure had a body), ok, failed and filtered by reason."""
     from vosr.imageio import DECODE_REASONS
 
     counts = Counter(reasons)
@@ -144,9 +144,15 @@ def ledger_stats(key: str, reasons: list[str], seconds: float) -> dict:
     filtered = {r: n for r, n in counts.items() if r in FILTER_REASONS}
     failed = {r: n for r, n in counts.items() if r not in FILTER_REASONS}
     not_fetched = sum(n for r, n in failed.items() if r not in DECODE_REASONS)
-    return {"unit": key, "seen": len(reasons), "fetched": len(reasons) - not_fetched, "ok": ok,
-            "failed": dict(sorted(failed.items())), "filtered": dict(sorted(filtered.items())),
-            "retryable": sum(n for r, n in failed.items() if retry_next_run(r)), "seconds": round(seconds, 4)}
+    return {"seen": len(reasons), "fetched": len(reasons) - not_fetched, "ok": ok,
+            "failed": dict(sorted(failed.items())), "filtered": dict(sorted(filtered.items()))}
+
+
+def ledger_stats(key: str, reasons: list[str], seconds: float) -> dict:
+    """Counts of one block's ledger (reason_counts), its retryable rows and its stage-1 seconds."""
+    counts = reason_counts(reasons)
+    return {"unit": key, **counts, "retryable": sum(n for r, n in counts["failed"].items() if retry_next_run(r)),
+            "seconds": round(seconds, 4)}
 
 
 def stage1_peak_bytes(ccfg) -> int:
@@ -266,7 +272,6 @@ def run_unit(unit: Unit, key: str, ccfg, gen: int = -1, gates=None) -> dict:
     marker = stage1_uri(out, key, ".retry")
     if gen < 0:
         shard = ledger_uri(out, key)
-        storage.refresh_listing(shard, ep)
         if storage.exists(shard, ep):
             return {"unit": key, "skipped": True, "stats": "", "retried": 0, "changed": False}
     ccfg, scale = _lighter_after_kills(ccfg, key)

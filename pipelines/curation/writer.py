@@ -15,9 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.curate_schema import CURATED_SCHEMA, SHARDS_DIR
-from pipelines.curation.stage1 import FILTER_REASONS, ledger_uri, table_bytes
+from pipelines.curation.stage1 import ledger_uri, reason_counts, table_bytes
 from vosr import storage
-from vosr.imageio import DECODE_REASONS
 
 DECISION_SCHEMA = pa.schema([
     pa.field("unit", pa.string()), pa.field("row", pa.int32()), pa.field("kind", pa.int8()),
@@ -35,14 +34,8 @@ def shard_uri(output: str, unit: str, suffix: str = ".parquet") -> str:
 
 
 def ledger_counts(ledger: pa.Table) -> dict:
-    reasons = Counter(ledger["reason"].to_pylist())
-    ok = reasons.pop("ok", 0)
-    filtered = {r: n for r, n in reasons.items() if r in FILTER_REASONS}
-    failed = {r: n for r, n in reasons.items() if r not in FILTER_REASONS}
-    fetch_failed = sum(n for r, n in failed.items() if r not in DECODE_REASONS)
-    seen = ledger.num_rows
-    return {"seen": seen, "fetched": seen - fetch_failed, "ok": ok, "failed": dict(sorted(failed.items())),
-            "filtered": dict(sorted(filtered.items())), "ok_by_declared_type": declared_types(ledger)}
+    """stage1.reason_counts of the ledger, plus the decoded images by declared type."""
+    return {**reason_counts(ledger["reason"].to_pylist()), "ok_by_declared_type": declared_types(ledger)}
 
 
 def declared_types(ledger: pa.Table) -> dict:
@@ -72,7 +65,6 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
     unit = group["unit"][0].as_py()
     target = shard_uri(output, unit)
     stats_uri = shard_uri(output, unit, ".stats.json")
-    storage.refresh_listing(target, endpoint_url)
     if storage.exists(target, endpoint_url) and storage.exists(stats_uri, endpoint_url):
         stats = storage.read_bytes(stats_uri, endpoint_url).decode()
         if json.loads(stats).get("fingerprint") == fingerprint:

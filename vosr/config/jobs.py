@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..choices import COLOR_FIXES, MODES
 from .schema import option
 
 
@@ -60,7 +61,7 @@ class DistillTrainConfig:
 class InferenceConfig:
     mode: str = option("onestep", "onestep (distilled student, few-step with distill.onestep_steps) or multistep "
                        "(teacher with guidance flow.guidance_scale, flow.steps Euler steps).",
-                       choices=["onestep", "multistep"])
+                       choices=list(MODES))
     checkpoint: str = option("", "Checkpoint folder or MLflow model URI (models:/name/version).")
     tile_size: int = option(0, "Tile size in pixels of the upsampled image (0 = no tiling; docs/method.md s8: 512 -> "
                             "64 latents at f=8).", ge=0)
@@ -69,7 +70,7 @@ class InferenceConfig:
     tile_batch: int = option(4, "Tiles run through the DiT per forward pass when tiling.", ge=1)
     color_fix: str = option("adain", "Colour fix against the bicubic LR: adain (default), wavelet (a Gaussian "
                             "low/high swap, named as in the reference), none.",
-                            choices=["adain", "wavelet", "none"])
+                            choices=list(COLOR_FIXES))
     upscale: int = option(4, "Upscale factor of the input (x4; the LR is PIL-bicubic upsampled by it first).", ge=1)
     seed: int = option(42, "Noise seed (reference: 42); each image draws from its own generator.")
     device: str = option("auto", "Device: auto, cpu or cuda.", choices=["auto", "cpu", "cuda"])

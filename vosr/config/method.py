@@ -1,12 +1,13 @@
 """Configuration sections of the method library: backbone, encoders, flow matching, distillation, degradation.
 
-Constants cite METHOD.md (shared design notes, read against the reference code) or the paper (VOSR, arXiv).
+Constants cite docs/method.md (the method as this repository implements it) or the paper (VOSR, arXiv).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..choices import SCHEDULES
 from .schema import ConfigError, option
 
 
@@ -77,9 +78,10 @@ class FlowConfig:
     lr_aug_sigma: float = option(1.0, "Std of the normal inside the sigmoid of the LR noise augmentation.", ge=0)
     steps: int = option(25, "Euler steps of the multi-step sampler (docs/method.md s6: 25).", ge=1)
     schedule: str = option("linear", "Time schedule of the sampler: linear (default) or cosine.",
-                           choices=["linear", "cosine"])
-    guidance_scale: float = option(0.5, "Guidance s in v = v_w + s (v_c - v_w). Explicit per preset "
-                                   "(docs/method.md s0); README presets: -0.5 RealSR, 0.5 ScreenSR. s=1: full "
+                           choices=list(SCHEDULES))
+    guidance_scale: float = option(0.5, "Guidance s in v = v_w + s (v_c - v_w). The same default for "
+                                   "every preset (the presets set no flow keys; docs/method.md s0); set it per "
+                                   "run: the paper's README uses -0.5 for RealSR, 0.5 for ScreenSR. s=1: full "
                                    "branch, s=0: partial.")
     weak_strength: float = option(0.15, "Weak-branch LR strength w at multi-step inference (docs/method.md s6: 0.15, "
                                   "a working option here).", ge=0, le=1)
@@ -104,9 +106,9 @@ class DistillConfig:
     onestep_steps: int = option(1, "Steps of the few-step student sampler at inference (1 = one-step).", ge=1)
 
 
-_SIZES = [7, 9, 11, 13, 15, 17, 19, 21]  # Real-ESRGAN kernel_range: odd sizes 7..21 (METHOD.md s1)
+_SIZES = [7, 9, 11, 13, 15, 17, 19, 21]  # Real-ESRGAN kernel_range: odd sizes 7..21 (docs/method.md s1)
 _FAMILIES = ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
-_FAMILY_PROBS = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # METHOD.md s1 random_mixed_kernels
+_FAMILY_PROBS = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # docs/method.md s1 random_mixed_kernels
 
 
 def _check_probs(name: str, probs: list[float], n: int) -> None:
@@ -123,7 +125,7 @@ def _check_range(name: str, rng: list[float]) -> None:
 
 @dataclass
 class RealESRGANConfig:
-    """Every constant of the second-order Real-ESRGAN x4 degradation (METHOD.md s1, params_realsr.yml)."""
+    """Every constant of the second-order Real-ESRGAN x4 degradation (docs/method.md s1, params_realsr.yml)."""
 
     kernel_sizes: list[int] = option(_SIZES, "Odd blur/sinc kernel sizes drawn uniformly (docs/method.md s1: 7..21).")
     kernel_pad_to: int = option(21, "Every kernel is zero-padded to this size (docs/method.md s1: 21).", ge=1)

@@ -16,7 +16,7 @@ from .run import RunConfig
 from .schema import ConfigError, _closest, build, explain, option, parse_override, set_path, to_dict
 
 # Presets fill the method sections; a config file and --set overrides go on top.
-# Real-preset numbers: METHOD.md s4 table and paper A.3 (patch 2, MLP ratio 4, D/depth/heads).
+# Real-preset numbers: docs/method.md s4 table and paper A.3 (patch 2, MLP ratio 4, D/depth/heads).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"hidden_size": 96, "depth": 4, "num_heads": 4},

@@ -1,4 +1,4 @@
-"""Training-pair degradation (METHOD.md s1) with per-sample seeded randomness (METHOD.md s0).
+"""Training-pair degradation (docs/method.md s1) with per-sample seeded randomness (docs/method.md s0).
 
 `degrade(hr01, seeds, cfg)` turns HR images [B, 3, H, W] in [0, 1] into LR images, 8-bit quantised and (with
 `resize_back`) at HR size, one torch.Generator per image, plus one JSON-able parameter dict per image.

@@ -1,4 +1,4 @@
-"""Training crops (METHOD.md s1 RandomCropTransform): upscale a short side below `resolution` with PIL bicubic so
+"""Training crops (docs/method.md s1 RandomCropTransform): upscale a short side below `resolution` with PIL bicubic so
 it equals `resolution`, then one uniform random `resolution x resolution` crop drawn from the sample's seed."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Blur kernels of the Real-ESRGAN degradation (METHOD.md s1): Gaussian families, plateau, sinc, delta.
+"""Blur kernels of the Real-ESRGAN degradation (docs/method.md s1): Gaussian families, plateau, sinc, delta.
 
 All kernels are built in float64 from explicit parameters, normalised to sum 1 and zero-padded to a square of
 `pad_to` pixels. `sample_kernel` draws the parameters from a per-sample torch.Generator and returns them as a
@@ -13,7 +13,7 @@ import torch
 
 from .rand import choice, randint, uniform
 
-SINC_SMALL_LIMIT = 13  # METHOD.md s1: omega_c ~ U[pi/3, pi] if size < 13, else U[pi/5, pi]
+SINC_SMALL_LIMIT = 13  # docs/method.md s1: omega_c ~ U[pi/3, pi] if size < 13, else U[pi/5, pi]
 
 
 def _grid(size: int) -> torch.Tensor:
@@ -102,7 +102,7 @@ def _beta(g: torch.Generator, rng: list[float]) -> float:
 
 def sample_kernel(g: torch.Generator, sizes: list[int], families: list[str], probs: list[float], sinc_prob: float,
                   sigma: list[float], betag: list[float], betap: list[float]) -> dict:
-    """Draw one blur kernel's parameters (k1 or k2 of METHOD.md s1)."""
+    """Draw one blur kernel's parameters (k1 or k2 of docs/method.md s1)."""
     size = int(sizes[randint(g, len(sizes))])
     if uniform(g, 0.0, 1.0) < sinc_prob:
         lo = math.pi / 3 if size < SINC_SMALL_LIMIT else math.pi / 5

@@ -1,6 +1,6 @@
 """Image operations of the degradation, on one image [1, C, H, W] in [0, 1] (CPU or GPU tensors).
 
-Per-image randomness (METHOD.md s0) gives every image its own sizes, so the pipeline runs these per image.
+Per-image randomness (docs/method.md s0) gives every image its own sizes, so the pipeline runs these per image.
 """
 
 from __future__ import annotations
@@ -113,5 +113,5 @@ def jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 def quantize8(img: torch.Tensor) -> torch.Tensor:
-    """METHOD.md s1 step 6: clamp(round(x * 255), 0, 255) / 255."""
+    """docs/method.md s1 step 6: clamp(round(x * 255), 0, 255) / 255."""
     return (img * 255.0).round().clamp(0, 255) / 255.0

@@ -1,4 +1,4 @@
-"""Degradation presets, by name: `realesrgan` (METHOD.md s1) and `bicubic` (classic x4)."""
+"""Degradation presets, by name: `realesrgan` (docs/method.md s1) and `bicubic` (classic x4)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Second-order Real-ESRGAN x4 degradation (METHOD.md s1), with every draw per image (METHOD.md s0).
+"""Second-order Real-ESRGAN x4 degradation (docs/method.md s1), with every draw per image (docs/method.md s0).
 
 `sample_params` draws all discrete and continuous choices of one image from its generator, in a fixed order, into a
 JSON-able dict; `apply` runs the two stages with those choices, drawing the noise fields from the same generator.
-Order (METHOD.md s1): stage 1 blur k1 -> resize -> noise -> clamp -> JPEG; stage 2 blur k2 (p=0.8) -> resize to
+Order (docs/method.md s1): stage 1 blur k1 -> resize -> noise -> clamp -> JPEG; stage 2 blur k2 (p=0.8) -> resize to
 (ori/scale)*s -> noise; final 50/50 [resize to ori/scale + sinc] then JPEG, or JPEG then [resize + sinc];
 resize back to HR size with a random mode; 8-bit rounding. The ground truth is never sharpened (no USM).
 """

@@ -1,4 +1,4 @@
-"""Frozen encoders of the method: the latent autoencoder (METHOD.md s2) and the semantic ViT (METHOD.md s3).
+"""Frozen encoders of the method: the latent autoencoder (docs/method.md s2) and the semantic ViT (docs/method.md s3).
 
 `autoencoder_spec` / `semantic_spec` give shapes from the config alone. `build_autoencoder` /
 `build_semantic_encoder` load weights from local files only; nothing is ever downloaded.

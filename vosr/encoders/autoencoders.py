@@ -1,7 +1,7 @@
-"""Latent autoencoders (METHOD.md s2): the SD2.1 VAE, the Qwen-Image VAE on single frames, and a pixel codec.
+"""Latent autoencoders (docs/method.md s2): the SD2.1 VAE, the Qwen-Image VAE on single frames, and a pixel codec.
 
 Every codec maps images in [-1, 1] [B, 3, H, W] to *scaled* latents [B, C, H/f, W/f] (the tensors the DiT sees)
-and back. H and W must be multiples of f: padding to that multiple is the caller's job (METHOD.md s0 - the
+and back. H and W must be multiples of f: padding to that multiple is the caller's job (docs/method.md s0 - the
 upscaler pads with reflection and crops back); other sizes are refused with a clear error.
 Weights are read from local folders only.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .specs import autoencoder_spec, lookup
 from .weights import MissingWeightsError, files_sha256, find_diffusers_folder, offline
 
-SD21_SCALE = 0.18215  # METHOD.md s2: latent = sample * 0.18215, no shift
+SD21_SCALE = 0.18215  # docs/method.md s2: latent = sample * 0.18215, no shift
 PIXEL_SCALE = 2.0  # pixel codec: [-1, 1] pixels (std ~0.5 on photos) times 2 -> unit-ish latents; exact in fp32
 
 
@@ -76,7 +76,7 @@ class _DiffusersVAE:
 
     def __init__(self, vae: torch.nn.Module, folder, sample_default: bool, device):
         self.device = torch.device(device)
-        self.vae = vae.to(self.device).eval().requires_grad_(False)  # loaded as fp32 (METHOD.md s2)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)  # loaded as fp32 (docs/method.md s2)
         self.folder = folder
         self.sample_default = bool(sample_default)
         self.weights_sha256 = files_sha256(sorted(folder.glob("*.safetensors")), folder)
@@ -93,7 +93,7 @@ class _DiffusersVAE:
 
 
 class SD21VAE(_DiffusersVAE):
-    """SD2.1 VAE (diffusers AutoencoderKL): latent = posterior sample (or mode) * 0.18215 (METHOD.md s2)."""
+    """SD2.1 VAE (diffusers AutoencoderKL): latent = posterior sample (or mode) * 0.18215 (docs/method.md s2)."""
 
     name = "sd21"
     latent_channels = 4
@@ -132,7 +132,7 @@ class SD21VAE(_DiffusersVAE):
 class Qwen2DVAE(_DiffusersVAE):
     """Qwen-Image VAE (diffusers AutoencoderKLQwenImage) on single frames, per-channel normalised latents.
 
-    z = (sample - mean_c) / std_c with the 16 latents_mean / latents_std of the model config (METHOD.md s2);
+    z = (sample - mean_c) / std_c with the 16 latents_mean / latents_std of the model config (docs/method.md s2);
     decode runs the full decoder on z * std + mean and clamps to [-1, 1]. The temporal axis (one frame) is
     added before the 3D-causal VAE and removed after it.
     """

@@ -1,4 +1,4 @@
-"""Frozen semantic encoders (METHOD.md s3): DINOv2 ViT-B/14, ViT-L/14 and a tiny fixed-seed ViT, all timm.
+"""Frozen semantic encoders (docs/method.md s3): DINOv2 ViT-B/14, ViT-L/14 and a tiny fixed-seed ViT, all timm.
 
 Input: the x4-upsampled LR image in [0, 1] [B, 3, H, W]. It is bicubic-resized to exactly input_size x input_size
 (aspect ratio ignored, as the reference does), clipped to [0, 1], ImageNet-normalised, and run through the ViT up
@@ -33,7 +33,7 @@ from torch import nn
 from .specs import DINOV2_ARCH, lookup, semantic_arch, semantic_spec
 from .weights import MissingWeightsError, file_sha256, state_dict_sha256
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # METHOD.md s3
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # docs/method.md s3
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINOV2_LAYER_SCALE_INIT = 1e-5  # DINOv2 blocks carry LayerScale (ls1/ls2), as in timm's *_dinov2 models
 
@@ -136,7 +136,7 @@ def _preprocess(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tenso
 
 class _FrozenViT(nn.Module):
     """What both semantic encoders share: a frozen, always-eval ViT, its identity fields and the preprocessing
-    (bicubic resize to input_size^2, aspect ignored, clip to [0, 1], ImageNet normalisation; METHOD.md s3)."""
+    (bicubic resize to input_size^2, aspect ignored, clip to [0, 1], ImageNet normalisation; docs/method.md s3)."""
 
     def __init__(self, name: str, vit: nn.Module, input_size: int, weights_sha256: str, source: str):
         super().__init__()
@@ -263,7 +263,7 @@ class SemanticClsEncoder(_FrozenViT):
     """The same frozen ViT (same weights, same preprocessing) run to its full depth: image in [0, 1]
     [B, 3, H, W] -> final-norm CLS token [B, dim] float32, DINOv2's global image descriptor.
 
-    Not part of the conditioning path (that is SemanticEncoder's block-`layer` patch tokens, METHOD.md s3); the
+    Not part of the conditioning path (that is SemanticEncoder's block-`layer` patch tokens, docs/method.md s3); the
     curation job clusters images on it for category balancing (paper s4.1).
     """
 

@@ -41,7 +41,7 @@ def lookup(registry: dict[str, Any], kind: str, name: str) -> Any:
     return registry[name]
 
 
-# --- autoencoders (METHOD.md s2) -------------------------------------------------------------------------------
+# --- autoencoders (docs/method.md s2) -------------------------------------------------------------------------------
 
 def _pixel_spec(ae_cfg: Any) -> AutoencoderSpec:
     f = int(ae_cfg.downsample)
@@ -50,12 +50,12 @@ def _pixel_spec(ae_cfg: Any) -> AutoencoderSpec:
 
 
 def _sd21_spec(ae_cfg: Any) -> AutoencoderSpec:
-    # SD2.1 VAE: 4 latent channels, 3 down blocks -> factor 8 (METHOD.md s2); ae_cfg.downsample is not used
+    # SD2.1 VAE: 4 latent channels, 3 down blocks -> factor 8 (docs/method.md s2); ae_cfg.downsample is not used
     return AutoencoderSpec("sd21", 4, 8)
 
 
 def _qwen2d_spec(ae_cfg: Any) -> AutoencoderSpec:
-    # Qwen-Image VAE on single frames: z_dim 16, spatial factor 8 (METHOD.md s2); ae_cfg.downsample is not used
+    # Qwen-Image VAE on single frames: z_dim 16, spatial factor 8 (docs/method.md s2); ae_cfg.downsample is not used
     return AutoencoderSpec("qwen2d", 16, 8)
 
 
@@ -71,7 +71,7 @@ def autoencoder_spec(ae_cfg: Any) -> AutoencoderSpec:
     return lookup(AUTOENCODER_SPECS, "autoencoder", ae_cfg.name)(ae_cfg)
 
 
-# --- semantic encoders (METHOD.md s3) --------------------------------------------------------------------------
+# --- semantic encoders (docs/method.md s3) --------------------------------------------------------------------------
 
 # Fixed architecture of the DINOv2 presets: (token width, patch size, depth, heads).
 DINOV2_ARCH: dict[str, dict[str, int]] = {
@@ -96,7 +96,7 @@ def semantic_spec(sem_cfg: Any) -> SemanticSpec:
     """(name, dim, num_tokens) of the configured semantic encoder, without loading weights.
 
     Tokens: the input is resized to input_size x input_size, so the grid is (input_size // patch)^2
-    (1024 for DINOv2 at 448, METHOD.md s3); the CLS token is removed.
+    (1024 for DINOv2 at 448, docs/method.md s3); the CLS token is removed.
     """
     lookup(dict.fromkeys(SEMANTIC_NAMES), "semantic encoder", sem_cfg.name)
     arch = semantic_arch(sem_cfg)

@@ -1,4 +1,4 @@
-"""The VOSR DiT backbone (METHOD.md s4): `build_dit(cfg, student=False)` and `count_parameters(cfg)`."""
+"""The VOSR DiT backbone (docs/method.md s4): `build_dit(cfg, student=False)` and `count_parameters(cfg)`."""
 
 from .dit import VOSRDiT, build_dit, count_parameters, model_dims, swiglu_hidden
 

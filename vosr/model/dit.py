@@ -1,4 +1,4 @@
-"""The VOSR diffusion transformer (METHOD.md s4): a LightningDiT-style backbone with PixArt adaLN-single.
+"""The VOSR diffusion transformer (docs/method.md s4): a LightningDiT-style backbone with PixArt adaLN-single.
 
 Input cat(lq latent, z_t) (LR first) -> p=2 patch conv -> depth x [adaLN self-attn with 2D RoPE, raw cross-attn to
 the projected semantic tokens, adaLN SwiGLU] -> RMSNorm + adaLN(c) final layer -> unpatchify. The student adds a
@@ -25,7 +25,7 @@ from .rope import rope_tables
 
 
 def swiglu_hidden(hidden_size: int, mlp_ratio: float) -> int:
-    """SwiGLU hidden width int(2/3 * ratio * D) = int(8D/3) at ratio 4 (METHOD.md s4: 2730 / 4096)."""
+    """SwiGLU hidden width int(2/3 * ratio * D) = int(8D/3) at ratio 4 (docs/method.md s4: 2730 / 4096)."""
     return int(2 / 3 * mlp_ratio * hidden_size)
 
 
@@ -47,7 +47,7 @@ class DiTBlock(nn.Module):
         b, _, d = x.shape
         # The modulation table, gates and the residual stream stay float32 under bf16 autocast: in the reference
         # the fp32 table promotes the autocast (bf16) t_block output, so `x + gate * f(x)` is float32 in every
-        # block (METHOD.md s5: bf16 autocast with fp32 master weights). Inputs of the sub-layers are cast to their
+        # block (docs/method.md s5: bf16 autocast with fp32 master weights). Inputs of the sub-layers are cast to their
         # weight dtype, a no-op under autocast (fp32 weights; autocast then runs the matmuls in bf16) and what
         # keeps a model whose weights were cast to bf16 (no autocast) working.
         mods = self.scale_shift_table[None].float() + c0.view(b, 6, d).float()
@@ -110,7 +110,7 @@ class VOSRDiT(nn.Module):
         self.mlp_hidden = swiglu_hidden(hidden_size, mlp_ratio)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        # LR latent first, then z_t: in 2C channels, out C (METHOD.md s4 / s10.1)
+        # LR latent first, then z_t: in 2C channels, out C (docs/method.md s4 / s10.1)
         self.x_embedder = nn.Conv2d(2 * latent_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_freq_dim)
         self.r_embedder = TimestepEmbedder(hidden_size, time_freq_dim) if student else None
@@ -121,7 +121,7 @@ class VOSRDiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, latent_channels)
         self.initialize_weights()
 
-    # --- initialisation (METHOD.md s4) ----------------------------------------------------------------------
+    # --- initialisation (docs/method.md s4) ----------------------------------------------------------------------
     def initialize_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -171,7 +171,7 @@ class VOSRDiT(nn.Module):
             raise ValueError(f"semantic tokens must be [{b}, N, {self.sem_dim}], got {tuple(sem.shape)}")
 
     def condition(self, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-        """c = emb_t(t) (+ emb_r(r) * (t - r) for the student, METHOD.md s4)."""
+        """c = emb_t(t) (+ emb_r(r) * (t - r) for the student, docs/method.md s4)."""
         c = self.t_embedder(t)
         if self.r_embedder is not None:
             if r is None:
@@ -283,7 +283,7 @@ def _numel(module: nn.Module) -> int:
 def count_parameters(cfg) -> dict[str, Any]:
     """Parameter counts on the meta device (instant for the real presets), JSON-able.
 
-    METHOD.md s4 table: vosr-0.5b 485.6M (+1.31M student), vosr-1.4b 1,393.9M (+2.76M)."""
+    docs/method.md s4 table: vosr-0.5b 485.6M (+1.31M student), vosr-1.4b 1,393.9M (+2.76M)."""
     teacher = build_dit(cfg, student=False, device="meta")
     student = build_dit(cfg, student=True, device="meta")
     dims = model_dims(cfg)

@@ -1,4 +1,4 @@
-"""Building blocks of the VOSR DiT (METHOD.md s4): norms, time embedding, SwiGLU, self- and cross-attention."""
+"""Building blocks of the VOSR DiT (docs/method.md s4): norms, time embedding, SwiGLU, self- and cross-attention."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .rope import apply_rope
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learnable gain, computed in float32 (METHOD.md s4: eps 1e-6)."""
+    """Root-mean-square norm with a learnable gain, computed in float32 (docs/method.md s4: eps 1e-6)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -31,7 +31,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """DiT sinusoid of the RAW time t in [0, 1] (METHOD.md s4: no x1000), cos half first, then sin."""
+    """DiT sinusoid of the RAW time t in [0, 1] (docs/method.md s4: no x1000), cos half first, then sin."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
@@ -42,7 +42,7 @@ def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoid (dim 256, max period 1e4) -> Linear -> SiLU -> Linear (METHOD.md s4)."""
+    """Sinusoid (dim 256, max period 1e4) -> Linear -> SiLU -> Linear (docs/method.md s4)."""
 
     def __init__(self, hidden_size: int, freq_dim: int = 256):
         super().__init__()
@@ -55,7 +55,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w12: D -> 2h, silu(x1) * x2, w3: h -> D, with biases (METHOD.md s4)."""
+    """w12: D -> 2h, silu(x1) * x2, w3: h -> D, with biases (docs/method.md s4)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -92,7 +92,7 @@ class SelfAttention(nn.Module):
 
 class CrossAttention(nn.Module):
     """Image tokens attend to projected semantic tokens: separate q/k/v/proj with bias, RMSNorm QK-norm, no RoPE,
-    no norm, gate or modulation around it (METHOD.md s4)."""
+    no norm, gate or modulation around it (docs/method.md s4)."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
@@ -123,7 +123,7 @@ class CrossAttention(nn.Module):
 
 
 class SemanticProjection(nn.Module):
-    """LayerNorm(enc_dim, eps 1e-5, affine) then MLP enc_dim -> ratio*D -> D with GELU(tanh) (METHOD.md s3).
+    """LayerNorm(enc_dim, eps 1e-5, affine) then MLP enc_dim -> ratio*D -> D with GELU(tanh) (docs/method.md s3).
 
     Zeroed raw tokens become LN.bias -> one learned constant "null" token."""
 

@@ -1,9 +1,9 @@
-"""2D rotary position embedding of the DiT (METHOD.md s4, EVA-style "fast" vision RoPE).
+"""2D rotary position embedding of the DiT (docs/method.md s4, EVA-style "fast" vision RoPE).
 
 Half of a head's channels rotate with the row index, the other half with the column index. Per axis there are
 head_dim/4 frequencies theta^(-2i / (head_dim/2)), each repeated for an adjacent (interleaved) channel pair, and
 `rotate_half` pairs adjacent channels. Positions are the integers 0..G-1 on the training grid G; on any other
-grid size n (per axis, so non-square grids work) they are interpolated, arange(n)/n*G (METHOD.md s0/s4: the
+grid size n (per axis, so non-square grids work) they are interpolated, arange(n)/n*G (docs/method.md s0/s4: the
 reference's flexible forward), so one checkpoint serves every size. Nothing is stored in the state dict: the
 tables are recomputed from (grid, training grid), so a checkpoint can be reloaded for another training grid.
 """

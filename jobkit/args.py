@@ -1,4 +1,5 @@
-"""Shared command-line front of every job: `--config FILE` plus repeated `--set section.key=value`."""
+"""Shared command-line front of every job: `--config FILE` plus repeated `--set section.key=value`; the job's
+module docstring (its stages, top to bottom) is its --help text."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vosr.config import Config, ConfigError, load_config
 
@@ -15,11 +16,13 @@ from vosr.config import Config, ConfigError, load_config
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def job_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def job_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=False, default=None, help="YAML config file (see `vosr config --explain`)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one key; repeatable")
+    p.add_argument("--debug", action="store_true", help="on a failure, show the traceback")
     return p
 
 
@@ -34,9 +37,35 @@ def parse_job_args(description: str, argv: list[str] | None = None,
         cfg = load_config(args.config, args.set)
         check_submitted_paths(cfg, writes)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     return cfg, args
+
+
+def job_main(description: str, argv: list[str] | None, run: Callable[[Config, argparse.Namespace], dict],
+             writes: Sequence[str] = (), parser: argparse.ArgumentParser | None = None,
+             usage_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Every job's main: parse -> run -> print the summary JSON. The exit-code convention of all jobs:
+    0 done; 2 a usage error (bad config or arguments, or one of `usage_errors`), one `error:` line; 1 a runtime
+    failure, one `error:` line naming its cause (the traceback only with --debug); 130 interrupted."""
+    from vosr.config import redact
+
+    cfg, args = parse_job_args(description, argv, parser, writes)
+    try:
+        summary = run(cfg, args)
+    except usage_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    print(json.dumps(redact(summary), indent=2, default=str))
+    return 0
 
 
 def submitted_working_dir() -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-QUIET_HOOK = "pipelines.ray_env.quiet_dashboardless_warnings"
+QUIET_HOOK = "jobkit.ray_env.quiet_dashboardless_warnings"
 # "1" in the environment of the jobs a process launches onto the dashboard-less local Ray it started (the demo's
 # stages): a job joining that Ray gives its own workers the quiet hook too. A job's runtime_env is its own, so the
 # hook of the Ray's starter does not reach the workers of the jobs that join it.
@@ -29,18 +29,20 @@ def start_local_ray(env_vars: dict[str, str] | None = None, **kwargs: Any) -> No
     ray.init(address="local", include_dashboard=False, runtime_env=local_runtime_env(env_vars), **kwargs)
 
 
-def init_ray(cfg: Any) -> None:
+def init_ray(cfg: Any) -> bool:
+    """Join a cluster (run.ray.address, or RAY_ADDRESS as `ray job submit` sets it) or start a new local Ray with
+    the run.ray caps. True when this call started a local instance (its caller shuts it down)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = cfg.run.ray.address or os.environ.get("RAY_ADDRESS", "")
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if address:
         if os.environ.get(DASHBOARDLESS_ENV) == "1":  # joining the project's own local Ray (the demo's)
             kwargs["runtime_env"] = local_runtime_env()
         ray.init(address=address, **kwargs)
-        return
+        return False
     if cfg.run.ray.num_cpus:
         kwargs["num_cpus"] = cfg.run.ray.num_cpus
     if cfg.run.ray.object_store_memory_mb:
@@ -48,6 +50,7 @@ def init_ray(cfg: Any) -> None:
     # "local" always starts a fresh instance with these caps; to join a running cluster from a plain run, set
     # run.ray.address (e.g. "auto") or RAY_ADDRESS. `ray job submit` sets RAY_ADDRESS by itself.
     start_local_ray(**kwargs)
+    return True
 
 
 def quiet_dashboardless_warnings() -> None:

@@ -1,0 +1,88 @@
+"""MLflow for the jobs: absolute tracking and artifact locations (Ray workers run elsewhere), and the one run a
+driver-side job logs (log_job_run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def resolve_tracking_uri(cfg: Any) -> str:
+    uri = cfg.run.mlflow.tracking_uri
+    if uri:
+        return uri
+    root = Path(cfg.run.output_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def resolve_artifact_location(cfg: Any) -> str:
+    loc = cfg.run.mlflow.artifact_location
+    if loc:
+        return loc if "://" in loc else Path(loc).resolve().as_uri()
+    return (Path(cfg.run.output_root).resolve() / "mlartifacts").as_uri()
+
+
+def setup_mlflow(cfg: Any) -> str:
+    """Point MLflow at the configured store and return the experiment id (created with an absolute artifact root)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
+    name = cfg.run.mlflow.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        exp_id = mlflow.create_experiment(name, artifact_location=resolve_artifact_location(cfg))
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """mlflow.log_params of the active run, secrets redacted (vosr.config.redact)."""
+    import mlflow
+
+    from vosr.config import redact
+
+    mlflow.log_params(redact(params))
+
+
+def log_dict(data: dict[str, Any], artifact_file: str) -> None:
+    """mlflow.log_dict of the active run, secrets redacted (vosr.config.redact)."""
+    import mlflow
+
+    from vosr.config import redact
+
+    mlflow.log_dict(redact(data), artifact_file)
+
+
+def numeric_leaves(data: dict[str, Any], prefix: str = "") -> dict[str, int | float]:
+    """The numbers of a nested dict, flat ("stage1.fetched" -> 12); booleans and text are left out, and "/"
+    becomes "_" (MLflow metric names)."""
+    out: dict[str, int | float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}".replace("/", "_")
+        if isinstance(value, dict):
+            out.update(numeric_leaves(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def log_job_run(cfg: Any, job: str, params: dict[str, Any], summary: dict[str, Any],
+                metrics: dict[str, float] | None = None, artifacts: list[tuple[Path, str]] = ()) -> str:
+    """The one MLflow run of a driver-side job (curate, precompute, evaluate): named <run.name>-<job>, with its
+    parameters, its metrics (by default every number of `summary`), `summary` itself as <job>_summary.json, and
+    `artifacts` as (local file, artifact folder) pairs. Returns the run id. (Training logs from its workers,
+    training/tracking.py, into a run it resumes.)"""
+    import mlflow
+
+    setup_mlflow(cfg)
+    with mlflow.start_run(run_name=f"{cfg.run.name}-{job}") as active:
+        log_params(params)
+        mlflow.log_metrics({k: float(v) for k, v in (numeric_leaves(summary) if metrics is None else metrics).items()})
+        log_dict(summary, f"{job}_summary.json")
+        for path, folder in artifacts:
+            if path.is_file():
+                mlflow.log_artifact(str(path), artifact_path=folder)
+        return active.info.run_id
