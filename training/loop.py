@@ -215,6 +215,7 @@ class Worker:
     position: dict[str, Any] = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0,
                                                                "samples": 0})
     resume: tuple | None = None     # (step, folder URI, source) of the checkpoint continued from
+    sharded: bool = False           # that checkpoint is in the sharded (DCP) layout
     resumed_from: int | None = None
     init_info: dict[str, Any] = field(default_factory=dict)
     logger: Any = None
@@ -263,7 +264,8 @@ def _restore_weights(w: Worker) -> None:
     w.model = w.objective.build_model().to(w.device)
     w.ema = EMA(w.model, w.tc.ema_decay)
     w.resume = _resume_point(w.spec, w.rank, w.world, w.device)
-    if w.resume is not None and not is_sharded(w.resume[1], w.endpoint):
+    w.sharded = w.resume is not None and is_sharded(w.resume[1], w.endpoint)
+    if w.resume is not None and not w.sharded:
         with open_checkpoint(w.resume[1], w.endpoint).as_directory() as d:
             _load_weights(Path(d), w.model, w.ema)
     elif w.resume is None and w.tc.init_from:
@@ -286,14 +288,13 @@ def _wrap_and_optimiser(w: Worker) -> None:
 def _restore_state(w: Worker) -> None:
     """Optimizer moments, RNG and data position of the checkpoint continued from (a sharded one also its weights:
     DCP reshards to any world size and strategy, each rank reading only the pieces it holds)."""
-    from training.export import is_sharded
     from training.resume import open_checkpoint
     from training.train_state import FULL_OPTIMIZER, check_optimizer_format, restore_train_state
     from vosr.checkpoint import load_train_state
 
     if w.resume is None:
         return
-    if is_sharded(w.resume[1], w.endpoint):
+    if w.sharded:
         w.position = _load_sharded(w.resume[1], w.endpoint, w.wrapped, w.opt, w.step_ema, w.device)
     else:
         with open_checkpoint(w.resume[1], w.endpoint).as_directory() as d:
