@@ -17,7 +17,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup
-	$(PY) scripts/demo.py $(DEMO_ARGS)
+	$(PY) -m demo $(DEMO_ARGS)
 
 clean:
 	rm -rf outputs

@@ -35,6 +35,17 @@ def test_a_jobs_help_is_its_stage_list(job, capsys):
     assert "Stages" in out, out[:400]
 
 
+def test_the_demo_is_a_command_whose_help_lists_the_jobs_it_chains(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: vosr demo ")
+    stages = out.split("Stages, top to bottom")[1]
+    for job in ("curate", "precompute", "pretrain", "distill", "evaluate", "serve"):
+        assert f"python -m {JOBS[job][0]} --config configs/demo/{job}.yaml" in stages, job
+
+
 def test_the_console_script_and_the_module_give_the_same_exit_code_and_error():
     bad = ["--set", "curate.no_such_key=1"]
     via_cli = subprocess.run([sys.executable, "-m", "jobkit.cli", "curate", *bad], cwd=ROOT, capture_output=True,

@@ -209,7 +209,7 @@ def adapt(cmd: str, values: dict[str, str], ports: dict[str, int], extra: dict[s
 
 def last_json(text: str) -> dict:
     sys.path.insert(0, str(ROOT))
-    from scripts.demo_chain import last_json_object
+    from demo.chain import last_json_object
 
     found = last_json_object(text)
     assert found, text[-3000:]
@@ -248,8 +248,8 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
+    from demo.chain import read_holdout
     from demo.photo_server import PhotoServer, list_photos
-    from scripts.demo_chain import read_holdout
     from tests.helpers.s3_fixture import s3_server
 
     commands = readme_commands()

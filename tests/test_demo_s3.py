@@ -50,7 +50,7 @@ def test_demo_chain_with_every_stage_on_s3(tmp_path):
         env = dict(os.environ)
         env.update({"AWS_ENDPOINT_URL": s3.endpoint_url, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
                     "RAY_USAGE_STATS_ENABLED": "0", "VOSR_MODEL_CACHE": str(tmp_path / "model-cache")})
-        cmd = [sys.executable, "scripts/demo.py", "--out", str(out), "--storage", s3.uri("demo"),
+        cmd = [sys.executable, "-m", "demo", "--out", str(out), "--storage", s3.uri("demo"),
                "--max-photos", "8"]
         for s in TINY:
             cmd += ["--set", s]

@@ -1,17 +1,19 @@
 """The main job on the embedded default: crawl -> curate -> precompute -> pretrain -> distill -> evaluate -> serve.
 
 Every stage is the job a user submits to a cluster (`ray job submit -- python <script> --config <file>`), run here
-as `python <script> --config configs/demo/<stage>.yaml` from the repository root. All stages share one local Ray
+as `python -m <module> --config configs/demo/<stage>.yaml` from the repository root. All stages share one local Ray
 (started here once; each job joins it through RAY_ADDRESS, as under `ray job submit`) and one MLflow store
 (sqlite under the demo's output root). Only what a stage learns from the one before is passed with `--set`
 (the teacher checkpoint, the registered student version); everything else is in the config files.
 
-    python scripts/demo.py                     # the whole chain (make demo)
-    python scripts/demo.py --from pretrain     # re-run from a stage, reusing the earlier stages' outputs
-    python scripts/demo.py --out /tmp/demo --set train.steps=50   # extra --set goes to every stage
+    python -m demo                             # the whole chain (make demo; also `vosr demo`)
+    python -m demo --from pretrain             # re-run from a stage, reusing the earlier stages' outputs
+    python -m demo --out /tmp/demo --set train.steps=50   # extra --set goes to every stage
 
 Outputs under --out (default outputs/demo): urls.txt, curated/, features/, checkpoints/, eval*/, serve/,
 logs/<stage>.log, summaries/<stage>.json, mlflow.db + mlartifacts/, report.md and report.html.
+
+It runs from a checkout of the repository (the stage configs in configs/demo/ and the photos in assets/photos/).
 """
 
 from __future__ import annotations
@@ -29,20 +31,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repo root must come before scripts/ on the path: scripts/demo.py would otherwise shadow the demo/ package
-# whenever the root is already on sys.path further down (e.g. through PYTHONPATH).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"]
-if str(ROOT) in sys.path:
-    sys.path.remove(str(ROOT))
-sys.path.insert(0, str(ROOT))
-
 CONFIG_DIR = ROOT / "configs" / "demo"
 HOLDOUT_LIST = ROOT / "demo" / "holdout.txt"
 PHOTO_DIR = ROOT / "assets" / "photos"
 STAGES = ["curate", "precompute", "pretrain", "distill", "evaluate", "serve"]
-SCRIPTS = {"curate": "pipelines/curate.py", "precompute": "pipelines/precompute.py",
-           "pretrain": "training/pretrain.py", "distill": "training/distill.py",
-           "evaluate": "inference/evaluate.py", "serve": "inference/serve.py"}
+MODULES = {"curate": "pipelines.curate", "precompute": "pipelines.precompute", "pretrain": "training.pretrain",
+           "distill": "training.distill", "evaluate": "inference.evaluate", "serve": "inference.serve"}
 
 
 def log(msg: str) -> None:
@@ -100,7 +94,7 @@ class Chain:
     def command(self, stage: str, sets: list[str] | None = None, config: str | None = None,
                 extra_args: list[str] | None = None) -> list[str]:
         cfg = config or f"configs/demo/{stage}.yaml"
-        cmd = [sys.executable, SCRIPTS[stage], "--config", cfg, *(extra_args or [])]
+        cmd = [sys.executable, "-m", MODULES[stage], "--config", cfg, *(extra_args or [])]
         for s in [*self.base_sets(), *(sets or []), *self.extra_sets]:
             cmd += ["--set", s]
         return cmd
@@ -129,7 +123,7 @@ class Chain:
         key = key or stage
         cmd = self.command(stage, sets, config, extra_args)
         res = StageResult(key, cmd)
-        log(f"stage {key}: {' '.join(cmd[1:])}")
+        log(f"stage {key}: python {' '.join(cmd[1:])}")
         t0 = time.time()
         logfile = self.out / "logs" / f"{key}.log"
         with open(logfile, "w") as fh:
@@ -173,7 +167,7 @@ def start_local_ray(num_cpus: int, object_store_mb: int) -> str:
 
     # address="local": always a new Ray of our own, never another Ray that happens to run on this machine. Its
     # jobs (started after this, with this environment) give their workers the quiet hook (jobkit/ray_env.py).
-    start({"PYTHONPATH": str(ROOT)}, num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20,
+    start(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20,
           log_to_driver=False)
     return ray.get_runtime_context().gcs_address
 
@@ -217,7 +211,7 @@ def record_in_mlflow(chain: Chain, stage: str, res: StageResult, artifacts: list
     for k in ("seconds", "status"):
         if isinstance(res.summary.get(k), (int, float)):
             metrics[k] = float(res.summary[k])
-    with mlflow.start_run(run_name=cfg.run.name, tags={"vosr.job": stage, "vosr.recorded_by": "demo_chain"}):
+    with mlflow.start_run(run_name=cfg.run.name, tags={"vosr.job": stage, "vosr.recorded_by": "demo.chain"}):
         mlflow.log_params({"command": " ".join(res.command[1:])[:500]})
         mlflow.log_metrics(metrics)
         mlflow.log_dict(res.summary, f"{stage}_summary.json")
@@ -244,7 +238,10 @@ def make_request_image(out: Path, name: str, size: int = 256, scale: int = 4) ->
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    stages = "\n".join(f"  {i}. {name:<11} python -m {MODULES[name]} --config configs/demo/{name}.yaml"
+                       for i, name in enumerate(STAGES, 1))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=f"Stages, top to bottom (each one a job of its own):\n{stages}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output root of the demo (default outputs/demo)")
     p.add_argument("--from", dest="start", choices=STAGES, default="curate",
@@ -280,14 +277,13 @@ def prepare_output(args) -> Path:
 
 def job_environment(args) -> tuple[dict[str, str], str]:
     """(the environment of the stage jobs, the address of the local Ray they all join: "" with --ray-per-stage).
-    The repository root goes first on their PYTHONPATH, so the stages import this checkout even where the
-    installed (editable) project points at another one."""
+    The jobs run as `python -m <module>` from the repository root, so they (and, through Ray, their workers)
+    import this checkout first."""
     from jobkit.ray_env import DASHBOARDLESS_ENV
 
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_DEDUP_LOGS", "0")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     if args.ray_per_stage:
         return env, ""
@@ -400,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"chain ({args.start} .. {args.stop}) done in {total / 60:.1f} min; report: {paths['md']} and "
         f"{paths['html']}")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
