@@ -32,10 +32,10 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jobkit.config import config_from_dict  # noqa: E402
 from pipelines import curate  # noqa: E402
 from pipelines.curation.sources import plan_units  # noqa: E402
 from pipelines.curation.stage1 import run_unit  # noqa: E402
-from vosr.config import config_from_dict  # noqa: E402
 
 
 def source_photos() -> list[Path]:

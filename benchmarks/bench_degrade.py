@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from photos import photo_paths  # noqa: E402  (benchmarks/photos.py)
 from PIL import Image  # noqa: E402
 
-from vosr.config import config_from_dict  # noqa: E402
+from jobkit.config import config_from_dict  # noqa: E402
 from vosr.degrade import degrade, random_crop  # noqa: E402
 
 

@@ -49,7 +49,7 @@ def _status(field: str) -> int:
 
 
 def _cfg(hidden: int, depth: int):
-    from vosr.config import load_config
+    from jobkit.config import load_config
 
     return load_config(ROOT / "configs/train/tiny.yaml", [f"model.hidden_size={hidden}", f"model.depth={depth}",
                                                            f"model.num_heads={hidden // 64}"])

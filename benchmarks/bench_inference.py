@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 def build(preset: str, ae_path: str, device: str):
     import torch
 
-    from vosr.config import config_from_dict
+    from jobkit.config import config_from_dict
     from vosr.model import build_dit
     from vosr.upscaler import Upscaler
 

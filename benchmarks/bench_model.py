@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from vosr.config import config_from_dict  # noqa: E402
+from jobkit.config import config_from_dict  # noqa: E402
 from vosr.flow import training_loss  # noqa: E402
 from vosr.model import build_dit, count_parameters, model_dims  # noqa: E402
 

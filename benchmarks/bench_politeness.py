@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jobkit.config import config_from_dict  # noqa: E402
 from pipelines import curate  # noqa: E402
 from pipelines.curation.sources import plan_units  # noqa: E402
 from tests.helpers.http_fixture import http_server  # noqa: E402
-from vosr.config import config_from_dict  # noqa: E402
 
 
 def photo() -> Path:

@@ -27,9 +27,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from photos import photo_paths  # noqa: E402  (benchmarks/photos.py)
 
+from jobkit.config import config_from_dict, load_config  # noqa: E402
 from pipelines import feature_schema as fsch  # noqa: E402
 from pipelines.curate_schema import CURATED_SCHEMA  # noqa: E402
-from vosr.config import config_from_dict, load_config  # noqa: E402
 
 
 def write_curated(root: Path, n: int, per_shard: int) -> int:

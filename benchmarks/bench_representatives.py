@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.photos import photo_paths  # noqa: E402
+from jobkit.config import config_from_dict  # noqa: E402
 from pipelines import curate  # noqa: E402
 from pipelines.curate_schema import shard_files  # noqa: E402
 from tests.helpers.http_fixture import encode, http_server  # noqa: E402
-from vosr.config import config_from_dict  # noqa: E402
 from vosr.imageio import decode_image, jpeg_quality  # noqa: E402
 
 

@@ -134,9 +134,9 @@ def dedup_ray(n: int, k: int, seed: int, cap: int, object_store_mib: int) -> dic
     import ray
     import ray.data
 
+    from jobkit.config import config_from_dict
     from pipelines import curate
     from pipelines.curation import dedup
-    from vosr.config import config_from_dict
 
     with tempfile.TemporaryDirectory() as tmp:
         # the ledgers are written by another process: the driver's peak RSS is stage 2's own

@@ -74,9 +74,9 @@ def child(args) -> None:
     import threading
 
     sys.path.insert(0, args.code_root)
+    from jobkit.config import load_config
     from jobkit.ray_env import init_ray
     from pipelines.precompute import run
-    from vosr.config import load_config
 
     cfg = load_config(Path(args.code_root) / "configs/precompute/tiny.yaml", [
         f"precompute.input={args.input}", f"precompute.output={args.output}",

@@ -35,8 +35,8 @@ def free_port() -> int:
 def make_student(folder: Path) -> str:
     import torch
 
+    from jobkit.config import config_from_dict
     from vosr.checkpoint import save_checkpoint
-    from vosr.config import config_from_dict
     from vosr.model import build_dit
 
     cfg = config_from_dict({})
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from inference.serve import build_app
-    from vosr.config import config_from_dict
+    from jobkit.config import config_from_dict
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=160)

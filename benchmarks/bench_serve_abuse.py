@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from inference.serve import start
-    from vosr.config import config_from_dict
+    from jobkit.config import config_from_dict
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=200)

@@ -25,8 +25,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.photos import photo_paths  # noqa: E402
+from jobkit.config import config_from_dict  # noqa: E402
 from pipelines.curation.analysis import analyse, grey_at, grey_entropy, native_sharpness  # noqa: E402
-from vosr.config import config_from_dict  # noqa: E402
 from vosr.imageio import decode_image  # noqa: E402
 
 FILTERS = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}

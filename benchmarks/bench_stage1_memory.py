@@ -32,7 +32,7 @@ PROBE = r"""
 import json, resource, sys
 from pipelines.curation.sources import plan_units
 from pipelines.curation.stage1 import run_unit, stage1_peak_bytes
-from vosr.config import config_from_dict
+from jobkit.config import config_from_dict
 listing, warm, out, rows = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 cfg = config_from_dict({"curate": {"sources": [listing], "output": out, "rows_per_shard": 2 * rows,
     "crawl": {"allow_hosts": ["127.0.0.1"], "per_domain_rps": 100000.0, "per_domain_concurrency": 64},

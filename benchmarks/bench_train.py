@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from vosr.config import load_config
+    from jobkit.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="vosr-bench-train-") as tmp:
         tmp = Path(tmp)

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vosr.config import config_from_dict  # noqa: E402
+from jobkit.config import config_from_dict  # noqa: E402
 from vosr.degrade import degrade, random_crop  # noqa: E402
 from vosr.distill import distill_loss, student_from_teacher  # noqa: E402
 from vosr.ema import EMA  # noqa: E402

@@ -198,8 +198,8 @@ def record_in_mlflow(chain: Chain, stage: str, res: StageResult, artifacts: list
     MLflow store holds every stage: the job's summary numbers as metrics, its outputs as artifacts."""
     import mlflow
 
+    from jobkit.config import load_config
     from jobkit.tracking import setup_mlflow
-    from vosr.config import load_config
 
     cfg = load_config(CONFIG_DIR / f"{stage}.yaml", [*chain.base_sets(), f"run.output_root={chain.out}"])
     setup_mlflow(cfg)

@@ -344,7 +344,7 @@ class UpscaleService:
         import torch
 
         from inference.model_uri import resolve_model
-        from vosr.config import config_from_dict
+        from jobkit.config import config_from_dict
         from vosr.config.redact import RedactingFilter
         from vosr.upscaler import Upscaler
 
@@ -555,7 +555,7 @@ def http_options(cfg) -> dict[str, Any]:
 
 
 def config_from_env():
-    from vosr.config import load_config
+    from jobkit.config import load_config
 
     overrides = [x for x in os.environ.get("VOSR_SET", "").split(";") if x.strip()]
     return load_config(os.environ.get("VOSR_CONFIG") or None, overrides)

@@ -109,7 +109,7 @@ def run(cfg, src: str | Path, dst: str | Path, force: bool = False, steps: int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vosr.config import ConfigError, load_config
+    from jobkit.config import ConfigError, load_config
 
     args = build_parser().parse_args(argv)
     try:

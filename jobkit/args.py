@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from vosr.config import Config, ConfigError, load_config
+from jobkit.config import Config, ConfigError, load_config
 
 # Ray's job supervisor sets this in the environment of every `ray job submit` entrypoint (the job's runtime_env
 # and metadata as JSON; ray/_private/runtime_env/constants.py, Ray 2.60). Nothing else sets it.

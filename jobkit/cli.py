@@ -29,7 +29,7 @@ JOBS: dict[str, tuple[str, str]] = {
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from vosr.config import ConfigError, explain_config, load_config
+    from jobkit.config import ConfigError, explain_config, load_config
 
     try:
         if args.explain is not None:
@@ -48,7 +48,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from vosr.config import ConfigError, load_config
+    from jobkit.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, [f"preset={args.preset}", *args.set] if args.preset else args.set)

@@ -65,7 +65,7 @@ def make_pairs(batch: dict[str, np.ndarray], cfg_dict: dict, variants: list[int]
     import cv2
     import torch
 
-    from vosr.config import config_from_dict
+    from jobkit.config import config_from_dict
     from vosr.degrade import degrade, random_crop, upscaled_size
     from vosr.imageio import ImageDecodeError, decode_image
     from vosr.seeding import sample_seed
@@ -127,7 +127,7 @@ class Encoder:
     def __init__(self, cfg_dict: dict):
         import torch
 
-        from vosr.config import config_from_dict
+        from jobkit.config import config_from_dict
         from vosr.encoders import build_autoencoder, build_semantic_encoder
 
         self.cfg = config_from_dict(cfg_dict)

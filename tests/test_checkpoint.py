@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from jobkit.config import config_from_dict
 from vosr.checkpoint import CheckpointError, load_checkpoint, load_train_state, read_meta, save_checkpoint
-from vosr.config import config_from_dict
 from vosr.distill import student_from_teacher
 from vosr.ema import EMA
 from vosr.model import build_dit

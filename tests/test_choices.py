@@ -11,7 +11,7 @@ from vosr import choices
 
 def test_colour_fixes_and_modes_match_their_implementations_and_the_config():
     from vosr.colorfix import COLOR_FIXES
-    from vosr.config.jobs import InferenceConfig
+    from vosr.config.inference import InferenceConfig
     from vosr.config.method import FlowConfig
 
     assert tuple(COLOR_FIXES) == choices.COLOR_FIXES
@@ -23,7 +23,7 @@ def test_colour_fixes_and_modes_match_their_implementations_and_the_config():
 
 def test_the_upscaler_and_the_endpoint_refuse_any_other_name():
     from inference.serve import ServeError, parse_query
-    from vosr.config import config_from_dict
+    from jobkit.config import config_from_dict
     from vosr.upscaler import UpscaleOptions
 
     for mode in choices.MODES:

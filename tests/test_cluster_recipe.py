@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobkit.config import load_config
 from training.resume import checkpoint_name
-from vosr.config import load_config
 from vosr.storage import join
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from vosr.config import PRESETS, ConfigError, config_from_dict, explain_config, load_config
+from jobkit.config import PRESETS, ConfigError, config_from_dict, explain_config, load_config
 
 
 def test_presets_fill_method_sections():
@@ -85,3 +85,39 @@ def test_every_shipped_config_loads():
     files = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
     for f in files:
         load_config(f)
+
+
+def test_the_method_library_declares_no_job_setting_and_the_jobs_root_adds_their_sections(tmp_path):
+    """vosr/config holds the method's sections only; the jobs' sections (CPUs per task, actor counts, GPUs per
+    replica, ...) are declared beside the jobs and joined under jobkit.config.Config."""
+    import dataclasses
+
+    from jobkit.config import Config
+    from vosr.config import MethodConfig
+    from vosr.config import config_from_dict as method_config
+    from vosr.config import load_config as load_method_config
+
+    method = {f.name for f in dataclasses.fields(MethodConfig)}
+    assert method == {"preset", "model", "autoencoder", "semantic", "flow", "distill", "degrade", "data", "inference"}
+    jobs = {f.name for f in dataclasses.fields(Config)} - method
+    assert jobs == {"run", "curate", "precompute", "train", "distill_job", "serve", "eval"}
+    owners = {f.name: f.type for f in dataclasses.fields(Config) if f.name in jobs}
+    modules = {name: type(getattr(Config(), name)).__module__ for name in owners}
+    assert not [m for m in modules.values() if m.startswith("vosr")], modules
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            sub = type(getattr(cls(), f.name))
+            yield from keys(sub, f"{prefix}{f.name}.") if dataclasses.is_dataclass(sub) else [prefix + f.name]
+
+    job_like = [k for k in keys(MethodConfig) if any(w in k for w in ("cpus", "gpus", "replica", "concurrency"))]
+    assert not job_like, job_like
+
+    path = tmp_path / "job.yaml"
+    path.write_text("model:\n  depth: 2\ncurate:\n  cpus_per_block: 0.5\n")
+    with pytest.raises(ConfigError, match="curate"):  # the method's loader is strict about its own root
+        load_method_config(path)
+    assert method_config({"model": {"depth": 2}, "curate": {"x": 1}}, other_sections=True).model.depth == 2
+    assert load_config(path).curate.cpus_per_block == 0.5  # the jobs' loader takes every section
+    assert load_config(None, ["preset=vosr-0.5b"]).eval.crop == 512  # a preset's job keys live with the jobs
+    assert load_method_config(None, ["preset=vosr-0.5b"]).data.resolution == 512

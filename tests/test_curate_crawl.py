@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobkit.config import config_from_dict
 from pipelines.curate_schema import STAGE1_SCHEMA, shard_files
 from pipelines.curation import writer
 from pipelines.curation.crawl import _Policy, address_allowed, fetch_urls
 from pipelines.curation.stage1 import ledger_uri
 from tests.helpers.http_fixture import free_port, http_server
 from vosr import storage
-from vosr.config import config_from_dict
 
 
 def crawl_cfg(**kw):
@@ -206,7 +206,7 @@ _MEMORY_PROBE = r"""
 import json, resource, sys, time
 from pipelines.curation.sources import plan_units
 from pipelines.curation.stage1 import run_unit
-from vosr.config import config_from_dict
+from jobkit.config import config_from_dict
 listing, out, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = config_from_dict({"curate": {"sources": [listing], "output": out, "rows_per_shard": rows, "stage1_buffer_mb": 4,
     "crawl": {"concurrency": 4, "max_bytes": 3 * 2**20, "allow_hosts": ["127.0.0.1"], "per_domain_rps": 1000.0},

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobkit.config import config_from_dict
 from jobkit.faults import FaultInjected
 from pipelines import curate
 from pipelines.curate_schema import CURATED_SCHEMA, read_kept, read_kept_table, shard_files
 from tests.helpers.http_fixture import encode, http_site  # noqa: F401 - pytest fixture
 from tests.helpers.s3_fixture import s3  # noqa: F401 - pytest fixture
 from vosr import storage
-from vosr.config import config_from_dict
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jobkit.config import config_from_dict
 from pipelines.curation import dedup
 from pipelines.curation.analysis import Rejected, analyse, native_sharpness
 from pipelines.curation.crawl import fetch_urls
 from tests.helpers.http_fixture import encode, http_server
-from vosr.config import config_from_dict
 from vosr.imageio import ALLOWED_FORMATS, IMAGE_SUFFIXES, ImageDecodeError, decode_image, jpeg_quality, sniff
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_default_threshold_keeps_originals_and_rejects_upscaled_copies(photos):
 
 def test_paper_recipe_defaults():
     assert DEFAULT.min_short_side == 512 and DEFAULT.min_entropy > 0 and np.isfinite(DEFAULT.min_sharpness)
-    from vosr.config import explain_config
+    from jobkit.config import explain_config
 
     text = explain_config("curate")
     assert "bench_sharpness" in text and "512 px crops" in text

@@ -8,12 +8,12 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobkit.config import config_from_dict
 from pipelines import curate
 from pipelines.curate_schema import shard_files
 from pipelines.curation.stage1 import scan_stage1
 from tests.helpers.http_fixture import http_server
 from vosr import storage
-from vosr.config import config_from_dict
 
 
 def _cfg(tmp, listing, out, **extra):

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from jobkit.config import config_from_dict, load_config
 from pipelines import curate
 from pipelines.curate_schema import read_kept_table, shard_files
 from pipelines.curation.sources import plan_units
 from tests.helpers.http_fixture import http_server
 from tests.helpers.s3_fixture import s3  # noqa: F401 - pytest fixture
-from vosr.config import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

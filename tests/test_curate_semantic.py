@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from jobkit.config import config_from_dict
 from pipelines import curate
 from pipelines.curate_schema import shard_files
 from pipelines.curation import balance
 from pipelines.curation.semantic_embed import ClsEmbedder
-from vosr.config import config_from_dict
 from vosr.encoders.weights import MissingWeightsError
 
 CAP = 2

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from jobkit.config import config_from_dict
 from pipelines.curation import dedup, lsh
 from pipelines.curation.analysis import Rejected, analyse, hash_to_int64
 from pipelines.curation.crawl import address_allowed, fetch_urls, parse_retry_after
 from pipelines.curation.sources import plan_units, read_items
 from tests.helpers.http_fixture import bomb_png_header_only, bomb_png_real, encode, http_server
-from vosr.config import config_from_dict
 from vosr.imageio import ImageDecodeError, decode_image, image_to_tensor, tensor_to_image
 
 

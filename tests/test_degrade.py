@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from vosr.config import ConfigError, config_from_dict
+from jobkit.config import ConfigError, config_from_dict
 from vosr.degrade import degrade, get_preset, random_crop
 from vosr.degrade.kernels import build_kernel, sample_kernel
 from vosr.degrade.realesrgan import sample_params

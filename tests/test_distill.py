@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from jobkit.config import config_from_dict
 from vosr import distill
-from vosr.config import config_from_dict
 from vosr.model import build_dit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

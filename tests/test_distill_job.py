@@ -31,8 +31,8 @@ def _rows(features: Path):
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory, photos):
+    from jobkit.config import load_config
     from tests.helpers.train_data import make_feature_shards
-    from vosr.config import load_config
 
     cfg = load_config(ROOT / "configs/distill/tiny.yaml")
     return make_feature_shards(cfg, pick_photos(photos, 0.25, 9, 3), tmp_path_factory.mktemp("features"))
@@ -41,8 +41,8 @@ def features(tmp_path_factory, photos):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, features):
     """A tiny teacher trained in-process long enough that its sampling paths bend (one Euler step is off)."""
+    from jobkit.config import load_config
     from vosr.checkpoint import save_checkpoint
-    from vosr.config import load_config
     from vosr.flow import training_loss
     from vosr.model import build_dit
     from vosr.seeding import generator
@@ -65,7 +65,7 @@ def teacher(tmp_path_factory, features):
 
 
 def distill_cfg(tmp: Path, features: Path, teacher: Path, *extra: str):
-    from vosr.config import load_config
+    from jobkit.config import load_config
 
     return load_config(ROOT / "configs/distill/tiny.yaml", [
         f"run.output_root={tmp}", f"train.features={features}", f"train.storage_path={tmp / 'ckpt'}",

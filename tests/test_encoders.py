@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vosr.config import config_from_dict
+from jobkit.config import config_from_dict
 from vosr.encoders import (
     UnknownEncoderError,
     autoencoder_spec,

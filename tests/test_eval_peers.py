@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from vosr.config import config_from_dict
+from jobkit.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets" / "photos"

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from test_upscale import make_checkpoint
 
-from vosr.config import config_from_dict
+from jobkit.config import config_from_dict
 from vosr.metrics import psnr_y
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from jobkit.config import config_from_dict
 from vosr import flow
-from vosr.config import config_from_dict
 from vosr.model import build_dit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vosr.config import config_from_dict
+from jobkit.config import config_from_dict
 from vosr.model import build_dit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vosr.config import PRESETS, load_config
+from jobkit.config import PRESETS, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"

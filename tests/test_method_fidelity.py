@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from jobkit.config import config_from_dict
 from vosr import distill, flow
-from vosr.config import config_from_dict
 from vosr.model import build_dit
 
 ALPHA = 1e-4  # fixed seeds: the statistical checks are deterministic; a correct sampler passes with margin

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jobkit.cli import main as cli_main
-from vosr.config import config_from_dict
+from jobkit.config import config_from_dict
 from vosr.model import build_dit, count_parameters
 from vosr.model.layers import timestep_sinusoid
 from vosr.model.rope import axis_positions, rope_tables, rotate_half

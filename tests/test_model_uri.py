@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from jobkit.config import config_from_dict
 from tests.helpers.s3_fixture import s3  # noqa: F401 - pytest fixture
 from vosr.checkpoint import load_checkpoint, save_checkpoint
-from vosr.config import config_from_dict
 from vosr.model import build_dit
 
 TINY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2"]

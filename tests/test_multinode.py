@@ -97,9 +97,9 @@ def test_curate_survives_losing_the_worker_node(two_nodes, tmp_path):
     import pyarrow.parquet as pq
 
     from demo.photo_server import PhotoServer
+    from jobkit.config import config_from_dict
     from pipelines.curate import run
     from pipelines.curate_schema import STAGE1_DIR, shard_files
-    from vosr.config import config_from_dict
 
     cluster, worker = two_nodes
     keep, exclude = _photo_subset(8)
@@ -157,11 +157,11 @@ STEPS = 24
 def test_pretraining_resumes_on_a_replacement_node(two_nodes, tmp_path, photos):
     from mlflow.tracking import MlflowClient
 
+    from jobkit.config import load_config
     from tests.helpers.train_data import make_feature_shards
     from training.pretrain import run
     from training.resume import latest_complete
     from vosr.checkpoint import load_checkpoint
-    from vosr.config import load_config
 
     cluster, _ = two_nodes
     overrides = [f"run.output_root={tmp_path}", "run.name=multinode", "data.resolution=32",

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from jobkit.config import config_from_dict
 from pipelines import feature_schema as fsch
 from pipelines.curate_schema import CURATED_SCHEMA
 from tests.helpers.s3_fixture import s3_server
 from vosr import storage
-from vosr.config import config_from_dict
 
 pytestmark = pytest.mark.slow
 K = 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from jobkit.config import config_from_dict
 from jobkit.ray_env import init_ray
-from vosr.config import config_from_dict
 
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 

@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from vosr.config import ConfigError, config_from_dict, redact, redact_text
+from jobkit.config import ConfigError, config_from_dict, redact
+from vosr.config import redact_text
 
 KEY = "k3y-that-must-never-be-written"
 PASSWORD = "hunter2-tracking-password"

@@ -72,7 +72,7 @@ def service(registered, ray_local):
     from ray import serve
 
     from inference.serve import start
-    from vosr.config import config_from_dict
+    from jobkit.config import config_from_dict
 
     root, folder, future = registered
     tracking, model_uri = future.result(timeout=300)

@@ -8,7 +8,7 @@ from fastapi import Request
 from test_upscale import make_checkpoint
 
 from inference.serve import ServeError, check_cost, parse_query, read_body
-from vosr.config import config_from_dict
+from jobkit.config import config_from_dict
 from vosr.tiling import tile_count, tile_grid
 from vosr.upscaler import Upscaler
 

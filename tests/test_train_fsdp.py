@@ -24,12 +24,12 @@ def test_fsdp_checkpoints_sharded_and_resumes_the_optimizer(ray_local, photos, t
     from mlflow.tracking import MlflowClient
 
     from inference.model_uri import find_checkpoint
+    from jobkit.config import load_config
     from tests.helpers.train_data import make_feature_shards
     from training.pretrain import run
     from training.resume import MANIFEST
     from training.train_state import FULL_OPTIMIZER
     from vosr.checkpoint import load_checkpoint, load_train_state, read_meta
-    from vosr.config import load_config
     from vosr.sharded import read_tensors
 
     cfg = load_config(ROOT / "configs/train/tiny.yaml", [

@@ -38,7 +38,7 @@ def pick_photos(photos, fraction: float, n_train: int, n_val: int) -> list[Path]
 
 
 def tiny_cfg(tmp: Path, features: Path, name: str, *extra: str):
-    from vosr.config import load_config
+    from jobkit.config import load_config
 
     return load_config(ROOT / "configs/train/tiny.yaml", [
         f"run.name={name}", f"run.output_root={tmp}", f"train.features={features}",
@@ -48,8 +48,8 @@ def tiny_cfg(tmp: Path, features: Path, name: str, *extra: str):
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory, photos):
+    from jobkit.config import load_config
     from tests.helpers.train_data import make_feature_shards
-    from vosr.config import load_config
 
     cfg = load_config(ROOT / "configs/train/tiny.yaml")
     out = tmp_path_factory.mktemp("features")

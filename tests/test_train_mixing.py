@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from jobkit.config import config_from_dict
 from training.data import mix_tables, mixed_unit_groups, spread_batches, spread_variants
-from vosr.config import config_from_dict
 
 
 def _shard(src: int, images: int, variants: int) -> pa.Table:

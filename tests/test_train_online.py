@@ -64,9 +64,9 @@ def split_photos(photos: list[Path], n_train: int, n_val: int) -> list[Path]:
 def test_pretrain_online_mode_reads_curated_shards(ray_local, photos, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from jobkit.config import load_config
     from training.pretrain import run
     from vosr.checkpoint import load_checkpoint, load_train_state
-    from vosr.config import load_config
 
     curated = curated_shard(split_photos(photos, 4, 1), tmp_path / "curated")
     # CPU budget of the 2-CPU test Ray: 2 workers x 0.25 + one encoder actor x 0.25 per pipeline (train, held-out)

@@ -48,7 +48,7 @@ def test_holdout_split_is_by_id_stable_and_near_the_fraction():
 
 
 def _tiny(*overrides: str):
-    from vosr.config import load_config
+    from jobkit.config import load_config
 
     return load_config(ROOT / "configs/train/tiny.yaml", list(overrides))
 

@@ -26,7 +26,7 @@ def page_service(ray_local, tmp_path_factory):
     from ray import serve
 
     from inference.serve import start
-    from vosr.config import config_from_dict
+    from jobkit.config import config_from_dict
 
     root = tmp_path_factory.mktemp("page")
     folder = make_checkpoint(root / "student", student=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from jobkit.config import config_from_dict
 from vosr.checkpoint import save_checkpoint
 from vosr.colorfix import adain, color_fix, gaussian_blur
-from vosr.config import config_from_dict
 from vosr.model import build_dit
 from vosr.upscaler import Upscaler
 

@@ -235,7 +235,7 @@ def _start(spec: dict[str, Any]) -> Worker:
     """This worker's rank, device and micro-batch; CPU threads or TF32 as configured."""
     import ray.train
 
-    from vosr.config import config_from_dict
+    from jobkit.config import config_from_dict
 
     cfg = config_from_dict(spec["cfg"])
     tc = cfg.train

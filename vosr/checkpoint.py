@@ -164,7 +164,7 @@ def load_checkpoint(folder: str, use_ema: bool = True, device: str | torch.devic
     from .model import build_dit, model_dims
 
     meta = read_meta(folder, endpoint_url)
-    cfg = config_from_dict(meta["config"])
+    cfg = config_from_dict(meta["config"], other_sections=True)  # the method sections; jobs keep their own
     if meta.get("layout") == LAYOUT:  # an FSDP run's sharded checkpoint: assembled from every rank's shards
         from .sharded import read_tensors
 

@@ -7,7 +7,7 @@ configs, logs and summaries.
 - credentials inside URIs (`scheme://user:password@host` -> `scheme://user:***@host`, `scheme://token@host` ->
   `scheme://***@host`, signed-URL query parameters such as X-Amz-Signature / X-Amz-Credential / token / key),
   AWS access key ids and `NAME_SECRET=value` pairs inside any string become "***".
-`secret_paths()` lists the dotted keys declared secret, which `config_from_dict` refuses as overrides (argv).
+`secret_paths(root)` lists the dotted keys declared secret, which `config_from_dict` refuses as overrides (argv).
 """
 
 from __future__ import annotations
@@ -76,14 +76,10 @@ def redact(obj: Any, key: str = "") -> Any:
     return obj
 
 
-def secret_paths(cls: type | None = None, prefix: str = "") -> set[str]:
-    """Dotted keys of the configuration declared `secret=True`."""
+def secret_paths(cls: type, prefix: str = "") -> set[str]:
+    """Dotted keys of the configuration root `cls` declared `secret=True`."""
     import typing
 
-    if cls is None:
-        from .root import Config
-
-        cls = Config
     hints = typing.get_type_hints(cls)
     out: set[str] = set()
     for f in dataclasses.fields(cls):

@@ -1,4 +1,9 @@
-"""The one configuration schema every job loads: presets, YAML files and `--set` overrides."""
+"""The method's configuration root, `MethodConfig`: presets, YAML files and `--set` overrides for the sections the
+method library reads (model, autoencoder, semantic, flow, distill, degrade, data, inference).
+
+The jobs' sections (run, curate, precompute, train, distill_job, serve, eval) live beside their jobs; the root every
+job loads, `jobkit.config.Config`, extends this one with them. The loaders here take that root as `root=`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import CurateConfig, DataConfig, PrecomputeConfig
-from .jobs import DistillTrainConfig, EvalConfig, InferenceConfig, ServeConfig, TrainConfig
+from .data import DataConfig
+from .inference import InferenceConfig
 from .method import AutoencoderConfig, DegradeConfig, DistillConfig, FlowConfig, ModelConfig, SemanticConfig
 from .redact import redact, secret_paths
-from .run import RunConfig
 from .schema import ConfigError, _closest, build, explain, option, parse_override, set_path, to_dict
 
 # Presets fill the method sections; a config file and --set overrides go on top.
@@ -30,23 +34,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "autoencoder": {"name": "sd21", "downsample": 8},
         "semantic": {"name": "dinov2_vitb14", "input_size": 448, "layer": 8},
         "data": {"resolution": 512},
-        "eval": {"crop": 512},        # paper s4 protocol: 512 x 512 centre-cropped GT, 128 x 128 LR
     },
     "vosr-1.4b": {
         "model": {"hidden_size": 1536, "depth": 36, "num_heads": 24},
         "autoencoder": {"name": "qwen2d", "downsample": 8},
         "semantic": {"name": "dinov2_vitl14", "input_size": 448, "layer": 17},
         "data": {"resolution": 512},
-        "eval": {"crop": 512},        # paper s4 protocol: 512 x 512 centre-cropped GT, 128 x 128 LR
     },
 }
 
 
 @dataclass
-class Config:
+class MethodConfig:
     preset: str = option("tiny", "Preset that fills model/autoencoder/semantic/data before the file's values.",
                          choices=list(PRESETS))
-    run: RunConfig = option(RunConfig(), "Run naming, seed, Ray and MLflow.")
     model: ModelConfig = option(ModelConfig(), "DiT backbone (docs/method.md s4).")
     autoencoder: AutoencoderConfig = option(AutoencoderConfig(), "Latent space (docs/method.md s2).")
     semantic: SemanticConfig = option(SemanticConfig(), "Semantic encoder (docs/method.md s3).")
@@ -55,18 +56,12 @@ class Config:
     distill: DistillConfig = option(DistillConfig(), "One-step distillation (docs/method.md s7).")
     degrade: DegradeConfig = option(DegradeConfig(), "Training-pair degradation (docs/method.md s1).")
     data: DataConfig = option(DataConfig(), "Crops and splits.")
-    curate: CurateConfig = option(CurateConfig(), "Curation job (pipelines/curate.py).")
-    precompute: PrecomputeConfig = option(PrecomputeConfig(), "Feature precompute job (pipelines/precompute.py).")
-    train: TrainConfig = option(TrainConfig(), "Training jobs (training/pretrain.py, training/distill.py).")
-    distill_job: DistillTrainConfig = option(DistillTrainConfig(), "Distillation job specifics.")
     inference: InferenceConfig = option(InferenceConfig(), "Upscaling (CLI, Serve, evaluation).")
-    serve: ServeConfig = option(ServeConfig(), "Ray Serve application.")
-    eval: EvalConfig = option(EvalConfig(), "Evaluation runner.")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
-    def replace(self, **changes: Any) -> Config:
+    def replace(self, **changes: Any) -> Any:
         return dataclasses.replace(self, **changes)
 
 
@@ -79,61 +74,75 @@ def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
     return dst
 
 
-def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Preset, then `data`, then `section.key=value` overrides; validated against the schema."""
+def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                     root: type = MethodConfig, presets: dict[str, dict[str, Any]] | None = None,
+                     other_sections: bool = False) -> Any:
+    """Preset, then `data`, then `section.key=value` overrides; validated against `root` (default: the method's
+    sections). `presets`: the root's presets (default PRESETS). `other_sections`: drop top-level sections `root`
+    does not declare instead of failing (a checkpoint's config.json holds the jobs' sections too)."""
+    presets = PRESETS if presets is None else presets
     tree: dict[str, Any] = copy.deepcopy(data or {})
     if not isinstance(tree, dict):
         raise ConfigError("a configuration file must hold a mapping at the top level")
+    if other_sections:
+        names = {f.name for f in dataclasses.fields(root)}
+        tree = {k: v for k, v in tree.items() if k in names}
     secret = None
     for text in overrides:
         path, value = parse_override(text)
-        secret = secret if secret is not None else secret_paths()
+        secret = secret if secret is not None else secret_paths(root)
         if ".".join(path) in secret:
             raise ConfigError(f"{'.'.join(path)} cannot be set on the command line (argv is visible to every user "
                               "and in job manifests); put it in a config file, or for serve.api_key in the "
                               "environment variable named by serve.api_key_env or the file serve.api_key_file")
         set_path(tree, path, value)
     preset = tree.get("preset", "tiny")
-    if preset not in PRESETS:
+    if preset not in presets:
         raise ConfigError(f"preset: {preset!r} is not valid; valid values (closest first): "
-                          f"{_closest(str(preset), PRESETS)}")
-    merged = _merge(copy.deepcopy(PRESETS[preset]), tree)
-    return build(Config, merged)
+                          f"{_closest(str(preset), presets)}")
+    merged = _merge(copy.deepcopy(presets[preset]), tree)
+    return build(root, merged)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config file (or only the preset defaults when `path` is None) plus overrides."""
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    """The mapping of a YAML config file ({} for None)."""
     import yaml
 
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a configuration file must hold a mapping at the top level")
-        data = loaded
-    return config_from_dict(data, overrides)
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    loaded = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: a configuration file must hold a mapping at the top level")
+    return loaded
 
 
-def explain_config(section: str | None = None) -> str:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **kw: Any) -> Any:
+    """Load a YAML config file (or only the preset defaults when `path` is None) plus overrides; `kw` as for
+    config_from_dict (a job's root: jobkit.config.load_config)."""
+    return config_from_dict(read_yaml(path), overrides, **kw)
+
+
+def explain_config(section: str | None = None, *, root: type = MethodConfig,
+                   presets: dict[str, dict[str, Any]] | None = None) -> str:
     """Documentation of every key with its default (tiny preset defaults shown)."""
-    cfg = config_from_dict({})
+    cfg = config_from_dict({}, root=root, presets=presets)
     if section:
-        names = [f.name for f in dataclasses.fields(Config)]
+        names = [f.name for f in dataclasses.fields(root)]
         if section not in names:
             raise ConfigError(f"unknown section '{section}'; valid sections (closest first): "
                               f"{_closest(section, names)}")
-        f = next(f for f in dataclasses.fields(Config) if f.name == section)
+        f = next(f for f in dataclasses.fields(root) if f.name == section)
         tp = type(getattr(cfg, section))
         if dataclasses.is_dataclass(tp):
             return "\n".join([f"[{section}]  {f.metadata['doc']}", *explain(tp, section, getattr(cfg, section))])
-        return "\n".join(explain(Config, "", cfg)[:1])
-    return "\n".join(explain(Config, "", cfg))
+        return "\n".join(explain(root, "", cfg)[:1])
+    return "\n".join(explain(root, "", cfg))
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def save_config(cfg: Any, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(redact(cfg), sort_keys=False))

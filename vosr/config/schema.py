@@ -3,7 +3,8 @@
 Every key is declared once with `option(default, doc, ...)`. Loading a mapping into a section checks
 that each key exists (unknown keys fail with the closest valid names first), that each value has the declared
 type, and that numbers are in range / strings among the allowed choices. Nothing here knows about VOSR; the
-sections live in the sibling modules and the root `Config` in `vosr.config.root`.
+sections live in the sibling modules, the method's root `MethodConfig` in `vosr.config.root`, and the jobs' root
+`Config` in jobkit/config.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""The one configuration every job loads: the method's sections (vosr/config: model, autoencoder, semantic, flow,
+distill, degrade, data, inference) plus the jobs' own, each declared beside its job:
+
+    run                  naming, seed, Ray and MLflow (here: every job has them)
+    curate, precompute   pipelines/config.py
+    train, distill_job   training/config.py
+    serve, eval          inference/config.py
+
+`load_config(path, overrides)` reads a YAML file and `--set section.key=value` overrides into `Config`;
+`vosr config --explain` documents every key.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference.config import EvalConfig, ServeConfig
+from pipelines.config import CurateConfig, PrecomputeConfig
+from training.config import DistillTrainConfig, TrainConfig
+from vosr.config import PRESETS as METHOD_PRESETS
+from vosr.config import ConfigError, MethodConfig, option, read_yaml, redact, save_config, to_dict
+from vosr.config import config_from_dict as _method_config_from_dict
+from vosr.config import explain_config as _method_explain_config
+
+__all__ = ["PRESETS", "Config", "ConfigError", "config_from_dict", "explain_config", "load_config", "redact",
+           "save_config", "to_dict"]
+
+
+@dataclass
+class RayConfig:
+    address: str = option("", "Ray address; empty starts (or joins, under `ray job submit`) a local instance.")
+    num_cpus: int = option(0, "CPUs for a locally started Ray (0 = all).", ge=0)
+    object_store_memory_mb: int = option(0, "Object store cap in MiB for a locally started Ray (0 = Ray's default).",
+                                         ge=0)
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = option(True, "Track the run in MLflow.")
+    tracking_uri: str = option("", "MLflow tracking URI; empty = sqlite:///<output_root>/mlflow.db (absolute).")
+    experiment: str = option("vosr", "MLflow experiment name.")
+    artifact_location: str = option("", "Artifact root for a new experiment; empty = <output_root>/mlartifacts "
+                                    "(absolute, so Ray workers in other folders agree).")
+
+
+@dataclass
+class RunConfig:
+    name: str = option("vosr", "Run name (MLflow run name and output sub-folder).")
+    seed: int = option(0, "Global seed; per-sample streams derive from (seed, sample id, variant).")
+    output_root: str = option("outputs", "Root of local outputs (MLflow store, reports) when paths are relative.")
+    ray: RayConfig = option(RayConfig(), "Ray connection.")
+    mlflow: MlflowConfig = option(MlflowConfig(), "Experiment tracking.")
+
+
+# What a preset sets in the jobs' sections, on top of the method's preset.
+JOB_PRESETS: dict[str, dict[str, Any]] = {
+    "vosr-0.5b": {"eval": {"crop": 512}},   # paper s4 protocol: 512 x 512 centre-cropped GT, 128 x 128 LR
+    "vosr-1.4b": {"eval": {"crop": 512}},
+}
+PRESETS: dict[str, dict[str, Any]] = {name: {**copy.deepcopy(sections), **copy.deepcopy(JOB_PRESETS.get(name, {}))}
+                                      for name, sections in METHOD_PRESETS.items()}
+
+
+@dataclass
+class Config(MethodConfig):
+    run: RunConfig = option(RunConfig(), "Run naming, seed, Ray and MLflow.")
+    curate: CurateConfig = option(CurateConfig(), "Curation job (pipelines/curate.py).")
+    precompute: PrecomputeConfig = option(PrecomputeConfig(), "Feature precompute job (pipelines/precompute.py).")
+    train: TrainConfig = option(TrainConfig(), "Training jobs (training/pretrain.py, training/distill.py).")
+    distill_job: DistillTrainConfig = option(DistillTrainConfig(), "Distillation job specifics.")
+    serve: ServeConfig = option(ServeConfig(), "Ray Serve application.")
+    eval: EvalConfig = option(EvalConfig(), "Evaluation runner.")
+
+
+def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset, then `data`, then `section.key=value` overrides; validated against the whole schema."""
+    return _method_config_from_dict(data, overrides, root=Config, presets=PRESETS)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (or only the preset defaults when `path` is None) plus overrides."""
+    return config_from_dict(read_yaml(path), overrides)
+
+
+def explain_config(section: str | None = None) -> str:
+    """Documentation of every key of every section with its default (tiny preset defaults shown)."""
+    return _method_explain_config(section, root=Config, presets=PRESETS)

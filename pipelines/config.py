@@ -1,0 +1,156 @@
+"""The data jobs' configuration sections: `curate` (pipelines/curate.py: crawl, filter, dedupe, balance) and
+`precompute` (pipelines/precompute.py). Job settings live beside their jobs; jobkit/config.py puts every section
+under one root with the method's sections (vosr/config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vosr.config import option
+
+
+@dataclass
+class CrawlConfig:
+    timeout_s: float = option(10.0, "Per-request timeout in seconds.", gt=0)
+    max_bytes: int = option(20 * 2**20, "Byte cap of one response body; larger answers are rejected (oversize).",
+                            ge=1)
+    max_redirects: int = option(5, "Redirects followed before a URL is rejected (redirect loop).", ge=0)
+    retries: int = option(2, "Retries for retryable failures (timeouts, 429, 5xx).", ge=0)
+    backoff_s: float = option(0.5, "Base of the exponential backoff between retries (Retry-After wins).", ge=0)
+    max_retry_after_s: float = option(30.0, "Longest Retry-After honoured; longer waits count as failures.", ge=0)
+    per_domain_rps: float = option(10.0, "Per-domain rate limit in requests per second, across the whole crawl "
+                                   "(every block and node) when gate_actors > 0, else per block.", gt=0)
+    per_domain_concurrency: int = option(4, "Concurrent requests per domain, across the whole crawl when "
+                                         "gate_actors > 0, else per block.", ge=1)
+    gate_actors: int = option(2, "Ray actors that keep the per-domain limits for the whole crawl (domains sharded "
+                              "by hash; a 429/503 Retry-After pauses the domain for every block). 0 = each block "
+                              "keeps its own limits (a domain then gets up to N times them with N blocks running).",
+                              ge=0)
+    concurrency: int = option(32, "Concurrent requests per worker in total.", ge=1)
+    user_agent: str = option("vosr-curate/0.1 (+https://github.com/vosr-on-ray)", "User-Agent header sent.")
+    respect_noai: bool = option(True, "Skip responses with X-Robots-Tag noai / noimageai (img2dataset style).")
+    allow_private: bool = option(False, "Allow URLs that resolve to private, loopback or link-local addresses.")
+    allow_hosts: list[str] = option([], "Hosts exempt from the address policy, as written in the URL: \"host\" (any "
+                                    "port) or \"host:port\" / \"[v6]:port\" (e.g. 127.0.0.1 in tests). An IP entry "
+                                    "never exempts other hostnames that resolve to it.")
+
+
+@dataclass
+class FilterConfig:
+    min_short_side: int = option(512, "Reject images whose short side is below this (paper s4.1 resolution "
+                                 "filter). Default 512: docs/method.md s1 trains on 512 px crops, so a smaller image "
+                                 "cannot give one crop at native scale. Set it to the crop size of your training.",
+                                 ge=1)
+    max_aspect_ratio: float = option(3.0, "Reject images whose long/short side ratio exceeds this.", ge=1)
+    max_pixels: int = option(64_000_000, "Decompression-bomb cap on width*height, checked from the header before "
+                             "any pixel data is decoded (vosr/imageio.py).", ge=1)
+    min_sharpness: float = option(-3.0, "Reject images whose native-scale sharpness is below this (paper s4.1 "
+                                  "gradient-based filtering, measured where it sees upscaling): log10 of the mean "
+                                  "spectral power in 0.63-1.0 of Nyquist over that in 0.125-0.315, on the 4 most "
+                                  "textured of 16 crops of 128 px taken at the image's own resolution "
+                                  "(pipelines/curation/analysis.py native_sharpness). Calibrated with "
+                                  "benchmarks/bench_sharpness.py on the 44 dev photos: at -3.0, 97.7% of the "
+                                  "originals and of their JPEG q85/q90/q95 re-encodes are kept, 95.5% (2x bicubic, "
+                                  "the hardest) to 100% of their 2x/3x/4x bicubic/Lanczos upscales are rejected "
+                                  "(ROC AUC 0.995); of 1.5x upscales only 30-41%. -100 turns it off.")
+    min_gradient: float = option(0.0, "Reject images whose mean gradient magnitude (0-255 scale) at the analysis "
+                                 "size is below this. Off by default: at the analysis size it cannot see upscaling "
+                                 "(an 11x enlargement scored like a sharp photo); min_sharpness is the sharpness "
+                                 "filter. Still useful against flat images.", ge=0)
+    min_entropy: float = option(3.0, "Reject images whose grey-level entropy (bits, 256-bin histogram at the "
+                                "analysis size) is below this (paper s4.1 image-entropy filtering): removes "
+                                "near-constant images, graphics and scans with few grey levels. Default 3.0, under "
+                                "every dev photo (lowest 4.08 bits, median 7.3; benchmarks/bench_sharpness.py "
+                                "prints them); flat or two-tone images score 1 bit or less.", ge=0)
+    analysis_size: int = option(256, "Short side the image is resized to before the gradient/entropy analysis.",
+                                ge=16)
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = option(True, "Run exact and near-duplicate removal.")
+    hamming: int = option(6, "Near-duplicate pHash Hamming radius k (exact multi-index hashing, pipelines/curation/lsh.py).", ge=0, le=31)
+    max_bucket: int = option(1000, "Cap on the size of one LSH bucket; larger buckets are split and counted.",
+                             ge=2)
+    driver_max_edges: int = option(500_000, "Duplicate edges up to which the connected components run on the "
+                                   "driver (scipy; ~200 bytes per edge there); above it they stay distributed "
+                                   "(large/small-star passes).", ge=0)
+
+
+@dataclass
+class BalanceConfig:
+    enabled: bool = option(True, "Cap each category (MetaCLIP-style) after dedup.")
+    per_category_cap: int = option(1_000_000, "Most images kept per category t.", ge=1)
+    num_clusters: int = option(8, "k of k-means when the sources give no category.", ge=1)
+    sample_size: int = option(10_000, "Images sampled to fit the k-means centroids.", ge=1)
+    embedding: str = option("cheap", "What k-means clusters on: cheap (8x8 colour thumbnail + gradient/entropy "
+                            "stats, computed in stage 1) or semantic (final CLS token of the configured semantic "
+                            "encoder, section `semantic`: DINOv2 CLS features for the real presets, loaded from "
+                            "semantic.path; computed by an actor pool in stage 2).", choices=["cheap", "semantic"])
+    semantic_batch_size: int = option(32, "embedding=semantic: images per encoder call.", ge=1)
+    semantic_actors: int = option(1, "embedding=semantic: encoder actors (each builds the encoder once).", ge=1)
+    semantic_num_gpus: float = option(0.0, "embedding=semantic: GPUs per encoder actor (0 = CPU).", ge=0)
+    semantic_num_cpus: float = option(1.0, "embedding=semantic: CPUs per encoder actor (also its torch threads "
+                                      "on CPU).", gt=0)
+
+
+@dataclass
+class CurateConfig:
+    sources: list[str] = option([], "Inputs: URL list files (.txt/.csv/.parquet with a url column), local "
+                                "folders, or s3:// prefixes.")
+    output: str = option("outputs/curated", "Output folder or s3:// prefix for the curated Parquet shards.")
+    rows_per_shard: int = option(256, "Rows per input block = per output shard.", ge=1)
+    num_shards_hint: int = option(0, "Input partitioning hint (0 = automatic).", ge=0)
+    crawl: CrawlConfig = option(CrawlConfig(), "HTTP crawl.")
+    filters: FilterConfig = option(FilterConfig(), "Quality filters.")
+    dedup: DedupConfig = option(DedupConfig(), "Exact and perceptual dedup.")
+    balance: BalanceConfig = option(BalanceConfig(), "Category balancing.")
+    s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
+    stage1_buffer_mb: int = option(64, "Stage 1 streams each block's ledger to storage in row groups of about this "
+                                   "many MiB of image bytes, so a block's memory does not grow with rows_per_shard "
+                                   "(the stated per-block bound is stage1.stage1_peak_bytes; Ray reserves it as "
+                                   "the block task's memory).", ge=1)
+    cpus_per_block: float = option(1.0, "CPUs Ray reserves per stage-1 block task (lower it for crawl-bound "
+                                   "URL lists so more blocks fetch at once).", gt=0)
+    shuffle: str = option("sort", "Ray Data shuffle behind stage 2's two group-bys (per category, per output "
+                          "shard). sort: pull-based sort shuffle, plain tasks; hash: Ray 2.60's default (SHUFFLE_V2, hash "
+                          "partitioned), which starts aggregator actors for every group-by: 8.3 s against 0.17 s for "
+                          "a 20-row group-by on 2 CPUs (benchmarks/bench_shuffle.py), a fixed cost paid twice per "
+                          "run. Both scale to the stage's row counts (group-bys of small decision rows, at most 64 "
+                          "output partitions).", choices=["sort", "hash"])
+    fail_after_blocks: int = option(0, "Testing aid: stop with an error after this many stage-1 blocks finish in "
+                                    "this run (simulates a killed job; 0 = off).", ge=0)
+    fail_after_shards: int = option(0, "Testing aid: stop with an error after this many final shards are written "
+                                    "in this run (0 = off).", ge=0)
+    max_attempts: int = option(3, "Times the job runs its stages when it loses a node, worker or actor mid-run "
+                               "(finished blocks and shards are kept, so a repeat does only what is left); 1 = fail "
+                               "at once.", ge=1)
+    retry_failed: bool = option(True, "A re-run fetches again the URLs of finished blocks that failed with a "
+                                "retryable reason (timeout, 429, 5xx, connection errors); 404, non-images and decode "
+                                "failures are final.")
+
+
+@dataclass
+class PrecomputeConfig:
+    input: str = option("outputs/curated", "Curated output root (folder or s3:// prefix) whose shards/ are read.")
+    output: str = option("outputs/features", "Feature output root (folder or s3:// prefix).")
+    mode: str = option("materialize", "materialize (write K variants per image) or online (stream, write nothing).",
+                       choices=["materialize", "online"])
+    variants: int = option(2, "K, seeded LR variants per image (each with its own crop and degradation).", ge=1)
+    dtype: str = option("float16", "Storage dtype of latents and tokens (bfloat16 is stored as uint16 bits).",
+                        choices=["float16", "bfloat16", "float32"])
+    batch_size: int = option(8, "Encoder batch size (rows of (image, variant) per actor call).", ge=1)
+    encoder_concurrency: int = option(1, "Encoder actors in the pool.", ge=1)
+    num_gpus_per_encoder: float = option(0.0, "GPUs per encoder actor (0 on CPU machines; the actor uses CUDA "
+                                         "when this is > 0).", ge=0)
+    num_cpus_per_encoder: float = option(1.0, "CPUs reserved per encoder actor.", ge=0)
+    degrade_batch_size: int = option(4, "Images per decode+crop+degrade CPU task batch.", ge=1)
+    num_cpus_per_degrade: float = option(1.0, "CPUs per decode+crop+degrade task.", gt=0)
+    rows_per_shard: int = option(64, "Unused for sharding (one feature shard per curated shard, so resumption is "
+                                 "deterministic); kept as the row-group size of the Parquet writer.", ge=1)
+    compression: str = option("zstd", "Parquet compression of feature shards.",
+                              choices=["zstd", "snappy", "lz4", "none"])
+    max_shards: int = option(0, "Process at most this many pending input shards (0 = all).", ge=0)
+    fail_after_shards: int = option(0, "Fault injection for tests: abort the run after writing this many shards "
+                                    "(0 = never).", ge=0)
+    s3_endpoint_url: str = option("", "S3 endpoint override (MinIO, moto); empty = AWS default.")
