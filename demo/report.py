@@ -3,6 +3,8 @@
 Sources, all produced by the jobs themselves: the stage summaries (summaries/<stage>.json, the JSON each job
 printed), the evaluation outputs (eval_teacher/, eval_student/: results JSON, table, guidance plot, images), the
 endpoint's answer (serve/), and the MLflow store (run ids). Nothing here computes a metric; it lays them out.
+build() gathers the data, view() words it once; report.md is that text in markdown, report.html the same text
+through the Jinja2 template templates/report.html.j2 (autoescaped, self-contained).
 
     python demo/report.py --out outputs/demo      # rebuild the report of an earlier chain
 """
