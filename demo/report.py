@@ -3,6 +3,8 @@
 Sources, all produced by the jobs themselves: the stage summaries (summaries/<stage>.json, the JSON each job
 printed), the evaluation outputs (eval_teacher/, eval_student/: results JSON, table, guidance plot, images), the
 endpoint's answer (serve/), and the MLflow store (run ids). Nothing here computes a metric; it lays them out.
+build() gathers the data, view() words it once; report.md is that text in markdown, report.html the same text
+through the Jinja2 template templates/report.html.j2 (autoescaped, self-contained).
 
     python demo/report.py --out outputs/demo      # rebuild the report of an earlier chain
 """
@@ -10,18 +12,50 @@ endpoint's answer (serve/), and the MLflow store (run ids). Nothing here compute
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 ROOT = Path(__file__).resolve().parents[1]
 
 STAGE_ORDER = ["curate", "precompute", "pretrain", "distill", "evaluate", "serve"]
+
+
+# The report's text: plain strings and marked spans, laid out as markdown (to_markdown) or HTML (to_html).
+
+class Code(str):
+    """A span shown as code: `x` in the markdown, <code> in the page."""
+
+
+class Strong(str):
+    """A span shown in bold."""
+
+
+class Em(str):
+    """A span shown in italics."""
+
+
+@dataclass(frozen=True)
+class Picture:
+    alt: str
+    src: str  # relative to the report's folder
+
+
+Text = str | Picture | list  # one span, or a list of spans
+
+
+@dataclass(frozen=True)
+class Table:
+    head: list[str]
+    rows: list[list[Text]]
+    num: tuple[int, ...] = ()  # right-aligned (numeric) columns
 
 
 # --- reading --------------------------------------------------------------------------------------------------
@@ -51,8 +85,8 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
-def stage_facts(key: str, s: dict[str, Any]) -> str:
-    """One line of the most telling numbers of a stage's summary."""
+def stage_facts(key: str, s: dict[str, Any]) -> Text:
+    """One line of the most telling numbers of a stage's summary (plain text, or spans with Code)."""
     if not s:
         return ""
     if key == "curate":
@@ -72,15 +106,14 @@ def stage_facts(key: str, s: dict[str, Any]) -> str:
         losses = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in sorted((s.get("final_losses") or {}).items()))
         reg = (s.get("registered_model") or {}).get("uri")
         workers = s.get("num_workers", "?")
-        return (f"{s.get('steps', '?')} steps x batch {s.get('global_batch', '?')} on {workers} "
+        return [f"{s.get('steps', '?')} steps x batch {s.get('global_batch', '?')} on {workers} "
                 f"Ray Train worker{'' if workers == 1 else 's'}, {_fmt(s.get('samples_per_s', 0.0))} samples/s; "
-                f"final {losses or 'loss n/a'}"
-                + (f"; registered as `{reg}`" if reg else ""))
+                f"final {losses or 'loss n/a'}", *(["; registered as ", Code(reg)] if reg else [])]
     if key == "evaluate":
         data = s.get("data") or {}
         peers = len(s.get("peers") or [])
-        return (f"{data.get('images', '?')} held-out photos, {len(s.get('rows', []))} rows (bicubic, student, "
-                f"teacher per guidance s{f', {peers} peer(s)' if peers else ''}); table `{s.get('table', '')}`")
+        return [f"{data.get('images', '?')} held-out photos, {len(s.get('rows', []))} rows (bicubic, student, "
+                f"teacher per guidance s{f', {peers} peer(s)' if peers else ''}); table ", Code(s.get("table", ""))]
     if key == "serve":
         return (f"POST {s.get('input_size')} px -> PNG {s.get('output_size')} px, HTTP {s.get('status')}, "
                 f"{s.get('seconds')} s")
@@ -328,80 +361,49 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
 
-def to_markdown(d: dict[str, Any]) -> str:
+# --- laying out -----------------------------------------------------------------------------------------------
+# The report's text is built once, by view(), from spans and tables (above); to_markdown lays it out in markdown,
+# to_html renders templates/report.html.j2 with it.
+
+MD_MARKS = {Code: "`{}`", Strong: "**{}**", Em: "*{}*"}
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # shipped with the demo package (pyproject package-data)
+
+
+def view(d: dict[str, Any]) -> dict[str, Any]:
+    """What the report says, from build()'s data, before either markup."""
     out: Path = d["out"]
-    lines = ["# VOSR demo report", ""]
-    total = d["total_s"]
-    lines.append(f"The whole chain (crawl -> curate -> precompute -> pretrain -> distill -> evaluate -> serve) on the "
-                 f"tiny preset{f', in {total / 60:.1f} min' if total else ''}; {d['machine']}; written {d['written']}.")
-    lines.append("The tiny preset is the project's debug model: a pixel space-to-depth codec and a *randomly "
-                 "initialised* tiny ViT as the semantic encoder, which carries no semantics. Numbers below show the "
-                 "system working end to end, not the paper's quality.")
-    lines.append("")
-    if d["rows"]:
-        lines += [*_checks_lines(d), ""]
-    lines += ["## Stages", "", "| stage | wall time (s) | what it did |", "| --- | ---: | --- |"]
-    for key, data in d["summaries"].items():
-        lines.append(f"| {key} | {_fmt(data.get('seconds', 0.0), 1)} | {stage_facts(key, data.get('summary', {}))} |")
-    lines.append("")
-    site = d["site"]
-    if site:
-        exp = ", ".join(f"{k} {v}" for k, v in sorted(site.get("expected", {}).items()))
-        lines.append(f"The crawl fetched the loopback photo site ({site.get('urls')} URLs: {exp}). "
-                     f"Held out of training and crawl: {', '.join(d['holdout'])}.")
-        lines.append("")
-    lines += ["## Evaluation on the held-out photos", ""]
-    if d["rows"]:
-        lines += [_protocol(d), ""]
-        lines += ["| method | kind | guidance s | steps | PSNR-Y (dB) | SSIM-Y | ST-LPIPS | NIQE | seconds |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in d["rows"]:
-            steps = r["options"].get("steps", 1 if r["kind"] == "student" else "")
-            g = "" if r["guidance"] is None else _fmt(float(r["guidance"]), 1)
-            lines.append(f"| {r['label']} | {r['kind']} | {g} | {steps} | {_fmt(r['psnr_y'], 3)} | "
-                         f"{_fmt(r['ssim_y'], 4)} | {_fmt(_num(r['stlpips']), 4) if _num(r['stlpips']) is not None else 'n/a'} | "
-                         f"{_fmt(_num(r['niqe']), 3) if _num(r['niqe']) is not None else 'n/a'} | "
-                         f"{_fmt(r['seconds'], 1)} |")
-        lines.append("")
-        files = d["eval"].get("metric_files") or {}
-        for k, v in sorted(files.items()):
-            lines.append(f"- {k} computed with `{v.get('file')}`" + (f" (sha256 {v['sha256'][:16]}...)"
-                                                                  if v.get("sha256") else "") + f", {v.get('via')}")
-        for p in d["eval"].get("peers") or []:
-            lines.append(f"- peer {p['name']}: {p['architecture']} x{p['scale']} from `{p['path']}` "
-                         f"(sha256 {p['sha256'][:16]}...), same crops and tiling as the VOSR rows")
-        skipped = d["eval"].get("metrics_skipped") or {}
-        if skipped:
-            lines += [f"- not computed: {', '.join(sorted(skipped))} (no local file and no pyiqa weights; nothing is "
-                      "downloaded; reasons in eval/table.md)"]
-        lines += ["", *_pd_lines(d), ""]
-    else:
-        lines += ["No evaluation results were found (eval/summary.json).", ""]
-    if d["guidance_plot"]:
-        lines += ["### Guidance sweep (teacher, like the paper's Fig. 4)", "",
-                  f"![guidance sweep]({d['guidance_plot']})", ""]
-    if d["grid"]:
-        lines += ["### Side by side (bicubic | peers | teacher at its best s | student | HR)", "",
-                  f"![side by side]({d['grid']})", ""]
-    if d["serve_out"]:
-        s = d["summaries"].get("serve", {}).get("summary", {})
-        lines += ["## The endpoint", "",
-                  f"Ray Serve started with the registered student (`{d['student']}`), answered one request "
-                  f"({s.get('input_size')} -> {s.get('output_size')} px) and stopped.", "",
-                  "| request | answer |", "| --- | --- |",
-                  f"| ![request]({d['serve_in']}) | ![answer]({d['serve_out']}) |", ""]
-    lines += ["## MLflow", ""]
-    if d["runs"]:
-        lines += ["| run | run id | status |", "| --- | --- | --- |"]
-        lines += [f"| {r['name']} | `{r['run_id']}` | {r['status']} |" for r in d["runs"]]
-        lines.append("")
-    db = (out / "mlflow.db").resolve()
-    lines += ["Open the MLflow UI on this store:", "",
-              f"    .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --port 5000", "",
-              "then browse http://127.0.0.1:5000 (experiment `vosr-demo`; the student is under Models).", ""]
-    lines += ["## Files", "", f"- teacher checkpoint: `{d['teacher']}`", f"- student: `{d['student']}`",
-              f"- stage logs: `{(out / 'logs').as_posix()}`; stage summaries: `{(out / 'summaries').as_posix()}`", ""]
-    return "\n".join(lines)
+    total, site, runs = d["total_s"], d["site"], d["runs"]
+    serve = d["summaries"].get("serve", {}).get("summary", {})
+    figures = [("Guidance sweep (teacher, like the paper's Fig. 4)", Picture("guidance sweep", d["guidance_plot"])),
+               ("Side by side (bicubic | peers | teacher at its best s | student | HR)",
+                Picture("side by side", d["grid"]))]
+    return {
+        "intro": [f"The whole chain (crawl -> curate -> precompute -> pretrain -> distill -> evaluate -> serve) on the "
+                  f"tiny preset{f', in {total / 60:.1f} min' if total else ''}; {d['machine']}; written {d['written']}.",
+                  ["The tiny preset is the project's debug model: a pixel space-to-depth codec and a ",
+                   Em("randomly initialised"), " tiny ViT as the semantic encoder, which carries no semantics. Numbers "
+                   "below show the system working end to end, not the paper's quality."]],
+        "checks": _checks(d) if d["rows"] else None,
+        "stages": Table(["stage", "wall time (s)", "what it did"],
+                        [[key, _fmt(data.get("seconds", 0.0), 1), stage_facts(key, data.get("summary", {}))]
+                         for key, data in d["summaries"].items()], num=(1,)),
+        "site": (f"The crawl fetched the loopback photo site ({site.get('urls')} URLs: "
+                 f"{', '.join(f'{k} {v}' for k, v in sorted(site.get('expected', {}).items()))}). "
+                 f"Held out of training and crawl: {', '.join(d['holdout'])}.") if site else None,
+        "evaluation": _evaluation(d) if d["rows"] else None,
+        "figures": [(title, pic) for title, pic in figures if pic.src],
+        "serve": {"text": ["Ray Serve started with the registered student (", Code(d["student"]), "), answered one "
+                           f"request ({serve.get('input_size')} -> {serve.get('output_size')} px) and stopped."],
+                  "table": Table(["request", "answer"], [[Picture("request", str(d["serve_in"])),
+                                                          Picture("answer", d["serve_out"])]])}
+        if d["serve_out"] else None,
+        "runs": Table(["run", "run id", "status"], [[str(r["name"]), Code(r["run_id"]), str(r["status"])]
+                                                    for r in runs]) if runs else None,
+        "mlflow_ui": f".venv/bin/mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()} --port 5000",
+        "files": [["teacher checkpoint: ", Code(d["teacher"])], ["student: ", Code(d["student"])],
+                  ["stage logs: ", Code((out / "logs").as_posix()), "; stage summaries: ",
+                   Code((out / "summaries").as_posix())]],
+    }
 
 
 TINY_SCOPE = ("What the tiny preset can show: the whole system working end to end, and the direction of two effects "
@@ -414,45 +416,66 @@ TINY_SCOPE = ("What the tiny preset can show: the whole system working end to en
               "below bicubic on PSNR-Y is therefore not a property of the method and not a bar here.")
 
 
-def _checks_lines(d: dict[str, Any]) -> list[str]:
+def _checks(d: dict[str, Any]) -> dict[str, Any]:
     c = d["checks"]
     g, s = c["guidance_rises"], c["student_within_teacher"]
-    lines = ["**Fidelity checks** (the paper's claims the tiny demo can test, on the held-out photos):", ""]
+    items: list[Text] = []
     if g["applicable"]:
         pts = ", ".join(f"s={k:g}: {v:.3f} dB" for k, v in g["points"])
-        lines.append(f"- PSNR-Y rises with the guidance scale s (paper Fig. 4: a larger s moves the teacher from "
-                     f"generative towards faithful to the LR): **{'met' if g['met'] else 'NOT met'}** ({pts}; "
-                     f"{g['rise_db']:+.3f} dB from the smallest to the largest s).")
+        items.append(["PSNR-Y rises with the guidance scale s (paper Fig. 4: a larger s moves the teacher from "
+                      "generative towards faithful to the LR): ", Strong("met" if g["met"] else "NOT met"),
+                      f" ({pts}; {g['rise_db']:+.3f} dB from the smallest to the largest s)."])
     else:
-        lines.append("- PSNR-Y rises with the guidance scale s: not checked (fewer than two teacher rows).")
+        items.append("PSNR-Y rises with the guidance scale s: not checked (fewer than two teacher rows).")
     if s["applicable"]:
-        lines.append(f"- the one-step student stays within {s['budget_db']:g} dB of its teacher on PSNR-Y (paper "
-                     f"Table 3: distillation keeps the teacher's quality): **{'met' if s['met'] else 'NOT met'}** "
-                     f"(student {s['student']['psnr_y']:.3f} dB vs {s['teacher']['label']} "
-                     f"{s['teacher']['psnr_y']:.3f} dB: {s['gap_db']:+.3f} dB).")
+        items.append([f"the one-step student stays within {s['budget_db']:g} dB of its teacher on PSNR-Y (paper "
+                      "Table 3: distillation keeps the teacher's quality): ", Strong("met" if s["met"] else "NOT met"),
+                      f" (student {s['student']['psnr_y']:.3f} dB vs {s['teacher']['label']} "
+                      f"{s['teacher']['psnr_y']:.3f} dB: {s['gap_db']:+.3f} dB)."])
     else:
-        lines.append("- the one-step student within 1 dB of its teacher: not checked (needs a student and a teacher "
+        items.append("the one-step student within 1 dB of its teacher: not checked (needs a student and a teacher "
                      "row).")
-    lines += ["", TINY_SCOPE]
-    return lines
+    return {"head": [Strong("Fidelity checks"), " (the paper's claims the tiny demo can test, on the held-out "
+                                                "photos):"], "items": items, "scope": TINY_SCOPE}
 
 
-def _pd_lines(d: dict[str, Any]) -> list[str]:
+def _evaluation(d: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for r in d["rows"]:
+        steps = r["options"].get("steps", 1 if r["kind"] == "student" else "")
+        rows.append([r["label"], r["kind"], "" if r["guidance"] is None else _fmt(float(r["guidance"]), 1), str(steps),
+                     _fmt(r["psnr_y"], 3), _fmt(r["ssim_y"], 4),
+                     _fmt(_num(r["stlpips"]), 4) if _num(r["stlpips"]) is not None else "n/a",
+                     _fmt(_num(r["niqe"]), 3) if _num(r["niqe"]) is not None else "n/a", _fmt(r["seconds"], 1)])
+    head = ["method", "kind", "guidance s", "steps", "PSNR-Y (dB)", "SSIM-Y", "ST-LPIPS", "NIQE", "seconds"]
+    notes: list[Text] = []
+    for k, v in sorted((d["eval"].get("metric_files") or {}).items()):
+        notes.append([f"{k} computed with ", Code(f"{v.get('file')}"),
+                      (f" (sha256 {v['sha256'][:16]}...)" if v.get("sha256") else "") + f", {v.get('via')}"])
+    for p in d["eval"].get("peers") or []:
+        notes.append([f"peer {p['name']}: {p['architecture']} x{p['scale']} from ", Code(p["path"]),
+                      f" (sha256 {p['sha256'][:16]}...), same crops and tiling as the VOSR rows"])
+    skipped = d["eval"].get("metrics_skipped") or {}
+    if skipped:
+        notes.append(f"not computed: {', '.join(sorted(skipped))} (no local file and no pyiqa weights; nothing is "
+                     "downloaded; reasons in eval/table.md)")
+    return {"protocol": _protocol(d), "table": Table(head, rows, num=tuple(range(2, 9))), "notes": notes, **_pd(d)}
+
+
+def _pd(d: dict[str, Any]) -> dict[str, Any]:
     pd = d["pd"]
     rows = {r["label"]: r for r in d["rows"]}
     order = ", ".join(f"{lab} ({rows[lab]['kind']}, {rows[lab]['psnr_y']:.2f} dB)" for lab in pd["by_psnr"])
-    lines = [f"**Perception-distortion position.** By PSNR-Y (distortion), best first: {order}."]
-    if pd["perceptual_axis"]:
-        lines.append(f"With ST-LPIPS as the perception axis, the rows no other row beats on both axes (the "
-                     f"perception-distortion front) are: {', '.join(pd['front'])}; a generative row off the front "
-                     "is beaten on both axes by the row that dominates it.")
-        if d.get("pd_plot"):
-            lines += ["", f"![perception-distortion plane]({d['pd_plot']})"]
-    else:
-        lines.append("No perceptual metric ran (point eval.metric_weights at an ST-LPIPS file, see "
-                     "`vosr config --explain eval`), so only the distortion axis is known: a generative row below "
-                     "bicubic on PSNR-Y is not by itself a defect (see the tiny-preset note above).")
-    return lines
+    text: list[Text] = [[Strong("Perception-distortion position."), f" By PSNR-Y (distortion), best first: {order}."]]
+    if not pd["perceptual_axis"]:
+        text.append(["No perceptual metric ran (point eval.metric_weights at an ST-LPIPS file, see ",
+                     Code("vosr config --explain eval"), "), so only the distortion axis is known: a generative row "
+                     "below bicubic on PSNR-Y is not by itself a defect (see the tiny-preset note above)."])
+        return {"pd": text, "pd_plot": None}
+    text.append(f"With ST-LPIPS as the perception axis, the rows no other row beats on both axes (the "
+                f"perception-distortion front) are: {', '.join(pd['front'])}; a generative row off the front "
+                "is beaten on both axes by the row that dominates it.")
+    return {"pd": text, "pd_plot": Picture("perception-distortion plane", d["pd_plot"]) if d.get("pd_plot") else None}
 
 
 def _protocol(d: dict[str, Any]) -> str:
@@ -465,71 +488,51 @@ def _protocol(d: dict[str, Any]) -> str:
             f"image ({crop // scale if crop else '?'} px), PSNR/SSIM on Y (BT.601) with a {scale} px border crop.")
 
 
-def to_html(d: dict[str, Any], md: str) -> str:
-    """A self-contained page: the markdown's structure rendered by a tiny converter (tables, images, code)."""
-    body = []
-    in_table = False
-    in_code = False
-    for line in md.splitlines():
-        if line.startswith("    ") and not in_table:
-            if not in_code:
-                body.append("<pre><code>")
-                in_code = True
-            body.append(html.escape(line[4:]))
-            continue
-        if in_code:
-            body.append("</code></pre>")
-            in_code = False
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if all(set(c) <= set("-: ") for c in cells):
-                continue
-            if not in_table:
-                body.append("<table>")
-                body.append("<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells) + "</tr>")
-                in_table = True
-                continue
-            body.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("- "):
-            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    if in_code:
-        body.append("</code></pre>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;"
-             "text-align:left}th{background:#f3f3f3}img{max-width:100%;image-rendering:pixelated}"
-             "code{background:#f5f5f5;padding:1px 4px}pre{background:#f5f5f5;padding:8px;overflow-x:auto}")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>VOSR demo report</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+def _md(text: Text) -> str:
+    spans = text if isinstance(text, list) else [text]
+    return "".join(f"![{p.alt}]({p.src})" if isinstance(p, Picture) else MD_MARKS.get(type(p), "{}").format(p)
+                   for p in spans)
 
 
-def _inline(text: str) -> str:
-    """Markdown inline subset: images, `code`, **bold**."""
-    import re
+def _md_table(t: Table) -> list[str]:
+    rule = ["---:" if i in t.num else "---" for i in range(len(t.head))]
+    return [f"| {' | '.join(cells)} |" for cells in (t.head, rule, *([_md(c) for c in r] for r in t.rows))]
 
-    parts = re.split(r"(!\[[^\]]*\]\([^)]+\)|`[^`]+`|\*\*[^*]+\*\*)", text)
-    out = []
-    for p in parts:
-        m = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", p)
-        if m:
-            out.append(f"<img alt='{html.escape(m.group(1))}' src='{html.escape(m.group(2))}'>")
-        elif p.startswith("`") and p.endswith("`") and len(p) > 1:
-            out.append(f"<code>{html.escape(p[1:-1])}</code>")
-        elif p.startswith("**") and p.endswith("**") and len(p) > 3:
-            out.append(f"<b>{html.escape(p[2:-2])}</b>")
-        else:
-            out.append(html.escape(p))
-    return "".join(out)
+
+def to_markdown(d: dict[str, Any]) -> str:
+    v = view(d)
+    lines = ["# VOSR demo report", "", *map(_md, v["intro"]), ""]
+    if v["checks"]:
+        c = v["checks"]
+        lines += [_md(c["head"]), "", *(f"- {_md(i)}" for i in c["items"]), "", c["scope"], ""]
+    lines += ["## Stages", "", *_md_table(v["stages"]), ""]
+    if v["site"]:
+        lines += [v["site"], ""]
+    lines += ["## Evaluation on the held-out photos", ""]
+    e = v["evaluation"]
+    if e:
+        lines += [e["protocol"], "", *_md_table(e["table"]), "", *(f"- {_md(n)}" for n in e["notes"]), "",
+                  *map(_md, e["pd"]), *(["", _md(e["pd_plot"])] if e["pd_plot"] else []), ""]
+    else:
+        lines += ["No evaluation results were found (eval/summary.json).", ""]
+    for title, pic in v["figures"]:
+        lines += [f"### {title}", "", _md(pic), ""]
+    if v["serve"]:
+        lines += ["## The endpoint", "", _md(v["serve"]["text"]), "", *_md_table(v["serve"]["table"]), ""]
+    lines += ["## MLflow", "", *([*_md_table(v["runs"]), ""] if v["runs"] else [])]
+    lines += ["Open the MLflow UI on this store:", "", f"    {v['mlflow_ui']}", "",
+              "then browse http://127.0.0.1:5000 (experiment `vosr-demo`; the student is under Models).", ""]
+    lines += ["## Files", "", *(f"- {_md(f)}" for f in v["files"]), ""]
+    return "\n".join(lines)
+
+
+def to_html(d: dict[str, Any]) -> str:
+    """A self-contained page (inline CSS, pictures by relative path): templates/report.html.j2 over view(d)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    env.tests.update(code=lambda p: isinstance(p, Code), strong=lambda p: isinstance(p, Strong),
+                     em=lambda p: isinstance(p, Em), picture=lambda p: isinstance(p, Picture))
+    return env.get_template("report.html.j2").render(view(d))
 
 
 def write_report(out: Path, site: dict[str, Any] | None = None,
@@ -538,7 +541,7 @@ def write_report(out: Path, site: dict[str, Any] | None = None,
     d = build(Path(out), site, holdout, total_s, teacher, student, since)
     md = to_markdown(d)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(to_html(d, md))
+    (out / "report.html").write_text(to_html(d))
     (out / "report.json").write_text(json.dumps({"fidelity_checks": d["checks"], "perception_distortion": d["pd"],
                                                  "rows": d["rows"], "runs": d["runs"], "total_s": total_s},
                                                 indent=2, default=str))

@@ -4,6 +4,8 @@ perception-distortion position of bicubic, peer and VOSR rows, and the grid with
 from __future__ import annotations
 
 import json
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 from PIL import Image
@@ -75,3 +77,99 @@ def test_checks_not_met(tmp_path):
     checks = json.loads((out / "report.json").read_text())["fidelity_checks"]
     assert not checks["guidance_rises"]["met"] and not checks["student_within_teacher"]["met"]
     assert md.count("**NOT met**") == 2 and "-1.500 dB" in md
+
+
+class _Page(HTMLParser):
+    """The page's visible words, its tables (rows of cell text) and its pictures; and any external resource."""
+
+    def __init__(self):
+        super().__init__()
+        self.text, self.tables, self.images, self.external, self._skip = [], [], [], [], 0
+        self._cell = None
+
+    @property
+    def words(self):
+        return "".join(self.text).split()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self._skip += tag in ("style", "title")
+        if tag not in ("code", "b", "em"):           # a block: a word boundary
+            self.text.append(" ")
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img":
+            self.images.append((a["alt"], a["src"]))
+        if tag in ("link", "script") or "://" in (a.get("src") or "") or "://" in (a.get("href") or ""):
+            self.external.append(tag)
+
+    def handle_endtag(self, tag):
+        self._skip -= tag in ("style", "title")
+        if tag not in ("code", "b", "em"):
+            self.text.append(" ")
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.text.append(data)
+            if self._cell is not None:
+                self._cell.append(data)
+
+
+def _md_plain(text: str) -> str:
+    """Markdown text without its markup: pictures, code/bold/italic marks, table rules, list and heading marks."""
+    text = re.sub(r"!\[[^\]]*\]\([^)]*\)", " ", text)
+    lines = [ln for ln in text.splitlines() if not re.fullmatch(r"\|( *-+:? *\|)+", ln)]
+    lines = [" ".join(ln.strip("|").split(" | ")) if ln.startswith("|") else re.sub(r"^(#+ |- )", "", ln)
+             for ln in lines]
+    return re.sub(r"`|\*\*|\*", "", "\n".join(lines))
+
+
+def test_html_page_is_the_markdown_escaped(tmp_path):
+    """report.html (the Jinja template) shows what report.md shows, word for word and table for table, with text
+    from the data escaped, pictures by relative path, and nothing fetched from elsewhere."""
+    from demo.report import write_report
+
+    out = tmp_path / "demo"
+    _eval_folder(out, teacher_psnr=[25.0, 24.0, 26.0], student_psnr=24.5)
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    summary["rows"][-1]["label"] = "VOSR-tiny-os <one step> & co"
+    (out / "eval" / "summary.json").write_text(json.dumps(summary))
+    (out / "summaries").mkdir()
+    (out / "summaries" / "pretrain.json").write_text(json.dumps(
+        {"seconds": 2.0, "summary": {"steps": 4, "global_batch": 2, "num_workers": 1, "samples_per_s": 1.5,
+                                     "registered_model": {"uri": "models:/vosr<b>&x/1"}}}))
+    (out / "serve").mkdir()
+    for name in ("request", "answer"):
+        Image.new("RGB", (8, 8)).save(out / "serve" / f"{name}.png")
+    write_report(out, {"urls": 3, "expected": {"ok": 3}}, holdout=["a.png", "b.png"], student="models:/s&t/1")
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>")
+    for raw, escaped in (("VOSR-tiny-os <one step> & co", "VOSR-tiny-os &lt;one step&gt; &amp; co"),
+                         ("models:/vosr<b>&x/1", "<code>models:/vosr&lt;b&gt;&amp;x/1</code>"),
+                         ("models:/s&t/1", "<code>models:/s&amp;t/1</code>")):
+        assert raw in md and raw not in page and escaped in page
+    assert "<em>randomly initialised</em>" in page and page.count("<b>met</b>") == 2
+    html = _Page()
+    html.feed(page)
+    assert html.words == _md_plain(md).split()                 # the same words in the same order
+    md_tables = re.findall(r"(?:^\|.*\|\n)+", md, flags=re.M)
+    assert len(md_tables) == len(html.tables) == 3             # stages, evaluation, endpoint
+    for block, table in zip(md_tables, html.tables):
+        rows = [[_md_plain(c).strip() for c in ln.strip("|").split(" | ")] for ln in block.splitlines()
+                if not re.fullmatch(r"\|( *-+:? *\|)+", ln)]
+        assert rows == table
+    assert [t[0] for t in html.tables[:2]] == [["stage", "wall time (s)", "what it did"],
+                                               ["method", "kind", "guidance s", "steps", "PSNR-Y (dB)", "SSIM-Y",
+                                                "ST-LPIPS", "NIQE", "seconds"]]
+    assert len(html.tables[1]) == 1 + len(summary["rows"])
+    pictures = re.findall(r"!\[([^\]]*)\]\(([^)]*)\)", md)
+    assert html.images == pictures and len(pictures) == 4      # pd plane, grid, request, answer
+    assert all((out / src).is_file() and not Path(src).is_absolute() for _, src in html.images)
+    assert html.external == []
