@@ -323,67 +323,85 @@ def serve_photos_and_curate(chain, out: Path, args, holdout: list[str]) -> dict[
     return info
 
 
+class StageWindow:
+    """Runs the stages of --from..--to; a stage before --from is not run again, its stored summary is reused."""
+
+    def __init__(self, chain: Chain, start: str, stop: str):
+        self.chain, self.first, self.last = chain, STAGES.index(start), STAGES.index(stop)
+
+    def __call__(self, stage: str, run) -> StageResult | None:
+        """`run()` runs the stage through the chain; returns the stage's result (None past --to)."""
+        idx = STAGES.index(stage)
+        if idx < self.first:
+            return self.chain.load_previous(stage)
+        if idx > self.last:
+            return None
+        run()
+        return self.chain.results[stage]
+
+
+def teacher_of(pretrain: StageResult | None) -> str:
+    """The teacher the later stages load: an FSDP run's unsharded export, else the last checkpoint."""
+    summary = pretrain.summary if pretrain else {}
+    return summary.get("export_uri") or summary.get("checkpoint_uri", "")
+
+
+def student_of(distill: StageResult | None) -> str:
+    """The registered student (models:/name/version), else the student's checkpoint folder."""
+    if distill is None:
+        return ""
+    s = distill.summary
+    student = (s.get("registered_model") or {}).get("uri") or s.get("export_uri") or s.get("checkpoint_uri", "")
+    if not student:
+        raise SystemExit("the distill summary names neither a registered model nor a checkpoint")
+    return student
+
+
+def distill(chain: Chain, teacher: str) -> None:
+    if not teacher:
+        raise SystemExit("the pretrain summary names no teacher checkpoint (checkpoint_uri); cannot distill")
+    chain.run("distill", [f"distill_job.teacher={teacher}"])
+
+
+def evaluate(chain: Chain, student: str, teacher: str) -> None:
+    """One run: bicubic, the student's one-step row and the teacher's rows at each guidance scale of the sweep
+    (an s3:// teacher folder is passed as it is: inference/model_uri.py fetches it into its local cache)."""
+    chain.run("evaluate", [f"inference.checkpoint={student}", f"eval.teacher={teacher}"])
+
+
+def serve(chain: Chain, out: Path, holdout: list[str], student: str) -> None:
+    """The endpoint's smoke test: one request of a held-out photo's LR crop; recorded in MLflow here."""
+    request = make_request_image(out, holdout[0])
+    chain.run("serve", [f"inference.checkpoint={student}"],
+              extra_args=["--smoke", str(out / "serve" / "answer.png"), "--image", str(request)])
+    record_in_mlflow(chain, "serve", chain.results["serve"], [request, out / "serve" / "answer.png"])
+
+
+def read_site(out: Path) -> dict[str, Any]:
+    """What the photo site served in the curate run (summaries/site.json), {} before one."""
+    path = out / "summaries" / "site.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = prepare_output(args)
-    first, last = STAGES.index(args.start), STAGES.index(args.stop)
     t_start = time.time()
     holdout = read_holdout()
     holdout_uri = prepare_holdout(out, holdout, args.storage)
     log(f"output root {out}; {len(holdout)} photos held out of training for evaluation ({holdout_uri}): "
         f"{', '.join(holdout)}")
-
     env, ray_address = job_environment(args)
     chain = Chain(out, args.set, ray_address, env, args.storage)
-    ctx: dict[str, Any] = {"site": {}, "teacher": "", "student": ""}
-
-    def step(stage: str, fn, *keys: str) -> bool:
-        """Run `fn` when the stage is in --from..--to; before --from, reuse the stored summaries."""
-        idx = STAGES.index(stage)
-        if idx < first:
-            for key in keys or (stage,):
-                chain.load_previous(key)
-            return True
-        if idx > last:
-            return False
-        fn()
-        return True
-
-    def crawl_and_curate() -> None:
-        ctx["site"] = serve_photos_and_curate(chain, out, args, holdout)
-
-    def distill() -> None:
-        if not ctx["teacher"]:
-            raise SystemExit("the pretrain summary names no teacher checkpoint (checkpoint_uri); cannot distill")
-        chain.run("distill", [f"distill_job.teacher={ctx['teacher']}"])
-
-    def evaluate() -> None:
-        # one run: bicubic, the student's one-step row and the teacher's rows at each guidance scale of the sweep
-        # (an s3:// teacher folder is passed as it is: inference/model_uri.py fetches it into its local cache)
-        chain.run("evaluate", [f"inference.checkpoint={ctx['student']}", f"eval.teacher={ctx['teacher']}"])
-
-    def serve() -> None:
-        request = make_request_image(out, holdout[0])
-        chain.run("serve", [f"inference.checkpoint={ctx['student']}"],
-                  extra_args=["--smoke", str(out / "serve" / "answer.png"), "--image", str(request)])
-        record_in_mlflow(chain, "serve", chain.results["serve"], [request, out / "serve" / "answer.png"])
-
+    stage = StageWindow(chain, args.start, args.stop)
+    teacher = student = ""
     try:
-        if step("curate", crawl_and_curate) and first > 0 and (out / "summaries" / "site.json").is_file():
-            ctx["site"] = json.loads((out / "summaries" / "site.json").read_text())
-        step("precompute", lambda: chain.run("precompute"))
-        if step("pretrain", lambda: chain.run("pretrain")):
-            psum = chain.results["pretrain"].summary  # an FSDP run's export_uri: its unsharded final weights
-            ctx["teacher"] = psum.get("export_uri") or psum.get("checkpoint_uri", "")
-        if step("distill", distill):
-            dsum = chain.results["distill"].summary
-            # the registered student (models:/name/version), else the student's checkpoint folder
-            ctx["student"] = ((dsum.get("registered_model") or {}).get("uri") or dsum.get("export_uri")
-                              or dsum.get("checkpoint_uri", ""))
-            if not ctx["student"]:
-                raise SystemExit("the distill summary names neither a registered model nor a checkpoint")
-        step("evaluate", evaluate)
-        step("serve", serve)
+        stage("curate", lambda: serve_photos_and_curate(chain, out, args, holdout))
+        stage("precompute", lambda: chain.run("precompute"))
+        teacher = teacher_of(stage("pretrain", lambda: chain.run("pretrain")))
+        student = student_of(stage("distill", lambda: distill(chain, teacher)))
+        stage("evaluate", lambda: evaluate(chain, student, teacher))
+        stage("serve", lambda: serve(chain, out, holdout, student))
     finally:
         if ray_address:
             import ray
@@ -392,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.time() - t_start
     from demo.report import write_report
 
-    paths = write_report(out, ctx["site"], holdout, total, teacher=ctx["teacher"], student=ctx["student"])
+    paths = write_report(out, read_site(out), holdout, total, teacher=teacher, student=student)
     log(f"chain ({args.start} .. {args.stop}) done in {total / 60:.1f} min; report: {paths['md']} and "
         f"{paths['html']}")
     return 0
