@@ -2,10 +2,15 @@
 
 Routes (relative to the application's route prefix):
 - POST /upscale and POST /   image as the raw body or as multipart/form-data (first file field) -> image/png.
-  Query options: mode, steps, guidance, weak_strength, seed, tile, tile_overlap, color_fix (validated; 422).
+  Query options (UpscaleQuery): mode, steps, guidance, weak_strength, seed, tile, tile_overlap, color_fix. FastAPI
+  validates their types, static bounds and names (vosr.choices) and refuses unknown ones; the bounds taken from
+  serve.* (max_steps, min_tile, max_tile, half a tile of overlap) are checked in the handler, since FastAPI fixes
+  its bounds at import and the config arrives with the replica. Either way the answer is the one error format.
 - GET  /                     the upload page (inference/static/index.html: input and result side by side).
 - GET  /healthz              JSON: model (no local paths), limits, request and batch counters.
-Errors are JSON {"error": code, "message": ..., "request_id": ...} (the X-Request-Id Ray Serve answers with):
+Errors are JSON {"error": code, "message": ..., "request_id": ...} (the X-Request-Id Ray Serve answers with), never
+FastAPI's {"detail": [...]}: a refused option is {"error": "bad_option", "message": "steps='0': Input should be
+greater than or equal to 1", ...}, one "name=value: reason" per refused option, joined by "; ".
 401 missing/wrong X-API-Key (every route except the static page and its script, which hold no data), 408 a body
 not read within serve.body_timeout_s (or the proxy's request timeout), 413 a body over serve.max_body_bytes
 (counted while streaming, raw and multipart alike), too many pixels or a request over serve.max_evaluations,
@@ -47,10 +52,12 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
@@ -60,13 +67,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
-
-# query option -> (type, UpscaleOptions field)
-QUERY_OPTIONS: dict[str, tuple[type, str]] = {
-    "mode": (str, "mode"), "steps": (int, "steps"), "guidance": (float, "guidance"),
-    "weak_strength": (float, "weak_strength"), "seed": (int, "seed"), "tile": (int, "tile_size"),
-    "tile_overlap": (int, "tile_overlap"), "color_fix": (str, "color_fix"),
-}
 
 MULTIPART_SLACK = 64 * 1024  # multipart framing and non-file fields allowed on top of the file's max_body_bytes
 FAULT_RAISE_SEED, FAULT_SLEEP_SEED = 2**62 + 13, 2**62 + 14  # serve.fault_injection (tests only)
@@ -160,36 +160,52 @@ def access_digests(cfg, environ: dict[str, str] | None = None) -> list[str]:
 
 # --- request validation ------------------------------------------------------------------------------------------
 
-def parse_query(params, serve_cfg) -> dict[str, Any]:
-    """Validate the query options into UpscaleOptions overrides; raises ServeError(422)."""
-    out: dict[str, Any] = {}
-    unknown = sorted(set(params) - set(QUERY_OPTIONS))
-    if unknown:
-        raise ServeError(422, "bad_option", f"unknown option(s) {unknown}; known: {sorted(QUERY_OPTIONS)}")
-    for name, raw in params.items():
-        typ, field = QUERY_OPTIONS[name]
-        try:
-            value = typ(raw)
-        except (TypeError, ValueError):
-            raise ServeError(422, "bad_option", f"{name}={raw!r} is not a valid {typ.__name__}") from None
-        if typ is float and not (value == value and abs(value) != float("inf")):
-            raise ServeError(422, "bad_option", f"{name} must be a finite number")
-        out[field] = value
-    checks = [("steps", 1, serve_cfg.max_steps), ("tile_size", 0, serve_cfg.max_tile),
-              ("tile_overlap", 0, serve_cfg.max_tile // 2), ("guidance", -20.0, 20.0), ("weak_strength", 0.0, 1.0),
-              ("seed", 0, 2**63 - 1)]
-    for field, lo, hi in checks:
-        if field in out and not lo <= out[field] <= hi:
-            raise ServeError(422, "bad_option", f"{field}={out[field]} is out of range [{lo}, {hi}]")
-    tile = out.get("tile_size", 0)
-    if tile and tile < serve_cfg.min_tile:
-        raise ServeError(422, "bad_option", f"tile={tile} must be 0 (off) or >= {serve_cfg.min_tile} pixels")
-    if tile and out.get("tile_overlap", 0) > tile // 2:
-        raise ServeError(422, "bad_option", f"tile_overlap={out['tile_overlap']} exceeds half the tile ({tile // 2})")
-    for field, valid in (("mode", MODES), ("color_fix", COLOR_FIXES)):
-        if field in out and out[field] not in valid:
-            raise ServeError(422, "bad_option", f"{field}={out[field]!r}; valid: {list(valid)}")
+class UpscaleQuery(BaseModel):
+    """The query options of POST /upscale and POST /, validated by FastAPI before the handler runs: types, the
+    static bounds, the names of vosr.choices and no unknown option. The bounds read from serve.* are checked by
+    query_overrides in the replica (FastAPI's bounds are fixed when this module is imported, the config is not)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal[MODES] | None = None
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=-20.0, le=20.0, allow_inf_nan=False)
+    weak_strength: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    tile: int | None = Field(None, ge=0)
+    tile_overlap: int | None = Field(None, ge=0)
+    color_fix: Literal[COLOR_FIXES] | None = None
+
+
+def option_errors(errors) -> str:
+    """Pydantic's (FastAPI's) validation errors as one line naming each option, e.g. "steps='0': Input should be
+    greater than or equal to 1"."""
+    return "; ".join(f"{e['loc'][-1]}={e.get('input')!r}: {e['msg']}" for e in errors)
+
+
+def query_overrides(query: UpscaleQuery, serve_cfg) -> dict[str, Any]:
+    """The options sent, as UpscaleOptions overrides, within the config's bounds; raises ServeError(422)."""
+    out = query.model_dump(exclude_none=True)
+    tile, overlap, steps = out.get("tile", 0), out.get("tile_overlap", 0), out.get("steps", 1)
+    if steps > serve_cfg.max_steps:
+        raise ServeError(422, "bad_option", f"steps={steps} exceeds serve.max_steps ({serve_cfg.max_steps})")
+    if tile and not serve_cfg.min_tile <= tile <= serve_cfg.max_tile:
+        raise ServeError(422, "bad_option", f"tile={tile} must be 0 (off) or within [{serve_cfg.min_tile}, "
+                         f"{serve_cfg.max_tile}] pixels")
+    if overlap > (tile or serve_cfg.max_tile) // 2:
+        raise ServeError(422, "bad_option", f"tile_overlap={overlap} exceeds half the tile "
+                         f"({(tile or serve_cfg.max_tile) // 2})")
+    if "tile" in out:
+        out["tile_size"] = out.pop("tile")
     return out
+
+
+def parse_query(params, serve_cfg) -> dict[str, Any]:
+    """Raw query options (a mapping of strings) -> UpscaleOptions overrides, as the endpoint validates them."""
+    try:
+        query = UpscaleQuery.model_validate(dict(params))
+    except ValidationError as exc:
+        raise ServeError(422, "bad_option", option_errors(exc.errors())) from None
+    return query_overrides(query, serve_cfg)
 
 
 def decode_upload(data: bytes, serve_cfg):
@@ -335,6 +351,14 @@ class Job:
     request_id: str
 
 
+# registered before @serve.ingress below, which freezes (pickles) a copy of the app as it is then
+@fastapi_app.exception_handler(RequestValidationError)
+async def _refused_options(request: Request, exc: RequestValidationError) -> Response:
+    """FastAPI's refusal of the query options, in this service's error format (see the module docstring)."""
+    service = serve.get_replica_context().servable_object   # the UpscaleService instance of this replica
+    return service.refuse_options(request, option_errors(exc.errors()))
+
+
 @serve.deployment
 @serve.ingress(fastapi_app)
 class UpscaleService:
@@ -420,11 +444,11 @@ class UpscaleService:
                                  ", ".join(j.request_id for j in group))
         return results
 
-    async def _prepare(self, request: Request, rid: str) -> Job:
+    async def _prepare(self, request: Request, query: UpscaleQuery, rid: str) -> Job:
         """Everything before the model: key, options, body, decoding, cost; raises ServeError."""
         scfg = self.cfg.serve
         self._check_key(request)
-        overrides = parse_query(request.query_params, scfg)
+        overrides = query_overrides(query, scfg)
         try:
             opts = self.upscaler.resolve(self.defaults, **overrides)
         except ValueError as exc:  # options the loaded model cannot honour (e.g. multistep on a student)
@@ -439,12 +463,12 @@ class UpscaleService:
             await asyncio.sleep(scfg.request_timeout_s + scfg.body_timeout_s + 1)
         return Job(image, opts, rid)
 
-    async def _upscale(self, request: Request) -> Response:
+    async def _upscale(self, request: Request, query: UpscaleQuery) -> Response:
         t0 = time.perf_counter()
         rid = request_id(request)
         try:
             async with asyncio.timeout(self.cfg.serve.request_timeout_s):
-                job = await self._prepare(request, rid)
+                job = await self._prepare(request, query, rid)
                 status, payload = await self._run_batch(job)
         except ServeError as exc:
             self._count(f"http_{exc.status}")
@@ -472,14 +496,25 @@ class UpscaleService:
         with self.lock:
             self.stats[key] += 1
 
+    def refuse_options(self, request: Request, message: str) -> Response:
+        """The answer to options FastAPI refused: 401 first when the key is missing or wrong (as for every other
+        error), else 422 bad_option; counted and with the request id like the handler's own errors."""
+        error = ServeError(422, "bad_option", message)
+        try:
+            self._check_key(request)
+        except ServeError as exc:
+            error = exc
+        self._count(f"http_{error.status}")
+        return error.response(request_id(request))
+
     # --- routes -------------------------------------------------------------------------------------------
     @fastapi_app.post("/upscale")
-    async def upscale(self, request: Request) -> Response:
-        return await self._upscale(request)
+    async def upscale(self, request: Request, query: Annotated[UpscaleQuery, Query()]) -> Response:
+        return await self._upscale(request, query)
 
     @fastapi_app.post("/")
-    async def upscale_root(self, request: Request) -> Response:
-        return await self._upscale(request)
+    async def upscale_root(self, request: Request, query: Annotated[UpscaleQuery, Query()]) -> Response:
+        return await self._upscale(request, query)
 
     @fastapi_app.get("/healthz")
     async def healthz(self, request: Request) -> Response:

@@ -149,9 +149,10 @@ def test_bad_inputs_get_status_and_json_and_service_keeps_serving(service, small
         assert r.status_code == status, (params, r.status_code, r.text)
         err = r.json()
         assert err["error"] == code and err["message"], err
+        assert code != "bad_option" or f"{next(iter(params))}=" in err["message"], err   # names the option
     r = http.post(url, content=good, params={"steps": 3, "seed": 1})     # 3x the default cost: served
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (132, 84)
-    for body, params, _, _ in cases[:2]:                                     # every error carries a request id
+    for body, params, _, _ in cases[:2] + cases[5:6]:                        # every error carries a request id
         r = http.post(url, content=body, params=params)
         assert r.json()["request_id"] == r.headers["x-request-id"] and len(r.json()["request_id"]) >= 16
     counts = http.get(f"{service['url']}/healthz").json()["requests"]
@@ -169,6 +170,8 @@ def test_api_key_is_enforced_on_every_request(service, small):
         assert r.status_code == 401 and r.json()["error"] == "bad_api_key"
     # bad input without a key is refused for the key first
     assert httpx.post(url, content=b"junk", timeout=60).status_code == 401
+    r = httpx.post(url, content=b"junk", params={"steps": "abc", "color_fix": "sepia"}, timeout=60)
+    assert r.status_code == 401 and r.json()["error"] == "missing_api_key", r.text   # options FastAPI refused too
     r = service["client"].post(url, content=body)
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (132, 84)
     # the static upload page holds no data and asks for the key itself

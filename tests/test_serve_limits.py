@@ -52,10 +52,12 @@ def test_query_bounds():
     scfg = config_from_dict({}, ["serve.max_tile=512"]).serve
     assert parse_query({"tile": "256", "tile_overlap": "128"}, scfg) == {"tile_size": 256, "tile_overlap": 128}
     for bad in ({"tile": "256", "tile_overlap": "129"}, {"tile": "1024"}, {"tile": "32"}, {"tile_overlap": "300"},
-                {"steps": "51"}):
+                {"steps": "51"}, {"steps": "abc"}, {"steps": "0"}, {"guidance": "nan"}, {"weak_strength": "1.5"},
+                {"seed": "-1"}, {"upscale_factor": "8"}):
         with pytest.raises(ServeError) as exc:
             parse_query(bad, scfg)
-        assert exc.value.status == 422
+        assert exc.value.status == 422 and exc.value.code == "bad_option"
+        assert any(str(exc.value).startswith(f"{k}=") for k in bad), str(exc.value)   # it names the option
 
 
 def _pull(first: bytes, ctype: str, chunk: int = 4096, total: int = 60 * 2**20, rest: bytes | None = None):
