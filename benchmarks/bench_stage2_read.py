@@ -8,6 +8,8 @@ the ok rows without a listed category; a 16-dim embedding) are written under a t
 local Ray with 2 CPUs it times, per size, best of --repeats:
   - read:      `curate.read_ok_rows` (read the ledgers, keep the ok rows, node keys, unlabelled flag, materialise);
   - centres:   `curate.fit_centres` on those rows (count the unlabelled rows, a seeded sample of them, k-means);
+  - balance:   `curate.stage_balance` with a binding per-category cap (split the merged decisions by drop
+               reason, cap each category), materialised;
   - kept:      `curate_schema.read_kept(...).count()` on curated shards holding the same rows, 70% kept;
 and prints rows/s per step and the growth exponent log(t2/t1)/log(n2/n1) between consecutive sizes (about 1 is
 linear). Ray start-up and a warm-up pass are excluded. CPU only.
@@ -77,6 +79,22 @@ def write_inputs(n: int, out: Path, seed: int = 0) -> list[str]:
     return keys
 
 
+def digest(decided, centres) -> str:
+    """Hash of the decisions (id, category, drop reason; sorted by id) and the k-means centres: equal before and
+    after a change of how the rows are filtered (computed after the timed part)."""
+    import hashlib
+
+    import ray
+
+    t = pa.concat_tables([x.select(["id", "category", "drop_reason"]) for x in ray.get(decided.to_arrow_refs())])
+    t = t.sort_by("id")
+    h = hashlib.sha256()
+    for c in t.column_names:
+        h.update(str(t[c].to_pylist()).encode())
+    h.update(np.ascontiguousarray(centres, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
 def run_once(cfg, out: Path, keys: list[str]) -> dict:
     gens = dict.fromkeys(keys, 0)
     t0 = time.perf_counter()
@@ -84,10 +102,13 @@ def run_once(cfg, out: Path, keys: list[str]) -> dict:
     t1 = time.perf_counter()
     centres, n_unlab = curate.fit_centres(meta, cfg.curate, cfg.run.seed)
     t2 = time.perf_counter()
+    decided = curate.stage_balance(meta, None, centres, cfg.curate, cfg.run.seed).materialize()
+    n_decided = decided.count()
+    tb = time.perf_counter()
     n_kept = read_kept(str(out)).count()
     t3 = time.perf_counter()
-    return {"read": t1 - t0, "centres": t2 - t1, "kept": t3 - t2, "ok": n_ok, "unlabelled": n_unlab,
-            "kept_rows": n_kept, "k": len(centres)}
+    return {"digest": digest(decided, centres), "read": t1 - t0, "centres": t2 - t1, "balance": tb - t2, "kept": t3 - tb, "ok": n_ok,
+            "unlabelled": n_unlab, "decided": n_decided, "kept_rows": n_kept, "k": len(centres)}
 
 
 def main() -> int:
@@ -108,25 +129,27 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             warm = Path(tmp) / "warm"
-            cfg = config_from_dict({"curate": {"output": str(warm)}})
+            cfg = config_from_dict({"curate": {"output": str(warm), "balance": {"per_category_cap": 500}}})
             run_once(cfg, warm, write_inputs(2_000, warm))
             for n in args.sizes:
                 out = Path(tmp) / f"n{n}"
                 keys = write_inputs(n, out)
-                cfg = config_from_dict({"curate": {"output": str(out)}})
+                cfg = config_from_dict({"curate": {"output": str(out), "balance": {"per_category_cap": n // 20}}})
                 runs = [run_once(cfg, out, keys) for _ in range(args.repeats)]
-                best = {s: min(r[s] for r in runs) for s in ("read", "centres", "kept")}
+                best = {s: min(r[s] for r in runs) for s in ("read", "centres", "balance", "kept")}
                 r = runs[0]
-                assert all((x["ok"], x["unlabelled"], x["kept_rows"]) == (r["ok"], r["unlabelled"], r["kept_rows"])
-                           for x in runs)
+                counts = ("ok", "unlabelled", "decided", "kept_rows")
+                assert all(tuple(x[c] for c in counts) == tuple(r[c] for c in counts) for x in runs)
                 rows.append({"n": n, **best})
-                print(f"n={n:>9,}  ok {r['ok']:,}  unlabelled {r['unlabelled']:,}  kept {r['kept_rows']:,}  "
+                assert len({x["digest"] for x in runs}) == 1
+                print(f"n={n:>9,}  digest {r['digest']}  ok {r['ok']:,}  unlabelled {r['unlabelled']:,}  decided {r['decided']:,}  "
+                      f"kept {r['kept_rows']:,}\n   "
                       + "  ".join(f"{s} {best[s]:.2f}s ({n / best[s]:,.0f} rows/s)" for s in best), flush=True)
     finally:
         ray.shutdown()
     for a, b in zip(rows, rows[1:]):
         print(f"growth {a['n']:,} -> {b['n']:,}: " + "  ".join(
-            f"{s} {math.log(b[s] / a[s]) / math.log(b['n'] / a['n']):.2f}" for s in ("read", "centres", "kept")))
+            f"{s} {math.log(b[s] / a[s]) / math.log(b['n'] / a['n']):.2f}" for s in ("read", "centres", "balance", "kept")))
     return 0
 
 
