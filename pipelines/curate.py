@@ -143,24 +143,9 @@ def _collect_blocks(results, n: int, counts: dict, ccfg) -> None:
 
 # ------------------------------------------------------------------------------------------- dedup
 
-def _where(batch: pa.Table, column: str, op: str, value=None) -> pa.Table:
-    """Row filter on a pyarrow batch: op in eq, gt, le, null, notnull (explicit, no expression parser)."""
-    col = batch[column]
-    if value is not None:
-        value = pa.scalar(value, type=col.type)
-    mask = {"eq": lambda: pc.equal(col, value), "gt": lambda: pc.greater(col, value),
-            "le": lambda: pc.less_equal(col, value), "null": lambda: pc.is_null(col),
-            "notnull": lambda: pc.is_valid(col)}[op]()
-    return batch.filter(pc.fill_null(mask, False))
-
-
 def _flag_unlabelled(batch: pa.Table) -> pa.Table:
     flag = pc.cast(pc.is_null(batch["list_category"]), pa.int8())
     return batch.append_column("unlabelled", flag)
-
-
-def where(ds, column: str, op: str, value=None):
-    return ds.map_batches(_where, fn_kwargs={"column": column, "op": op, "value": value}, batch_format="pyarrow")
 
 
 def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
@@ -221,17 +206,18 @@ def stage_semantic_embed(meta, cfg):
 def fit_centres(meta, ccfg, seed: int) -> tuple[Any, int]:
     """(k-means centres on a deterministic sample of the rows without a listed category, None if there are
     none; how many rows have no listed category)."""
+    from ray.data.expressions import col
+
     bcfg = ccfg.balance
     n = column_sums(meta, ["unlabelled"])["unlabelled"]
     if n == 0:
         return None, 0
     frac = min(1.0, 2.0 * bcfg.sample_size / n)
     threshold = min(2**63 - 1, int(frac * 2**63))
-    sample = (where(meta, "unlabelled", "eq", 1).select_columns(["id", "embedding"])
+    sample = (meta.filter(expr=col("unlabelled") == 1).select_columns(["id", "embedding"])
               .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "kmeans-sample"},
                            batch_format="pyarrow")
-              .map_batches(_where, fn_kwargs={"column": "prio", "op": "le", "value": threshold},
-                           batch_format="pyarrow")
+              .filter(expr=col("prio") <= threshold)
               .take_all())
     sample.sort(key=lambda r: (r["prio"], r["id"]))
     sample = sample[:bcfg.sample_size]
@@ -291,6 +277,8 @@ def _apply_cap(group: pa.Table, cap: int) -> pa.Table:
 
 def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     """All per-row decisions (duplicate / category_cap / kept with its category) as a Ray Dataset."""
+    from ray.data.expressions import col
+
     cats = (meta.select_columns(["unit", "row", "id", "list_category", "embedding"])
             .map_batches(balance.assign_categories, fn_kwargs={"centres": centres}, batch_format="pyarrow")
             .map_batches(_category_rows, batch_format="pyarrow"))
@@ -302,8 +290,8 @@ def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     else:
         merged = cats
     merged = merged.materialize()
-    dups = where(merged, "drop_reason", "eq", "duplicate")
-    singles = (where(merged, "drop_reason", "null")
+    dups = merged.filter(expr=col("drop_reason") == "duplicate")
+    singles = (merged.filter(expr=col("drop_reason").is_null())
                .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "balance"},
                             batch_format="pyarrow")
                .groupby("category", num_partitions=partitions(meta.count()))
@@ -448,6 +436,7 @@ def stage2_begin(cfg, keys: list[str], semantic: bool) -> tuple[dict[str, int], 
 def read_ok_rows(cfg, keys: list[str], gens: dict[str, int], semantic: bool) -> tuple[Any, int]:
     """(the rows that passed stage 1, with node keys and the unlabelled flag, materialised; their count)."""
     import ray.data
+    from ray.data.expressions import col
 
     ccfg, ep = cfg.curate, cfg.curate.s3_endpoint_url
     if not keys:
@@ -456,7 +445,7 @@ def read_ok_rows(cfg, keys: list[str], gens: dict[str, int], semantic: bool) -> 
     paths = [storage.open_fs(ledger_uri(ccfg.output, k, gens[k]), ep)[1] for k in keys]
     meta = (ray.data.read_parquet(paths, filesystem=fs)
             .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
-            .map_batches(_where, fn_kwargs={"column": "reason", "op": "eq", "value": "ok"}, batch_format="pyarrow")
+            .filter(expr=col("reason") == "ok")  # right after the read: pushed into the Parquet scan
             .map_batches(dedup.add_node_keys, batch_format="pyarrow")
             .map_batches(_flag_unlabelled, batch_format="pyarrow"))
     if semantic:

@@ -158,13 +158,10 @@ def read_kept_table(uri: str, endpoint_url: str = "", columns: list[str] | None 
     return pa.concat_tables(tables)
 
 
-def _kept_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.fill_null(pc.equal(batch["kept"], True), False))
-
-
 def read_kept(uri: str, endpoint_url: str = "", columns: list[str] | None = None):
     """Kept rows of a curate output root as a Ray Dataset (streams; nothing gathered on the driver)."""
     import ray.data
+    from ray.data.expressions import col, lit
 
     files = shard_files(uri, endpoint_url)
     if not files:
@@ -174,7 +171,7 @@ def read_kept(uri: str, endpoint_url: str = "", columns: list[str] | None = None
     ds = ray.data.read_parquet(paths, filesystem=fs)
     if columns:
         ds = ds.select_columns(sorted(set(columns) | {"kept"}))
-    ds = ds.map_batches(_kept_rows, batch_format="pyarrow")
+    ds = ds.filter(expr=col("kept") == lit(True))  # right after the read: pushed into the Parquet scan
     if columns and "kept" not in columns:
         ds = ds.select_columns(columns)
     return ds

@@ -58,7 +58,8 @@ def spread_variants(table: pa.Table, seed: int) -> pa.Table:
 
 
 class _SplitFilter:
-    """Ray Data batch function keeping the train (keep_holdout=False) or held-out rows of a pyarrow batch."""
+    """Ray Data batch function keeping the train (keep_holdout=False) or held-out rows of a pyarrow batch (a batch
+    function, not `Dataset.filter(expr=...)`: the split is a blake2b hash of the id, which no expression computes)."""
 
     def __init__(self, fraction: float, keep_holdout: bool, first_variant_only: bool = False):
         self.fraction = fraction
