@@ -196,13 +196,10 @@ def prepare_holdout(out: Path, names: list[str], storage_root: str = "") -> str:
 def record_in_mlflow(chain: Chain, stage: str, res: StageResult, artifacts: list[Path]) -> None:
     """A stage whose job keeps no MLflow run of its own (the serve smoke test) is recorded here, so the demo's
     MLflow store holds every stage: the job's summary numbers as metrics, its outputs as artifacts."""
-    import mlflow
-
     from jobkit.config import load_config
-    from jobkit.tracking import setup_mlflow
+    from jobkit.tracking import log_job_run
 
     cfg = load_config(CONFIG_DIR / f"{stage}.yaml", [*chain.base_sets(), f"run.output_root={chain.out}"])
-    setup_mlflow(cfg)
     metrics: dict[str, float] = {"stage_seconds": res.seconds}
     for row in res.summary.get("rows", []):
         for k, v in (row.get("metrics") or {}).items():
@@ -211,13 +208,8 @@ def record_in_mlflow(chain: Chain, stage: str, res: StageResult, artifacts: list
     for k in ("seconds", "status"):
         if isinstance(res.summary.get(k), (int, float)):
             metrics[k] = float(res.summary[k])
-    with mlflow.start_run(run_name=cfg.run.name, tags={"vosr.job": stage, "vosr.recorded_by": "demo.chain"}):
-        mlflow.log_params({"command": " ".join(res.command[1:])[:500]})
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict(res.summary, f"{stage}_summary.json")
-        for a in artifacts:
-            if a.is_file():
-                mlflow.log_artifact(str(a))
+    log_job_run(cfg, stage, {"command": " ".join(res.command[1:])[:500]}, res.summary, metrics,
+                [(a, None) for a in artifacts], tags={"vosr.recorded_by": "demo.chain"})
 
 
 def make_request_image(out: Path, name: str, size: int = 256, scale: int = 4) -> Path:

@@ -70,15 +70,17 @@ def numeric_leaves(data: dict[str, Any], prefix: str = "") -> dict[str, int | fl
 
 
 def log_job_run(cfg: Any, job: str, params: dict[str, Any], summary: dict[str, Any],
-                metrics: dict[str, float] | None = None, artifacts: list[tuple[Path, str]] = ()) -> str:
-    """The one MLflow run of a driver-side job (curate, precompute, evaluate): named <run.name>-<job>, with its
-    parameters, its metrics (by default every number of `summary`), `summary` itself as <job>_summary.json, and
-    `artifacts` as (local file, artifact folder) pairs. Returns the run id. (Training logs from its workers,
-    training/tracking.py, into a run it resumes.)"""
+                metrics: dict[str, float] | None = None, artifacts: list[tuple[Path, str | None]] = (),
+                tags: dict[str, str] | None = None) -> str:
+    """The one MLflow run of a driver-side job (curate, precompute, evaluate; the demo's record of its serve smoke
+    test): named <run.name>-<job> and tagged vosr.job=<job> (as training's runs are), with its parameters, its
+    metrics (by default every number of `summary`), `summary` itself as <job>_summary.json, and `artifacts` as
+    (local file, artifact folder) pairs. Returns the run id. (Training logs from its workers, training/tracking.py,
+    into a run it resumes.)"""
     import mlflow
 
     setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"{cfg.run.name}-{job}") as active:
+    with mlflow.start_run(run_name=f"{cfg.run.name}-{job}", tags={"vosr.job": job, **(tags or {})}) as active:
         log_params(params)
         mlflow.log_metrics({k: float(v) for k, v in (numeric_leaves(summary) if metrics is None else metrics).items()})
         log_dict(summary, f"{job}_summary.json")
