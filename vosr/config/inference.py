@@ -25,4 +25,7 @@ class InferenceConfig:
                             choices=list(COLOR_FIXES))
     upscale: int = option(4, "Upscale factor of the input (x4; the LR is PIL-bicubic upsampled by it first).", ge=1)
     seed: int = option(42, "Noise seed (reference: 42); each image draws from its own generator.")
+    compile: bool = option(False, "torch.compile the DiT blocks and final layer with dynamic shapes (one graph for "
+                           "every image and tile size; vosr/model/execution.py); the first call pays the compile "
+                           "time.")
     device: str = option("auto", "Device: auto, cpu or cuda.", choices=["auto", "cpu", "cuda"])
