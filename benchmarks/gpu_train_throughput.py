@@ -27,14 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 GIB = 2**30
+# training/memory_plan.py at 512 px, bf16, one worker, no checkpointing: vosr-0.5b 16 -> 59.6 GiB (19 fit);
+# vosr-1.4b 4 -> 46.4 GiB, 8 -> 69.4 GiB (needs 78.3 GiB with the plan's margins: too close to 80)
+DEFAULT_BATCH = {"tiny": 2, "vosr-0.5b": 16, "vosr-1.4b": 4}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="vosr-0.5b,vosr-1.4b", help="comma-separated presets, run in turn")
     p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--batch", type=int, default=16,
-                   help="per-GPU micro-batch (configs/cluster/pretrain.yaml: 16 at 512 px, 2 accumulation steps)")
+    p.add_argument("--batch", type=int, default=0,
+                   help=f"per-GPU micro-batch; 0: each preset's default {DEFAULT_BATCH}, which the memory plan "
+                        "fits on an 80 GiB GPU at 512 px without checkpointing (configs/cluster/pretrain.yaml: 16)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--job", choices=["pretrain", "distill"], default="pretrain")
@@ -47,8 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPU smoke run of the script itself: tiny preset, 64 px, batch 2, fp32, 1 step")
     args = p.parse_args(argv)
     if args.smoke:
-        args.presets, args.resolution, args.batch, args.steps, args.warmup, args.device = \
-            "tiny", 64, 2, 1, 1, "cpu"
+        args.presets, args.resolution, args.steps, args.warmup, args.device = "tiny", 64, 1, 1, "cpu"
     return args
 
 
@@ -69,7 +72,8 @@ def run_preset(preset: str, args) -> dict:
     if preset != "tiny":
         overrides.append("semantic.allow_random=true")
     cfg = config_from_dict({"preset": preset}, overrides)
-    setup = StepSetup(args.job, micro_batch=args.batch, precision="bf16" if cuda else "fp32",
+    batch = args.batch or DEFAULT_BATCH.get(preset, 8)
+    setup = StepSetup(args.job, micro_batch=batch, precision="bf16" if cuda else "fp32",
                       checkpointing=args.checkpointing)
     planned = None if args.no_plan else simulate_step(cfg, setup)
     if cuda:
@@ -96,11 +100,11 @@ def run_preset(preset: str, args) -> dict:
     measured = torch.cuda.max_memory_allocated() / GIB if cuda else None
     dims = model_dims(cfg)
     out = {
-        "preset": preset, "job": args.job, "resolution": args.resolution, "batch_per_gpu": args.batch,
+        "preset": preset, "job": args.job, "resolution": args.resolution, "batch_per_gpu": batch,
         "tokens_per_image": (args.resolution // dims["downsample"] // dims["patch_size"]) ** 2,
         "params_millions": round(sum(p.numel() for p in job.model.parameters()) / 1e6, 2),
         "checkpointing": args.checkpointing, "compile": bool(args.compile),
-        "warmup_s": round(warm_s, 2), "step_s": round(dt, 4), "samples_per_s": round(args.batch / dt, 2),
+        "warmup_s": round(warm_s, 2), "step_s": round(dt, 4), "samples_per_s": round(batch / dt, 2),
         "peak_gib_measured": None if measured is None else round(measured, 2),
         "peak_gib_planned": None if planned is None else round(planned.peak_gib, 2),
         "measured_over_planned": (round(measured / planned.peak_gib, 3)
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = run_preset(preset, args)
         except torch.OutOfMemoryError as exc:
-            row = {"preset": preset, "batch_per_gpu": args.batch, "error": f"out of memory: {str(exc)[:200]}"}
+            row = {"preset": preset, "batch_per_gpu": args.batch or DEFAULT_BATCH.get(preset, 8),
+                   "error": f"out of memory: {str(exc)[:200]}"}
             torch.cuda.empty_cache()
         rows.append(row)
         if "error" in row:

@@ -130,9 +130,10 @@ def test_compiled_training_step_equals_eager():
 
 
 def test_compiled_tiled_inference_one_graph_across_tile_sizes(photos):
-    """inference.compile: tiled upscales at four tile sizes equal the eager upscaler's; the compiled graphs
-    stop growing after the second size (dynamic shapes: the first size can coincide with the semantic token
-    count, which dynamo then generalises once), never one compile per tile size."""
+    """inference.compile: tiled upscales at three tile sizes equal the eager upscaler's, and the graphs compiled
+    for the first tile size serve the others (dynamic shapes: no compile per tile size). The sizes avoid a tile
+    whose token count equals the semantic token count (64 here): dynamo would specialise on that equality and
+    compile once more for the next size (docs/gpu-memory.md)."""
     from PIL import Image
 
     from vosr.upscaler import Upscaler
@@ -140,13 +141,13 @@ def test_compiled_tiled_inference_one_graph_across_tile_sizes(photos):
     cfg, model = _model(student=True)
     photo = Image.open(photos[0]).convert("RGB").resize((40, 32))
     eager = Upscaler((copy.deepcopy(model), cfg), cfg, device="cpu")
-    ccfg = config_from_dict({}, ["inference.compile=true"])
-    compiled = Upscaler((model, cfg), ccfg, device="cpu")
+    compiled = Upscaler((model, cfg), config_from_dict({}, ["inference.compile=true"]), device="cpu")
     torch._dynamo.reset()
+    before = _graphs()
     counts = []
-    for tile in (48, 64, 96, 80):
-        a = np.asarray(compiled.upscale(photo, tile_size=tile, tile_batch=2, seed=3), dtype=np.int16)
-        b = np.asarray(eager.upscale(photo, tile_size=tile, tile_batch=2, seed=3), dtype=np.int16)
+    for tile in (48, 80, 96):     # 6x6, 10x10 and 12x12 tokens per tile
+        a = np.asarray(compiled.upscale(photo, tile_size=tile, tile_batch=1, seed=3), dtype=np.int16)
+        b = np.asarray(eager.upscale(photo, tile_size=tile, tile_batch=1, seed=3), dtype=np.int16)
         assert np.abs(a - b).max() <= 1      # 8-bit rounding of outputs within 1e-5 of each other
-        counts.append(_graphs())
-    assert counts[2] == counts[1] and counts[3] == counts[1], counts
+        counts.append(_graphs() - before)
+    assert counts[0] >= 2 and counts[1] == counts[0] and counts[2] == counts[0], counts   # blocks, final layer

@@ -38,6 +38,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -388,6 +389,9 @@ def simulate_step(cfg, setup: StepSetup, fake: bool = True, foreach: bool = True
     tracker = LiveTensorBytes(stub_scalars=fake)
     fsdp = setup.strategy == "fsdp" and setup.world > 1
     with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        # copying a module of fake tensors (the EMA) reads their data pointer: a deprecation warning per tensor
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         mesh = stack.enter_context(_fake_process_group(setup.world)) if fsdp else None
         if fake:
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
