@@ -1,9 +1,8 @@
 """Exact and near-duplicate detection on Ray as vectorised partition passes, plus connected components.
 
 Every stage-1 "ok" row becomes a graph node named by a sortable key whose lexicographic minimum is the best
-member of any group (`node_key`: the representative rule lives there and only there: most pixels, then the
-least lossy encoding, then native sharpness, then smallest id). The search is the one
-of lsh.py, split over Ray tasks:
+member of any group (`node_key`: the representative rule lives there and only there: most native pixels, an
+estimated enlargement discounted, the least lossy encoding as a bonus, then the earliest input position). The search is the one of lsh.py, split over Ray tasks:
   1. hash-partition the rows by pHash (one map task per block, one reduce task per partition); each partition
      sorts its rows by (pHash, key) with numpy/pyarrow and emits one node per distinct pHash (its best key and
      row count) and star edges from every other row of that pHash to it. Rows with the same pixel sha256 have
@@ -33,7 +32,8 @@ NODE_SCHEMA = pa.schema([pa.field("phash", pa.int64()), pa.field("key", pa.strin
 HPAIR_SCHEMA = pa.schema([pa.field("ha", pa.int64()), pa.field("hb", pa.int64())])
 STEP_SCHEMA = pa.schema([pa.field("a", pa.string()), pa.field("b", pa.string()), pa.field("changed", pa.int8())])
 
-_ID_AT, _UNIT_AT, _ROW_AT, _KEY_LEN = 25, 57, 81, 89
+# key layout: rank (17) | unit position (8) | row (8) | id (32) | unit (24) | row (8)
+_ID_AT, _UNIT_AT, _ROW_AT, _KEY_LEN = 33, 65, 89, 97
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 # Below this many edges the components are computed on the driver (scipy.sparse.csgraph): ~200 bytes per edge,
@@ -41,15 +41,52 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 DRIVER_MAX_EDGES = 500_000
 
 
-def node_key(width: int, height: int, fidelity: float, sharpness: float, rid: str, unit: str, row: int) -> str:
+# The rank of a member (rank_score, in octaves, higher first):
+#     log2(pixels / native_scale^2)  -  ENLARGED_PENALTY * log2(native_scale)  +  FIDELITY_OCTAVES * fidelity / 100
+# i.e. its native pixels, an estimated enlargement discounted once more, and the encoding fidelity worth one octave of
+# native pixels from 0 to 100. Measured on the 44 dev photos (benchmarks/bench_sharpness.py; numbers in
+# docs/curation-quality.md):
+#  - by native pixels alone an enlargement beats its source in about half the photos: the estimate of an enlargement
+#    by k spreads over about 0.75k to 1.3k, and an enlarged copy has at best the native pixels of its source. The
+#    discount (native_scale^2 more) makes a copy estimated at 2x lose unless it has 4x the native pixels;
+#  - the estimate also moves by a few per cent between re-encodes of the same pixels (JPEG smooths, palette
+#    dithering adds noise), which on native pixels alone would decide between copies of the same size; the fidelity
+#    term makes a lossless original (100) beat a palette (40) or CMYK (50) copy unless that has 1.5x / 1.4x its
+#    discounted native pixels, and keeps native pixels first wherever they differ by more than that.
+ENLARGED_PENALTY = 2.0
+FIDELITY_OCTAVES = 1.0
+_SCORE_MAX = 64.0  # log2 of any pixel count is below this
+
+
+def native_pixels(width: int, height: int, native_scale: float) -> float:
+    """Pixels the image would have at its native resolution: width x height / native_scale^2 (native_scale is
+    stage 1's estimated enlargement factor, analysis.native_scale; 1.0 for a native image, missing counts as 1)."""
+    return int(width) * int(height) / _scale(native_scale) ** 2
+
+
+def _scale(native_scale) -> float:
+    s = float(native_scale) if native_scale is not None and np.isfinite(native_scale) else 1.0
+    return max(1.0, s)
+
+
+def rank_score(width: int, height: int, fidelity: float, native_scale: float) -> float:
+    """What node_key ranks members by first (octaves, higher first; see above)."""
+    px = max(1, int(width) * int(height))
+    fid = min(100.0, max(0.0, float(fidelity if fidelity is not None else 0.0)))
+    return (np.log2(px) - (2.0 + ENLARGED_PENALTY) * np.log2(_scale(native_scale))
+            + FIDELITY_OCTAVES * fid / 100.0)
+
+
+def node_key(width: int, height: int, fidelity: float, native_scale: float, rid: str, unit: str, row: int,
+             order: int = 0) -> str:
     """Sortable node name: smaller = better, so a group's minimum is its representative (the rule is documented
-    in pipelines/curate_schema.py): most pixels, then the least lossy encoding (fidelity desc), then native
-    sharpness desc, then id asc. Carries id/unit/row."""
-    pixels = min(int(width) * int(height), (1 << 40) - 1)
-    fid = min(1000, max(0, int(round(float(fidelity if fidelity is not None else 0.0) * 10))))
-    sharp = float(sharpness) if sharpness is not None and np.isfinite(sharpness) else -100.0
-    sh = min(10**8 - 1, max(0, int(round((sharp + 100.0) * 1e5))))
-    key = f"{(1 << 40) - pixels:013d}{9999 - fid:04d}{10**8 - 1 - sh:08d}{rid}{unit}{int(row):08d}"
+    in pipelines/curate_schema.py and docs/curation-quality.md): the highest rank_score (native pixels, an estimated
+    enlargement discounted once more, the encoding fidelity; never raw pixels: an enlarged copy carries no more
+    detail than its source), then the earliest input position (`order`: the block's position in the plan, then `row`
+    inside the block), so of byte-identical copies the first occurrence in the inputs is kept. Carries id/unit/row."""
+    score = rank_score(width, height, fidelity, native_scale)
+    rank = min(10**17 - 1, max(0, int(round((_SCORE_MAX - score) * 1e12))))
+    key = f"{rank:017d}{min(int(order), 10**8 - 1):08d}{int(row):08d}{rid}{unit}{int(row):08d}"
     if len(key) != _KEY_LEN:
         raise ValueError(f"unexpected id/unit length in node key {key!r}")
     return key
@@ -67,10 +104,13 @@ def key_row(key: str) -> int:
     return int(key[_ROW_AT:_KEY_LEN])
 
 
-def add_node_keys(batch: pa.Table) -> pa.Table:
-    keys = [node_key(w, h, f, s, i, u, r) for w, h, f, s, i, u, r in zip(
+def add_node_keys(batch: pa.Table, unit_order: dict[str, int] | None = None) -> pa.Table:
+    """Append the node key of every row. unit_order: block key -> its position in the input plan (the job passes
+    it, so ties go to the earliest input); without it every block counts as position 0 (ties: row, then id)."""
+    order = unit_order or {}
+    keys = [node_key(w, h, f, s, i, u, r, order.get(u, 0)) for w, h, f, s, i, u, r in zip(
         batch["width"].to_pylist(), batch["height"].to_pylist(), batch["fidelity"].to_pylist(),
-        batch["sharpness"].to_pylist(), batch["id"].to_pylist(), batch["unit"].to_pylist(),
+        batch["native_scale"].to_pylist(), batch["id"].to_pylist(), batch["unit"].to_pylist(),
         batch["row"].to_pylist())]
     return batch.append_column("key", pa.array(keys, pa.string()))
 
