@@ -23,13 +23,14 @@ failed to fetch or decode or were filtered out appear only in `_stage1/` and in 
 
 Representative of a duplicate group (pipelines/curation/dedup.py `node_key`, the one place it is decided): the
 member with the most native pixels (width x height / native_scale^2, where `native_scale` is stage 1's estimate of
-how much the image was enlarged from its source, 1.0 for a native image: an enlarged copy carries no more detail
-than its source, so raw pixel count never decides alone), then the least lossy encoding (`fidelity`, higher first:
-100 for lossless true colour; a JPEG its quality estimated from the quantisation tables; lossy WebP 50; CMYK storage
-at most 50 and palette/bilevel storage such as palette PNG or GIF at most 40, so a palette or CMYK re-encode of an
-RGB original never beats it), then the earliest input position (the block's position in the plan of
-curate.sources, then the row inside it), so of byte-identical copies the first occurrence is kept. The numbers are
-in docs/curation-quality.md.
+how much the image was enlarged from its source, 1.0 for a native image), counted at the steps of
+dedup.SCALE_STEPS and with an estimated enlargement discounted once more (dedup.rank_pixels: an enlarged copy
+carries no more detail than its source, so raw pixel count never decides alone); then the least lossy encoding
+(`fidelity`, higher first: 100 for lossless true colour; a JPEG its quality estimated from the quantisation tables;
+lossy WebP 50; CMYK storage at most 50 and palette/bilevel storage such as palette PNG or GIF at most 40, so a
+palette or CMYK re-encode of an RGB original never beats it); then the earliest input position (the block's
+position in the plan of curate.sources, then the row inside it), so of byte-identical copies the first occurrence
+is kept. The numbers are in docs/curation-quality.md.
 
 Schema versions: 1 (initial); 2 adds `sharpness` and `fidelity` to both schemas and `declared_type` (the
 Content-Type the server declared, null for files; what is decoded is decided from the bytes) to the ledger; 3 adds

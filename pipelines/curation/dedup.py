@@ -1,8 +1,9 @@
 """Exact and near-duplicate detection on Ray as vectorised partition passes, plus connected components.
 
 Every stage-1 "ok" row becomes a graph node named by a sortable key whose lexicographic minimum is the best
-member of any group (`node_key`: the representative rule lives there and only there: most native pixels, an
-estimated enlargement discounted, the least lossy encoding as a bonus, then the earliest input position). The search is the one of lsh.py, split over Ray tasks:
+member of any group (`node_key`: the representative rule lives there and only there: most native pixels counted at
+the steps of the enlargement estimate, an estimated enlargement discounted, then the least lossy encoding, then the
+earliest input position). The search is the one of lsh.py, split over Ray tasks:
   1. hash-partition the rows by pHash (one map task per block, one reduce task per partition); each partition
      sorts its rows by (pHash, key) with numpy/pyarrow and emits one node per distinct pHash (its best key and
      row count) and star edges from every other row of that pHash to it. Rows with the same pixel sha256 have
@@ -32,7 +33,7 @@ NODE_SCHEMA = pa.schema([pa.field("phash", pa.int64()), pa.field("key", pa.strin
 HPAIR_SCHEMA = pa.schema([pa.field("ha", pa.int64()), pa.field("hb", pa.int64())])
 STEP_SCHEMA = pa.schema([pa.field("a", pa.string()), pa.field("b", pa.string()), pa.field("changed", pa.int8())])
 
-# key layout: rank (17) | unit position (8) | row (8) | id (32) | unit (24) | row (8)
+# key layout: rank pixels (13) | fidelity (4) | unit position (8) | row (8) | id (32) | unit (24) | row (8)
 _ID_AT, _UNIT_AT, _ROW_AT, _KEY_LEN = 33, 65, 89, 97
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -41,21 +42,18 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 DRIVER_MAX_EDGES = 500_000
 
 
-# The rank of a member (rank_score, in octaves, higher first):
-#     log2(pixels / native_scale^2)  -  ENLARGED_PENALTY * log2(native_scale)  +  FIDELITY_OCTAVES * fidelity / 100
-# i.e. its native pixels, an estimated enlargement discounted once more, and the encoding fidelity worth one octave of
-# native pixels from 0 to 100. Measured on the 44 dev photos (benchmarks/bench_sharpness.py; numbers in
-# docs/curation-quality.md):
-#  - by native pixels alone an enlargement beats its source in about half the photos: the estimate of an enlargement
-#    by k spreads over about 0.75k to 1.3k, and an enlarged copy has at best the native pixels of its source. The
-#    discount (native_scale^2 more) makes a copy estimated at 2x lose unless it has 4x the native pixels;
-#  - the estimate also moves by a few per cent between re-encodes of the same pixels (JPEG smooths, palette
-#    dithering adds noise), which on native pixels alone would decide between copies of the same size; the fidelity
-#    term makes a lossless original (100) beat a palette (40) or CMYK (50) copy unless that has 1.5x / 1.4x its
-#    discounted native pixels, and keeps native pixels first wherever they differ by more than that.
+# The representative rule ranks members by native pixels counted at the steps of SCALE_STEPS and discounted once
+# more for an estimated enlargement: rank_pixels = pixels / Q^4, where Q is native_scale rounded down to SCALE_STEPS
+# (Q = 1 below 1.75: a native or soft member is ranked by its pixel count). Then the encoding fidelity, then the input
+# position. Measured on the 44 dev photos (benchmarks/bench_sharpness.py; numbers in docs/curation-quality.md):
+#  - by native pixels alone (pixels / native_scale^2) an enlargement beats its source in about half the photos: the
+#    estimate of an enlargement by k spreads over about 0.75k to 1.3k, and an enlarged copy has at best the native
+#    pixels of its source. The second Q^2 makes a copy estimated at 2x (Q = 1.75) lose unless it has 9x the pixels;
+#  - the estimate moves by a few per cent between copies of the same pixels (re-encodes, crops, reductions of a soft
+#    photo). Counted at steps, such copies mostly tie on the rank and their pixel count and fidelity decide, as they
+#    should; the first step (1.75) sits above the soft native photos (up to 1.7 but for three at 3.1-3.5).
+SCALE_STEPS = (1.0, 1.75, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0, 20.0, 28.0, 40.0, 56.0)
 ENLARGED_PENALTY = 2.0
-FIDELITY_OCTAVES = 1.0
-_SCORE_MAX = 64.0  # log2 of any pixel count is below this
 
 
 def native_pixels(width: int, height: int, native_scale: float) -> float:
@@ -69,24 +67,29 @@ def _scale(native_scale) -> float:
     return max(1.0, s)
 
 
-def rank_score(width: int, height: int, fidelity: float, native_scale: float) -> float:
-    """What node_key ranks members by first (octaves, higher first; see above)."""
-    px = max(1, int(width) * int(height))
-    fid = min(100.0, max(0.0, float(fidelity if fidelity is not None else 0.0)))
-    return (np.log2(px) - (2.0 + ENLARGED_PENALTY) * np.log2(_scale(native_scale))
-            + FIDELITY_OCTAVES * fid / 100.0)
+def scale_step(native_scale: float) -> float:
+    """The estimate rounded down to SCALE_STEPS."""
+    s = _scale(native_scale)
+    return max(x for x in SCALE_STEPS if x <= s + 1e-9)
+
+
+def rank_pixels(width: int, height: int, native_scale: float) -> int:
+    """What node_key ranks members by first: pixels / scale_step(native_scale)^(2 + ENLARGED_PENALTY)."""
+    return int(int(width) * int(height) / scale_step(native_scale) ** (2 + ENLARGED_PENALTY))
 
 
 def node_key(width: int, height: int, fidelity: float, native_scale: float, rid: str, unit: str, row: int,
              order: int = 0) -> str:
     """Sortable node name: smaller = better, so a group's minimum is its representative (the rule is documented
-    in pipelines/curate_schema.py and docs/curation-quality.md): the highest rank_score (native pixels, an estimated
-    enlargement discounted once more, the encoding fidelity; never raw pixels: an enlarged copy carries no more
-    detail than its source), then the earliest input position (`order`: the block's position in the plan, then `row`
-    inside the block), so of byte-identical copies the first occurrence in the inputs is kept. Carries id/unit/row."""
-    score = rank_score(width, height, fidelity, native_scale)
-    rank = min(10**17 - 1, max(0, int(round((_SCORE_MAX - score) * 1e12))))
-    key = f"{rank:017d}{min(int(order), 10**8 - 1):08d}{int(row):08d}{rid}{unit}{int(row):08d}"
+    in pipelines/curate_schema.py and docs/curation-quality.md): the most native pixels, counted at the steps of
+    the enlargement estimate and with an enlarged copy discounted once more (rank_pixels; never raw pixels alone:
+    an enlarged copy carries no more detail than its source), then the least lossy encoding (fidelity desc), then
+    the earliest input position (`order`: the block's position in the plan, then `row` inside the block), so of
+    byte-identical copies the first occurrence in the inputs is kept. Carries id/unit/row."""
+    pixels = min(rank_pixels(width, height, native_scale), (1 << 40) - 1)
+    fid = min(1000, max(0, int(round(float(fidelity if fidelity is not None else 0.0) * 10))))
+    key = (f"{(1 << 40) - pixels:013d}{9999 - fid:04d}{min(int(order), 10**8 - 1):08d}{int(row):08d}"
+           f"{rid}{unit}{int(row):08d}")
     if len(key) != _KEY_LEN:
         raise ValueError(f"unexpected id/unit length in node key {key!r}")
     return key
