@@ -278,7 +278,7 @@ def test_tar_source_on_s3_killed_mid_way_resumes_to_the_same_output(env, photos,
     s3site.put_file(imgs[3], "job/in/loose/small3.jpg")
     section = {"sources": [s3site.uri("job/in")], "rows_per_shard": 8, "s3_endpoint_url": s3site.endpoint_url,
                "filters": FILTERS, "crawl": CRAWL, "columns": {"metadata": ["caption"]},
-               "balance": {"num_clusters": 2}}
+               "balance": {"enabled": False}}
 
     def run(out, **kw):
         return curate.run(config_from_dict({"run": {"output_root": str(tmp_path / "root"), "seed": 3},

@@ -30,9 +30,7 @@ import hashlib
 import io
 import json
 import os
-import posixpath
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
