@@ -169,6 +169,8 @@ class Qwen2DVAE(_DiffusersVAE):
             raise ValueError(f"qwen2d VAE at {folder}: latents_mean/latents_std must have {cfg.z_dim} entries")
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        # the authors' arithmetic: multiply by 1/std on encode, divide by it on decode (same values, same rounding)
+        self.inv_std = 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.downsample = int(vae.spatial_compression_ratio)
         if self.downsample != 8:
             warnings.warn(f"qwen2d VAE at {folder} has spatial factor {self.downsample}, Qwen-Image has 8",
@@ -180,12 +182,12 @@ class Qwen2DVAE(_DiffusersVAE):
     def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
         s = self._draw(x, sample, generator)
         s = s.squeeze(2) if self.frames else s
-        return (s - self.mean) / self.std
+        return (s - self.mean) * self.inv_std
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         _check_latent(z, self.latent_channels, self.name)
         with torch.no_grad():
-            raw = z.to(self.device, torch.float32) * self.std + self.mean
+            raw = z.to(self.device, torch.float32) / self.inv_std + self.mean
             x = self.vae.decode(raw.unsqueeze(2)).sample.squeeze(2) if self.frames else self.vae.decode(raw)
         return x.clamp(-1.0, 1.0)
 

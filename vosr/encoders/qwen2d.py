@@ -71,7 +71,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.to_qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).unbind(1)  # [b, hw, c] each
+        qkv = self.to_qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).contiguous()
+        q, k, v = qkv.unbind(1)   # [b, hw, c] each; contiguous as the authors' model, so SDPA sums alike
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, c, h, w)) + x
 

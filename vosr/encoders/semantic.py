@@ -205,7 +205,7 @@ def _weights_path(sem_cfg) -> Path | None:
         return None
     p = Path(localize(sem_cfg.path)).expanduser()
     how = _HOW.get(sem_cfg.name, "a weights file saved from this encoder (timm layout)")
-    if p.is_dir():
+    if p.is_dir() or (not p.exists() and not p.suffix):     # a folder (a missing one has no file suffix)
         if sem_cfg.name not in DINOV2_ARCH:
             raise MissingWeightsError(f"semantic encoder {sem_cfg.name}: semantic.path {p} is a folder; give the "
                                       "weights file")
