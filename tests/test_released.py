@@ -522,3 +522,53 @@ def test_vosr_import_writes_a_checkpoint_folder_with_every_source_sha256(release
         assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
     assert not torch.equal(a.state_dict()["t_block.1.weight"], a_plain.state_dict()["t_block.1.weight"])
     assert a.rope_arithmetic == "float32"
+
+
+# --- benchmarks/released_quality.py ---------------------------------------------------------------------------------
+
+def _benchmark_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "released_quality.py"
+    spec = importlib.util.spec_from_file_location("released_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_released_quality_numbers_are_the_papers_table1():
+    paper = Path(__file__).resolve().parents[2] / "shared" / "paper" / "vosr-paper.txt"
+    if not paper.is_file():
+        pytest.skip(f"the paper's text is not at {paper}")
+    import re
+
+    rows = [line.split() for line in paper.read_text().splitlines() if re.match(r"VOSR-\d\.\dB-(ms|os) [-\d.]+", line)]
+    table = [(r[0], [float(v) for v in r[1:11]]) for r in rows if len(r) == 11][:12]   # Table 1: 3 datasets x 4
+    mod = _benchmark_module()
+    ours = [(m, vals) for ds in ("LSDIR", "ScreenSR", "RealSR")
+            for m, vals in sorted(mod.PAPER_TABLE1[ds].items(), key=lambda kv: (kv[0][-2:], kv[0]))]
+    assert len(table) == 12 and table == ours
+
+
+def test_released_quality_runs_the_evaluation_runner_on_a_released_folder(release_root, tmp_path, photos, capsys):
+    """The one command for whoever has the weights, run here on the tiny fake release: a RealSR-layout folder of
+    two _HR / _LR4 pairs, VOSR-0.5B-os with the RealSR preset, the paper's columns printed beside Table 1's."""
+    bench = tmp_path / "RealSR" / "Canon" / "Test" / "4"
+    bench.mkdir(parents=True)
+    for i, p in enumerate(photos[:2]):
+        hr = Image.open(p).convert("RGB").resize((128, 128), Image.BICUBIC)
+        hr.save(bench / f"Canon_00{i}_HR.png")
+        hr.resize((32, 32), Image.BICUBIC).save(bench / f"Canon_00{i}_LR4.png")
+    mod = _benchmark_module()
+    out = tmp_path / "out"
+    assert mod.main(["--model", str(release_root / "VOSR_0.5B_os"), "--realsr", str(bench), "--crop", "0",
+                     "--device", "cpu", "--out", str(out), "--set", "eval.iqa_metrics=[]"]) == 0
+    text = capsys.readouterr().out
+    assert "RealSR (2 images, VOSR-vosr-0.5b-os" in text and "vs paper Table 1 VOSR-0.5B-os" in text
+    res = json.loads((out / "released_quality.json").read_text())
+    cols = res["results"][0]["columns"]
+    assert res["name"] == "VOSR-0.5B-os" and cols["psnr"]["paper"] == 25.4189
+    assert cols["psnr"]["diff"] == pytest.approx(cols["psnr"]["ours"] - 25.4189)
+    assert cols["lpips"]["ours"] is None     # not computed here (no metric weights): n/a, not a number
+    files = {f["path"] for f in res["imported"]["files"]}
+    assert files == {"args.json", "checkpoints/ema_model.safetensors"}
