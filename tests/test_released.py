@@ -322,7 +322,7 @@ def _reference_dinov2(file: Path, size: int):
     from vosr.encoders.semantic import load_vit_weights, make_vit
     from vosr.encoders.specs import DINOV2_ARCH
 
-    vit = make_vit(DINOV2_ARCH["dinov2_vitb14"], size, True)
+    vit = make_vit(DINOV2_ARCH["dinov2_vitb14"], size, True, init=False)
     load_vit_weights(vit, file)
     vit.prepare_tokens_with_masks = lambda x, masks=None: vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
     return vit
@@ -345,8 +345,10 @@ def release_root(ref, tmp_path_factory):
                         scaling_factor=0.18215)
     vae.save_pretrained(str(root / "stable-diffusion-2-1-base" / "vae"), safe_serialization=True)
     _reference_light_decoder(ref, root / "sd21_lwdecoder.pth")
-    vit = make_vit(DINOV2_ARCH["dinov2_vitb14"], 518, True)     # the released grid: 37 x 37 at 518 px
-    state = {k: v for k, v in vit.state_dict().items()}
+    vit = make_vit(DINOV2_ARCH["dinov2_vitb14"], 518, True, init=False)   # the released grid: 37 x 37 at 518 px
+    g = torch.Generator().manual_seed(1)
+    state = {k: torch.randn(v.shape, generator=g) * (0.02 if v.ndim > 1 else 0.1) + (1.0 if k.endswith(
+        ("norm1.weight", "norm2.weight", "norm.weight")) else 0.0) for k, v in vit.state_dict().items()}
     state["mask_token"] = torch.zeros(1, 768)                    # original facebookresearch/dinov2 layout
     hub = root / "torch_cache" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
@@ -452,8 +454,6 @@ def test_vosr_upscale_of_a_released_onestep_folder_from_the_hub_cache_tiled(ref,
                                                                             monkeypatch):
     """VOSR-0.5B-os named as hf://CSWRY/VOSR/VOSR_0.5B_os, read from a pre-populated Hugging Face cache with
     HF_HUB_OFFLINE=1, tiled (64 px tiles, 32 px overlap: 3 x 3 tiles) against the reference's tiled one-step path."""
-    import shutil
-
     import huggingface_hub
 
     from inference.upscale import main
@@ -463,7 +463,10 @@ def test_vosr_upscale_of_a_released_onestep_folder_from_the_hub_cache_tiled(ref,
     repo = cache / "models--CSWRY--VOSR"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(release_root, repo / "snapshots" / commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for entry in release_root.iterdir():      # the cache's snapshot entries are links (to blobs) as in a real one
+        (snap / entry.name).symlink_to(entry)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     calls = []

@@ -48,13 +48,15 @@ _HOW = {
 }
 
 
-def make_vit(arch: dict[str, int], input_size: int, layer_scale: bool) -> nn.Module:
-    """The timm VisionTransformer used by every semantic encoder (no head; CLS token, absolute positions)."""
+def make_vit(arch: dict[str, int], input_size: int, layer_scale: bool, init: bool = True) -> nn.Module:
+    """The timm VisionTransformer used by every semantic encoder (no head; CLS token, absolute positions).
+    `init=False` skips timm's weight initialisation (seconds for ViT-L) when every weight is loaded next."""
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=input_size, patch_size=arch["patch_size"], embed_dim=arch["dim"],
                              depth=arch["depth"], num_heads=arch["num_heads"], num_classes=0,
-                             init_values=DINOV2_LAYER_SCALE_INIT if layer_scale else None)
+                             init_values=DINOV2_LAYER_SCALE_INIT if layer_scale else None,
+                             weight_init="" if init else "skip")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -236,7 +238,7 @@ def _dinov2_vit(sem_cfg) -> tuple[str, nn.Module, str, str]:
                       "its tokens carry NO semantics; use this only for tests and benchmarks", stacklevel=4)
         vit = seeded_vit(arch, sem_cfg.input_size, True, sem_cfg.seed)
         return sem_cfg.name, vit, state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})"
-    vit = make_vit(arch, sem_cfg.input_size, True)
+    vit = make_vit(arch, sem_cfg.input_size, True, init=False)   # load_vit_weights fills every weight
     load_vit_weights(vit, path)
     return sem_cfg.name, vit, file_sha256(path), str(path)
 
@@ -250,7 +252,7 @@ def _tiny_vit(sem_cfg) -> tuple[str, nn.Module, str, str]:
     if path is None:
         vit = seeded_vit(arch, sem_cfg.input_size, False, sem_cfg.seed)
         return "tiny_vit", vit, state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})"
-    vit = make_vit(arch, sem_cfg.input_size, False)
+    vit = make_vit(arch, sem_cfg.input_size, False, init=False)
     load_vit_weights(vit, path)
     return "tiny_vit", vit, file_sha256(path), str(path)
 
