@@ -576,3 +576,23 @@ def test_released_quality_runs_the_evaluation_runner_on_a_released_folder(releas
     assert cols["lpips"]["ours"] is None     # not computed here (no metric weights): n/a, not a number
     files = {f["path"] for f in res["imported"]["files"]}
     assert files == {"args.json", "checkpoints/ema_model.safetensors"}
+
+
+def test_released_folders_start_training_and_distillation(release_root):
+    """train.init_from and distill_job.teacher take a released folder (vosr.checkpoint.load_checkpoint)."""
+    from jobkit.config import config_from_dict
+    from training.objectives import DistillObjective, PretrainObjective
+    from vosr.checkpoint import load_checkpoint
+    from vosr.model import build_dit
+
+    folder = str(release_root / "VOSR_0.5B_ms")
+    teacher, _, meta = load_checkpoint(folder)
+    data = {k: v for k, v in meta["config"].items() if k != "inference"}
+    cfg = config_from_dict({**data, "distill_job": {"teacher": folder}})
+    model = build_dit(cfg)
+    info = PretrainObjective(cfg, torch.device("cpu")).init_from(model, folder)
+    assert info["init_from"] == folder and info["train_grid"] == 32
+    want = teacher.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    student = DistillObjective(cfg, torch.device("cpu")).build_model()
+    assert student.is_student and all(torch.equal(student.state_dict()[k], v) for k, v in want.items())

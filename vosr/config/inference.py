@@ -14,7 +14,9 @@ class InferenceConfig:
     mode: str = option("onestep", "onestep (distilled student, few-step with distill.onestep_steps) or multistep "
                        "(teacher with guidance flow.guidance_scale, flow.steps Euler steps).",
                        choices=list(MODES))
-    checkpoint: str = option("", "Checkpoint folder or MLflow model URI (models:/name/version).")
+    checkpoint: str = option("", "Checkpoint folder, MLflow model URI (models:/name/version), a model folder released "
+                             "by the VOSR authors (args.json + weights) or its hf:// URI (hf://CSWRY/VOSR/VOSR_0.5B_os"
+                             "[@revision]; docs/checkpoints.md).")
     tile_size: int = option(0, "Tile size in pixels of the upsampled image (0 = no tiling; docs/method.md s8: 512 -> "
                             "64 latents at f=8).", ge=0)
     tile_overlap: int = option(0, "Tile overlap in pixels (at least tile/8 latents is used, docs/method.md s8).",
