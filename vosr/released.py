@@ -107,12 +107,12 @@ def is_released_folder(folder: str | Path) -> bool:
     """A local folder that is not this project's checkpoint (no config.json) but holds released weights and has
     an args.json (its own or a parent's)."""
     p = Path(folder)
-    if not p.is_dir() or (p / "config.json").is_file():
+    if not p.is_dir() or (p / "config.json").is_file() or find_args_json(p) is None:
         return False
     try:
-        return find_args_json(p) is not None and find_weights(p) is not None
+        return find_weights(p) is not None
     except ReleasedModelError:
-        return True  # it is one; loading it reports the ambiguity
+        return True  # weights, but several candidates: loading it reports the ambiguity
 
 
 def read_args(path: str | Path) -> dict[str, Any]:
@@ -203,7 +203,8 @@ def released_config_dict(args: dict, args_path: Path, student: bool) -> dict[str
     }
     if student:
         cfg["distill"] = {"omega": cfg_scale, "weak_strength": float(args.get("weak_cond_strength_aelq", 0.1)),
-                          "method": str(args.get("distill_type", "rcgm")),
+                          "method": str(args.get("distill_type", "rcgm")) if args.get("distill_type", "rcgm")
+                          in ("rcgm", "shortcut") else "rcgm",
                           "delta_t": float(args.get("rcgm_delta_t", 0.01)),
                           "rollout_steps": int(args.get("rcgm_n_steps", 2)),
                           "consistency_weight": float(args.get("u_weight", 1.0)), "onestep_steps": steps}
