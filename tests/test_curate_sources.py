@@ -240,6 +240,9 @@ def test_folders_are_listed_by_ray_tasks_into_manifests_and_the_driver_holds_no_
     from pipelines.curate import ray_runner
 
     work = str(tmp_path / "work")
+    (tmp_path / "warm" / "d").mkdir(parents=True)
+    (tmp_path / "warm" / "d" / "x.jpg").write_bytes(b"")
+    plan_units([str(tmp_path / "warm")], 1000, workdir=work, runner=ray_runner)  # task functions shipped once
     peaks = {}
     for n in (600, 6000):
         folder = tmp_path / f"f{n}"

@@ -211,6 +211,9 @@ def _folder_units(src: str, rows: int, endpoint_url: str, columns, workdir: str,
 
 
 LIST_PLAN_BATCH = 64  # URL lists planned per task (footer / header reads)
+# A planning task reads one list's footer (or a text list's first 64 KiB) at a time and keeps only unit descriptors:
+# the interpreter and pyarrow, plus the largest footer pyarrow accepts by default (its Thrift limits, ~100 MB).
+LIST_PLAN_PEAK_BYTES = 256 * 2**20
 
 
 def _lists_units(lists: list[list], rows: int, endpoint_url: str, columns, workdir: str,
@@ -221,7 +224,7 @@ def _lists_units(lists: list[list], rows: int, endpoint_url: str, columns, workd
         return []
     cols = _columns_cfg(columns)
     batches = [lists[i:i + LIST_PLAN_BATCH] for i in range(0, len(lists), LIST_PLAN_BATCH)]
-    planned = runner(plan_lists, [(b, rows, endpoint_url, cols, workdir) for b in batches], 0)
+    planned = runner(plan_lists, [(b, rows, endpoint_url, cols, workdir) for b in batches], LIST_PLAN_PEAK_BYTES)
     units: list[Unit] = []
     jobs: list[tuple] = []
     for part_units, part_jobs in planned:
@@ -235,8 +238,8 @@ def _lists_units(lists: list[list], rows: int, endpoint_url: str, columns, workd
 
 def plan_lists(lists: list[list], rows: int, endpoint_url: str, columns: dict,
                workdir: str) -> tuple[list[dict], list[tuple]]:
-    """One planning task: the units of a batch of URL lists (as dicts) and the re-chunking jobs they need
-    (uri, row group, rows per unit, columns, copy URI, bytes per row)."""
+    """One planning task (memory LIST_PLAN_PEAK_BYTES): the units of a batch of URL lists (as dicts) and the
+    re-chunking jobs they need (uri, row groups, rows per unit, columns, copy folder, bytes per row)."""
     units: list[dict] = []
     jobs: list[tuple] = []
     for uri, size in lists:
