@@ -193,9 +193,15 @@ def test_tar_shards_from_a_folder_stream_with_counted_reasons(photos, tmp_path):
     (tmp_path / "shards" / "b-00001.parquet").write_bytes(b"img2dataset's status table: not a URL list")
     (tmp_path / "shards" / "junk.tar").write_bytes(b"\x89PNG" + b"x" * 2000)  # not a tar at all
     expected[str(tmp_path / "shards" / "junk.tar")] = "tar_corrupt"
+    good = bytearray((tmp_path / "shards" / "a-00000.tar").read_bytes())
+    second = next(m.offset for m in tarfile.open(fileobj=io.BytesIO(bytes(good))) if m.name.startswith("s001"))
+    good[second + 148:second + 156] = b"0000000\0"              # a header whose checksum is wrong, mid-shard
+    (tmp_path / "shards" / "d-00003.tar").write_bytes(bytes(good))
+    d = str(tmp_path / "shards" / "d-00003.tar")
+    expected.update({f"{d}#s000": "ok", d: "tar_corrupt"})      # tarfile alone would end there quietly
     cfg = _cfg(tmp_path / "out", columns={"metadata": ["caption", "txt", "url"]})
     units = plan_units([str(tmp_path / "shards")], 2, columns=cfg.columns, workdir=str(tmp_path / "work"))
-    assert [u.kind for u in units] == ["tar"] * 4                          # a shard is a unit, whatever its size
+    assert [u.kind for u in units] == ["tar"] * 5                          # a shard is a unit, whatever its size
     rows = _run_all(units, cfg)
     assert {r["source"]: r["reason"] for r in rows} == expected
     by = {r["source"].rsplit("#", 1)[-1]: r for r in rows}
