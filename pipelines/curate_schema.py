@@ -34,8 +34,10 @@ is kept. The numbers are in docs/curation-quality.md.
 
 Schema versions: 1 (initial); 2 adds `sharpness` and `fidelity` to both schemas and `declared_type` (the
 Content-Type the server declared, null for files; what is decoded is decided from the bytes) to the ledger; 3 adds
-`native_scale` (analysis.native_scale) to both schemas; `sharpness` is null unless curate.filters.min_sharpness is
-on (it is computed only for that filter).
+`metadata` to both: the columns of a URL list (or the fields of a tar sample's JSON and small members) named in
+curate.columns.metadata, as one JSON object per row (null when none are carried); 4 adds `native_scale`
+(analysis.native_scale) to both; `sharpness` is null unless curate.filters.min_sharpness is on (it is computed only
+for that filter).
 
 Readers use `read_kept(uri)` (Ray Data) or `read_kept_table(uri)` (pyarrow), or filter with `KEPT_FILTER`.
 """
@@ -47,7 +49,7 @@ import pyarrow.compute as pc
 
 from vosr import storage
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_VERSION_KEY = b"vosr.curate.schema_version"
 
 CURATED_SCHEMA = pa.schema(
@@ -71,6 +73,7 @@ CURATED_SCHEMA = pa.schema(
         pa.field("duplicate_of", pa.string()),             # null for kept rows
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("drop_reason", pa.string()),              # null | "duplicate" | "category_cap"
+        pa.field("metadata", pa.string()),                 # carried columns (curate.columns.metadata), JSON
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -98,6 +101,7 @@ STAGE1_SCHEMA = pa.schema(
         pa.field("sharpness", pa.float32()),
         pa.field("fidelity", pa.float32()),
         pa.field("declared_type", pa.string()),            # Content-Type declared by the server (URLs only)
+        pa.field("metadata", pa.string()),                 # carried columns (curate.columns.metadata), JSON
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
