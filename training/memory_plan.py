@@ -53,8 +53,8 @@ from torch.utils._pytree import tree_leaves
 GIB = 2**30
 FRAGMENTATION = 0.10        # assumption: caching-allocator reserve over the allocated peak
 RUNTIME_RESERVE_GIB = 2.0   # assumption: CUDA context + NCCL + cuBLAS workspaces, outside the allocator's tensors
-CATEGORIES = ("parameters", "gradients", "optimizer state", "ema", "teacher", "inputs", "activations",
-              "backward temporaries", "optimizer-step temporaries", "ddp buckets", "other")
+# what a new storage counts as, by the phase it is made in (parameters, gradients, optimizer state, EMA, teacher and
+# inputs are tagged by name; DDP's buckets are added after the run)
 PHASE_CATEGORY = {"setup": "other", "forward": "activations", "backward": "backward temporaries",
                   "optimizer": "optimizer-step temporaries"}
 DEFAULT_SETTINGS = (0, 2, 1)   # activation checkpointing intervals a plan prints: none, every 2nd block, every block
@@ -594,6 +594,14 @@ def format_plan(plan: TrainingPlan) -> str:
     if plan.fits is False:
         lines.append(f"  DOES NOT FIT: {c.needed_gib:.2f} GiB needed > {plan.gpu_memory_gib:g} GiB")
     return "\n".join(lines)
+
+
+def gpu_memory_section(cfg, job: str | None = None, settings: tuple[int, ...] = (), log=None
+                       ) -> tuple[bool | None, str]:
+    """(fits, the printed plan) of a training config's step on its declared GPU, for other commands to show (the
+    configured checkpointing setting and the largest micro-batch by default; None: no GPU memory declared)."""
+    plan = plan_training(cfg, job, settings=settings, log=log)
+    return plan.fits, format_plan(plan)
 
 
 def main(argv: list[str] | None = None) -> int:
