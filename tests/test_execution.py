@@ -124,6 +124,7 @@ def test_compiled_training_step_equals_eager():
     torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=1e-5)
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=0, atol=1e-5, msg=name)
+    assert list(compiled.state_dict()) == list(eager.state_dict())   # checkpoints keep their parameter names
     _, grads_again = _grads(compiled, cfg, batch)    # a second step reuses the graphs
     assert _graphs() - before == 2
     torch.testing.assert_close(grads_again["blocks.0.mlp.w12.weight"], grads_c["blocks.0.mlp.w12.weight"])
