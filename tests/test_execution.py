@@ -111,16 +111,20 @@ def _graphs() -> int:
 
 
 def test_compiled_training_step_equals_eager():
-    """Inductor, as train.compile runs it: every block shares one graph (plus the final layer's), forward and
-    backward equal eager within 1e-5."""
+    """Inductor, as train.compile runs it: every block shares one graph (plus the final layer's), each compiled
+    with its backward and no graph break; loss and gradients equal eager within 1e-5."""
+    from torch._dynamo.utils import counters
+
     cfg, eager = _model(depth=6)
     compiled = compile_dit(copy.deepcopy(eager))
     batch = _batch(cfg)
     torch._dynamo.reset()
-    before = _graphs()
+    before, aot_before, breaks = _graphs(), counters["aot_autograd"]["ok"], sum(counters["graph_break"].values())
     loss_c, grads_c = _grads(compiled, cfg, batch)
     loss_e, grads_e = _grads(eager, cfg, batch)
     assert _graphs() - before == 2          # one for all 6 blocks, one for the final layer
+    assert counters["aot_autograd"]["ok"] - aot_before == 2    # each with its backward graph, no break
+    assert sum(counters["graph_break"].values()) == breaks
     torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=1e-5)
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=0, atol=1e-5, msg=name)
