@@ -4,18 +4,21 @@
     python benchmarks/gpu_latency.py --compile             # inference.compile: blocks compiled, dynamic shapes
     python benchmarks/gpu_latency.py --presets vosr-0.5b --decoder full   # full SD2.1 decoder (needs diffusers)
     python benchmarks/gpu_latency.py --smoke               # CPU smoke run: tiny preset, 64 px, 2 steps, fp32
+    python benchmarks/gpu_latency.py --device cpu --dtype fp32 --size 64 --steps 2 --warmup 0 --iters 1 \
+        --set model.depth=1                                # CPU check of both real presets' code paths
 
 Activation checkpointing is a training option (it is off without gradients); gpu_train_throughput.py takes it.
 Everything is built from configs with RANDOM weights (timings do not depend on the values): the DiT (teacher and
-student) from the preset, DINOv2 ViT-B/14 through vosr.encoders with semantic.allow_random, the SD2.1 VAE as
-diffusers AutoencoderKL built from its public config dict, and the light decoder (docs/method.md s2: SD2 decoder with
-halved channels, fed z/0.18215 without post_quant_conv), which is what the reference uses at inference.
-If diffusers is not installed the VAE encode/decode stages are SKIPPED (random latents feed the DiT) and the output
-says so. Pipeline per image (docs/method.md s8): bicubic x4 upsample -> VAE encode (posterior sample) -> DINOv2 on the
+student) from the preset, DINOv2 (ViT-B/14 for 0.5B, ViT-L/14 for 1.4B) through vosr.encoders with
+semantic.allow_random; for vosr-0.5b the SD2.1 VAE as diffusers AutoencoderKL built from its public config dict and
+the light decoder (docs/method.md s2: SD2 decoder with halved channels, fed z/0.18215 without post_quant_conv), which
+is what the reference uses at inference; for vosr-1.4b the 2D Qwen-Image VAE of vosr/encoders/qwen2d.py (plain
+PyTorch; its posterior is sampled here from the encoder's mean and log-variance). If diffusers is not installed the
+0.5B VAE stages are SKIPPED (random latents feed the DiT) and the output says so. Pipeline per image (docs/method.md s8): bicubic x4 upsample -> VAE encode (posterior sample) -> DINOv2 on the
 448x448 resize -> DiT (one step: z0 = z1 - f(z1, 1, 0); multi-step: 25 Euler steps, both guidance branches in one
 doubled batch = 50 NFEs) -> decode -> clamp. Paper (A100, fp16): 0.094 s one-step, 1.226 s 25-step.
 Goal on an H100: <= 0.05 s and <= 0.6 s. This script imports neither Ray nor MLflow; on a machine with only torch,
-timm and torchvision it runs with the VAE stages skipped (said in its output). One run prints every preset.
+timm and torchvision it runs with the 0.5B VAE stages skipped (said in its output). One run prints every preset.
 """
 
 from __future__ import annotations
@@ -70,8 +73,27 @@ class RandomSD21:
         return self.vae.decode(z / SD_SCALE).sample
 
 
+class RandomQwen2D:
+    """The 2D Qwen-Image VAE (vosr/encoders/qwen2d.py) with random weights: encode = a posterior sample from the
+    encoder's mean and log-variance (no diffusers needed); decode clamps to [-1, 1]. The per-channel latent
+    normalisation of the real wrapper (two element-wise ops) is left out."""
+
+    def __init__(self, device, dtype):
+        from vosr.encoders.qwen2d import QwenImageVAE2D
+
+        self.vae = QwenImageVAE2D().to(device, dtype).eval()
+
+    def encode(self, x, generator=None):
+        mean, logvar = self.vae.quant_conv(self.vae.encoder(x)).chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device).to(mean.dtype)
+        return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+
+    def decode(self, z):
+        return self.vae.decode(z)
+
+
 def build(args, preset, device, dtype):
-    overrides = [f"data.resolution={args.size}"]
+    overrides = [f"data.resolution={args.size}", *args.set]
     if preset != "tiny":
         overrides.append("semantic.allow_random=true")
     cfg = config_from_dict({"preset": preset}, overrides)
@@ -93,6 +115,9 @@ def build(args, preset, device, dtype):
             note = f"SD2.1 VAE (random), {args.decoder} decoder"
         except ImportError:
             note = "VAE encode/decode SKIPPED: diffusers is not installed here; totals EXCLUDE the VAE"
+    elif cfg.autoencoder.name == "qwen2d":
+        vae = RandomQwen2D(device, dtype)
+        note = "Qwen-Image 2D VAE (random)"
     else:
         note = f"VAE {cfg.autoencoder.name} not built by this benchmark; totals EXCLUDE the VAE"
     return cfg, teacher, student, sem_enc, vae, spec, note
@@ -120,6 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="inference.compile: torch.compile the blocks (dynamic)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every preset (e.g. model.depth=1 for a CPU check of the real presets)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny preset, 64 px, 2 steps, fp32, 1 iter")
     args = p.parse_args(argv)
     if args.smoke:

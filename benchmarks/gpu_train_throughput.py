@@ -10,6 +10,8 @@ time, the measured peak (torch.cuda.max_memory_allocated) and the plan's peak fo
     python benchmarks/gpu_train_throughput.py --batch 16 --checkpointing 2 --compile
     python benchmarks/gpu_train_throughput.py --job distill --batch 4
     python benchmarks/gpu_train_throughput.py --smoke                           # CPU: tiny preset, fp32, 1 step
+    python benchmarks/gpu_train_throughput.py --device cpu --resolution 64 --batch 1 --steps 1 --warmup 1 \
+        --set model.depth=1                                                     # CPU check of both real presets
 
 Plain PyTorch (no Ray, MLflow or diffusers imports): it needs only torch, timm and this repository.
 """
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile each block")
     p.add_argument("--no-plan", action="store_true", help="skip the memory plan (it takes ~10-30 s of CPU)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every preset (e.g. model.depth=1 for a CPU check of the real presets)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke run of the script itself: tiny preset, 64 px, batch 2, fp32, 1 step")
     args = p.parse_args(argv)
@@ -68,7 +72,8 @@ def run_preset(preset: str, args) -> dict:
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
-    overrides = [f"data.resolution={args.resolution}", f"train.activation_checkpointing={args.checkpointing}"]
+    overrides = [f"data.resolution={args.resolution}", f"train.activation_checkpointing={args.checkpointing}",
+                 *args.set]
     if preset != "tiny":
         overrides.append("semantic.allow_random=true")
     cfg = config_from_dict({"preset": preset}, overrides)
