@@ -11,7 +11,7 @@ Last, recompiles: the tiny DiT compiled with dynamic shapes runs tile-shaped inp
 the number of compiled graphs after each size.
 
     python benchmarks/bench_compile.py                     # ~3-6 min on 2 CPUs (compiles included)
-    python benchmarks/bench_compile.py --blocks 4 --iters 5
+    python benchmarks/bench_compile.py --blocks 4 --iters 3
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def recompiles(tile_sides: list[int]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=2, help="blocks of the 0.5B-shaped stack")
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiles", default="16,24,32,40,12", help="latent tile sides for the recompile count")
     p.add_argument("--json", default="")
