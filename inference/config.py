@@ -1,4 +1,4 @@
-"""The inference jobs' configuration sections: `serve` (inference/serve.py) and `eval` (inference/evaluate.py).
+"""The inference jobs' configuration sections: `serve` (inference/serve/) and `eval` (inference/evaluate.py).
 The upscaler's own section, `inference`, is the method library's (vosr/config/inference.py). jobkit/config.py puts
 every section under the one root."""
 
@@ -51,8 +51,6 @@ class ServeConfig:
                               "built; only its SHA-256 reaches the replicas).")
     api_key_file: str = option("", "File holding API keys, one per line (# comments; a Kubernetes Secret mount).")
     allow_anonymous: bool = option(False, "Serve without a key on a non-loopback host (refused otherwise).")
-    fault_injection: bool = option(False, "Tests only: seed=2**62+13 raises inside the model run, seed=2**62+14 "
-                                   "sleeps past the request timeout before it.")
     app_name: str = option("vosr", "Ray Serve application name.")
     route_prefix: str = option("/", "Route prefix of the application.")
 

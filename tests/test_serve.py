@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 API_KEY = "s3cret-key-from-the-environment"
 FILE_KEY = "another-key-from-a-mounted-file"
 KEY_ENV = "VOSR_TEST_SERVE_KEY"
+RAISE_SEED, SLEEP_SEED = 2**62 + 13, 2**62 + 14     # tests.helpers.serve_faults.SeedFaults of the service
 
 
 def free_port() -> int:
@@ -73,6 +74,7 @@ def service(registered, ray_local):
 
     from inference.serve import start
     from jobkit.config import config_from_dict
+    from tests.helpers.serve_faults import SeedFaults
 
     root, folder, future = registered
     tracking, model_uri = future.result(timeout=300)
@@ -86,11 +88,10 @@ def service(registered, ray_local):
         f"serve.api_key_file={key_file}", "serve.max_tile=64", "serve.force_tile_pixels=20000",
         "serve.max_evaluations=40", "serve.request_timeout_s=5", "serve.body_timeout_s=2",
         "serve.max_ongoing_requests=16", "serve.max_queued_requests=32", "serve.retry_after_s=3",
-        "serve.fault_injection=true",
         "inference.device=cpu", f"inference.checkpoint={model_uri}", f"run.mlflow.tracking_uri={tracking}",
         f"run.output_root={root}"])
     try:
-        url = start(cfg)
+        url = start(cfg, hooks=SeedFaults(RAISE_SEED, SLEEP_SEED, sleep_s=8))    # past request + body timeouts
     finally:
         del os.environ[KEY_ENV]     # read where the app was built; the replicas hold digests only
     yield {"url": url, "folder": folder, "port": port, "cap": 150000,
@@ -342,7 +343,7 @@ def test_500_carries_a_request_id_and_the_replica_logs_the_traceback(service, sm
 
     import ray
 
-    r = service["client"].post(f"{service['url']}/upscale", content=png_bytes(small), params={"seed": 2**62 + 13})
+    r = service["client"].post(f"{service['url']}/upscale", content=png_bytes(small), params={"seed": RAISE_SEED})
     err = r.json()
     assert r.status_code == 500 and err["error"] == "internal_error", err
     rid = err["request_id"]
@@ -370,7 +371,7 @@ def test_request_timeout_and_the_bounded_queue(service, small):
     async def run():
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=80),
                                      headers={"X-API-Key": API_KEY}) as client:
-            slow = [asyncio.create_task(client.post(url, content=body, params={"seed": 2**62 + 14})) for _ in range(16)]
+            slow = [asyncio.create_task(client.post(url, content=body, params={"seed": SLEEP_SEED})) for _ in range(16)]
             await asyncio.sleep(1.5)
             t0 = time.perf_counter()
             rest = await asyncio.gather(*(client.post(url, content=body, params={"seed": i}) for i in range(44)))

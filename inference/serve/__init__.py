@@ -1,0 +1,54 @@
+"""Ray Serve application hosting a VOSR upscaler (the one-step student by default).
+
+Routes (relative to the application's route prefix):
+- POST /upscale and POST /   image as the raw body or as multipart/form-data (first file field) -> image/png.
+  Query options (UpscaleQuery): mode, steps, guidance, weak_strength, seed, tile, tile_overlap, color_fix. FastAPI
+  validates their types, static bounds and names (vosr.choices) and refuses unknown ones; the bounds taken from
+  serve.* (max_steps, min_tile, max_tile, half a tile of overlap) are checked in the handler, since FastAPI fixes
+  its bounds at import and the config arrives with the replica. Either way the answer is the one error format.
+- GET  /                     the upload page (inference/static/index.html: input and result side by side).
+- GET  /healthz              JSON: model (no local paths), limits, request and batch counters.
+Errors are JSON {"error": code, "message": ..., "request_id": ...} (the X-Request-Id Ray Serve answers with), never
+FastAPI's {"detail": [...]}: a refused option is {"error": "bad_option", "message": "steps='0': Input should be
+greater than or equal to 1", ...}, one "name=value: reason" per refused option, joined by "; ".
+401 missing/wrong X-API-Key (every route except the static page and its script, which hold no data), 408 a body
+not read within serve.body_timeout_s (or the proxy's request timeout), 413 a body over serve.max_body_bytes
+(counted while streaming, raw and multipart alike), too many pixels or a request over serve.max_evaluations,
+415 not an image, 400 a corrupt image, 422 bad options or options costing more than serve.max_cost_ratio x the
+defaults on the same image, 503 + Retry-After when the queue is full, 504 past serve.request_timeout_s, 500 a
+failure inside the model: a generic message with the request id; the replica logs the traceback with that id.
+
+The package, one concern per module:
+- errors.py      the error format (ServeError), request ids
+- auth.py        API keys: loading, digests, the constant-time check
+- limits.py      query options, their bounds, image caps and the cost model
+- body.py        the streaming body reader (raw and multipart), capped while it arrives
+- deployment.py  the Serve deployment (model, batching, routes)
+- app.py         application construction (build_app, http_options, start) and `app` for `serve run`
+- cli.py         the job's command line (`python -m inference.serve`, `vosr serve`)
+
+Run: `serve run inference.serve:app` (config from the VOSR_CONFIG env var, else the defaults; overrides from
+VOSR_SET="a.b=1;c.d=2"), or `python -m inference.serve --config configs/serve/tiny.yaml` (blocks until Ctrl-C;
+`--smoke OUT.png` starts, sends one request, saves the answer and stops).
+"""
+
+from inference.serve.app import build_app, config_from_env, http_options, start
+from inference.serve.auth import access_digests, is_loopback, key_digest, load_api_keys
+from inference.serve.body import read_body
+from inference.serve.cli import main, smoke
+from inference.serve.errors import ServeError, ServeStartError
+from inference.serve.limits import check_cost, decode_upload, parse_query
+
+__all__ = ["ServeError", "ServeStartError", "access_digests", "app", "build_app", "check_cost", "config_from_env",
+           "decode_upload", "http_options", "is_loopback", "key_digest", "load_api_keys", "main", "parse_query",
+           "read_body", "smoke", "start"]
+
+
+def __getattr__(name: str):
+    """`inference.serve:app` (the import path of `serve run` and the RayService manifest): built from VOSR_CONFIG /
+    VOSR_SET when asked for, so that importing the package (the replicas do) builds nothing."""
+    if name == "app":
+        from inference.serve.app import app_from_env
+
+        return app_from_env()
+    raise AttributeError(f"module 'inference.serve' has no attribute {name!r}")

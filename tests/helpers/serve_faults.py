@@ -1,0 +1,27 @@
+"""Faults the Serve tests inject into the endpoint's replicas (inference.serve.deployment.Hooks): the serving code
+holds no test-only behaviour. Importable by the replicas (the tests' Ray puts the checkout on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from inference.serve.deployment import Hooks
+
+
+class SeedFaults(Hooks):
+    """A request with seed `raise_seed` fails inside the model run (with a message that must not reach the
+    client); one with seed `sleep_seed` waits `sleep_s` before joining a batch (a model run outliving the
+    deadline)."""
+
+    SECRET = "fault injection: secret /internal/path must not reach the client"
+
+    def __init__(self, raise_seed: int, sleep_seed: int, sleep_s: float):
+        self.raise_seed, self.sleep_seed, self.sleep_s = raise_seed, sleep_seed, sleep_s
+
+    async def before_batch(self, item) -> None:
+        if item.options.seed == self.sleep_seed:
+            await asyncio.sleep(self.sleep_s)
+
+    def before_model(self, items) -> None:
+        if any(i.options.seed == self.raise_seed for i in items):
+            raise RuntimeError(self.SECRET)
