@@ -24,7 +24,7 @@ The package, one concern per module:
 - limits.py      query options, their bounds, image caps and the cost model
 - body.py        the streaming body reader (raw and multipart), capped while it arrives
 - deployment.py  the Serve deployment (model, batching, routes)
-- app.py         application construction (build_app, http_options, start) and `app` for `serve run`
+- application.py application construction (build_app, http_options, start) and `app` for `serve run`
 - cli.py         the job's command line (`python -m inference.serve`, `vosr serve`)
 
 Run: `serve run inference.serve:app` (config from the VOSR_CONFIG env var, else the defaults; overrides from
@@ -32,7 +32,7 @@ VOSR_SET="a.b=1;c.d=2"), or `python -m inference.serve --config configs/serve/ti
 `--smoke OUT.png` starts, sends one request, saves the answer and stops).
 """
 
-from inference.serve.app import build_app, config_from_env, http_options, start
+from inference.serve.application import build_app, config_from_env, http_options, start
 from inference.serve.auth import access_digests, is_loopback, key_digest, load_api_keys
 from inference.serve.body import read_body
 from inference.serve.cli import main, smoke
@@ -48,7 +48,7 @@ def __getattr__(name: str):
     """`inference.serve:app` (the import path of `serve run` and the RayService manifest): built from VOSR_CONFIG /
     VOSR_SET when asked for, so that importing the package (the replicas do) builds nothing."""
     if name == "app":
-        from inference.serve.app import app_from_env
+        from inference.serve.application import app_from_env
 
         return app_from_env()
     raise AttributeError(f"module 'inference.serve' has no attribute {name!r}")

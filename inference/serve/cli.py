@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from inference.serve.app import start
+from inference.serve.application import start
 from inference.serve.auth import load_api_keys
 from inference.serve.errors import ServeStartError
 
