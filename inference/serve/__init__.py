@@ -23,7 +23,7 @@ The package, one concern per module:
 - auth.py        API keys: loading, digests, the constant-time check
 - limits.py      query options, their bounds, image caps and the cost model
 - body.py        the streaming body reader (raw and multipart), capped while it arrives
-- deployment.py  the Serve deployment (model, batching, routes)
+- deployment.py  the Serve deployments: the HTTP ingress (routes, retries) and the model (batching)
 - application.py application construction (build_app, http_options, start) and `app` for `serve run`
 - cli.py         the job's command line (`python -m inference.serve`, `vosr serve`)
 
@@ -32,16 +32,23 @@ VOSR_SET="a.b=1;c.d=2"), or `python -m inference.serve --config configs/serve/ti
 `--smoke OUT.png` starts, sends one request, saves the answer and stops).
 """
 
-from inference.serve.application import build_app, config_from_env, http_options, start
+from inference.serve.application import (
+    INGRESS_DEPLOYMENT,
+    MODEL_DEPLOYMENT,
+    build_app,
+    config_from_env,
+    http_options,
+    start,
+)
 from inference.serve.auth import access_digests, is_loopback, key_digest, load_api_keys
 from inference.serve.body import read_body
 from inference.serve.cli import main, smoke
 from inference.serve.errors import ServeError, ServeStartError
 from inference.serve.limits import check_cost, decode_upload, parse_query
 
-__all__ = ["ServeError", "ServeStartError", "access_digests", "app", "build_app", "check_cost", "config_from_env",
-           "decode_upload", "http_options", "is_loopback", "key_digest", "load_api_keys", "main", "parse_query",
-           "read_body", "smoke", "start"]
+__all__ = ["INGRESS_DEPLOYMENT", "MODEL_DEPLOYMENT", "ServeError", "ServeStartError", "access_digests", "app",
+           "build_app", "check_cost", "config_from_env", "decode_upload", "http_options", "is_loopback",
+           "key_digest", "load_api_keys", "main", "parse_query", "read_body", "smoke", "start"]
 
 
 def __getattr__(name: str):

@@ -28,31 +28,63 @@ def absolute_paths(cfg) -> dict[str, Any]:
     return d
 
 
+MODEL_DEPLOYMENT = "UpscaleModel"      # the deployment that loads the model (the one to kill in fault tests)
+INGRESS_DEPLOYMENT = "UpscaleService"  # the HTTP ingress
+
+
 def build_app(cfg, hooks=None):
-    """The bound Serve application for a Config. `hooks`: an inference.serve.deployment.Hooks instance the
-    replicas run around the model (the tests inject faults through it); None = none."""
-    from inference.serve.deployment import UpscaleService
+    """The bound Serve application for a Config: the HTTP ingress (serve.ingress_replicas) and the model behind it
+    (autoscaled within serve.min_replicas..max_replicas). `hooks`: an inference.serve.deployment.Hooks instance the
+    model replicas run (the tests inject faults through it); None = none.
+
+    Both deployments drain on scale-down and redeploys: a stopping replica takes no new request and finishes the
+    ones it holds for up to serve.request_timeout_s + serve.body_timeout_s (graceful_shutdown_timeout_s); with
+    serve.max_surge_percent > 0 the old model replicas keep serving until their replacements have loaded."""
+    from inference.serve.deployment import UpscaleModel, UpscaleService
 
     s = cfg.serve
     if s.min_replicas > s.max_replicas:
         raise ValueError(f"serve.min_replicas ({s.min_replicas}) > serve.max_replicas ({s.max_replicas})")
-    deployment = UpscaleService.options(
-        name="UpscaleService",
+    per_node = {"max_replicas_per_node": s.max_replicas_per_node} if s.max_replicas_per_node else {}
+    common = {"graceful_shutdown_timeout_s": s.request_timeout_s + s.body_timeout_s,
+              "graceful_shutdown_wait_loop_s": 1.0, "health_check_period_s": s.health_check_period_s,
+              "max_surge_percent": s.max_surge_percent, **per_node}
+    backpressure = BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)
+    model = UpscaleModel.options(
+        name=MODEL_DEPLOYMENT,
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
         max_ongoing_requests=max(s.max_ongoing_requests, s.max_batch_size),
-        max_queued_requests=s.max_queued_requests,
-        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
+        max_queued_requests=s.max_queued_requests,     # per caller (ingress replica): then 503 + Retry-After
         ray_actor_options={"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
+        **common,
     )
-    return deployment.bind(absolute_paths(cfg), access_digests(cfg), hooks)
+    # the ingress holds each request while the model works on it or it waits in the ingress's queue for the model
+    # (serve.max_queued_requests, then 503 + Retry-After): room for both, and as much again for requests still
+    # sending their bodies
+    ingress_ongoing = s.max_replicas * max(s.max_ongoing_requests, s.max_batch_size) + 2 * s.max_queued_requests
+    ingress = UpscaleService.options(
+        name=INGRESS_DEPLOYMENT,
+        num_replicas=s.ingress_replicas,
+        max_ongoing_requests=ingress_ongoing,
+        max_queued_requests=s.max_queued_requests,
+        backpressure_config=backpressure,
+        ray_actor_options={"num_cpus": s.ingress_cpus},
+        **common,
+    )
+    return ingress.bind(absolute_paths(cfg), access_digests(cfg), model.bind(absolute_paths(cfg), hooks))
+
+
+PROXY_MARGIN_S = 5.0   # the proxy's own timeout comes this long after the ingress's deadline
 
 
 def http_options(cfg) -> dict[str, Any]:
-    """Serve's HTTP options: the proxy's request timeout a little past the replica's own 504 (the replica answers
-    first, with a request id; the proxy's 408 also covers time spent queued)."""
+    """Serve's HTTP options: the proxy's request timeout (408) a little past the ingress's deadline (504, or 503 when
+    no model replica was available; serve.request_timeout_s + serve.body_timeout_s), so that the ingress answers
+    first, with a request id."""
     s = cfg.serve
-    return {"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s + s.body_timeout_s}
+    return {"host": s.host, "port": s.port,
+            "request_timeout_s": s.request_timeout_s + s.body_timeout_s + PROXY_MARGIN_S}
 
 
 def config_from_env():
