@@ -447,7 +447,7 @@ def faults_app(service, registered, small, tmp_path_factory):
             "serve.retry_after_s=2", "serve.health_check_period_s=1", "serve.max_batch_size=1",
             "serve.app_name=faults", "serve.route_prefix=/faults", "inference.device=cpu",
             f"inference.checkpoint={folder}", f"run.output_root={root}"]
-    hooks = SeedFaults(RAISE_SEED, HELD_SEED, sleep_s=3, load_delay_s=2, load_log=str(load_log))
+    hooks = SeedFaults(RAISE_SEED, HELD_SEED, sleep_s=3, load_delay_s=1, load_log=str(load_log))
 
     def deploy(*extra: str) -> None:
         serve.run(build_app(config_from_dict({}, [*sets, *extra]), hooks), name="faults", route_prefix="/faults")

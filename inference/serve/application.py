@@ -57,6 +57,9 @@ def build_app(cfg, hooks=None):
         max_ongoing_requests=max(s.max_ongoing_requests, s.max_batch_size),
         max_queued_requests=s.max_queued_requests,     # per caller (ingress replica): then 503 + Retry-After
         ray_actor_options={"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
+        # the ingress (and the proxy) log every request with the same request id; a second access line per call
+        # here would only cost the model replica's event loop
+        logging_config={"enable_access_log": False},
         **common,
     )
     # the ingress holds each request while the model works on it or it waits in the ingress's queue for the model

@@ -1,17 +1,21 @@
 """The Serve deployments: an HTTP ingress and the model behind it.
 
 UpscaleService (the ingress, FastAPI): the key, the query options, the streaming body and its decoding (in a worker
-thread), then one call of UpscaleModel through a DeploymentHandle. It loads no model (no torch), so it stays up when
-a model replica dies: a call that fails because its replica died or was unreachable (Ray's actor errors) is sent
-again, to a live replica or to the replacement Serve starts, until the request's deadline (serve.request_timeout_s +
-serve.body_timeout_s from its arrival, queueing included); a request that cannot be served by then because no model
-replica was available is answered 503 with Retry-After, never 500. A model replica answers 504 itself when a request
-takes longer than serve.request_timeout_s from when it reached the replica. An upscale is a pure function of (image, options, seed), so the retried answer is the same image.
+thread), then one call of UpscaleModel through a DeploymentHandle, and the PNG encoding of the answer (in a worker
+thread). It loads no model (no torch), so it stays up when a model replica dies: a call that fails because its
+replica died or was unreachable (Ray's actor errors) is sent again, to a live replica or to the replacement Serve
+starts, until the request's deadline (serve.request_timeout_s + serve.body_timeout_s from its arrival, queueing
+included); a request that cannot be served by then because no model replica was available is answered 503 with
+Retry-After, never 500. A model replica answers 504 itself when a request takes longer than serve.request_timeout_s
+from when it reached the replica. An upscale is a pure function of (image, options, seed), so the retried answer is
+the same image.
 
-UpscaleModel: one Upscaler per replica. The options are resolved and the cost checked before the request joins a
-@serve.batch batch; inside a batch, images of the same size with the same sampling options run as one forward pass
-in a worker thread (seeds and colour fixes may differ per request; a result depends on its batch only through float
-rounding, at most one grey level in a few pixels).
+UpscaleModel: one Upscaler per replica, doing only what must be done there: the options are resolved and the cost
+checked, then the request joins a batch (inference/serve/batching.py: a batch forms when the model is free); inside
+a batch, images of the same size with the same sampling options run as one forward pass in a worker thread (seeds
+and colour fixes may differ per request; a result depends on its batch only through float rounding, at most one
+grey level in a few pixels). It answers RGB pixels; decoding and PNG encoding run in the ingress, in parallel with
+the forward passes.
 
 Readiness: GET /readyz (no key: it holds no data) answers 200 only when a model replica answers through the same
 handle /upscale uses, i.e. when /upscale is routed (same application, same ingress) and a replica has loaded the
@@ -35,6 +39,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 
 from inference.serve.auth import KeyCheck
+from inference.serve.batching import Batcher
 from inference.serve.body import read_body
 from inference.serve.errors import ServeError, request_id
 from inference.serve.limits import UpscaleQuery, check_cost, decode_upload, option_errors, query_overrides
@@ -91,7 +96,8 @@ def _model_unavailable_errors() -> tuple[type[BaseException], ...]:
 
 @serve.deployment
 class UpscaleModel:
-    """One replica: one Upscaler; requests batched by @serve.batch, grouped by size and options."""
+    """One replica: one Upscaler; requests batched by inference.serve.batching.Batcher, grouped by size and
+    options."""
 
     def __init__(self, cfg_dict: dict[str, Any], hooks: Hooks | None = None):
         import torch
@@ -110,10 +116,10 @@ class UpscaleModel:
         self.upscaler = Upscaler(folder, self.cfg)
         self.defaults = self.upscaler.resolve(self.upscaler.defaults)
         self.forced_tile = self.cfg.inference.tile_size or scfg.max_tile
-        self._run_batch.set_max_batch_size(scfg.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(scfg.batch_wait_timeout_s)
+        self.batcher = Batcher(self._run_batch, scfg.max_batch_size, scfg.batch_wait_timeout_s)
         self.lock = threading.Lock()
         self.batch_sizes: Counter[int] = Counter()
+        self.seconds: Counter[str] = Counter()   # where this replica's time goes (model_time in /healthz)
         self.started = time.time()
         self.hooks.after_load()
 
@@ -124,21 +130,28 @@ class UpscaleModel:
             opts = opts.replace(tile_size=self.forced_tile)
         return opts
 
-    def _compute(self, items: list[UpscaleItem]) -> list[bytes]:
-        """Same-size, same-option items in one forward pass; PNG bytes per item."""
+    def _compute(self, items: list[UpscaleItem]) -> list[Any]:
+        """Same-size, same-option items in one forward pass; an RGB uint8 array (H x W x 3) per item (the ingress
+        encodes the PNG, off this replica's one-batch-at-a-time path)."""
+        import numpy as np
+
         self.hooks.before_model(items)
         opts = items[0].options
+        t0, c0 = time.perf_counter(), time.thread_time()
         images = self.upscaler.upscale_batch([j.image for j in items], opts, seeds=[j.options.seed for j in items],
                                              color_fixes=[j.options.color_fix for j in items])
-        out = []
-        for img in images:
-            buf = io.BytesIO()
-            img.save(buf, format="PNG", compress_level=3)
-            out.append(buf.getvalue())
+        out = [np.asarray(img, dtype=np.uint8) for img in images]
+        self._account(forward_s=time.perf_counter() - t0, forward_cpu_s=time.thread_time() - c0)
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    def _account(self, **seconds: float) -> None:
+        with self.lock:
+            for k, v in seconds.items():
+                self.seconds[k] += v
+
     async def _run_batch(self, items: list[UpscaleItem]) -> list[Any]:
+        """One batch from the Batcher: groups of the same size and sampling options, each one forward pass in a
+        worker thread; a failing group's items get a 500 (the others are served)."""
         with self.lock:
             self.batch_sizes[len(items)] += 1
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -148,17 +161,20 @@ class UpscaleModel:
         for idxs in groups.values():
             group = [items[i] for i in idxs]
             try:
-                pngs = await asyncio.to_thread(self._compute, group)
-                for i, png in zip(idxs, pngs):
-                    results[i] = png
+                outputs = await asyncio.to_thread(self._compute, group)
+                for i, pixels in zip(idxs, outputs):
+                    results[i] = pixels
             except Exception:  # noqa: BLE001 - one failing group must not fail the others
                 # options were validated before the batch: whatever fails here is the server's fault (500)
                 logger.exception("request(s) %s failed inside the model run",
                                  ", ".join(j.request_id for j in group))
+                for i in idxs:
+                    results[i] = ServeError(500, "internal_error", "the server failed to process this request; "
+                                            "quote the request id when reporting it")
         return results
 
-    async def upscale(self, pixels, overrides: dict[str, Any], rid: str) -> tuple[bytes, tuple[int, int]]:
-        """An RGB image (uint8 array, H x W x 3) and its validated query overrides -> (PNG bytes, output size);
+    async def upscale(self, pixels, overrides: dict[str, Any], rid: str):
+        """An RGB image (uint8 array, H x W x 3) and its validated query overrides -> the upscaled RGB uint8 array;
         raises ServeError: 422 options this model cannot honour or too costly, 413 over the budget, 504 past
         serve.request_timeout_s from here, 500 a failure inside the model run (logged here with the request id)."""
         from PIL import Image
@@ -177,25 +193,23 @@ class UpscaleModel:
                 check_cost(plan, default_plan, self.cfg.serve)
                 item = UpscaleItem(image, opts, rid)
                 await self.hooks.before_batch(item)
-                png = await self._run_batch(item)
+                return await self.batcher.submit(item)
         except TimeoutError:
             logger.warning("request %s timed out after %s s", rid, timeout_s)
             raise ServeError(504, "timeout", f"the request took longer than {timeout_s:g} s") from None
-        if png is None:
-            raise ServeError(500, "internal_error", "the server failed to process this request; quote the "
-                             "request id when reporting it")
-        w, h = image.size
-        return png, (w * opts.upscale, h * opts.upscale)
 
     async def info(self) -> dict[str, Any]:
         """The loaded model (no local paths) and this replica's batch counters."""
         with self.lock:
             batches = {str(k): v for k, v in sorted(self.batch_sizes.items())}
+            seconds = {k: round(v, 4) for k, v in sorted(self.seconds.items())}
+        seconds["batch_wait_s"] = round(self.batcher.wait_seconds, 4)
         model = {k: v for k, v in self.upscaler.describe().items() if k != "checkpoint"}
         source = self.cfg.inference.checkpoint
         if source.startswith(("models:/", "runs:/")):
             model["registry_uri"] = source
-        return {"model": model, "batch_sizes": batches, "uptime_s": round(time.time() - self.started, 1)}
+        return {"model": model, "batch_sizes": batches, "model_time": seconds,
+                "uptime_s": round(time.time() - self.started, 1)}
 
 
 # Defined before @serve.ingress below, which freezes (pickles) a copy of the app and of the class's globals as
@@ -213,6 +227,15 @@ def _decode_pixels(data: bytes, scfg):
 
     image = decode_upload(data, scfg)
     return np.asarray(image, dtype=np.uint8), image.size
+
+
+def _encode_png(pixels) -> bytes:
+    """An RGB uint8 array -> PNG bytes (zlib level 3)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
 
 
 class _Attempts:
@@ -294,7 +317,8 @@ class UpscaleService:
                 overrides = query_overrides(query, scfg)
                 data = await read_body(request, scfg.max_body_bytes, scfg.body_timeout_s)
                 pixels, size = await asyncio.to_thread(_decode_pixels, data, scfg)
-                png, out_size = await self._call_model(pixels, overrides, rid, attempts)
+                upscaled = await self._call_model(pixels, overrides, rid, attempts)
+                png = await asyncio.to_thread(_encode_png, upscaled)
         except ServeError as exc:
             self._count(f"http_{exc.status}")
             return exc.response(rid)
@@ -313,6 +337,7 @@ class UpscaleService:
             return ServeError(500, "internal_error", "the server failed to process this request; quote the "
                               "request id when reporting it").response(rid)
         self._count("http_200")
+        out_size = (upscaled.shape[1], upscaled.shape[0])
         headers = {"X-Input-Size": f"{size[0]}x{size[1]}", "X-Output-Size": f"{out_size[0]}x{out_size[1]}",
                    "X-Elapsed-Ms": f"{(time.perf_counter() - t0) * 1000:.1f}"}
         if attempts.retries:
@@ -378,7 +403,8 @@ class UpscaleService:
         if info is None:
             return JSONResponse({**body, "reason": why}, status_code=503,
                                 headers={"Retry-After": f"{s.retry_after_s:g}"})
-        return JSONResponse({**body, "model": info["model"], "batch_sizes": info["batch_sizes"]})
+        return JSONResponse({**body, "model": info["model"], "batch_sizes": info["batch_sizes"],
+                             "model_time": info["model_time"]})
 
     @fastapi_app.get("/")
     async def page(self) -> Response:
