@@ -53,8 +53,9 @@ class ServeConfig:
     request_timeout_s: float = option(120.0, "Per-request deadline of the model: a model replica answers 504 when "
                                       "a request takes longer from its arrival there. The ingress's deadline for "
                                       "the whole request (queueing and retries after a replica death included) is "
-                                      "this plus serve.body_timeout_s (504, or 503 + Retry-After when no model "
-                                      "replica was available), and Ray Serve's proxy answers 408 5 s after that.",
+                                      "this plus serve.body_timeout_s (503 + Retry-After for a request still "
+                                      "waiting for a model replica then), and Ray Serve's proxy answers 408 5 s "
+                                      "after that.",
                                       gt=0)
     body_timeout_s: float = option(30.0, "Deadline for reading a request body (408 after it).", gt=0)
     max_queued_requests: int = option(32, "Requests each ingress replica queues for the model beyond the model "

@@ -449,7 +449,7 @@ def faults_app(service, registered, small, tmp_path_factory):
             f"inference.checkpoint={folder}", f"run.output_root={root}"]
     hooks = SeedFaults(RAISE_SEED, HELD_SEED, sleep_s=3, load_delay_s=1, load_log=str(load_log))
 
-    def deploy(*extra: str) -> None:
+    def deploy(*extra: str, hooks=hooks) -> None:
         serve.run(build_app(config_from_dict({}, [*sets, *extra]), hooks), name="faults", route_prefix="/faults")
 
     url = f"http://127.0.0.1:{service['port']}/faults"
@@ -564,3 +564,34 @@ def test_a_redeploy_under_load_fails_no_request(faults_app, small):
     assert all(r.content == reference[seed] for seed, r in results)
     after = _model_replicas("faults")
     assert after and not set(after) & set(before), (before, after)      # the replica was really replaced
+
+
+def test_no_model_replica_before_the_deadline_is_a_503_with_retry_after(faults_app, small, tmp_path):
+    """With a 4 s deadline and a replacement model replica that takes 30 s to load, requests sent after the test
+    kills the only model replica are answered 503 with Retry-After at their deadline, never 500 or 504."""
+    import ray
+
+    from tests.helpers.serve_faults import SeedFaults
+
+    url = faults_app["url"]
+    slow_reload = SeedFaults(RAISE_SEED, HELD_SEED, sleep_s=3, load_log=str(tmp_path / "loads.txt"),
+                             reload_delay_s=30)
+    faults_app["deploy"]("serve.request_timeout_s=3", "serve.body_timeout_s=1", hooks=slow_reload)
+    assert httpx.post(f"{url}/upscale", content=png_bytes(small), timeout=30).status_code == 200
+    [victim] = _model_replicas("faults")
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+    async def during():
+        async with httpx.AsyncClient(timeout=30, headers=PATIENT) as client:
+            return await asyncio.gather(*(client.post(f"{url}/upscale", content=png_bytes(small),
+                                                      params={"seed": i}) for i in range(3)))
+
+    t0 = time.perf_counter()
+    answers = asyncio.run(during())
+    elapsed = time.perf_counter() - t0
+    for r in answers:
+        assert r.status_code == 503 and r.headers["retry-after"] == "2", (r.status_code, r.text)
+        assert r.json()["error"] == "unavailable" and r.json()["request_id"], r.text
+    assert elapsed < 15, elapsed                                   # at the 4 s deadline, not the proxy's
+    ready = httpx.get(f"{url}/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json()["status"] == "not_ready", ready.text

@@ -5,10 +5,10 @@ thread), then one call of UpscaleModel through a DeploymentHandle, and the PNG e
 thread). It loads no model (no torch), so it stays up when a model replica dies: a call that fails because its
 replica died or was unreachable (Ray's actor errors) is sent again, to a live replica or to the replacement Serve
 starts, until the request's deadline (serve.request_timeout_s + serve.body_timeout_s from its arrival, queueing
-included); a request that cannot be served by then because no model replica was available is answered 503 with
-Retry-After, never 500. A model replica answers 504 itself when a request takes longer than serve.request_timeout_s
-from when it reached the replica. An upscale is a pure function of (image, options, seed), so the retried answer is
-the same image.
+included); a request still waiting for a model replica then (none alive, a replacement loading, or all busy) is
+answered 503 with Retry-After, never 500. A model replica answers 504 itself when a request takes longer than
+serve.request_timeout_s from when it reached the replica. An upscale is a pure function of (image, options, seed),
+so the retried answer is the same image.
 
 UpscaleModel: one Upscaler per replica, doing only what must be done there: the options are resolved and the cost
 checked, then the request joins a batch (inference/serve/batching.py: a batch forms when the model is free); inside
@@ -263,7 +263,6 @@ class UpscaleService:
         self.lock = threading.Lock()
         self.stats: Counter[str] = Counter()
         self.started = time.time()
-        self.model_down_since: float | None = None   # a call failed for want of a replica, none succeeded since
 
     def _count(self, key: str, n: int = 1) -> None:
         with self.lock:
@@ -292,8 +291,6 @@ class UpscaleService:
                 raise ServeError(503, "overloaded", "the model's queue is full; retry later",
                                  headers={"Retry-After": f"{self.cfg.serve.retry_after_s:g}"}) from None
             except self.unavailable as exc:
-                if self.model_down_since is None:
-                    self.model_down_since = time.monotonic()
                 attempts.last_error = type(exc).__name__
                 wait = RETRY_BACKOFF_S[min(attempts.retries, len(RETRY_BACKOFF_S) - 1)]
                 attempts.retries += 1
@@ -302,7 +299,6 @@ class UpscaleService:
                                attempts.last_error, attempts.retries + 1, wait)
                 await asyncio.sleep(wait)
                 continue
-            self.model_down_since = None
             return result
 
     async def _upscale(self, request: Request, query: UpscaleQuery) -> Response:
@@ -323,14 +319,14 @@ class UpscaleService:
             self._count(f"http_{exc.status}")
             return exc.response(rid)
         except TimeoutError:
-            if attempts.retries or self.model_down_since is not None:
-                self._count("http_503")
-                logger.warning("request %s: no model replica within %s s (%d retries, last %s)", rid, deadline_s,
-                               attempts.retries, attempts.last_error or "none")
-                return self._unavailable(f"{attempts.retries} retries within {deadline_s:g} s").response(rid)
-            self._count("http_504")
-            logger.warning("request %s timed out after %s s", rid, deadline_s)
-            return ServeError(504, "timeout", f"the request took longer than {deadline_s:g} s").response(rid)
+            # A model replica answers 504 itself past serve.request_timeout_s; this deadline comes later, so the
+            # request spent it waiting for a model replica (none alive, a replacement loading, or all busy): a
+            # server condition the client may retry, not a slow request.
+            self._count("http_503")
+            why = (f"{attempts.retries} attempts failed, the last with {attempts.last_error}" if attempts.retries
+                   else "it waited for a model replica")
+            logger.warning("request %s: no model replica served it within %s s (%s)", rid, deadline_s, why)
+            return self._unavailable(f"{why} for {deadline_s:g} s").response(rid)
         except Exception:  # noqa: BLE001 - never the exception text to the client
             logger.exception("request %s failed", rid)
             self._count("http_500")
