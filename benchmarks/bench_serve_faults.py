@@ -260,6 +260,11 @@ def run_phase(phase: str, args, config, deploy, body: bytes) -> dict:
                    f"after_{args.memory_requests}_mib": round(last.get(k, 0) / 2**20, 1),
                    "growth": round(last.get(k, 0) / max(first[k], 1), 3)} for k in first}
         row["rss"] = rss
+        rows, k = result["rows"], args.memory_first            # in the order the answers came
+        for name, part in ((f"first_{k}", rows[:k]), (f"after_{k}", rows[k:])):
+            lat = [t for _, t, *_ in part]
+            row[f"p50_ms_{name}"] = round(quantile(lat, 50) * 1000, 1)
+            row[f"p99_ms_{name}"] = round(quantile(lat, 99) * 1000, 1)
         row["max_growth"] = max((v["growth"] for v in rss.values()), default=float("nan"))
         row["target_met"] = row["failed"] == 0 and row["max_growth"] <= 1.10
     serve.delete(app)
