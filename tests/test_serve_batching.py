@@ -65,6 +65,28 @@ def test_a_lone_request_waits_at_most_the_wait_and_a_full_batch_not_at_all():
     assert batches == [[1], [0, 1, 2, 3]]
 
 
+def test_requests_that_waited_for_the_model_do_not_wait_for_company():
+    """Under load the missing requests of a batch are in the one that just ended: the next batch starts at once,
+    not after the wait (which a request finding the model idle does take)."""
+    async def scenario():
+        model = Model(0.3)
+        batcher = Batcher(model.run, max_batch_size=8, wait_s=0.4)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        first = asyncio.ensure_future(batcher.submit(0))     # finds the model idle: waits 0.4 s, runs 0.4-0.7 s
+        await asyncio.sleep(0.5)
+        queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]   # wait for the model
+        await first
+        done_first = loop.time() - t0
+        await asyncio.gather(*queued)
+        return done_first, loop.time() - t0, model.batches
+
+    done_first, done_queued, batches = asyncio.run(scenario())
+    assert batches == [[0], [1, 2]], batches
+    assert done_first >= 0.65, done_first
+    assert done_queued - done_first < 0.55, (done_first, done_queued)   # a 0.3 s run, no 0.4 s wait before it
+
+
 def test_errors_reach_their_callers_and_cancelled_requests_are_skipped():
     async def scenario():
         model = Model(0.1, fail_on=99)
