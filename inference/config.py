@@ -26,8 +26,9 @@ class ServeConfig:
     max_replicas_per_node: int = option(0, "At most this many replicas of each deployment (model, ingress) on one "
                                         "node (0 = no limit); 1 spreads them over nodes, so that a lost node loses "
                                         "one replica of each.", ge=0, le=100)
-    ingress_replicas: int = option(1, "Replicas of the HTTP ingress (key, options, body, decoding; it calls the "
-                                   "model replicas and resends a request whose model replica died).", ge=1)
+    ingress_replicas: int = option(1, "Replicas of the HTTP ingress (key, options, body, decoding and PNG "
+                                   "encoding; it calls the model replicas and resends a request whose model "
+                                   "replica died).", ge=1)
     ingress_cpus: float = option(0.25, "CPUs reserved per ingress replica.", ge=0)
     health_check_period_s: float = option(2.0, "Seconds between Serve's health checks of a replica: how soon a "
                                           "dead replica is noticed and replaced.", gt=0)

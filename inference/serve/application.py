@@ -47,8 +47,7 @@ def build_app(cfg, hooks=None):
         raise ValueError(f"serve.min_replicas ({s.min_replicas}) > serve.max_replicas ({s.max_replicas})")
     per_node = {"max_replicas_per_node": s.max_replicas_per_node} if s.max_replicas_per_node else {}
     common = {"graceful_shutdown_timeout_s": s.request_timeout_s + s.body_timeout_s,
-              "graceful_shutdown_wait_loop_s": 1.0, "health_check_period_s": s.health_check_period_s,
-              "max_surge_percent": s.max_surge_percent, **per_node}
+              "graceful_shutdown_wait_loop_s": 1.0, "health_check_period_s": s.health_check_period_s, **per_node}
     backpressure = BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)
     model = UpscaleModel.options(
         name=MODEL_DEPLOYMENT,
@@ -60,11 +59,13 @@ def build_app(cfg, hooks=None):
         # the ingress (and the proxy) log every request with the same request id; a second access line per call
         # here would only cost the model replica's event loop
         logging_config={"enable_access_log": False},
+        max_surge_percent=s.max_surge_percent,
         **common,
     )
     # the ingress holds each request while the model works on it or it waits in the ingress's queue for the model
     # (serve.max_queued_requests, then 503 + Retry-After): room for both, and as much again for requests still
-    # sending their bodies
+    # sending their bodies. Its redeploys replace one replica at a time (no surge: with one replica per node a
+    # surge replica would need a node of its own); the proxy sends new requests to the others meanwhile.
     ingress_ongoing = s.max_replicas * max(s.max_ongoing_requests, s.max_batch_size) + 2 * s.max_queued_requests
     ingress = UpscaleService.options(
         name=INGRESS_DEPLOYMENT,
@@ -82,9 +83,9 @@ PROXY_MARGIN_S = 5.0   # the proxy's own timeout comes this long after the ingre
 
 
 def http_options(cfg) -> dict[str, Any]:
-    """Serve's HTTP options: the proxy's request timeout (408) a little past the ingress's deadline (504, or 503 when
-    no model replica was available; serve.request_timeout_s + serve.body_timeout_s), so that the ingress answers
-    first, with a request id."""
+    """Serve's HTTP options: the proxy's request timeout (408) a little past the ingress's deadline
+    (serve.request_timeout_s + serve.body_timeout_s: 503 + Retry-After for a request still waiting for a model
+    replica then), so that the ingress answers first, with a request id."""
     s = cfg.serve
     return {"host": s.host, "port": s.port,
             "request_timeout_s": s.request_timeout_s + s.body_timeout_s + PROXY_MARGIN_S}
