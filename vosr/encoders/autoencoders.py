@@ -52,14 +52,22 @@ class PixelCodec:
         self.device = torch.device(device)
         self.codec = f"pixel-s2d-f{self.downsample}-x{PIXEL_SCALE:g}"
 
-    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
+    # bytes of working memory per pixel of a tile beyond input and output (vosr.memory): none, it is a reshape
+    work_bytes_per_px = {"encode": 0, "decode": 0}
+
+    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None,
+               tile: int = 0):
+        """`tile` is accepted for interface parity: a reshape needs no tiling (and tiling would not change it)."""
         _check_image(x, self.downsample, self.name)
         return F.pixel_unshuffle(x.to(self.device, torch.float32), self.downsample) * PIXEL_SCALE
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int = 0) -> torch.Tensor:
         _check_latent(z, self.latent_channels, self.name)
         x = F.pixel_shuffle(z.to(self.device, torch.float32) / PIXEL_SCALE, self.downsample)
         return x.clamp(-1.0, 1.0)
+
+    def parameter_bytes(self) -> int:
+        return 0
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "weights_sha256": hashlib.sha256(self.codec.encode()).hexdigest(),
@@ -81,15 +89,47 @@ class _DiffusersVAE:
         self.sample_default = bool(sample_default)
         self.weights_sha256 = files_sha256(sorted(folder.glob("*.safetensors")), folder)
 
+    # bytes of working memory per pixel of a tile beyond its input and output, in float32 (vosr.memory): the
+    # largest full-resolution activations (256 channels after the last upsampler, 128 in the first and last
+    # blocks) with the tensors a ResNet block keeps alive at once; measured peaks of an SD2.1-shaped VAE on CPU
+    # stay below them (benchmarks/bench_vae_tiling.py prints both).
+    work_bytes_per_px = {"encode": 2600, "decode": 4600}
+
     def _posterior(self, x: torch.Tensor):
         raise NotImplementedError
 
-    def _draw(self, x: torch.Tensor, sample: bool | None, generator: torch.Generator | None) -> torch.Tensor:
+    def _moments(self, x01: torch.Tensor) -> torch.Tensor:
+        """Posterior parameters (mean and log-variance stacked on channels) [B, 2C, h, w] of images in [-1, 1]."""
+        p = self._posterior(x01.to(self.device, torch.float32)).parameters
+        return p.squeeze(2) if p.ndim == 5 else p
+
+    def _draw(self, x: torch.Tensor, sample: bool | None, generator: torch.Generator | None,
+              tile: int = 0) -> torch.Tensor:
+        """Posterior sample (or mode) [B, C, h, w]; with `tile` > 0 and a larger image, the moments are computed
+        tile by tile and blended (vosr.encoders.tiled), then sampled once for the whole latent."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        from .tiled import moments_tiled
+
         _check_image(x, self.downsample, self.name)
         sample = self.sample_default if sample is None else bool(sample)
         with torch.no_grad():
-            post = self._posterior(x.to(self.device, torch.float32))
+            if tile and max(x.shape[-2:]) > tile:
+                moments = moments_tiled(self._moments, x, tile, self.downsample, 2 * self.latent_channels)
+            else:
+                moments = self._moments(x)
+            post = DiagonalGaussianDistribution(moments)
             return post.sample(generator=generator) if sample else post.mode()
+
+    def _decode_tiles(self, z: torch.Tensor, tile: int, whole) -> torch.Tensor:
+        from .tiled import decode_tiled
+
+        if tile and max(z.shape[-2:]) * self.downsample > tile:
+            return decode_tiled(whole, z, tile, self.downsample)
+        return whole(z)
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.vae.parameters())
 
 
 class SD21VAE(_DiffusersVAE):
@@ -114,14 +154,20 @@ class SD21VAE(_DiffusersVAE):
     def _posterior(self, x):
         return self.vae.encode(x).latent_dist
 
-    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
-        return self._draw(x, sample, generator) * SD21_SCALE
+    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None,
+               tile: int = 0):
+        return self._draw(x, sample, generator, tile) * SD21_SCALE
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int = 0) -> torch.Tensor:
+        """Pixels in [-1, 1]; with `tile` > 0 and a larger image, decoded tile by tile (vosr.encoders.tiled)."""
         _check_latent(z, self.latent_channels, self.name)
+
+        def whole(zt: torch.Tensor) -> torch.Tensor:
+            return self.vae.decode(zt.to(self.device, torch.float32) / SD21_SCALE).sample
+
         with torch.no_grad():
-            x = self.vae.decode(z.to(self.device, torch.float32) / SD21_SCALE).sample
-        return x.clamp(-1.0, 1.0)
+            x = self._decode_tiles(z, tile, whole)
+        return x.clamp_(-1.0, 1.0)
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "weights_sha256": self.weights_sha256,
@@ -157,16 +203,21 @@ class Qwen2DVAE(_DiffusersVAE):
     def _posterior(self, x):
         return self.vae.encode(x.unsqueeze(2)).latent_dist
 
-    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
-        s = self._draw(x, sample, generator).squeeze(2)
+    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None,
+               tile: int = 0):
+        s = self._draw(x, sample, generator, tile)      # [B, C, h, w]: _moments drops the temporal axis
         return (s - self.mean) / self.std
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int = 0) -> torch.Tensor:
         _check_latent(z, self.latent_channels, self.name)
+
+        def whole(zt: torch.Tensor) -> torch.Tensor:
+            raw = zt.to(self.device, torch.float32) * self.std + self.mean
+            return self.vae.decode(raw.unsqueeze(2)).sample.squeeze(2)
+
         with torch.no_grad():
-            raw = z.to(self.device, torch.float32) * self.std + self.mean
-            x = self.vae.decode(raw.unsqueeze(2)).sample.squeeze(2)
-        return x.clamp(-1.0, 1.0)
+            x = self._decode_tiles(z, tile, whole)
+        return x.clamp_(-1.0, 1.0)
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "weights_sha256": self.weights_sha256,
