@@ -237,6 +237,7 @@ class Upscaler:
         self._weight_bytes = sum(t.numel() * t.element_size() for m in (self.model, self.semantic)
                                  for t in [*m.parameters(), *m.buffers()]) + self._codec_bytes()
         self._warned_budget = False
+        self.on_progress = None   # called with a count: 1 per autoencoder pass, 1 per tile model evaluation
         self._ae_name = self.autoencoder.identity().get("name")   # identity() may hash weight files: once
 
     @classmethod
@@ -454,13 +455,35 @@ class Upscaler:
             out += [tokens[k * b:(k + 1) * b] for k in range(len(tiles))]
         return out
 
+    def _counted(self, make, batch: int):
+        """`make` whose velocity functions report each call to on_progress (one per tile in the call)."""
+        tick = self.on_progress
+        if tick is None:
+            return make
+
+        def counted_make(lq, sem):
+            fn = make(lq, sem)
+            n = max(1, lq.shape[0] // batch)
+
+            def counted(z, t, t_next):
+                v = fn(z, t, t_next)
+                tick(n)
+                return v
+            return counted
+        return counted_make
+
+    def _tick(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(1)
+
     def _sample(self, padded: torch.Tensor, opts: UpscaleOptions, seeds: Sequence[int]) -> torch.Tensor:
         """Padded upsampled images in [0, 1] -> padded SR images in [0, 1] (a new tensor)."""
         with self._autocast():
             lq = self._encode(padded, seeds, opts.vae_tile)
+            self._tick()
             noise = self._noise(lq, seeds)
             tiled = opts.tile_size > 0
-            make = self._velocity_maker(opts, cache=not tiled and opts.steps > 1)
+            make = self._counted(self._velocity_maker(opts, cache=not tiled and opts.steps > 1), padded.shape[0])
             lh, lw = lq.shape[-2:]
             if tiled:
                 grid = tile_grid(lh, lw, opts.tile_size, opts.tile_overlap, self.factor, self.patch)
@@ -471,6 +494,7 @@ class Upscaler:
             z0 = flow.euler_sample(velocity, noise, self._timesteps(opts))
             del velocity, noise, lq
             x = self._decode(z0, opts.vae_tile)
+            self._tick()
         return x.clamp_(-1, 1).add_(1).div_(2).clamp_(0, 1)
 
 

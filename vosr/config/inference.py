@@ -34,5 +34,7 @@ class InferenceConfig:
                              "tiles that fit; images that fit run untiled.")
     memory_budget_mb: int = option(0, "Memory an upscale may use, MiB; 0 = 90% of the GPU's memory on CUDA, 75% of "
                                    "the available RAM on CPU.", ge=0)
+    max_pixels: int = option(64_000_000, "Largest input (width * height) the upscale CLI and the MLflow model "
+                             "decode (a guard against decompression bombs; Serve has serve.max_pixels).", ge=1)
     vae_tile_size: int = option(0, "Autoencoder tile in pixels (overlap a quarter of it; vosr/encoders/tiled.py); "
                                 "0 = whole image, unless tile_auto needs tiles.", ge=0)
