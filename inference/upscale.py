@@ -91,7 +91,8 @@ def list_inputs(specs: list[str], recursive: bool = False, skip: Path | None = N
     return out
 
 
-def plan_outputs(inputs: list[tuple[Path, Path]], dst: Path, suffix: str, ext: str, keep_ext: bool) -> list[Item]:
+def plan_outputs(inputs: list[tuple[Path, Path]], dst: Path, suffix: str, ext: str, keep_ext: bool,
+                 check: bool = True) -> list[Item]:
     """The output path of every input; refuses (UsageError, before any work) outputs that collide with each other
     (compared case-insensitively, as on macOS and Windows) or with an input."""
     items = []
@@ -102,6 +103,8 @@ def plan_outputs(inputs: list[tuple[Path, Path]], dst: Path, suffix: str, ext: s
             rel = Path(src.name)
         name = (rel.name if keep_ext else rel.stem) + suffix + "." + ext
         items.append(Item(src, dst / rel.parent / name))
+    if not check:
+        return items
     groups: dict[str, list[Item]] = defaultdict(list)
     for it in items:
         groups[str(it.output.resolve()).lower()].append(it)
@@ -215,7 +218,14 @@ def run(cfg, inputs: list[str] | str | Path, dst: str | Path, force: bool = Fals
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
     found = list_inputs(specs, recursive, skip=dst.resolve() if dst.exists() else None)
-    found = [(f, b) for f, b in found if dst.resolve() not in f.resolve().parents]   # never our own outputs
+    # never upscale our own outputs: files in an output folder below an input folder, and (output folder = input
+    # folder) the outputs of the other inputs from an earlier run (a_x4.png beside a.png)
+    found = [(f, b) for f, b in found if dst.resolve() not in f.resolve().parents or f.parent.resolve() == b.resolve()]
+    planned = {it.output.resolve(): it.source.resolve()
+               for it in plan_outputs(found, dst, suffix, ext, keep_ext, check=False)}
+    kept = [(f, b) for f, b in found if planned.get(f.resolve(), f.resolve()) == f.resolve()] or found
+    earlier_outputs = len(found) - len(kept)
+    found = kept
     if not found:
         raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(specs)}"
                          + ("" if recursive else " (sub-folders need --recursive)"))
@@ -223,6 +233,8 @@ def run(cfg, inputs: list[str] | str | Path, dst: str | Path, force: bool = Fals
     pending = [it for it in items if force or not it.output.exists()]
     summary = {"inputs": len(items), "written": 0, "skipped_existing": len(items) - len(pending), "failed": 0,
                "failures": {}, "output": str(dst), "seconds": 0.0}
+    if earlier_outputs:
+        summary["skipped_as_outputs"] = earlier_outputs     # inputs that are other inputs' outputs
     if not pending:
         return summary
     folder = resolve_model(cfg.inference.checkpoint, cfg)

@@ -317,7 +317,8 @@ class Upscaler:
         side = max(ph, pw)
         base = plan.weights + plan.pixels + plan.latents
         changes: dict[str, int] = {}
-        if options.vae_tile == 0 and base + plan.stages["autoencoder"] > self.memory_budget:
+        if options.vae_tile == 0 and plan.stages["autoencoder"] and \
+                base + plan.stages["autoencoder"] > self.memory_budget:
             cands = [t for t in VAE_TILE_CHOICES if t < side] or [VAE_TILE_CHOICES[-1]]
             fits = [t for t in cands if base + self.memory_plan(size, options.replace(vae_tile=t),
                                                                 batch).stages["autoencoder"] <= self.memory_budget]
