@@ -127,6 +127,13 @@ def test_pyfunc_from_champion_equals_the_cli(registry, lr_png, tmp_path):
     assert [str(p) for p in cached] == [f"mlflow/{NAME}/" + p.parent.name + "/SOURCE.json" for p in cached]
     assert len(cached) == 1 and cached[0].parent.name.startswith(f"v{registry['version']}-")
     assert not [p for p in cache.rglob(".*") if p.is_dir()], "a temporary download folder was left behind"
+    # the Python API on the same URI, with the tracking URI given explicitly: the same cached version, same pixels
+    from vosr import Upscaler
+
+    up = Upscaler.from_pretrained(f"models:/{NAME}@champion", tracking_uri=registry["tracking"], cache_dir=cache)
+    assert Path(up.checkpoint).is_relative_to(cache / "mlflow" / NAME)
+    assert np.array_equal(np.asarray(up(Image.open(lr_png), seed=7)), sr)
+    assert cached == sorted(p.relative_to(cache) for p in cache.rglob("SOURCE.json"))
 
 
 def test_mlflow_models_serve_answers_invocations(registry, lr_png, tmp_path):

@@ -123,7 +123,7 @@ def options_from_config(cfg) -> UpscaleOptions:
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DIT_TILE_CHOICES = (2048, 1536, 1024, 768, 512, 384, 256, 128)   # pixels of the x4 image, largest first
-VAE_TILE_CHOICES = (2048, 1024, 768, 512, 384, 256)
+VAE_TILE_CHOICES = (2048, 1024, 768, 512, 384, 256, 128)
 LARGE_IMAGE_PX = 4_000_000   # above this many output pixels the colour fix runs in place, band by band
 
 

@@ -89,11 +89,21 @@ class _DiffusersVAE:
         self.sample_default = bool(sample_default)
         self.weights_sha256 = files_sha256(sorted(folder.glob("*.safetensors")), folder)
 
-    # bytes of working memory per pixel of a tile beyond its input and output, in float32 (vosr.memory): the
-    # largest full-resolution activations (256 channels after the last upsampler, 128 in the first and last
-    # blocks) with the tensors a ResNet block keeps alive at once; measured peaks of an SD2.1-shaped VAE on CPU
-    # stay below them (benchmarks/bench_vae_tiling.py prints both).
-    work_bytes_per_px = {"encode": 2600, "decode": 4600}
+    # Working memory per pixel of a tile beyond its input and output (vosr.memory): float32 activations at full
+    # resolution, the first block's channels while encoding and the last upsampler's (the second width) while
+    # decoding, times the tensors a ResNet block keeps alive at once (WORK_TENSORS). For the SD2.1 VAE (128, 256,
+    # 512, 512) that is 2.6 KB per pixel to encode and 4.6 KB to decode; measured peaks stay below
+    # (benchmarks/bench_upscale_memory.py prints both).
+    WORK_TENSORS = {"encode": 5, "decode": 4.5}
+
+    @property
+    def work_bytes_per_px(self) -> dict[str, int]:
+        cfg = self.vae.config
+        widths = list(getattr(cfg, "block_out_channels", None) or
+                      [getattr(cfg, "base_dim", 96) * m for m in getattr(cfg, "dim_mult", (1, 2, 4, 4))])
+        first, second = widths[0], widths[1] if len(widths) > 1 else widths[0]
+        return {"encode": int(4 * self.WORK_TENSORS["encode"] * first),
+                "decode": int(4 * self.WORK_TENSORS["decode"] * second)}
 
     def _posterior(self, x: torch.Tensor):
         raise NotImplementedError
