@@ -263,6 +263,8 @@ def run(cfg, inputs: list[str] | str | Path, dst: str | Path, force: bool = Fals
             bar.update(1)
             continue
         run_opts = upscaler.fit_memory(img.size, opts)
+        estimate = upscaler.memory_plan(img.size, run_opts).peak / 2**20
+        summary["memory_estimate_mb"] = round(max(summary.get("memory_estimate_mb", 0.0), estimate), 1)
         if run_opts.tile_size != opts.tile_size or run_opts.vae_tile != opts.vae_tile:
             tiled[f"tile {run_opts.tile_size} px, autoencoder tile {run_opts.vae_tile} px"] += 1
         plan = upscaler.plan(img.size, run_opts)

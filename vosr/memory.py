@@ -1,7 +1,9 @@
 """How much memory an upscale needs, worked out before it runs, and the budget it must fit (`--tile auto`).
 
 The estimate is a sum of parts the upscaler keeps alive at its peak (vosr/upscaler.py):
-- weights: the bytes of the DiT, the semantic encoder and the autoencoder as loaded (exact);
+- resident: what the process holds once the upscaler is loaded, measured then: on CPU the resident set (the
+  Python/PyTorch runtime and the weights of the DiT, the semantic encoder and the autoencoder), on CUDA the
+  memory PyTorch has allocated on the device (the weights); never less than the weights' bytes;
 - full-resolution pixel planes (3 x H x W float32 of the padded x4 image): the bicubic input that is also the
   colour-fix reference, the decoded output, and the 8-bit / PIL copies at the end: PIXEL_PLANES of them;
 - the latents of the sampler (noise, LR latent, state, velocity and its tiled accumulator): LATENT_COPIES x the
@@ -47,6 +49,19 @@ def available_bytes(device) -> int:
         return int(pages * CPU_FRACTION)
 
 
+def resident_bytes(device) -> int:
+    """Memory held now: the process's resident set on CPU (/proc/self/statm), PyTorch's allocation on CUDA."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def budget_bytes(memory_budget_mb: int, device) -> int:
     return int(memory_budget_mb) * MIB if memory_budget_mb > 0 else available_bytes(device)
 
@@ -55,7 +70,7 @@ def budget_bytes(memory_budget_mb: int, device) -> int:
 class MemoryPlan:
     """Estimated peak bytes of one upscale and the parts it is made of."""
 
-    weights: int
+    weights: int        # resident at load: runtime + weights (see the module docstring)
     pixels: int
     latents: int
     stages: dict[str, int] = field(default_factory=dict)
@@ -65,7 +80,7 @@ class MemoryPlan:
         return self.weights + self.pixels + self.latents + max(self.stages.values(), default=0)
 
     def describe(self) -> dict:
-        return {"peak_mb": round(self.peak / MIB, 1), "weights_mb": round(self.weights / MIB, 1),
+        return {"peak_mb": round(self.peak / MIB, 1), "resident_mb": round(self.weights / MIB, 1),
                 "pixels_mb": round(self.pixels / MIB, 1), "latents_mb": round(self.latents / MIB, 1),
                 **{f"{k}_mb": round(v / MIB, 1) for k, v in self.stages.items()}}
 

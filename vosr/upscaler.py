@@ -190,7 +190,7 @@ class Upscaler:
     def __init__(self, checkpoint: str | Path | tuple, cfg=None, device: str | None = None,
                  use_ema: bool = True, dtype: str | None = None, memory_budget_mb: int | None = None):
         from vosr.encoders import build_autoencoder, build_semantic_encoder
-        from vosr.memory import budget_bytes
+        from vosr.memory import budget_bytes, resident_bytes
 
         if isinstance(checkpoint, tuple):
             model, ckpt_cfg = checkpoint[0], checkpoint[1]
@@ -234,8 +234,9 @@ class Upscaler:
         self.multistep_steps = int(run_cfg.flow.steps)
         budget = run_cfg.inference.memory_budget_mb if memory_budget_mb is None else memory_budget_mb
         self.memory_budget = budget_bytes(int(budget), self.device)
-        self._weight_bytes = sum(t.numel() * t.element_size() for m in (self.model, self.semantic)
-                                 for t in [*m.parameters(), *m.buffers()]) + self._codec_bytes()
+        weights = sum(t.numel() * t.element_size() for m in (self.model, self.semantic)
+                      for t in [*m.parameters(), *m.buffers()]) + self._codec_bytes()
+        self._weight_bytes = max(weights, resident_bytes(self.device))    # runtime + weights as loaded
         self._warned_budget = False
         self.on_progress = None   # called with a count: 1 per autoencoder pass, 1 per tile model evaluation
         self._ae_name = self.autoencoder.identity().get("name")   # identity() may hash weight files: once
