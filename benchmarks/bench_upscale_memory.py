@@ -12,8 +12,10 @@ row runs the real CLI in its own process (`python -m jobkit.cli upscale IN OUT -
 process's peak resident memory from the kernel (wait4 ru_maxrss), next to the plan's estimate (vosr/memory.py)
 and the tiles it chose. Budget 0 = default flags (the budget is then 75% of the available RAM). The untiled plan
 (`--tile off`) is printed as an estimate only unless --run-untiled (it may not fit this machine).
---depth N builds N DiT blocks instead of the preset's (same width and tokens, so the same activations per block;
-the weight bytes of the missing blocks are added to the measured peak and said so) for a shorter CPU run.
+--depth N builds N DiT blocks instead of the preset's (same width and tokens, so the same activations per block)
+for a shorter CPU run: the plan and the budget check are then those of the smaller model, and the weight bytes of
+the missing blocks are printed (peak_with_all_blocks_mb = measured + missing; the full model under the same
+tiling needs the budget raised by the same amount).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                          "budget_mb": s["memory_budget_mb"], "measured_peak_mb": r["peak_rss_mb"],
                          "peak_with_all_blocks_mb": round(r["peak_rss_mb"] + missing / MIB, 1),
                          "estimate_mb": s.get("memory_estimate_mb"), "auto_tiled": s.get("auto_tiled", {}),
-                         "under_budget": r["peak_rss_mb"] + missing / MIB <= s["memory_budget_mb"],
+                         "under_budget": r["peak_rss_mb"] <= s["memory_budget_mb"],
                          "seconds": r["seconds"]})
             print(json.dumps(rows[-1]), flush=True)
         if args.run_untiled:

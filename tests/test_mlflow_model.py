@@ -192,3 +192,22 @@ def test_mlflow_models_serve_answers_invocations(registry, lr_png, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_mlflow_uris_follow_the_config_then_mlflow_environment(tmp_path, monkeypatch):
+    from jobkit.config import config_from_dict
+    from jobkit.tracking import resolve_artifact_location, resolve_registry_uri, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    cfg = config_from_dict({}, [f"run.output_root={tmp_path / 'out'}"])
+    assert resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"       # the local default
+    assert resolve_registry_uri(cfg) == resolve_tracking_uri(cfg)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:////srv/registry.db")
+    fresh = config_from_dict({}, [f"run.output_root={tmp_path / 'other'}"])
+    assert resolve_tracking_uri(fresh) == "http://127.0.0.1:5999" and not (tmp_path / "other").exists()
+    assert resolve_registry_uri(fresh) == "sqlite:////srv/registry.db"
+    assert resolve_artifact_location(fresh) == ""             # a tracking server chooses its artifact store
+    given = config_from_dict({}, ["run.mlflow.tracking_uri=sqlite:////a.db", "run.mlflow.registry_uri=sqlite:////b.db"])
+    assert (resolve_tracking_uri(given), resolve_registry_uri(given)) == ("sqlite:////a.db", "sqlite:////b.db")
