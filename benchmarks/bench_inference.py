@@ -88,7 +88,7 @@ def compare_dtype(args) -> dict:
 
     if args.checkpoint:
         from vosr.checkpoint import load_checkpoint
-        from vosr.hub import resolve
+        from vosr.model_uri import resolve
 
         folder = resolve(args.checkpoint, tracking_uri=args.tracking_uri)
         model, cfg, _ = load_checkpoint(str(folder), use_ema=True)

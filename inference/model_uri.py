@@ -1,6 +1,6 @@
-"""Resolve a model URI with the settings of a job's config: the jobs' front of vosr/hub.py.
+"""Resolve a model URI with the settings of a job's config: the jobs' front of vosr/model_uri.py.
 
-vosr/hub.py holds the resolvers (local folder, s3://, MLflow models:/ runs:/ mlflow-artifacts:/, one per scheme,
+vosr/model_uri.py holds the resolvers (local folder, s3://, MLflow models:/ runs:/ mlflow-artifacts:/, hf://, one per scheme,
 each importing its client lazily) and the cache; this module only takes from the config what they need:
 - the S3 endpoint: the first non-empty `*.s3_endpoint_url` of the config;
 - the MLflow tracking URI: run.mlflow.tracking_uri when set, else MLFLOW_TRACKING_URI when set, else the jobs'
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vosr.hub import (  # noqa: F401 - re-exported: the names the jobs and tests import from here
+from vosr.model_uri import (  # noqa: F401 - re-exported: the names the jobs and tests import from here
     CHECKPOINT_FILES,
     MLFLOW_SCHEMES,
     ModelNotFoundError,

@@ -99,7 +99,7 @@ class UpscalerModel(PythonModel):
     """pyfunc: base64 images in, base64 PNGs x4 out (see the module docstring)."""
 
     def load_context(self, context):
-        from vosr.hub import find_checkpoint
+        from vosr.model_uri import find_checkpoint
         from vosr.upscaler import Upscaler
 
         conf = {**DEFAULT_CONFIG, **(getattr(context, "model_config", None) or {})}

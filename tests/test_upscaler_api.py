@@ -32,7 +32,7 @@ def lr(photos) -> Image.Image:
 
 
 def test_import_vosr_pulls_in_neither_ray_nor_mlflow():
-    code = ("import sys; from vosr import Upscaler; import vosr.hub, vosr.upscaler, vosr.memory; "
+    code = ("import sys; from vosr import Upscaler; import vosr.model_uri, vosr.upscaler, vosr.memory; "
             "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
@@ -70,7 +70,7 @@ def test_pil_numpy_and_torch_inputs(up, lr):
 
 def test_unknown_scheme_is_refused_with_the_known_ones(tmp_path):
     from vosr import Upscaler
-    from vosr.hub import ModelNotFoundError
+    from vosr.model_uri import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match=r"unknown scheme 'gs'.*known: .*models.*s3"):
         Upscaler.from_pretrained("gs://bucket/model")

@@ -6,12 +6,16 @@ Pipeline for a batch of same-size LR images (docs/method.md s8 with the project'
 3. Autoencoder-encode the whole padded image once ([-1, 1] in; posterior sample or mode per
    autoencoder.inference_sample_posterior; each image draws from its own seeded generator).
 4. Semantic tokens of the whole image, or, when tiling, of each tile's matching pixel crop, encoded once.
-5. One full-size noise latent per image from its own seed, so a result never depends on the batch it is in.
+5. One full-size noise latent per image from its own seed, so a result never depends on the batch it is in
+   (inference.rng: "vosr" draws posterior and noise from two generators derived from the seed; "reference" from one
+   generator seeded with the seed, posterior first, on the model's device, as the authors' scripts do).
 6. Euler integration with vosr.flow's velocity functions; with tiling the velocity is the Gaussian blend of the
    tile velocities at every step (vosr.tiling.TiledVelocity).
 7. Decode the whole latent once, clamp, crop back, colour fix against the bicubic LR (adain default), and convert
-   to 8-bit by ROUNDING. The reference converts with ToPILImage, which truncates (floor), so its outputs are on
-   average half a grey level darker; rounding is the unbiased choice.
+   to 8-bit by ROUNDING. The reference converts with ToPILImage, which truncates (floor), before and after its
+   colour fix, so its outputs are on average half a grey level darker; rounding is the unbiased choice, and
+   inference.quantize=reference reproduces the reference's two truncations (the benchmark presets use it).
+A latent no larger than one tile on either side is sampled untiled, as the reference's tiled path does.
 
 Precision: inference.dtype (fp32 | bf16 | fp16; fp16 on CUDA only) casts the DiT and the semantic encoder to that
 dtype and runs the model passes and the autoencoder under torch.autocast; the Euler integration, the residual
@@ -20,7 +24,8 @@ Memory: with tile_auto (the default) an image whose estimated peak (vosr.memory)
 tiles and its autoencoder passes are tiled (vosr.encoders.tiled), each with the largest tile that fits; small
 images run exactly as untiled.
 
-Python API: `Upscaler.from_pretrained(uri)` (a folder, s3://, models:/name@alias, ... resolved by vosr.hub), then
+Python API: `Upscaler.from_pretrained(uri)` (a folder, s3://, models:/name@alias, hf://..., resolved by
+vosr.model_uri), then
 `up(image)` or `up.upscale(image, seed=7)` on a PIL image, a numpy array (H x W x 3, uint8 or float in [0, 1]) or
 a torch tensor ([3, H, W] or [B, 3, H, W] in [0, 1]); the result has the input's kind.
 """
@@ -40,10 +45,10 @@ import torch
 from PIL import Image
 
 from vosr import flow
-from vosr.choices import MODES, SCHEDULES
+from vosr.choices import MODES, QUANTIZE, RNGS, SCHEDULES
 from vosr.colorfix import COLOR_FIXES, color_fix, color_fix_inplace
 from vosr.seeding import derive_seed
-from vosr.tiling import TiledVelocity, ceil_to, reflect_pad, tile_count, tile_grid
+from vosr.tiling import TiledVelocity, ceil_to, reflect_pad, tile_count, tile_grid, tile_size_latents
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class UpscaleOptions:
     color_fix: str = "adain"
     upscale: int = 4
     seed: int = 42
+    rng: str = "vosr"
+    quantize: str = "round"
     tile_auto: bool = True     # tile (DiT and autoencoder) when the untiled run would not fit the memory budget
     vae_tile: int = 0          # autoencoder tile in pixels (0 = whole image unless tile_auto needs tiles)
 
@@ -71,6 +78,10 @@ class UpscaleOptions:
             raise ValueError(f"schedule {self.schedule!r} is not one of {list(SCHEDULES)}")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix {self.color_fix!r} is not one of {list(COLOR_FIXES)}")
+        if self.rng not in RNGS:
+            raise ValueError(f"rng {self.rng!r} is not one of {list(RNGS)}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize {self.quantize!r} is not one of {list(QUANTIZE)}")
         for name, lo in (("steps", 0), ("tile_size", 0), ("tile_overlap", 0), ("tile_batch", 1), ("upscale", 1),
                          ("vae_tile", 0)):
             if int(getattr(self, name)) < lo:
@@ -85,7 +96,8 @@ class UpscaleOptions:
     def batch_key(self) -> tuple:
         """Options that must be equal for images to share one forward pass (seed and colour fix need not)."""
         return (self.mode, self.steps, self.guidance, self.weak_strength, self.schedule, self.tile_size,
-                self.tile_overlap, self.tile_batch, self.upscale, self.tile_auto, self.vae_tile)
+                self.tile_overlap, self.tile_batch, self.upscale, self.rng, self.quantize, self.tile_auto,
+                self.vae_tile)
 
 
 @dataclass(frozen=True)
@@ -117,7 +129,7 @@ def options_from_config(cfg) -> UpscaleOptions:
         mode=inf.mode, steps=0, guidance=cfg.flow.guidance_scale, weak_strength=cfg.flow.weak_strength,
         schedule=cfg.flow.schedule, tile_size=inf.tile_size, tile_overlap=inf.tile_overlap,
         tile_batch=inf.tile_batch, color_fix=inf.color_fix, upscale=inf.upscale, seed=inf.seed,
-        tile_auto=inf.tile_auto, vae_tile=inf.vae_tile_size,
+        rng=inf.rng, quantize=inf.quantize, tile_auto=inf.tile_auto, vae_tile=inf.vae_tile_size,
     ).validate()
 
 
@@ -149,9 +161,12 @@ def pil_to_batch(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def batch_to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> 8-bit RGB images, rounded to nearest (not truncated like the reference)."""
-    arr = torch.round(x.detach().float().clamp(0, 1) * 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def batch_to_pil(x: torch.Tensor, quantize: str = "round") -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> 8-bit RGB images, rounded to nearest (`quantize="reference"`: truncated, as the
+    reference's ToPILImage does)."""
+    levels = x.detach().float().clamp(0, 1) * 255.0
+    levels = torch.floor(levels) if quantize == "reference" else torch.round(levels)
+    arr = levels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a), "RGB") for a in arr]
 
 
@@ -197,13 +212,14 @@ class Upscaler:
             self.meta: dict[str, Any] = {}
             self.checkpoint = "<in-memory>"
         else:
-            from vosr.checkpoint import load_checkpoint
+            from vosr.checkpoint import is_checkpoint_folder, load_checkpoint
 
             folder = str(checkpoint)
-            if "://" not in folder and not (Path(folder) / "config.json").is_file():
-                raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json); pass a folder "
-                                        "holding config.json + model.safetensors, or use Upscaler.from_pretrained "
-                                        "for s3:// and models:/ URIs")
+            if "://" not in folder and not is_checkpoint_folder(folder):
+                raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json, nor a released VOSR "
+                                        "folder with args.json + weights); pass a folder holding config.json + "
+                                        "model.safetensors or a released VOSR folder, or use "
+                                        "Upscaler.from_pretrained for s3://, models:/ and hf:// URIs")
             model, ckpt_cfg, self.meta = load_checkpoint(folder, use_ema=use_ema, device="cpu")
             self.checkpoint = folder
         run_cfg = cfg if cfg is not None else ckpt_cfg
@@ -216,6 +232,8 @@ class Upscaler:
         sem_cfg = ckpt_cfg.semantic
         if cfg is not None and cfg.autoencoder.path:
             ae_cfg = dataclasses.replace(ae_cfg, path=cfg.autoencoder.path)
+        if cfg is not None and cfg.autoencoder.light_decoder:
+            ae_cfg = dataclasses.replace(ae_cfg, light_decoder=cfg.autoencoder.light_decoder)
         if cfg is not None and cfg.semantic.path:
             sem_cfg = dataclasses.replace(sem_cfg, path=cfg.semantic.path)
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -246,11 +264,11 @@ class Upscaler:
                         memory_budget_mb: int | None = None, cache_dir: str | Path | None = None,
                         tracking_uri: str = "", registry_uri: str = "", endpoint_url: str = "",
                         use_ema: bool = True) -> Upscaler:
-        """An Upscaler for a model anywhere vosr.hub resolves: a checkpoint folder, s3://bucket/prefix,
-        models:/name@alias, models:/name/version, runs:/id/path (and the schemes other modules register). MLflow
+        """An Upscaler for a model anywhere vosr.model_uri resolves: a checkpoint folder, s3://bucket/prefix,
+        models:/name@alias, models:/name/version, runs:/id/path, hf://owner/repo/folder (a released model). MLflow
         URIs use `tracking_uri` / `registry_uri`, else MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI; remote models
         are cached under `cache_dir` (else $VOSR_MODEL_CACHE, else ~/.cache/vosr/models)."""
-        from vosr.hub import resolve
+        from vosr.model_uri import resolve
 
         folder = resolve(str(uri), endpoint_url=endpoint_url, tracking_uri=tracking_uri,
                          registry_uri=registry_uri, cache_root=cache_dir)
@@ -293,7 +311,7 @@ class Upscaler:
         ph, pw = self._padded_hw(size, options.upscale)
         lh, lw = ph // self.factor, pw // self.factor
         tiles, lt = (tile_count(lh, lw, options.tile_size, options.tile_overlap, self.factor, self.patch)
-                     if options.tile_size > 0 else (1, 0))
+                     if self._tiled(lh, lw, options) else (1, 0))
         sem_spec = getattr(self.semantic, "num_tokens", 0), getattr(getattr(self.semantic, "vit", None),
                                                                       "embed_dim", 0)
         return estimate(out_hw=(ph, pw), batch=batch, factor=self.factor, patch=self.patch,
@@ -349,7 +367,7 @@ class Upscaler:
         options = self.fit_memory(size, options)
         ph, pw = self._padded_hw(size, options.upscale)
         lh, lw = ph // self.factor, pw // self.factor
-        if options.tile_size > 0:
+        if self._tiled(lh, lw, options):
             tiles, lt = tile_count(lh, lw, options.tile_size, options.tile_overlap, self.factor, self.patch)
             area = lt * lt
         else:
@@ -399,13 +417,15 @@ class Upscaler:
         x = self._sample(padded, opts, seeds)
         out = x[:, :, :h, :w]
         ref = padded[:, :, :h, :w]
+        if opts.quantize == "reference":   # the reference's colour fix sees the truncated 8-bit decode
+            out = out.mul_(255.0).floor_().div_(255.0)
         if h * w > LARGE_IMAGE_PX:
             for i in range(out.shape[0]):
                 color_fix_inplace(out[i:i + 1], ref[i:i + 1], fixes[i])
         else:
             out = torch.cat([color_fix(out[i:i + 1], ref[i:i + 1], fixes[i]) for i in range(out.shape[0])])
         del padded, ref, x
-        return _from_batch(out, kinds, counts)
+        return _from_batch(out, kinds, counts, opts.quantize)
 
     # --- internals --------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -426,20 +446,28 @@ class Upscaler:
         # the student's few-step sampler always runs on a linear schedule (docs/method.md s7)
         return flow.timesteps(opts.steps, opts.schedule if opts.mode == "multistep" else "linear")
 
-    def _encode(self, padded01: torch.Tensor, seeds: Sequence[int], vae_tile: int = 0) -> torch.Tensor:
-        lats = []
+    def _encode(self, padded01: torch.Tensor, seeds: Sequence[int], rng: str = "vosr", vae_tile: int = 0
+                ) -> tuple[torch.Tensor, list[torch.Generator] | None]:
+        """Latents, and for rng "reference" each image's generator (the posterior sample drawn, the noise next)."""
+        lats, gens = [], []
+        kw = {"tile": vae_tile} if vae_tile else {}
         for i, seed in enumerate(seeds):
-            g = torch.Generator(device=self.device).manual_seed(derive_seed(int(seed), "posterior"))
-            kw = {"tile": vae_tile} if vae_tile else {}
+            first = int(seed) if rng == "reference" else derive_seed(int(seed), "posterior")
+            g = torch.Generator(device=self.device).manual_seed(first)
             lats.append(self.autoencoder.encode(padded01[i:i + 1] * 2 - 1, sample=self.sample_posterior,
                                                 generator=g, **kw).float())
-        return torch.cat(lats)
+            gens.append(g)
+        return torch.cat(lats), (gens if rng == "reference" else None)
 
     def _decode(self, z0: torch.Tensor, vae_tile: int = 0) -> torch.Tensor:
         kw = {"tile": vae_tile} if vae_tile else {}
         return torch.cat([self.autoencoder.decode(z0[i:i + 1], **kw).float() for i in range(z0.shape[0])])
 
-    def _noise(self, lq: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    def _noise(self, lq: torch.Tensor, seeds: Sequence[int], gens: list[torch.Generator] | None = None
+               ) -> torch.Tensor:
+        if gens is not None:   # rng "reference": continue each image's stream on the model's device
+            return torch.cat([torch.randn((1, *lq.shape[1:]), generator=g, device=self.device, dtype=torch.float32)
+                              for g in gens]).to(lq.dtype)
         out = []
         for seed in seeds:
             g = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -456,6 +484,14 @@ class Upscaler:
             tokens = self.semantic(crops).float()
             out += [tokens[k * b:(k + 1) * b] for k in range(len(tiles))]
         return out
+
+    def _tiled(self, lh: int, lw: int, opts: UpscaleOptions) -> bool:
+        """Tiling is on and the latent is larger than one tile on some side (the reference's fast path otherwise:
+        docs/method.md s8)."""
+        if opts.tile_size <= 0:
+            return False
+        lt = tile_size_latents(opts.tile_size, self.factor, self.patch)
+        return lh > lt or lw > lt
 
     def _counted(self, make, batch: int):
         """`make` whose velocity functions report each call to on_progress (one per tile in the call)."""
@@ -481,12 +517,12 @@ class Upscaler:
     def _sample(self, padded: torch.Tensor, opts: UpscaleOptions, seeds: Sequence[int]) -> torch.Tensor:
         """Padded upsampled images in [0, 1] -> padded SR images in [0, 1] (a new tensor)."""
         with self._autocast():
-            lq = self._encode(padded, seeds, opts.vae_tile)
+            lq, gens = self._encode(padded, seeds, opts.rng, opts.vae_tile)
             self._tick()
-            noise = self._noise(lq, seeds)
-            tiled = opts.tile_size > 0
-            make = self._counted(self._velocity_maker(opts, cache=not tiled and opts.steps > 1), padded.shape[0])
+            noise = self._noise(lq, seeds, gens)
             lh, lw = lq.shape[-2:]
+            tiled = self._tiled(lh, lw, opts)
+            make = self._counted(self._velocity_maker(opts, cache=not tiled and opts.steps > 1), padded.shape[0])
             if tiled:
                 grid = tile_grid(lh, lw, opts.tile_size, opts.tile_overlap, self.factor, self.patch)
                 sem_tiles = self._tile_tokens(padded, grid, opts.tile_batch)
@@ -560,29 +596,32 @@ def _to_batch(images: Sequence[Any], factor: int) -> tuple[torch.Tensor, list[tu
     return (parts[0] if len(parts) == 1 else torch.cat(parts)), kinds, counts
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded to nearest, in place on `x` (float32)."""
-    return x.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1)
+def _to_uint8(x: torch.Tensor, quantize: str = "round") -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded to nearest (quantize "reference": truncated), in place
+    on `x` (float32)."""
+    levels = x.clamp_(0, 1).mul_(255.0)
+    levels = levels.floor_() if quantize == "reference" else levels.round_()
+    return levels.to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def _from_batch(x: torch.Tensor, kinds: list[tuple], counts: list[int]) -> list[Any]:
+def _from_batch(x: torch.Tensor, kinds: list[tuple], counts: list[int], quantize: str = "round") -> list[Any]:
     out: list[Any] = []
     start = 0
     for kind, n in zip(kinds, counts):
         part = x[start:start + n]
         start += n
         if kind[0] == "pil":
-            arr = _to_uint8(part.float()).cpu().numpy()
+            arr = _to_uint8(part.float(), quantize).cpu().numpy()
             out.append(Image.fromarray(np.ascontiguousarray(arr[0]), "RGB"))
         elif kind[0] == "numpy":
             if kind[1] == np.uint8:
-                res = np.ascontiguousarray(_to_uint8(part.float()).cpu().numpy()[0])
+                res = np.ascontiguousarray(_to_uint8(part.float(), quantize).cpu().numpy()[0])
             else:
                 res = part[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy().copy()
             out.append(res)
         else:
             _, dtype, single, device = kind
-            res = (_to_uint8(part.float()).permute(0, 3, 1, 2).contiguous() if dtype == torch.uint8
+            res = (_to_uint8(part.float(), quantize).permute(0, 3, 1, 2).contiguous() if dtype == torch.uint8
                    else part.float().clamp(0, 1).clone())
             res = res.to(device)
             out.append(res[0] if single else res)
@@ -590,5 +629,5 @@ def _from_batch(x: torch.Tensor, kinds: list[tuple], counts: list[int]) -> list[
 
 
 def load_upscaler(checkpoint: str, cfg=None, device: str | None = None) -> Upscaler:
-    """A checkpoint folder; other URIs: Upscaler.from_pretrained (vosr.hub)."""
+    """A checkpoint folder; other URIs: Upscaler.from_pretrained (vosr.model_uri)."""
     return Upscaler(checkpoint, cfg, device=device)
