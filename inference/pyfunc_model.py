@@ -21,6 +21,7 @@ import io
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 ARTIFACT_KEY = "checkpoint"
@@ -59,8 +60,6 @@ def png_b64(img) -> str:
 
 
 def input_strings(model_input: Any) -> list:
-    import pandas as pd
-
     if isinstance(model_input, pd.DataFrame):
         col = "image" if "image" in model_input.columns else model_input.columns[0]
         return list(model_input[col])
@@ -107,9 +106,9 @@ class UpscalerModel(PythonModel):
         self.upscaler = Upscaler(find_checkpoint(context.artifacts[ARTIFACT_KEY]), device=conf["device"],
                                  dtype=conf["dtype"], memory_budget_mb=int(conf["memory_budget_mb"]))
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
-
+    # the DataFrame hint: MLflow converts every accepted input to one and validates it against the logged signature
+    # (a list of strings included); it infers no signature from it
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         overrides = option_overrides(params)
         opts = self.upscaler.resolve(**overrides)
         rows = []

@@ -211,3 +211,16 @@ def test_mlflow_uris_follow_the_config_then_mlflow_environment(tmp_path, monkeyp
     assert resolve_artifact_location(fresh) == ""             # a tracking server chooses its artifact store
     given = config_from_dict({}, ["run.mlflow.tracking_uri=sqlite:////a.db", "run.mlflow.registry_uri=sqlite:////b.db"])
     assert (resolve_tracking_uri(given), resolve_registry_uri(given)) == ("sqlite:////a.db", "sqlite:////b.db")
+
+
+def test_distillation_tags_say_what_the_student_is_and_where_it_came_from():
+    """The tags training/distill.py puts on the version it registers (the full job: tests/test_distill_job.py)."""
+    from jobkit.config import load_config
+    from training.registry import version_tags
+
+    cfg = load_config(ROOT / "configs/distill/tiny.yaml", ["train.features=s3://key:secret@bucket/features"])
+    tags = version_tags(cfg, {"steps": 40, "data": {"version": "0123456789ab"}}, "run-1")
+    assert tags["vosr.preset"] == "tiny" and tags["vosr.steps"] == 40 and tags["vosr.training_run"] == "run-1"
+    assert tags["vosr.data_version"] == "0123456789ab" and tags["vosr.method"] == cfg.distill.method
+    assert tags["vosr.inference_steps"] == cfg.distill.onestep_steps and "secret" not in tags["vosr.data"]
+    assert cfg.distill_job.register_alias == "champion"
