@@ -140,7 +140,7 @@ def test_distillation_moves_onestep_toward_the_teacher_and_registers_the_student
     client = mlflow.tracking.MlflowClient()
     # the version distillation registered: the champion, tagged with what it is and where it came from
     champion = client.get_model_version_by_alias("tiny-student", "champion")
-    assert champion.version == "1" and champion.tags["vosr.training_run"] == summary["mlflow_run_id"]
+    assert str(champion.version) == "1" and champion.tags["vosr.training_run"] == summary["mlflow_run_id"]
     assert champion.tags["vosr.preset"] == "tiny" and champion.tags["vosr.steps"] == "40"
     assert champion.tags["vosr.data_version"] == summary["data"]["version"]
     run_info = client.get_run(summary["mlflow_run_id"])
