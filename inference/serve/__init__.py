@@ -6,7 +6,9 @@ Routes (relative to the application's route prefix):
   validates their types, static bounds and names (vosr.choices) and refuses unknown ones; the bounds taken from
   serve.* (max_steps, min_tile, max_tile, half a tile of overlap) are checked in the handler, since FastAPI fixes
   its bounds at import and the config arrives with the replica. Either way the answer is the one error format.
-- GET  /                     the upload page (inference/static/index.html: input and result side by side).
+- GET  /                     the upload page (inference/static/index.html: input and result side by side, a
+                             before/after slider, mode and steps within the limits of GET /options).
+- GET  /options              JSON: the modes the model runs, default and maximum steps, tile bounds (no key).
 - GET  /readyz               no key: 200 {"status": "ready"} only when /upscale is routed and a model replica has
                              loaded the model, else 503 + Retry-After (the readiness probe of the RayService).
 - GET  /healthz              JSON: model (no local paths), limits, request counters (this ingress replica: HTTP
@@ -15,19 +17,19 @@ Routes (relative to the application's route prefix):
 Errors are JSON {"error": code, "message": ..., "request_id": ...} (the X-Request-Id Ray Serve answers with), never
 FastAPI's {"detail": [...]}: a refused option is {"error": "bad_option", "message": "steps='0': Input should be
 greater than or equal to 1", ...}, one "name=value: reason" per refused option, joined by "; ".
-401 missing/wrong X-API-Key (every route except the static page and its script, which hold no data), 408 a body
-not read within serve.body_timeout_s (or the proxy's request timeout), 413 a body over serve.max_body_bytes
-(counted while streaming, raw and multipart alike), too many pixels or a request over serve.max_evaluations,
-415 not an image, 400 a corrupt image, 422 bad options or options costing more than serve.max_cost_ratio x the
-defaults on the same image, 503 + Retry-After when the queue is full or no model replica could take the request
-before its deadline (a replica that dies is replaced; the ingress resends the requests it held), 504 past
-serve.request_timeout_s, 500 a failure inside the model: a generic message with the request id; the model replica
-logs the traceback with that id. A server fault such as a dead replica is never a 500.
+401 missing/wrong X-API-Key (every route except the static page, its script, /options and /readyz, which hold no
+data), 408 a body not read within serve.body_timeout_s (or the proxy's request timeout), 413 a body over
+serve.max_body_bytes (counted while streaming, raw and multipart alike), too many pixels or a request over
+serve.max_evaluations, 415 not an image, 400 a corrupt image, 422 bad options or options costing more than
+serve.max_cost_ratio x the defaults on the same image, 503 + Retry-After when the queue is full or no model
+replica could take the request before its deadline (a replica that dies is replaced; the ingress resends the
+requests it held), 504 past serve.request_timeout_s, 500 a failure inside the model: a generic message with the
+request id; the model replica logs the traceback with that id. A server fault such as a dead replica is never a 500.
 
 The package, one concern per module:
 - errors.py      the error format (ServeError), request ids
 - auth.py        API keys: loading, digests, the constant-time check
-- limits.py      query options, their bounds, image caps and the cost model
+- limits.py      query options, their bounds, image caps, the cost model and the page's choices
 - body.py        the streaming body reader (raw and multipart), capped while it arrives
 - deployment.py  the Serve deployments: the HTTP ingress (routes, retries) and the model (batching)
 - application.py application construction (build_app, http_options, start) and `app` for `serve run`

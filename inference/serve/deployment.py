@@ -42,7 +42,14 @@ from inference.serve.auth import KeyCheck
 from inference.serve.batching import Batcher
 from inference.serve.body import read_body
 from inference.serve.errors import ServeError, request_id
-from inference.serve.limits import UpscaleQuery, check_cost, decode_upload, option_errors, query_overrides
+from inference.serve.limits import (
+    UpscaleQuery,
+    check_cost,
+    decode_upload,
+    option_errors,
+    page_options,
+    query_overrides,
+)
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -174,7 +181,8 @@ class UpscaleModel:
         return results
 
     async def upscale(self, pixels, overrides: dict[str, Any], rid: str):
-        """An RGB image (uint8 array, H x W x 3) and its validated query overrides -> the upscaled RGB uint8 array;
+        """An RGB image (uint8 array, H x W x 3) and its validated query overrides -> (the upscaled RGB uint8 array,
+        {"mode", "steps"} as run);
         raises ServeError: 422 options this model cannot honour or too costly, 413 over the budget, 504 past
         serve.request_timeout_s from here, 500 a failure inside the model run (logged here with the request id)."""
         from PIL import Image
@@ -193,7 +201,7 @@ class UpscaleModel:
                 check_cost(plan, default_plan, self.cfg.serve)
                 item = UpscaleItem(image, opts, rid)
                 await self.hooks.before_batch(item)
-                return await self.batcher.submit(item)
+                return await self.batcher.submit(item), {"mode": opts.mode, "steps": opts.steps}
         except TimeoutError:
             logger.warning("request %s timed out after %s s", rid, timeout_s)
             raise ServeError(504, "timeout", f"the request took longer than {timeout_s:g} s") from None
@@ -209,6 +217,7 @@ class UpscaleModel:
         if source.startswith(("models:/", "runs:/")):
             model["registry_uri"] = source
         return {"model": model, "batch_sizes": batches, "model_time": seconds,
+                "options": page_options(self.upscaler, self.defaults, self.cfg.serve),
                 "uptime_s": round(time.time() - self.started, 1)}
 
 
@@ -263,6 +272,7 @@ class UpscaleService:
         self.lock = threading.Lock()
         self.stats: Counter[str] = Counter()
         self.started = time.time()
+        self.options_cache: dict[str, Any] | None = None     # GET /options, from a model replica
 
     def _count(self, key: str, n: int = 1) -> None:
         with self.lock:
@@ -313,7 +323,7 @@ class UpscaleService:
                 overrides = query_overrides(query, scfg)
                 data = await read_body(request, scfg.max_body_bytes, scfg.body_timeout_s)
                 pixels, size = await asyncio.to_thread(_decode_pixels, data, scfg)
-                upscaled = await self._call_model(pixels, overrides, rid, attempts)
+                upscaled, ran = await self._call_model(pixels, overrides, rid, attempts)
                 png = await asyncio.to_thread(_encode_png, upscaled)
         except ServeError as exc:
             self._count(f"http_{exc.status}")
@@ -335,6 +345,7 @@ class UpscaleService:
         self._count("http_200")
         out_size = (upscaled.shape[1], upscaled.shape[0])
         headers = {"X-Input-Size": f"{size[0]}x{size[1]}", "X-Output-Size": f"{out_size[0]}x{out_size[1]}",
+                   "X-Mode": ran["mode"], "X-Steps": str(ran["steps"]),
                    "X-Elapsed-Ms": f"{(time.perf_counter() - t0) * 1000:.1f}"}
         if attempts.retries:
             headers["X-Retries"] = str(attempts.retries)
@@ -401,6 +412,19 @@ class UpscaleService:
                                 headers={"Retry-After": f"{s.retry_after_s:g}"})
         return JSONResponse({**body, "model": info["model"], "batch_sizes": info["batch_sizes"],
                              "model_time": info["model_time"]})
+
+    @fastapi_app.get("/options")
+    async def options(self) -> Response:
+        """The choices the upload page offers (no key needed: like the page, it holds no data): the modes this
+        model runs, its default steps and the server's limits (from a model replica, kept once known: they change
+        only with a redeploy, which replaces this replica too)."""
+        if self.options_cache is None:
+            info, why = await self._model_info()
+            if info is None:
+                return JSONResponse({"error": "unavailable", "message": why}, status_code=503,
+                                    headers={"Retry-After": f"{self.cfg.serve.retry_after_s:g}"})
+            self.options_cache = info["options"]
+        return JSONResponse(self.options_cache)
 
     @fastapi_app.get("/")
     async def page(self) -> Response:

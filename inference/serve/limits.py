@@ -99,3 +99,13 @@ def check_cost(plan, default_plan, serve_cfg) -> dict[str, Any]:
         raise ServeError(422, "too_costly", f"{where}: cost {cost:.0f} is {cost / base:.2f}x the default options' "
                          f"{base:.0f} on this image; the limit is {serve_cfg.max_cost_ratio}x", cost=numbers)
     return numbers
+
+
+def page_options(upscaler, defaults, serve_cfg) -> dict[str, Any]:
+    """Modes the loaded checkpoint runs (a student: one-step; a teacher: multi-step), their default steps, and the
+    bounds the endpoint enforces (steps <= serve.max_steps, tiles within [min_tile, max_tile])."""
+    mode = "onestep" if upscaler.is_student else "multistep"
+    steps = upscaler.onestep_steps if upscaler.is_student else upscaler.multistep_steps
+    return {"modes": {m: m == mode for m in MODES}, "mode": mode, "default_steps": min(steps, serve_cfg.max_steps),
+            "max_steps": serve_cfg.max_steps, "min_tile": serve_cfg.min_tile, "max_tile": serve_cfg.max_tile,
+            "seed": defaults.seed, "color_fix": defaults.color_fix}
