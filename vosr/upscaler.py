@@ -237,15 +237,15 @@ class Upscaler:
         if cfg is not None and cfg.semantic.path:
             sem_cfg = dataclasses.replace(sem_cfg, path=cfg.semantic.path)
         self.model = model.to(self.device).eval().requires_grad_(False)
-        if run_cfg.inference.compile:  # dynamic shapes: one graph for every image and tile size
-            from vosr.model.execution import compile_dit
-
-            compile_dit(self.model, dynamic=True)
         self.autoencoder = build_autoencoder(ae_cfg, device=self.device)
         self.semantic = build_semantic_encoder(sem_cfg, device=self.device)
         if self.dtype != torch.float32:
             self.model.to(self.dtype)
             self.semantic.to(self.dtype)
+        if run_cfg.inference.compile:  # dynamic shapes: one graph for every image and tile size
+            from vosr.model.execution import compile_dit
+
+            compile_dit(self.model, dynamic=True)
         self.sample_posterior = bool(ae_cfg.inference_sample_posterior)
         self.factor = int(self.autoencoder.downsample)
         self.patch = int(getattr(model, "patch_size", ckpt_cfg.model.patch_size))
