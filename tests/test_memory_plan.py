@@ -15,6 +15,7 @@ from training.memory_plan import (
     StepSetup,
     configured_setup,
     format_plan,
+    gpu_memory_section,
     grad_accum_for,
     main,
     measure_cpu_step,
@@ -106,3 +107,7 @@ def test_command_exits_1_when_the_config_does_not_fit(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(args + ["--gpu-memory-gib", "8", "--json"]) == 0
     assert '"fits": true' in capsys.readouterr().out
+    # the section other commands (vosr plan) show for a training config
+    cfg = config_from_dict({}, ["data.resolution=64", "train.batch_size=8", "train.gpu_memory_gib=8"])
+    fits, text = gpu_memory_section(cfg)
+    assert fits is True and text.startswith("GPU memory plan: pretrain, tiny at 64 px")
