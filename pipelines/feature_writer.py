@@ -57,6 +57,14 @@ def shard_uri(out_root: str, name: str) -> str:
     return storage.join(out_root, SHARDS_DIR, name)
 
 
+def shard_files(out_root: str, endpoint_url: str = "") -> list[str]:
+    """The finished feature shards of a precompute output root, sorted: `shards/*.parquet` only. A running or
+    killed precompute leaves part files under `_parts/` (duplicate rows, failed rows, an `error` column): every
+    reader of the features lists through this, never the root recursively. A shard appears only complete (S3:
+    the upload completes on close; local: renamed from a `.tmp-` name, which listings skip)."""
+    return storage.list_files(storage.join(out_root, SHARDS_DIR), ".parquet", endpoint_url)
+
+
 def parts_uri(out_root: str, name: str = "") -> str:
     return storage.join(out_root, PARTS_DIR, stem(name)) if name else storage.join(out_root, PARTS_DIR)
 

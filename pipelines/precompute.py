@@ -45,8 +45,7 @@ def plan(cfg, start_ray=None) -> dict:
     files = curate_schema.shard_files(pcfg.input, ep)
     if not files:
         raise FileNotFoundError(f"no curated shards under {storage.join(pcfg.input, curate_schema.SHARDS_DIR)}")
-    out_dir = storage.join(pcfg.output, feature_schema.SHARDS_DIR)
-    finished = {_basename(f) for f in storage.list_files(out_dir, ".parquet", ep)}
+    finished = {_basename(f) for f in feature_writer.shard_files(pcfg.output, ep)}
     done = [f for f in files if _basename(f) in finished]
     pending = [f for f in files if _basename(f) not in finished]
     if pcfg.max_shards:
@@ -99,7 +98,42 @@ def ensure_metadata(cfg, ae_id: dict, sem_id: dict) -> dict:
 # The rows are written by Ray tasks (pipelines/feature_writer.py); the driver reads only the part summaries (shard,
 # part uri, row count), launches one merge task per shard whose rows have all arrived, and adds up their stats.
 
-def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
+class ShardTotals:
+    """Running totals over the finished shards' stats (rows, images, failed rows by reason, bytes per column) and
+    the progress line: each shard adds its stats once, so the driver's work and memory per finished shard stay
+    constant (no list of every shard's stats, no sum over them per progress line)."""
+
+    def __init__(self, shards_expected: int = 0, rows_expected: int = 0):
+        self.shards_expected, self.rows_expected = shards_expected, rows_expected
+        self.shards = self.rows = self.images = self.bytes = self.failed_total = 0
+        self.failed: dict[str, int] = {}
+        self.column_bytes: dict[str, int] = {}
+        self.last: dict = {}
+
+    def add(self, stats: dict) -> None:
+        self.shards += 1
+        self.rows += int(stats["rows"])
+        self.images += int(stats["images"])
+        self.bytes += int(stats["bytes"])
+        for reason, n in stats["failed_rows_by_reason"].items():
+            self.failed[reason] = self.failed.get(reason, 0) + n
+            self.failed_total += n
+        for c, n in stats["column_bytes"].items():
+            self.column_bytes[c] = self.column_bytes.get(c, 0) + n
+        self.last = stats
+
+    def line(self, seconds: float) -> str:
+        """The progress line after the last added shard: rows done (written + failed), rate, ETA."""
+        s = self.last
+        done = self.rows + self.failed_total
+        rate = done / max(seconds, 1e-9)
+        eta = (self.rows_expected - done) / rate if rate > 0 else float("nan")
+        return (f"[precompute] shard {s.get('shard')}: {s.get('rows')} rows, {s.get('bytes', 0) / 2**20:.2f} MiB | "
+                f"{self.shards}/{self.shards_expected} shards, {done}/{self.rows_expected} rows, {rate:.2f} rows/s, "
+                f"ETA {eta:.0f} s")
+
+
+def write_shards(ds, cfg, expected: dict[str, int], log=print) -> ShardTotals:
     """Run the stream (ending in write_parts tasks); merge each shard as soon as all its rows (kept images x K)
     are in parts. Shards finish in any order. With fail_after_shards=N only the first N pending shards (plan
     order) are merged, then the run aborts (tests of resumption)."""
@@ -115,9 +149,8 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
     finalize = ray.remote(num_cpus=0.5, max_retries=2)(feature_writer.finalize_shard)
     running: dict = {}
     launched: set[str] = set()
-    written: list[dict] = []
     t0 = time.perf_counter()
-    total_rows = sum(want.values())
+    totals = ShardTotals(len(want), sum(want.values()))
 
     row_bytes = feature_writer.schema_row_bytes(settings["schema"])
 
@@ -133,14 +166,8 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
         ready, _ = ray.wait(list(running), num_returns=len(running), timeout=timeout)
         for ref in ready:
             running.pop(ref)
-            stats = ray.get(ref)
-            written.append(stats)
-            rows = sum(s["rows"] + sum(s["failed_rows_by_reason"].values()) for s in written)
-            dt = time.perf_counter() - t0
-            rate = rows / max(dt, 1e-9)
-            eta = (total_rows - rows) / rate if rate > 0 else float("nan")
-            log(f"[precompute] shard {stats['shard']}: {stats['rows']} rows, {stats['bytes'] / 2**20:.2f} MiB | "
-                f"{len(written)}/{len(want)} shards, {rows}/{total_rows} rows, {rate:.2f} rows/s, ETA {eta:.0f} s")
+            totals.add(ray.get(ref))
+            log(totals.line(time.perf_counter() - t0))
 
     for name in sorted(n for n, w in want.items() if w == 0 and n in allowed):  # empty shards are written too
         launch(name)
@@ -161,12 +188,12 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> list[dict]:
             if limit and launched >= allowed:
                 break  # fault injection: stop streaming once the allowed shards are in
     collect(timeout=None)
-    if limit and len(written) >= limit:
-        raise FaultInjected(f"fault injection: aborting after {len(written)} shard(s)")
+    if limit and totals.shards >= limit:
+        raise FaultInjected(f"fault injection: aborting after {totals.shards} shard(s)")
     missing = sorted(n for n in want if n not in launched)
     if missing:
         raise RuntimeError(f"stream ended before shards {missing} were complete")
-    return written
+    return totals
 
 
 # --- job ---------------------------------------------------------------------------------------------------------
@@ -184,7 +211,7 @@ def run(cfg, log=print) -> dict:
         f"{len(p['pending'])} to process ({sum(p['expected'].values())} kept images x {cfg.precompute.variants})")
     ae_id, sem_id = encoder_identities(cfg)
     meta = ensure_metadata(cfg, ae_id, sem_id)
-    written: list[dict] = []
+    totals = ShardTotals()
     if p["pending"]:
         init_ray(cfg)
         ds = read_curated(p["pending"], cfg.precompute.s3_endpoint_url)
@@ -194,11 +221,11 @@ def run(cfg, log=print) -> dict:
                                                                    "endpoint_url": cfg.precompute.s3_endpoint_url,
                                                                    "row_group_size": cfg.precompute.rows_per_shard},
                             batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.25)
-        written = write_shards(ds, cfg, p["expected"], log)
-    if len(p["done"]) + len(written) == len(p["files"]):
+        totals = write_shards(ds, cfg, p["expected"], log)
+    if len(p["done"]) + totals.shards == len(p["files"]):
         feature_writer.remove_parts(cfg.precompute.output, "", cfg.precompute.s3_endpoint_url)  # stale leftovers
     wall = time.perf_counter() - t_start
-    summary = summarize(cfg, p, written, meta, wall)
+    summary = summarize(cfg, p, totals, meta, wall)
     storage.write_bytes_atomic(storage.join(cfg.precompute.output, feature_schema.SUMMARY_FILE),
                                json.dumps(summary, indent=2).encode(), cfg.precompute.s3_endpoint_url)
     if cfg.run.mlflow.enabled:
@@ -206,22 +233,14 @@ def run(cfg, log=print) -> dict:
     return summary
 
 
-def summarize(cfg, p: dict, written: list[dict], meta: dict, wall: float) -> dict:
-    rows = sum(s["rows"] for s in written)
-    images = sum(s["images"] for s in written)
-    failed: dict[str, int] = {}
-    col_bytes: dict[str, int] = {}
-    for s in written:
-        for r, n in s["failed_rows_by_reason"].items():
-            failed[r] = failed.get(r, 0) + n
-        for c, n in s["column_bytes"].items():
-            col_bytes[c] = col_bytes.get(c, 0) + n
+def summarize(cfg, p: dict, totals: ShardTotals, meta: dict, wall: float) -> dict:
+    rows, images, col_bytes = totals.rows, totals.images, totals.column_bytes
     raw = feature_schema.bytes_per_variant(tuple(meta["latent_shape"]), tuple(meta["sem_shape"]), meta["dtype"])
     return {
         "output": cfg.precompute.output,
-        "shards_total": len(p["files"]), "shards_skipped": len(p["done"]), "shards_written": len(written),
+        "shards_total": len(p["files"]), "shards_skipped": len(p["done"]), "shards_written": totals.shards,
         "images": images, "rows": rows, "variants": int(cfg.precompute.variants),
-        "failed_rows_by_reason": failed,
+        "failed_rows_by_reason": dict(totals.failed),
         "wall_s": round(wall, 3),
         "images_per_s": round(images / wall, 3) if wall > 0 else None,
         "rows_per_s": round(rows / wall, 3) if wall > 0 else None,

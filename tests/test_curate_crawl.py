@@ -165,39 +165,51 @@ def test_retry_after_pauses_the_whole_domain(photos):
 
 
 def test_domain_limiter_spacing_leases_and_backoff():
+    """One gate actor's answers (DomainLimiter.grant, many permits per call): starts 1/rps apart, (-1, 0) while
+    the domain's leases are all out, a lease given back on the next call frees a permit, Retry-After backoff,
+    and a lease whose holder died expires after lease_s."""
     import asyncio
 
     from pipelines.curation.politeness import DomainLimiter
 
     async def scenario():
         lim = DomainLimiter()
-        delays, leases = [], []
-        for _ in range(3):
-            d, lease = await lim.acquire("a.example", 10.0, 2, 30.0)
-            delays.append(d)
-            leases.append(lease)
-            if len(leases) == 2:
-                break
-        assert delays[0] == 0 and 0.09 < delays[1] <= 0.1  # starts 1/rps apart
-        # a third request waits for a lease (concurrency 2) until one is released
-        waiter = asyncio.ensure_future(lim.acquire("a.example", 10.0, 2, 30.0))
-        await asyncio.sleep(0.05)
-        assert not waiter.done()
-        await lim.release("a.example", leases[0])
-        d3, _ = await asyncio.wait_for(waiter, 1.0)
-        assert 0.1 < d3 <= 0.2
-        # other domains are independent; a backoff pushes the domain's next start out
-        d, _ = await lim.acquire("b.example", 10.0, 2, 30.0)
-        assert d == 0
-        lim.backoff("b.example", 2.0)
-        d, lease = await lim.acquire("b.example", 10.0, 2, 30.0)
+        (d1, l1), (d2, l2), (d3, _), (db, _) = await lim.grant(["a.example"] * 3 + ["b.example"], [], 10.0, 2, 30.0)
+        assert d1 == 0 and 0.09 < d2 <= 0.1 and d3 == -1  # spaced 1/rps; the third finds both leases out
+        assert db == 0  # other domains are independent, in the same call
+        (d, lease), = await lim.grant(["a.example"], [("a.example", l1)], 10.0, 2, 30.0)
+        assert 0.1 < d <= 0.2 and lease > l2
+        await lim.backoff("b.example", 2.0)
+        (d, _), = await lim.grant(["b.example"], [], 10.0, 2, 30.0)
         assert 1.9 < d <= 2.0
-        # a lease whose holder died expires after lease_s
-        _, _ = await lim.acquire("c.example", 1000.0, 1, 0.1)
-        d, _ = await asyncio.wait_for(lim.acquire("c.example", 1000.0, 1, 0.1), 1.0)
-        assert d < 0.01
+        await lim.grant(["c.example"], [], 1000.0, 1, 0.1)
+        assert (await lim.grant(["c.example"], [], 1000.0, 1, 0.1))[0][0] == -1
+        await asyncio.sleep(0.12)
+        (d, _), = await lim.grant(["c.example"], [], 1000.0, 1, 0.1)
+        assert 0 <= d < 0.01
+        assert (await lim.stats())["granted"] == 7
 
     asyncio.run(scenario())
+
+
+def test_a_block_mostly_of_one_domain_keeps_fetching_the_others(photos):
+    """40 URLs, 90% on one host (127.0.0.1) at 8 requests/s, then 4 on another (localhost), 4 slots: the other
+    host's URLs start at once instead of after the 36 slow ones (round-robin over hosts, at most
+    per_domain_concurrency of one host at a time)."""
+    with http_server(photos[:1]) as site:
+        slow = [site.photo_url(photos[0].name) + f"?i={i}" for i in range(36)]
+        fast = [u.replace("127.0.0.1", "localhost") + "&other=1" for u in slow[:4]]
+        order = []
+        from pipelines.curation.crawl import iter_fetch
+
+        cfg = crawl_cfg(per_domain_rps=8.0, per_domain_concurrency=2, concurrency=4,
+                        allow_hosts=["127.0.0.1", "localhost"])
+        for i, res in iter_fetch(slow + fast, cfg):
+            assert res.reason == "ok", res
+            order.append(i)
+    assert len(order) == 40
+    # the 4 other-host URLs are among the first 12 results (listed last: in list order they would end last)
+    assert max(order.index(36 + k) for k in range(4)) < 12, order
 
 
 # ------------------------------------------------------------------ stage-1 memory
