@@ -4,7 +4,7 @@ bytes per row (the corpus must not show up in any process's peak), and the preco
     .venv/bin/python benchmarks/bench_memory_reads.py [--only progress training-read merge precompute-driver]
         [--progress-shards 6000 20000 60000]
         [--read-rows 256 1024 2048] [--read-targets-mib 128 256 512] [--read-target-mib 512] [--group-rows 64]
-        [--sem-tokens 1024] [--compare-root /work/main]
+        [--sem-tokens 1024] [--compare-root /work/main] [--plan-units 100000 400000 800000]
         [--merge-rows 512 2048 4096] [--merge-group-rows 64]
         [--driver-sizes 500 2000 4000] [--driver-per-shard 100]
 
@@ -13,6 +13,9 @@ Sections (each prints its own lines; --only picks some; all run by default):
 progress           precompute's progress line over N finished shards (pipelines/precompute.ShardTotals, one
                    add + line per shard) at each --progress-shards, seconds per shard (flat = linear), and the sum
                    the line made before (over every written shard for every finished one) for comparison.
+training-plan      the training driver's read plan of one epoch (training/data.mixed_shards_datasource and its
+                   get_read_tasks) over --plan-units row groups (footers stubbed): its RSS growth and the slope in
+                   bytes per row group (training.job.DRIVER_BYTES_PER_UNIT, used by `vosr plan`).
 training-read      a read task of training's feature reads (training/data.py mixed_shards_datasource, the real
                    read functions) over synthetic feature shards shaped like vosr-0.5b at 512 px (HR/LR latents
                    4x64x64 and 1024 x 768 DINOv2 tokens in bf16: 1.56 MiB a row; --sem-tokens shrinks it), row
@@ -224,6 +227,46 @@ def bench_training_read(sizes: list[int], targets_mib: list[int], target_mib: in
     return out
 
 
+# --- training plan (driver) ---------------------------------------------------------------------------------------
+
+PLAN_PROBE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from training import data as td
+units_n, per_file, row_bytes, group_rows = (int(x) for x in sys.argv[2:6])
+def rss():
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmRSS:")) * 1024
+files = -(-units_n // per_file)
+uris = [f"/nonexistent/features/shards/part-{i:06d}.parquet" for i in range(files)]
+units = [(i, g, group_rows) for i in range(files) for g in range(per_file)][:units_n]
+warm = units[:64]
+td._row_group_units = lambda paths, fs: (warm, row_bytes, len(warm) * group_rows * row_bytes)
+td.mixed_shards_datasource(uris, "", 0, block_bytes=512 << 20).get_read_tasks(1)  # imports, as the driver has them
+td._row_group_units = lambda paths, fs: (units, row_bytes, len(units) * group_rows * row_bytes)
+base = rss()
+src = td.mixed_shards_datasource(uris, "", 0, block_bytes=512 << 20)
+tasks = src.get_read_tasks(1)
+after = rss()
+print("RESULT " + json.dumps({"units": units_n, "tasks": len(tasks), "bytes": after - base}))
+"""
+
+
+def bench_training_plan(sizes: list[int], group_rows: int, row_bytes: int) -> dict:
+    """Driver memory of one epoch's read plan (footers' units, the epoch's order, one ReadTask per block) at
+    each number of row groups; the footers are stubbed so no files are needed."""
+    out = {}
+    for n in sorted(sizes):
+        r = _probe(str(ROOT), PLAN_PROBE, str(n), "8", str(row_bytes), str(group_rows))
+        out[n] = r
+        print(f"[training-plan] {n:,} row groups of {group_rows} rows ({r['tasks']:,} read tasks): driver +"
+              f"{r['bytes'] / MiB:.0f} MiB = {r['bytes'] / n:.0f} B per row group", flush=True)
+    xs = sorted(out)
+    s = slope([float(x) for x in xs], [float(out[x]["bytes"]) for x in xs])
+    print(f"[training-plan] driver slope: {s:.0f} bytes per row group = {s / group_rows:.1f} bytes per feature row",
+          flush=True)
+    return {"by_size": out, "bytes_per_unit": s}
+
+
 # --- merge ---------------------------------------------------------------------------------------------------------
 
 MERGE_PROBE = r"""
@@ -301,8 +344,8 @@ def bench_driver(sizes: list[int], per_shard: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", default=["progress", "training-read", "merge", "precompute-driver"],
-                    choices=["progress", "training-read", "merge", "precompute-driver"])
+    sections = ["progress", "training-read", "training-plan", "merge", "precompute-driver"]
+    ap.add_argument("--only", nargs="+", default=sections, choices=sections)
     ap.add_argument("--progress-shards", type=int, nargs="+", default=[6000, 20000, 60000])
     ap.add_argument("--read-rows", type=int, nargs="+", default=[256, 1024, 2048])
     ap.add_argument("--read-targets-mib", type=int, nargs="+", default=[128, 256, 512])
@@ -310,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-rows", type=int, default=64)
     ap.add_argument("--sem-tokens", type=int, default=1024)
     ap.add_argument("--compare-root", default="")
+    ap.add_argument("--plan-units", type=int, nargs="+", default=[100_000, 400_000, 800_000])
     ap.add_argument("--merge-rows", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--merge-group-rows", type=int, default=64)
     ap.add_argument("--merge-sem-tokens", type=int, default=64)
@@ -323,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if "training-read" in args.only:
         res["training_read"] = bench_training_read(args.read_rows, args.read_targets_mib, args.read_target_mib,
                                                    args.group_rows, args.sem_tokens, args.compare_root)
+    if "training-plan" in args.only:
+        res["training_plan"] = bench_training_plan(args.plan_units, args.group_rows, 1_638_680)
     if "merge" in args.only:
         res["merge"] = bench_merge(args.merge_rows, args.merge_group_rows, args.merge_sem_tokens)
     if "precompute-driver" in args.only:

@@ -25,6 +25,8 @@ JOBS: dict[str, tuple[str, str]] = {
     "upscale": ("inference.upscale", "upscale image files or folders on this machine"),
     "export": ("training.export", "export a sharded (FSDP) checkpoint to the folder serving and the registry read"),
     "demo": ("demo.chain", "run the whole chain on the embedded tiny preset on this machine (make demo)"),
+    "plan": ("jobkit.plan", "a job's cost at a corpus size: peak memory per process, storage, CPU/GPU-hours; "
+                            "fails when a bound exceeds the nodes"),
 }
 
 

@@ -146,8 +146,12 @@ class PrecomputeConfig:
     num_cpus_per_encoder: float = option(1.0, "CPUs reserved per encoder actor.", ge=0)
     degrade_batch_size: int = option(4, "Images per decode+crop+degrade CPU task batch.", ge=1)
     num_cpus_per_degrade: float = option(1.0, "CPUs per decode+crop+degrade task.", gt=0)
-    rows_per_shard: int = option(64, "Unused for sharding (one feature shard per curated shard, so resumption is "
-                                 "deterministic); kept as the row-group size of the Parquet writer.", ge=1)
+    rows_per_shard: int = option(64, "Rows per Parquet row group of a feature shard (not rows per shard: one "
+                                 "feature shard per curated shard keeps resumption deterministic). The unit of "
+                                 "memory downstream: a merge task holds ~10 row groups (feature_writer."
+                                 "merge_peak_bound: ~1 GiB at 64 rows of 1.56 MiB, vosr-0.5b / 512 px) and "
+                                 "training reads mix row groups of many shards per block (train.read_block_mb).",
+                                 ge=1)
     compression: str = option("zstd", "Parquet compression of feature shards.",
                               choices=["zstd", "snappy", "lz4", "none"])
     max_shards: int = option(0, "Process at most this many pending input shards (0 = all).", ge=0)

@@ -249,6 +249,12 @@ def merge_peak_bound(row_group_rows: int, row_bytes: int, rows: int) -> int:
     return 256 * rows + 10 * row_group_rows * row_bytes + (8 << 20)
 
 
+def write_parts_peak_bytes(batch_rows: int, row_bytes: int) -> int:
+    """One write_parts task: the encoded batch, each source shard's filtered piece and its sorted copy (three
+    copies of the batch at most), plus 8 MiB of writer buffers."""
+    return 3 * int(batch_rows) * int(row_bytes) + (8 << 20)
+
+
 def schema_row_bytes(schema: pa.Schema) -> int:
     """In-memory bytes of one row of a feature schema: the fixed-size tensor columns plus 64 B per other column
     (ids, params: small)."""

@@ -263,6 +263,66 @@ def log_mlflow(cfg, summary: dict) -> None:
     log_job_run(cfg, "precompute", params, summary)
 
 
+# --- vosr plan ---------------------------------------------------------------------------------------------------
+# Assumptions and measured constants of the precompute plan (docs/scale.md explains each).
+
+PLAN_KEPT_PER_SHARD = 1638  # kept images per curated shard: 4,096 rows (configs/cluster/curate.yaml) x 40% kept
+DRIVER_BASE_BYTES = 1 << 30  # driver RSS with Ray and the job's imports: 672-762 MiB measured before a run, peak
+#                             899-989 MiB at 2k-20k images (benchmarks/bench_scale_precompute.py, docs/scale.md)
+DRIVER_BYTES_PER_SHARD = 4096  # the plan's file lists, per-shard counters and part URIs (generous; the measured
+#                               slope is in benchmarks/bench_memory_reads.py --only precompute-driver)
+DEGRADE_CPU_S_512 = {"realesrgan": 0.2, "bicubic": 0.01}  # CPU-s per variant at 512 px (bench_degrade.py:
+#                                                          >= 5 images/s/core); scaled by (resolution / 512)^2
+# Encoder GFLOPs per variant (VAE encode of HR and LR + DINOv2 forward; benchmarks/flops.py, docs/scale.md s3)
+ENCODER_GFLOPS = {("sd21", "dinov2_vitb14", 256): 706.0, ("sd21", "dinov2_vitb14", 512): 2393.9,
+                  ("qwen2d", "dinov2_vitl14", 256): 1418.7, ("qwen2d", "dinov2_vitl14", 512): 4084.7}
+
+
+def plan_stages(cfg, images: int) -> list:
+    """`vosr plan` entries of the precompute job for `images` kept images (jobkit/plan.py)."""
+    from jobkit.plan import GPU_EFFECTIVE_FLOPS, Proc, Stage, ceil_div, gib, hours
+    from pipelines import feature_stages as fst
+
+    pc, res, k = cfg.precompute, int(cfg.data.resolution), int(cfg.precompute.variants)
+    schema = feature_schema.schema_for_config(cfg)
+    row = feature_writer.schema_row_bytes(schema)
+    shards = ceil_div(images, PLAN_KEPT_PER_SHARD)
+    rows = images * k
+    driver = DRIVER_BASE_BYTES + DRIVER_BYTES_PER_SHARD * shards
+    gpus = pc.num_gpus_per_encoder
+    weights = fst.ENCODER_WEIGHT_BYTES.get(cfg.autoencoder.name, 0) + fst.ENCODER_WEIGHT_BYTES.get(cfg.semantic.name, 0)
+    merge = feature_writer.merge_peak_bound(pc.rows_per_shard, row, PLAN_KEPT_PER_SHARD * k)
+    gflops = ENCODER_GFLOPS.get((cfg.autoencoder.name, cfg.semantic.name, res))
+    degrade_s = DEGRADE_CPU_S_512.get(cfg.degrade.preset, 0.2) * (res / 512) ** 2
+    d = f"{DRIVER_BYTES_PER_SHARD} B x {shards:,} shards + {gib(DRIVER_BASE_BYTES)} base"
+    return [
+        Stage("plan", [Proc("driver", driver, d, "head"),
+                       Proc("task: count kept", 64 * 4096 + (64 << 20), "64 shards' kept columns + 64 MiB")]),
+        Stage("read_curated", [Proc("task: read shard", fst.read_task_peak_bytes(cfg.curate.crawl.max_bytes),
+                                    f"2 x {fst.READ_BATCH_ROWS} rows x crawl.max_bytes "
+                                    f"{gib(cfg.curate.crawl.max_bytes)} + 16 MiB")]),
+        Stage("make_pairs", [Proc("task: degrade", fst.degrade_task_peak_bytes(pc.degrade_batch_size, k, res,
+                                                                                cfg.curate.filters.max_pixels),
+                                  f"decode at filters.max_pixels x {fst.DECODE_BYTES_PER_PIXEL} B + "
+                                  f"{pc.degrade_batch_size} images x {k} variants of {res} px pairs x 2",
+                                  reserved=True)],
+              cpu_hours=hours(rows * degrade_s), note=f"{degrade_s:.3f} CPU-s per variant ({cfg.degrade.preset})"),
+        Stage("encode", [Proc("actor: encoder", fst.encoder_peak_bytes(pc.batch_size, res, row, weights),
+                              f"weights {gib(weights)} + {fst.ENCODER_BATCH_COPIES} x {pc.batch_size} rows",
+                              "gpu" if gpus else "cpu", reserved=True, gpus=float(pc.num_gpus_per_encoder))],
+              gpu_hours=(rows * gflops * 1e9 / GPU_EFFECTIVE_FLOPS / 3600) if (gflops and gpus) else 0.0,
+              note=(f"{gflops:,.0f} GFLOPs per variant" if gflops else "encoder FLOPs not tabled for this preset")),
+        Stage("write_parts", [Proc("task: write parts", feature_writer.write_parts_peak_bytes(pc.batch_size, row),
+                                   f"3 x {pc.batch_size} rows x {gib(row)}", reserved=True)],
+              written=rows * row, note="transient part files, removed once their shard is merged"),
+        Stage("write_shards", [Proc("driver", driver, d, "head"),
+                               Proc("task: merge", merge,
+                                    f"merge_peak_bound: 10 x rows_per_shard {pc.rows_per_shard} x {gib(row)} + "
+                                    f"256 B x {PLAN_KEPT_PER_SHARD * k:,} keys + 8 MiB", reserved=True)],
+              written=rows * row, note=f"{shards:,} shards of {PLAN_KEPT_PER_SHARD * k:,} rows"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobkit.args import job_main
 

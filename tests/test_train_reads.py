@@ -119,7 +119,7 @@ def test_read_task_cuts_large_row_groups_to_its_block_target(tmp_path):
     import pyarrow.fs as pafs
 
     fs = pafs.LocalFileSystem()
-    groups, row_bytes = td._row_group_units([str(path)], fs)
+    groups, row_bytes, _ = td._row_group_units([str(path)], fs)
     assert groups == [(0, 0, 48), (0, 1, 48)] and row_bytes == 64 + 64 + width * 2
     target = 32 * row_bytes  # a block target of 32 rows: smaller than a row group
     layout = td.read_layout(row_bytes, target)

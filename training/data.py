@@ -122,23 +122,25 @@ def read_layout(row_bytes: int, block_bytes: int, group: int = MIX_GROUP_UNITS) 
             "group": group}
 
 
-def _row_group_units(paths: list[str], fs) -> tuple[list[tuple[int, int, int]], int]:
-    """((file index, row group, rows) of every row group of the shards, in-memory bytes per row) from the footers
-    only, 16 files at a time."""
+def _row_group_units(paths: list[str], fs) -> tuple[list[tuple[int, int, int]], int, int]:
+    """((file index, row group, rows) of every row group of the shards, in-memory bytes per row, total
+    uncompressed bytes) from the footers only, 16 files at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.parquet as pq
 
-    def groups(p: str) -> tuple[list[int], int]:
+    def groups(p: str) -> tuple[list[int], int, int]:
         with fs.open_input_file(p) as f:
             pf = pq.ParquetFile(f)
             md = pf.metadata
-            return [md.row_group(g).num_rows for g in range(md.num_row_groups)], feature_row_bytes(pf.schema_arrow)
+            rgs = [md.row_group(g) for g in range(md.num_row_groups)]
+            return ([g.num_rows for g in rgs], feature_row_bytes(pf.schema_arrow),
+                    sum(g.total_byte_size for g in rgs))
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         per_file = list(pool.map(groups, paths))
-    units = [(i, g, n) for i, (rows, _) in enumerate(per_file) for g, n in enumerate(rows)]
-    return units, max((rb for _, rb in per_file), default=1)
+    units = [(i, g, n) for i, (rows, _, _) in enumerate(per_file) for g, n in enumerate(rows)]
+    return units, max((rb for _, rb, _ in per_file), default=1), sum(b for _, _, b in per_file)
 
 
 def split_units(units: list[tuple[int, int, int]], unit_rows: int) -> list[tuple[int, int, int, int]]:
@@ -189,11 +191,10 @@ def mixed_shards_datasource(uris: list[str], endpoint: str, seed: int, group: in
 
     fs, _ = storage.open_fs(uris[0], endpoint)
     paths = [_fs_path(u) for u in uris]
-    groups, row_bytes = _row_group_units(paths, fs)
+    groups, row_bytes, size = _row_group_units(paths, fs)
     layout = read_layout(row_bytes, block_bytes, group)
     units = split_units(groups, layout["unit_rows"])
     per_task = max(1, min(group, layout["block_rows"] // max(1, max((u[3] for u in units), default=1))))
-    size = sum(fs.get_file_info(p).size for p in paths)
 
     class MixedShards(Datasource):
         def get_name(self) -> str:

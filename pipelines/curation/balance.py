@@ -88,3 +88,10 @@ def cap_group(group: pa.Table, cap: int) -> pa.Table:
     capped = np.zeros(len(prio), dtype=bool)
     capped[order[cap:]] = True
     return group.append_column("capped", pa.array(capped))
+
+
+def kmeans_peak_bytes(n: int, dim: int, k: int) -> int:
+    """Stated peak of fitting the centres on the driver as the code stands (pipelines/curate.fit_centres): up to
+    2n sampled rows taken as Python dicts (~32 B per embedding value), the float64 sample, and `assign`'s
+    n x k float64 distance matrix plus its temporaries (3 copies)."""
+    return 2 * n * (dim * 32 + 256) + 8 * n * dim + 3 * 8 * n * k
