@@ -92,16 +92,18 @@ READ_BUFFER_BYTES = 8 << 20  # buffered-stream reads (Ray Data's own Parquet rea
 # Measured by benchmarks/bench_memory_reads.py --only training-read (peak RSS above the process's RSS before the
 # read, 16-bit rows): decode transient per byte of one record batch, and a fixed part (allocator, stream buffers).
 READ_DECODE_FACTOR = 8
-READ_FIXED_BYTES = 48 << 20
+READ_FIXED_BYTES = 64 << 20
 
 
-def read_task_peak_bound(block_bytes: int) -> int:
-    """Stated peak bytes of one training read task for a block target of `block_bytes` (train.read_block_mb): the
-    block's rows, one output block being copied out (1/READ_OUT_FRACTION), the decode transient of one record
-    batch (READ_DECODE_FACTOR x 1/READ_BATCH_FRACTION) and a fixed part; under 2x the target for targets of
-    64 MiB and more. Declared to Ray as the read task's `memory`."""
-    b = int(block_bytes)
-    return b + b // READ_OUT_FRACTION + READ_DECODE_FACTOR * (b // READ_BATCH_FRACTION) + READ_FIXED_BYTES
+def read_task_peak_bound(target_bytes: int, block_bytes: int | None = None) -> int:
+    """Stated peak bytes of one training read task for a block target of `target_bytes` (train.read_block_mb)
+    and a block of `block_bytes` (at most the target; default the target): the block's rows, one output block
+    being gathered (1/READ_OUT_FRACTION of the target), the decode transient of one record batch
+    (READ_DECODE_FACTOR x 1/READ_BATCH_FRACTION of the target) and a fixed part: 1.375 x the target + 64 MiB,
+    under 2x the target for targets of 128 MiB and more. Declared to Ray as the read task's `memory`."""
+    t = int(target_bytes)
+    b = t if block_bytes is None else min(t, int(block_bytes))
+    return b + t // READ_OUT_FRACTION + READ_DECODE_FACTOR * (t // READ_BATCH_FRACTION) + READ_FIXED_BYTES
 
 
 def feature_row_bytes(schema: pa.Schema) -> int:
@@ -223,8 +225,7 @@ def mixed_shards_datasource(uris: list[str], endpoint: str, seed: int, group: in
     source.layout = layout
     source.row_bytes = row_bytes
     # reserve for the largest block the plan makes (small sets: far below the target)
-    source.memory = read_task_peak_bound(min(int(block_bytes), per_task * max((u[3] for u in units), default=1)
-                                             * row_bytes))
+    source.memory = read_task_peak_bound(block_bytes, per_task * max((u[3] for u in units), default=1) * row_bytes)
     return source
 
 
@@ -251,17 +252,16 @@ def _fs_path(uri: str) -> str:
     return storage.open_fs(uri)[1] if not uri.startswith("s3://") else uri[len("s3://"):]
 
 
-def read_units(spec: list[tuple[str, int, int, int]], fs, batch_rows: int) -> pa.Table:
-    """The rows of units (path, row group, first row, rows), decoded `batch_rows` at a time through a buffered
-    stream (never a whole row group: its decode transient is several times its bytes). Unit starts are multiples
-    of batch_rows (split_units), so a kept batch is never a slice of a larger one."""
+def read_units(spec: list[tuple[str, int, int, int]], fs, batch_rows: int) -> list[pa.RecordBatch]:
+    """The rows of units (path, row group, first row, rows) as record batches, decoded `batch_rows` at a time
+    through a buffered stream (never a whole row group: its decode transient is several times its bytes). Unit
+    starts are multiples of batch_rows (split_units), so a kept batch is never a slice of a larger one."""
     import pyarrow.parquet as pq
 
-    batches, schema = [], None
+    batches = []
     for path, group, first, rows in spec:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
-            schema = pf.schema_arrow
             pos = 0
             for b in pf.iter_batches(batch_size=batch_rows, row_groups=[group], use_threads=False):
                 lo, hi = max(first, pos), min(first + rows, pos + b.num_rows)
@@ -270,9 +270,22 @@ def read_units(spec: list[tuple[str, int, int, int]], fs, batch_rows: int) -> pa
                 pos += b.num_rows
                 if pos >= first + rows:
                     break
-    if schema is None:
-        raise ValueError("read_units: no units")
-    return pa.Table.from_batches(batches, schema=schema)
+    return batches
+
+
+def gather_rows(batches: list[pa.RecordBatch], rows: np.ndarray) -> pa.Table:
+    """The rows at positions `rows` of the batches taken end to end, in that order, copying only those rows: a
+    take per source batch, then one reorder of the small result (Arrow's take on a many-chunk table would first
+    concatenate each whole column, a copy of the block)."""
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    src = np.searchsorted(starts, rows, side="right") - 1
+    pieces, where = [], []
+    for b in np.unique(src):
+        sel = np.flatnonzero(src == b)
+        pieces.append(batches[b].take(pa.array(rows[sel] - starts[b])))
+        where.append(sel)
+    table = pa.Table.from_batches(pieces).combine_chunks()
+    return table.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
 
 
 def _read_units_fn(spec: list[tuple[str, int, int, int]], any_uri: str, endpoint: str, seed: int | None,
@@ -281,14 +294,18 @@ def _read_units_fn(spec: list[tuple[str, int, int, int]], any_uri: str, endpoint
         from vosr import storage
 
         fs, _ = storage.open_fs(any_uri, endpoint)
-        table = read_units(spec, fs, layout["batch_rows"])
-        order = spread_order(table, seed) if seed is not None else None
+        batches = read_units(spec, fs, layout["batch_rows"])
         step = layout["out_rows"]
-        for i in range(0, table.num_rows, step):  # blocks of 1/READ_OUT_FRACTION of the target, copied one by one
-            if order is None:
+        if seed is None:  # stored order: the batches as they are, regrouped into output blocks
+            table = pa.Table.from_batches(batches)
+            for i in range(0, table.num_rows, step):
                 yield table.slice(i, step)
-            else:
-                yield table.take(pa.array(order[i:i + step]))
+            return
+        names = [c for c in ("id", "variant") if c in batches[0].schema.names]
+        keys = pa.Table.from_batches([b.select(names) for b in batches])
+        order = spread_order(keys, seed)
+        for i in range(0, len(order), step):  # blocks of 1/READ_OUT_FRACTION of the target, copied one by one
+            yield gather_rows(batches, order[i:i + step])
 
     return read
 
