@@ -242,37 +242,73 @@ def render(title: str, stages: list[Stage], nodes: Nodes) -> str:
     return "\n".join(lines)
 
 
+def run_plan(config: str | Path, images: int, job: str | None = None, manifest: str | Path | None = None,
+             overrides: list[str] | tuple[str, ...] = ()) -> tuple[int, str, list[str]]:
+    """(exit status, the printed plan, the lines naming bounds over their nodes) for one config."""
+    from jobkit.config import load_config
+    from vosr.config import read_yaml
+
+    path = Path(config)
+    cfg = load_config(path, list(overrides))
+    job = job or job_of(read_yaml(path) or {})
+    nodes = nodes_for(cfg, path, Path(manifest) if manifest else None)
+    stages = plan_stages(job, cfg, int(images))
+    shown = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+    text = render(f"vosr plan: {shown} (job {job}) at {int(images):,} images", stages, nodes)
+    bad = check(stages, nodes)
+    return (1 if bad else 0), text, bad
+
+
+DOC_BLOCK = re.compile(r"(<!-- plan: (?P<config>\S+) -->\n)(?:```text\n.*?```\n)?(<!-- /plan -->)", re.S)
+
+
+def doc_block(text: str) -> str:
+    return f"```text\n{text}\n```\n"
+
+
+def update_doc(doc: Path, images: int) -> int:
+    """Rewrite every `<!-- plan: <config> -->` block of a Markdown file with that config's current plan."""
+    body = doc.read_text()
+
+    def fill(m: re.Match) -> str:
+        _, text, _ = run_plan(ROOT / m.group("config"), images)
+        return m.group(1) + doc_block(text) + m.group(3)
+
+    new, n = DOC_BLOCK.subn(fill, body)
+    doc.write_text(new)
+    print(f"{doc}: {n} plan blocks written")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vosr plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="the job's YAML config")
+    ap.add_argument("--config", help="the job's YAML config")
     ap.add_argument("--images", type=float, default=100_000_000, help="kept images of the corpus (default 100M)")
     ap.add_argument("--job", default=None, choices=sorted(JOB_PLANS), help="default: from the config's sections")
     ap.add_argument("--manifest", default=None, help="KubeRay manifest declaring the nodes (default: the one in "
                                                      "infra/k8s that runs this config)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--update-doc", default=None, metavar="MARKDOWN",
+                    help="rewrite the `<!-- plan: <config> -->` blocks of a document (docs/scale.md) instead")
     args = ap.parse_args(argv)
-    from jobkit.config import ConfigError, load_config
-    from vosr.config import read_yaml
+    from jobkit.config import ConfigError
 
-    path = Path(args.config)
     try:
-        cfg = load_config(path, args.set)
-        job = args.job or job_of(read_yaml(path) or {})
-        nodes = nodes_for(cfg, path, Path(args.manifest) if args.manifest else None)
-        stages = plan_stages(job, cfg, int(args.images))
+        if args.update_doc:
+            return update_doc(Path(args.update_doc), int(args.images))
+        if not args.config:
+            raise PlanError("--config is required")
+        code, text, bad = run_plan(args.config, int(args.images), args.job, args.manifest, args.set)
     except (ConfigError, PlanError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    title = f"vosr plan: {path} (job {job}) at {int(args.images):,} images"
-    print(render(title, stages, nodes))
-    bad = check(stages, nodes)
+    print(text)
     if bad:
         print("", file=sys.stderr)
         for line in bad:
             print(f"plan: {line}", file=sys.stderr)
-        return 1
-    return 0
+    return code
 
 
 def hours(cpu_seconds: float) -> float:

@@ -67,3 +67,14 @@ def test_python_m_jobkit_plan_is_the_same_command():
     bad = subprocess.run([sys.executable, "-m", "jobkit.plan", "--config", "configs/cluster/pretrain.yaml",
                           "--job", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_docs_scale_shows_each_cluster_plan_as_the_command_prints_it():
+    """docs/scale.md explains the plans of the shipped configs with the numbers the command prints."""
+    doc = (ROOT / "docs" / "scale.md").read_text()
+    blocks = {m.group("config"): m.group(0) for m in plan.DOC_BLOCK.finditer(doc)}
+    assert sorted(blocks) == [f"configs/cluster/{p.name}" for p in CLUSTER]
+    for config, block in blocks.items():
+        _, text, _ = plan.run_plan(ROOT / config, 100_000_000)
+        assert plan.doc_block(text) in block, (f"docs/scale.md shows a stale plan of {config}; rewrite the blocks "
+                                               "with: python -m jobkit.plan --update-doc docs/scale.md")
