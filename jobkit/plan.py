@@ -218,7 +218,7 @@ def render(title: str, stages: list[Stage], nodes: Nodes) -> str:
                      "bounds are printed, not checked")
     lines.append("")
     w = max([len("process")] + [len(p.kind) for s in stages for p in s.procs])
-    lines.append(f"{'stage / process':<{w + 2}}  {'peak':>10}  {'node':>14}  bound")
+    lines.append(f"{'stage / process':<{w + 2}}  {'peak':>10}  {'node':>17}  bound")
     total_w = total_c = total_g = 0.0
     for st in stages:
         lines.append(f"{st.name}" + (f"  ({st.note})" if st.note else ""))
@@ -229,7 +229,7 @@ def render(title: str, stages: list[Stage], nodes: Nodes) -> str:
             node = f"{p.node}{per} {gib(limit)}" if limit else p.node + per
             flag = "  OVER" if limit and p.peak * n > limit else ""
             res = " [reserved]" if p.reserved else ""
-            lines.append(f"  {p.kind:<{w}}  {gib(p.peak):>10}  {node:>14}  {p.formula}{res}{flag}")
+            lines.append(f"  {p.kind:<{w}}  {gib(p.peak):>10}  {node:>17}  {p.formula}{res}{flag}")
         total_w += st.written
         total_c += st.cpu_hours
         total_g += st.gpu_hours

@@ -214,13 +214,24 @@ def encoder_peak_bytes(batch_rows: int, resolution: int, row_bytes_out: int, wei
 
 def degrade_and_encode(ds, cfg, variants: list[int]):
     """The shared middle of both modes: make_pairs as CPU tasks, then the encoder actor pool."""
+    from jobkit.ray_env import memory_reservation
+    from pipelines.feature_writer import schema_row_bytes
+
     pc = cfg.precompute
     cfg_dict = cfg.to_dict()
+    res, k = int(cfg.data.resolution), len(variants)
+    weights = ENCODER_WEIGHT_BYTES.get(cfg.autoencoder.name, 0) + ENCODER_WEIGHT_BYTES.get(cfg.semantic.name, 0)
+    degrade_mem = memory_reservation(degrade_task_peak_bytes(pc.degrade_batch_size, k, res,
+                                                             cfg.curate.filters.max_pixels))
+    encode_mem = memory_reservation(encoder_peak_bytes(pc.batch_size, res, schema_row_bytes(schema_for_config(cfg)),
+                                                       weights))
     ds = ds.map_batches(make_pairs, fn_kwargs={"cfg_dict": cfg_dict, "variants": list(variants)},
-                        batch_size=pc.degrade_batch_size, batch_format="numpy", num_cpus=pc.num_cpus_per_degrade)
+                        batch_size=pc.degrade_batch_size, batch_format="numpy", num_cpus=pc.num_cpus_per_degrade,
+                        **({"memory": degrade_mem} if degrade_mem else {}))
     return ds.map_batches(Encoder, fn_constructor_kwargs={"cfg_dict": cfg_dict}, batch_size=pc.batch_size,
                           batch_format="numpy", concurrency=pc.encoder_concurrency,
-                          num_gpus=pc.num_gpus_per_encoder or None, num_cpus=pc.num_cpus_per_encoder)
+                          num_gpus=pc.num_gpus_per_encoder or None, num_cpus=pc.num_cpus_per_encoder,
+                          **({"memory": encode_mem} if encode_mem else {}))
 
 
 def strip_helpers(table: pa.Table) -> pa.Table:

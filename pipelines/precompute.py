@@ -139,6 +139,8 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> ShardTotals:
     order) are merged, then the run aborts (tests of resumption)."""
     import ray
 
+    from jobkit.ray_env import memory_reservation
+
     k = int(cfg.precompute.variants)
     want = {name: n * k for name, n in expected.items()}
     limit = int(cfg.precompute.fail_after_shards or 0)
@@ -157,8 +159,8 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> ShardTotals:
     def launch(name: str) -> None:
         launched.add(name)
         # the streamed merge's stated peak (a few output row groups, not the shard) is its memory reservation
-        mem = feature_writer.merge_peak_bound(settings["row_group_size"], row_bytes, want[name])
-        running[finalize.options(memory=mem).remote(settings, name, parts.pop(name))] = name
+        mem = memory_reservation(feature_writer.merge_peak_bound(settings["row_group_size"], row_bytes, want[name]))
+        running[finalize.options(**({"memory": mem} if mem else {})).remote(settings, name, parts.pop(name))] = name
 
     def collect(timeout: float | None) -> None:
         if not running:
@@ -217,10 +219,15 @@ def run(cfg, log=print) -> dict:
         ds = read_curated(p["pending"], cfg.precompute.s3_endpoint_url)
         ds = degrade_and_encode(ds, cfg, list(range(cfg.precompute.variants)))
         # rows never come back to the driver: each batch is written as parts by a task; shards merge in tasks
+        from jobkit.ray_env import memory_reservation
+
+        row = feature_writer.schema_row_bytes(feature_schema.schema_for_config(cfg))
+        mem = memory_reservation(feature_writer.write_parts_peak_bytes(cfg.precompute.batch_size, row))
         ds = ds.map_batches(feature_writer.write_parts, fn_kwargs={"output": cfg.precompute.output,
                                                                    "endpoint_url": cfg.precompute.s3_endpoint_url,
                                                                    "row_group_size": cfg.precompute.rows_per_shard},
-                            batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.25)
+                            batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.25,
+                            **({"memory": mem} if mem else {}))
         totals = write_shards(ds, cfg, p["expected"], log)
     if len(p["done"]) + totals.shards == len(p["files"]):
         feature_writer.remove_parts(cfg.precompute.output, "", cfg.precompute.s3_endpoint_url)  # stale leftovers

@@ -128,7 +128,7 @@ def test_read_task_cuts_large_row_groups_to_its_block_target(tmp_path):
     units = td.split_units(groups, layout["unit_rows"])
     assert units == [(0, 0, 0, 32), (0, 0, 32, 16), (0, 1, 0, 32), (0, 1, 32, 16)]
     seen = []
-    for f, g, first, rows in units:
+    for _f, g, first, rows in units:
         blocks = list(td._read_units_fn([(str(path), g, first, rows)], str(path), "", 7, layout)())
         assert all(b.num_rows <= layout["out_rows"] for b in blocks)
         got = pa.concat_tables(blocks)
