@@ -106,7 +106,7 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
                      "sharpness": r["sharpness"], "fidelity": r["fidelity"],
                      "category": d["category"], "category_source": d["category_source"],
                      "duplicate_of": d["duplicate_of"] if drop == "duplicate" else None, "kept": kept,
-                     "drop_reason": drop})
+                     "drop_reason": drop, "metadata": r.get("metadata")})
     table = pa.Table.from_pylist(rows, schema=CURATED_SCHEMA)
     stats = {"unit": unit, "fingerprint": fingerprint, **ledger_counts(ledger), "duplicates": dup, "capped": capped, "kept": kept_n,
              "kept_by_category": dict(sorted(cats.items()))}
