@@ -580,13 +580,13 @@ PLAN_URLS_PER_KEPT = 2.5      # U = 2.5 N: 40% of crawled URLs end up kept (docs
 PLAN_FETCHED_PER_URL = 0.75   # ~25% of old web URLs fail to fetch
 PLAN_PASSING_PER_KEPT = 1.25  # rows passing stage 1 per kept row (dedup + balance keep ~80%)
 PLAN_BODY_BYTES = 400_000     # mean encoded image of a >= 512 px web image (assumption)
+PLAN_URL_ROW_BYTES = 200      # a URL-list row in memory (URL, caption, a few metadata columns; assumption)
 PLAN_LEDGER_ROW_BYTES = 250   # ledger metadata per URL (reason, hashes, embedding; computed from STAGE1_SCHEMA)
 PLAN_SHARD_ROW_BYTES = 300    # curated shard metadata per row besides the image bytes
 STAGE1_CPU_S_PER_MP = 0.070   # measured: benchmarks/bench_stage1_cpu.py, 70 ms CPU per megapixel
 PLAN_MEGAPIXELS = 1.5         # mean size of a fetched web image with short side >= 512 (assumption)
 STAGE2_CPU_S_PER_ROW = 90e-6  # stage-2 search + components + balance at ~125M rows (docs/scale.md s2)
 DRIVER_BASE_BYTES = 1 << 30   # the driver with Ray and the job's imports
-DRIVER_BYTES_PER_UNIT = 2048  # the plan's Unit per block (byte ranges) and its row dict for the block task
 PLAN_ACTIVE_DOMAINS = 1_000_000  # domains one gate actor keeps state for at once (assumption; pruned after 60 s)
 GATE_BYTES_PER_DOMAIN = 400
 
@@ -594,19 +594,28 @@ GATE_BYTES_PER_DOMAIN = 400
 def plan_stages(cfg, images: int) -> list:
     """`vosr plan` entries of the curation job for `images` kept images (jobkit/plan.py)."""
     from jobkit.plan import Proc, Stage, ceil_div, gib, hours
+    from pipelines.curation import listing
     from pipelines.curation.analysis import EMBED_DIM
+    from pipelines.curation.sources import rechunk_peak_bytes
 
     cc = cfg.curate
     urls = int(images * PLAN_URLS_PER_KEPT)
     fetched = int(urls * PLAN_FETCHED_PER_URL)
     passing = int(images * PLAN_PASSING_PER_KEPT)
     blocks = ceil_div(urls, cc.rows_per_shard)
-    driver = DRIVER_BASE_BYTES + DRIVER_BYTES_PER_UNIT * blocks
+    driver = DRIVER_BASE_BYTES + listing.listing_peak_bytes(blocks)
     ledger_block = int(cc.rows_per_shard * passing / urls * PLAN_BODY_BYTES + cc.rows_per_shard * PLAN_LEDGER_ROW_BYTES)
     gate = PLAN_ACTIVE_DOMAINS * GATE_BYTES_PER_DOMAIN // max(1, cc.crawl.gate_actors) + (256 << 20)
-    d = f"{DRIVER_BYTES_PER_UNIT} B x {blocks:,} blocks + {gib(DRIVER_BASE_BYTES)} base"
+    d = (f"listing_peak_bytes: {listing.UNIT_DRIVER_BYTES} B x {blocks:,} blocks + {gib(DRIVER_BASE_BYTES)} "
+         f"base")
     stages = [
-        Stage("plan", [Proc("driver", driver, d, "head")], note=f"{urls:,} URLs in {blocks:,} blocks"),
+        Stage("plan", [Proc("driver", driver, d, "head"),
+                       Proc("task: list files", listing.listing_task_peak_bytes(cc.rows_per_shard),
+                            "listing_task_peak_bytes: one manifest's paths + 96 MiB", reserved=True),
+                       Proc("task: re-chunk URL list", rechunk_peak_bytes(cc.rows_per_shard, PLAN_URL_ROW_BYTES),
+                            f"rechunk_peak_bytes: 64 MiB + 6 x {cc.rows_per_shard} rows x {PLAN_URL_ROW_BYTES} B",
+                            reserved=True)],
+              note=f"{urls:,} URLs in {blocks:,} blocks"),
         Stage("stage 1", [Proc("task: block", stage1_peak_bytes(cc),
                                f"stage1_peak_bytes: (crawl.concurrency {cc.crawl.concurrency} + 1) x max_bytes + "
                                f"3 x stage1_buffer_mb + 6 B x max_pixels", reserved=True),
