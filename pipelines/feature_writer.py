@@ -249,6 +249,22 @@ def merge_peak_bound(row_group_rows: int, row_bytes: int, rows: int) -> int:
     return 256 * rows + 10 * row_group_rows * row_bytes + (8 << 20)
 
 
+# Beyond merge_peak_bound's Arrow bytes, a merge task's RSS holds the keys as Python lists and the parts' footers
+# (per shard row) and the reader's and allocator's buffers (fixed). Measured with
+# benchmarks/bench_memory_reads.py --only merge (164 KiB rows, 64-row groups, shards of 512 / 2,048 / 4,096 rows):
+# RSS peaks 170 / 181 / 184 MiB against merge_peak_bound's 108-109 MiB, i.e. ~62-75 MiB more, growing ~3.8 KB
+# per shard row.
+MERGE_RSS_FIXED_BYTES = 80 << 20
+MERGE_RSS_BYTES_PER_ROW = 4096
+
+
+def merge_task_peak_bytes(row_group_rows: int, row_bytes: int, rows: int) -> int:
+    """Stated peak RSS of one merge task (its Ray `memory`): merge_peak_bound (Arrow) plus the process's own
+    share (MERGE_RSS_FIXED_BYTES + MERGE_RSS_BYTES_PER_ROW per shard row)."""
+    return (merge_peak_bound(row_group_rows, row_bytes, rows) + MERGE_RSS_FIXED_BYTES
+            + MERGE_RSS_BYTES_PER_ROW * int(rows))
+
+
 def write_parts_peak_bytes(batch_rows: int, row_bytes: int) -> int:
     """One write_parts task: the encoded batch, each source shard's filtered piece and its sorted copy (three
     copies of the batch at most), plus 8 MiB of writer buffers."""

@@ -159,7 +159,8 @@ def write_shards(ds, cfg, expected: dict[str, int], log=print) -> ShardTotals:
     def launch(name: str) -> None:
         launched.add(name)
         # the streamed merge's stated peak (a few output row groups, not the shard) is its memory reservation
-        mem = memory_reservation(feature_writer.merge_peak_bound(settings["row_group_size"], row_bytes, want[name]))
+        mem = memory_reservation(feature_writer.merge_task_peak_bytes(settings["row_group_size"], row_bytes,
+                                                                      want[name]))
         running[finalize.options(**({"memory": mem} if mem else {})).remote(settings, name, parts.pop(name))] = name
 
     def collect(timeout: float | None) -> None:
@@ -298,7 +299,7 @@ def plan_stages(cfg, images: int) -> list:
     driver = DRIVER_BASE_BYTES + DRIVER_BYTES_PER_SHARD * shards
     gpus = pc.num_gpus_per_encoder
     weights = fst.ENCODER_WEIGHT_BYTES.get(cfg.autoencoder.name, 0) + fst.ENCODER_WEIGHT_BYTES.get(cfg.semantic.name, 0)
-    merge = feature_writer.merge_peak_bound(pc.rows_per_shard, row, PLAN_KEPT_PER_SHARD * k)
+    merge = feature_writer.merge_task_peak_bytes(pc.rows_per_shard, row, PLAN_KEPT_PER_SHARD * k)
     gflops = ENCODER_GFLOPS.get((cfg.autoencoder.name, cfg.semantic.name, res))
     degrade_s = DEGRADE_CPU_S_512.get(cfg.degrade.preset, 0.2) * (res / 512) ** 2
     d = f"{DRIVER_BYTES_PER_SHARD} B x {shards:,} shards + {gib(DRIVER_BASE_BYTES)} base"
@@ -324,8 +325,8 @@ def plan_stages(cfg, images: int) -> list:
               written=rows * row, note="transient part files, removed once their shard is merged"),
         Stage("write_shards", [Proc("driver", driver, d, "head"),
                                Proc("task: merge", merge,
-                                    f"merge_peak_bound: 10 x rows_per_shard {pc.rows_per_shard} x {gib(row)} + "
-                                    f"256 B x {PLAN_KEPT_PER_SHARD * k:,} keys + 8 MiB", reserved=True)],
+                                    f"merge_task_peak_bytes: 10 x rows_per_shard {pc.rows_per_shard} x {gib(row)} "
+                                    f"+ 4.25 KiB x {PLAN_KEPT_PER_SHARD * k:,} rows + 88 MiB", reserved=True)],
               written=rows * row, note=f"{shards:,} shards of {PLAN_KEPT_PER_SHARD * k:,} rows"),
     ]
 

@@ -48,7 +48,7 @@ class TrainConfig:
     read_block_mb: int = option(512, "Target MiB of feature rows one read task holds (a block of mixed row groups, "
                                 "or slices of row groups larger than this): its peak stays under twice this "
                                 "(training/data.py read_task_peak_bound, reserved as the task's Ray memory). "
-                                "Rows go to the trainers in blocks of 1/8 of it.", ge=128)
+                                "Rows go to the trainers in blocks of 1/16 of it.", ge=128)
     tf32: bool = option(True, "Allow TF32 matmuls on GPU (docs/method.md s5: TF32 enabled).")
     cache_data: bool = option(False, "Materialise the (small) training set in the object store once, so epochs "
                               "do not re-read the shards; leave off for large feature sets.")

@@ -85,25 +85,29 @@ MIX_GROUP_UNITS = 16  # units (row groups, or slices of large ones) from up to 1
 # A read task's memory (read_task_peak_bound): it decodes its units in record batches of 1/READ_BATCH_FRACTION of
 # the block target (a Parquet row group of 16-bit fixed-size lists decodes at ~6-8x its Arrow bytes: INT32 pages
 # plus definition and repetition levels per value, so never a whole large row group at once), holds the block's
-# rows (<= the target), then hands out the variant-spread rows as blocks of 1/READ_OUT_FRACTION of the target.
-READ_BATCH_FRACTION = 32
-READ_OUT_FRACTION = 8
+# rows (<= the target), then hands out the variant-spread rows as blocks of 1/READ_OUT_FRACTION of the target,
+# each gathered from its source batches (at most READ_OUT_COPIES copies of one output block at once).
+READ_BATCH_FRACTION = 64
+READ_OUT_FRACTION = 16
+READ_OUT_COPIES = 2
 READ_BUFFER_BYTES = 8 << 20  # buffered-stream reads (Ray Data's own Parquet reader uses 8 MiB too)
 # Measured by benchmarks/bench_memory_reads.py --only training-read (peak RSS above the process's RSS before the
-# read, 16-bit rows): decode transient per byte of one record batch, and a fixed part (allocator, stream buffers).
+# read task, one task per fresh process, vosr-0.5b / 512 px rows): 157 / 319 / 647 MiB at targets of 128 / 256 /
+# 512 MiB; the decode transient per byte of one record batch and the fixed part below cover them.
 READ_DECODE_FACTOR = 8
 READ_FIXED_BYTES = 64 << 20
 
 
 def read_task_peak_bound(target_bytes: int, block_bytes: int | None = None) -> int:
     """Stated peak bytes of one training read task for a block target of `target_bytes` (train.read_block_mb)
-    and a block of `block_bytes` (at most the target; default the target): the block's rows, one output block
-    being gathered (1/READ_OUT_FRACTION of the target), the decode transient of one record batch
-    (READ_DECODE_FACTOR x 1/READ_BATCH_FRACTION of the target) and a fixed part: 1.375 x the target + 64 MiB,
+    and a block of `block_bytes` (at most the target; default the target): the block's rows, READ_OUT_COPIES
+    copies of one output block (1/READ_OUT_FRACTION of the target), the decode transient of one record batch
+    (READ_DECODE_FACTOR x 1/READ_BATCH_FRACTION of the target) and a fixed part: 1.25 x the target + 64 MiB,
     under 2x the target for targets of 128 MiB and more. Declared to Ray as the read task's `memory`."""
     t = int(target_bytes)
     b = t if block_bytes is None else min(t, int(block_bytes))
-    return b + t // READ_OUT_FRACTION + READ_DECODE_FACTOR * (t // READ_BATCH_FRACTION) + READ_FIXED_BYTES
+    return (b + READ_OUT_COPIES * (t // READ_OUT_FRACTION) + READ_DECODE_FACTOR * (t // READ_BATCH_FRACTION)
+            + READ_FIXED_BYTES)
 
 
 def feature_row_bytes(schema: pa.Schema) -> int:
@@ -275,8 +279,9 @@ def read_units(spec: list[tuple[str, int, int, int]], fs, batch_rows: int) -> li
 
 def gather_rows(batches: list[pa.RecordBatch], rows: np.ndarray) -> pa.Table:
     """The rows at positions `rows` of the batches taken end to end, in that order, copying only those rows: a
-    take per source batch, then one reorder of the small result (Arrow's take on a many-chunk table would first
-    concatenate each whole column, a copy of the block)."""
+    take per source batch, one concatenation, then the reorder, each input released before the next copy (at
+    most two copies of the result at once). Arrow's take on the many-chunk block would first concatenate each
+    whole column: a copy of the block."""
     starts = np.cumsum([0] + [b.num_rows for b in batches])
     src = np.searchsorted(starts, rows, side="right") - 1
     pieces, where = [], []
@@ -284,8 +289,9 @@ def gather_rows(batches: list[pa.RecordBatch], rows: np.ndarray) -> pa.Table:
         sel = np.flatnonzero(src == b)
         pieces.append(batches[b].take(pa.array(rows[sel] - starts[b])))
         where.append(sel)
-    table = pa.Table.from_batches(pieces).combine_chunks()
-    return table.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
+    joined = pa.Table.from_batches(pieces).combine_chunks()
+    del pieces
+    return joined.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
 
 
 def _read_units_fn(spec: list[tuple[str, int, int, int]], any_uri: str, endpoint: str, seed: int | None,
@@ -304,7 +310,7 @@ def _read_units_fn(spec: list[tuple[str, int, int, int]], any_uri: str, endpoint
         names = [c for c in ("id", "variant") if c in batches[0].schema.names]
         keys = pa.Table.from_batches([b.select(names) for b in batches])
         order = spread_order(keys, seed)
-        for i in range(0, len(order), step):  # blocks of 1/READ_OUT_FRACTION of the target, copied one by one
+        for i in range(0, len(order), step):  # blocks of 1/READ_OUT_FRACTION of the target, gathered one by one
             yield gather_rows(batches, order[i:i + step])
 
     return read

@@ -290,7 +290,7 @@ PLAN_VARIANTS = 2  # K of the feature set read (configs/cluster/precompute*.yaml
 
 def trainer_host_peak_bytes(cfg: Any, row_bytes: int, params: int, teacher_params: int = 0) -> int:
     """One training worker's host memory: its shuffle buffer (train.shuffle_buffer rows plus the output block
-    being added, train.read_block_mb / 8), the micro-batch decoded to float32 (3 x the stored 16-bit rows:
+    being added, train.read_block_mb / 16), the micro-batch decoded to float32 (3 x the stored 16-bit rows:
     the Arrow rows and two float copies) and, at checkpoint time, the model state on the host (weights, EMA,
     two AdamW moments in fp32) plus a frozen teacher's weights."""
     from training.data import READ_OUT_FRACTION
