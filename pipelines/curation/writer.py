@@ -103,7 +103,7 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
         rows.append({"id": r["id"], "source": r["source"], "image": r["image"] if kept else None,
                      "format": r["format"], "width": r["width"], "height": r["height"], "sha256": r["sha256"],
                      "phash": r["phash"], "dhash": r["dhash"], "gradient": r["gradient"], "entropy": r["entropy"],
-                     "sharpness": r["sharpness"], "fidelity": r["fidelity"],
+                     "native_scale": r["native_scale"], "sharpness": r["sharpness"], "fidelity": r["fidelity"],
                      "category": d["category"], "category_source": d["category_source"],
                      "duplicate_of": d["duplicate_of"] if drop == "duplicate" else None, "kept": kept,
                      "drop_reason": drop, "metadata": r.get("metadata")})
