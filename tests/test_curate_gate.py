@@ -73,5 +73,5 @@ def test_gate_batches_permits_across_clients_and_keeps_one_domain_at_its_rate(ra
     starts = sorted(s for r in res for s in r["starts"])
     assert len(starts) == 40
     assert (len(starts) - 1) / (starts[-1] - starts[0]) <= 1.1 * rps
-    for i in range(len(starts)):  # no 1 s window holds more starts than the limit allows (+1 for the fencepost)
-        assert sum(1 for t in starts[i:] if t - starts[i] < 1.0) <= rps + 1
+    for i in range(len(starts)):  # no 1 s window holds more than 1.1x the limit (the politeness target)
+        assert sum(1 for t in starts[i:] if t - starts[i] < 1.0) <= 1.1 * rps

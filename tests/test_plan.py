@@ -33,7 +33,7 @@ def test_a_bound_over_its_node_fails_naming_stage_process_and_numbers(capsys):
                  "precompute.rows_per_shard=512", "--set", "run.worker_memory_gb=4", "--set", "run.head_memory_gb=1"])
     captured = capsys.readouterr()
     assert code == 1
-    assert "plan: stage write_shards: task: merge needs 7.8 GiB, over the cpu node's 4.0 GiB" in captured.err
+    assert "plan: stage write_shards: task: merge needs 7.9 GiB, over the cpu node's 4.0 GiB" in captured.err
     assert "plan: stage plan: driver needs 1.2 GiB, over the head node's 1.0 GiB" in captured.err
     assert "OVER" in captured.out and "run.worker_memory_gb" in captured.out
 
