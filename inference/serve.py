@@ -6,12 +6,14 @@ Routes (relative to the application's route prefix):
   validates their types, static bounds and names (vosr.choices) and refuses unknown ones; the bounds taken from
   serve.* (max_steps, min_tile, max_tile, half a tile of overlap) are checked in the handler, since FastAPI fixes
   its bounds at import and the config arrives with the replica. Either way the answer is the one error format.
-- GET  /                     the upload page (inference/static/index.html: input and result side by side).
+- GET  /                     the upload page (inference/static/index.html: input and result side by side, a
+                             before/after slider, mode and steps within the limits of GET /options).
+- GET  /options              JSON: the modes the model runs, default and maximum steps, tile bounds (no key).
 - GET  /healthz              JSON: model (no local paths), limits, request and batch counters.
 Errors are JSON {"error": code, "message": ..., "request_id": ...} (the X-Request-Id Ray Serve answers with), never
 FastAPI's {"detail": [...]}: a refused option is {"error": "bad_option", "message": "steps='0': Input should be
 greater than or equal to 1", ...}, one "name=value: reason" per refused option, joined by "; ".
-401 missing/wrong X-API-Key (every route except the static page and its script, which hold no data), 408 a body
+401 missing/wrong X-API-Key (every route except the static page, its script and /options, which hold no data), 408 a body
 not read within serve.body_timeout_s (or the proxy's request timeout), 413 a body over serve.max_body_bytes
 (counted while streaming, raw and multipart alike), too many pixels or a request over serve.max_evaluations,
 415 not an image, 400 a corrupt image, 422 bad options or options costing more than serve.max_cost_ratio x the
@@ -344,6 +346,16 @@ async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
     return b"".join(chunks)
 
 
+def page_options(upscaler, defaults, serve_cfg) -> dict[str, Any]:
+    """Modes the loaded checkpoint runs (a student: one-step; a teacher: multi-step), their default steps, and the
+    bounds the endpoint enforces (steps <= serve.max_steps, tiles within [min_tile, max_tile])."""
+    mode = "onestep" if upscaler.is_student else "multistep"
+    steps = upscaler.onestep_steps if upscaler.is_student else upscaler.multistep_steps
+    return {"modes": {m: m == mode for m in MODES}, "mode": mode, "default_steps": min(steps, serve_cfg.max_steps),
+            "max_steps": serve_cfg.max_steps, "min_tile": serve_cfg.min_tile, "max_tile": serve_cfg.max_tile,
+            "seed": defaults.seed, "color_fix": defaults.color_fix}
+
+
 @dataclasses.dataclass
 class Job:
     image: Any
@@ -489,6 +501,7 @@ class UpscaleService:
         w, h = job.image.size
         u = job.options.upscale
         headers = {"X-Input-Size": f"{w}x{h}", "X-Output-Size": f"{w * u}x{h * u}",
+                   "X-Mode": job.options.mode, "X-Steps": str(job.options.steps),
                    "X-Elapsed-Ms": f"{(time.perf_counter() - t0) * 1000:.1f}"}
         return Response(content=payload, media_type="image/png", headers=headers)
 
@@ -537,6 +550,12 @@ class UpscaleService:
         return JSONResponse({"status": "ok", "model": model, "limits": limits, "requests": stats,
                              "batch_sizes": batches, "max_batch_size": s.max_batch_size,
                              "uptime_s": round(time.time() - self.started, 1)})
+
+    @fastapi_app.get("/options")
+    async def options(self) -> Response:
+        """The choices the upload page offers (no key needed: like the page, it holds no data): the modes this
+        model runs, its default steps and the server's limits."""
+        return JSONResponse(page_options(self.upscaler, self.defaults, self.cfg.serve))
 
     @fastapi_app.get("/")
     async def page(self) -> Response:

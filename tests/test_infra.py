@@ -204,3 +204,14 @@ def test_infra_readme_names_every_manifest_and_the_mlflow_server():
         assert f"k8s/{path.name}" in text, f"infra/README.md does not mention {path.name}"
     for word in ("s3://", "run.mlflow.tracking_uri", "ray job submit", "cluster-aws.yaml", "Dockerfile"):
         assert word in text, word
+
+
+def test_every_documented_request_to_the_endpoint_sends_the_api_key():
+    """The endpoint binds beyond loopback only with a key: every curl the docs show against /upscale or /healthz
+    (README, infra/) sends X-API-Key."""
+    texts = {p: p.read_text() for p in [ROOT / "README.md", *INFRA.rglob("*.md"), *INFRA.rglob("*.yaml")]}
+    calls = [(p.name, line.strip()) for p, text in texts.items() for line in text.splitlines()
+             if "curl" in line and re.search(r"/(upscale|healthz)\b", line)]
+    assert len(calls) >= 4, calls
+    missing = [c for c in calls if "X-API-Key" not in c[1]]
+    assert not missing, f"curl without the X-API-Key header: {missing}"
