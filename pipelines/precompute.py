@@ -277,8 +277,9 @@ def log_mlflow(cfg, summary: dict) -> None:
 PLAN_KEPT_PER_SHARD = 1638  # kept images per curated shard: 4,096 rows (configs/cluster/curate.yaml) x 40% kept
 DRIVER_BASE_BYTES = 1 << 30  # driver RSS with Ray and the job's imports: 672-762 MiB measured before a run, peak
 #                             899-989 MiB at 2k-20k images (benchmarks/bench_scale_precompute.py, docs/scale.md)
-DRIVER_BYTES_PER_SHARD = 4096  # the plan's file lists, per-shard counters and part URIs (generous; the measured
-#                               slope is in benchmarks/bench_memory_reads.py --only precompute-driver)
+DRIVER_BYTES_PER_SHARD = 32 << 10  # the plan's file lists, per-shard counters and part URIs, and Ray Data's per-task
+#   state for each curated shard read. Measured (benchmarks/bench_memory_reads.py --only precompute-driver
+#   --driver-per-shard 10): driver peak 976.1 / 981.9 / 985.6 MiB at 50 / 200 / 400 shards, ~19-40 KB per shard
 DEGRADE_CPU_S_512 = {"realesrgan": 0.2, "bicubic": 0.01}  # CPU-s per variant at 512 px (bench_degrade.py:
 #                                                          >= 5 images/s/core); scaled by (resolution / 512)^2
 # Encoder GFLOPs per variant (VAE encode of HR and LR + DINOv2 forward; benchmarks/flops.py, docs/scale.md s3)
