@@ -229,8 +229,10 @@ def bench_training_read(sizes: list[int], targets_mib: list[int], target_mib: in
         xs = sorted(runs)
         s = slope([float(x) for x in xs], [float(runs[x]["peak"]) for x in xs])
         out[f"{label}_slope_bytes_per_row"] = s
+        tail = (runs[xs[-1]]["peak"] - runs[xs[-2]]["peak"]) / (xs[-1] - xs[-2]) if len(xs) > 1 else float("nan")
         print(f"[training-read:{label}] read-task peak slope over the corpus {xs[0]} -> {xs[-1]} rows: "
-              f"{s:.0f} bytes per row", flush=True)
+              f"{s:.0f} bytes per row (least squares; a corpus smaller than one block makes a smaller block); "
+              f"{xs[-2]} -> {xs[-1]}: {tail:.0f} bytes per row", flush=True)
     return out
 
 
