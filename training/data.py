@@ -92,7 +92,7 @@ READ_OUT_FRACTION = 16
 READ_OUT_COPIES = 2
 READ_BUFFER_BYTES = 8 << 20  # buffered-stream reads (Ray Data's own Parquet reader uses 8 MiB too)
 # Measured by benchmarks/bench_memory_reads.py --only training-read (peak RSS above the process's RSS before the
-# read task, one task per fresh process, vosr-0.5b / 512 px rows): 157 / 319 / 647 MiB at targets of 128 / 256 /
+# read task, one task per fresh process, vosr-0.5b / 512 px rows): 157 / 309 / 663 MiB at targets of 128 / 256 /
 # 512 MiB; the decode transient per byte of one record batch and the fixed part below cover them.
 READ_DECODE_FACTOR = 8
 READ_FIXED_BYTES = 64 << 20
