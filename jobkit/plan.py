@@ -35,7 +35,7 @@ GPU_EFFECTIVE_FLOPS = 0.4 * 989e12
 
 # job -> module with plan_stages(cfg, images)
 JOB_PLANS = {"curate": "pipelines.curate", "precompute": "pipelines.precompute", "pretrain": "training.job",
-             "distill": "training.job", "evaluate": "inference.evaluate", "serve": "inference.serve"}
+             "distill": "training.job", "evaluate": "inference.evaluate", "serve": "inference.serve.plan"}
 # a config's job, from the sections its file sets (first match)
 JOB_BY_SECTION = (("curate", "curate"), ("precompute", "precompute"), ("distill_job", "distill"),
                   ("train", "pretrain"), ("serve", "serve"), ("eval", "evaluate"))
