@@ -72,6 +72,10 @@ class DedupConfig:
     hamming: int = option(6, "Near-duplicate pHash Hamming radius k (exact multi-index hashing, pipelines/curation/lsh.py).", ge=0, le=31)
     max_bucket: int = option(1000, "Cap on the size of one LSH bucket; larger buckets are split and counted.",
                              ge=2)
+    search_task_hashes: int = option(1 << 20, "Most distinct pHashes one near-duplicate search task reads: above "
+                                     "it the hashes are dealt to tasks by the key bits their tables share, so a "
+                                     "task's memory is bounded by this (dedup.search_task_peak_bytes, ~160 B per "
+                                     "hash), never by the corpus.", ge=2)
     driver_max_edges: int = option(500_000, "Duplicate edges up to which the connected components run on the "
                                    "driver (scipy; ~200 bytes per edge there); above it they stay distributed "
                                    "(large/small-star passes).", ge=0)
@@ -82,7 +86,10 @@ class BalanceConfig:
     enabled: bool = option(True, "Cap each category (MetaCLIP-style) after dedup.")
     per_category_cap: int = option(1_000_000, "Most images kept per category t.", ge=1)
     num_clusters: int = option(8, "k of k-means when the sources give no category.", ge=1)
-    sample_size: int = option(10_000, "Images sampled to fit the k-means centroids.", ge=1)
+    sample_size: int = option(10_000, "Images sampled to fit the k-means centroids (the fit runs in one Ray task "
+                              "reserving balance.kmeans_peak_bytes: about 2 x sample_size x the embedding's floats "
+                              "x 4 bytes).", ge=1)
+    kmeans_num_cpus: float = option(2.0, "CPUs of the k-means fit's Ray task (also its BLAS threads).", gt=0)
     embedding: str = option("cheap", "What k-means clusters on: cheap (8x8 colour thumbnail + gradient/entropy "
                             "stats, computed in stage 1) or semantic (final CLS token of the configured semantic "
                             "encoder, section `semantic`: DINOv2 CLS features for the real presets, loaded from "

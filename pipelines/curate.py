@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobkit.faults import FaultInjected
+from jobkit.memprobe import probe
 from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, SUMMARY_FILE
 from pipelines.curation import balance, dedup, politeness, writer
 from pipelines.curation.raytools import column_sums, partitions
@@ -161,7 +163,8 @@ def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
     n = meta.count()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     stars, found = dedup.find_duplicates(meta.to_arrow_refs(), dcfg.hamming, dcfg.max_bucket, partitions(n),
-                                         search_tasks=cpus, driver_max_edges=dcfg.driver_max_edges, log=log)
+                                         search_tasks=cpus, driver_max_edges=dcfg.driver_max_edges, log=log,
+                                         task_hashes=dcfg.search_task_hashes)
     if not stars:
         return None, found
     return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow"), found
@@ -203,31 +206,92 @@ def stage_semantic_embed(meta, cfg):
 
 # ------------------------------------------------------------------------------------------- balance
 
+def sample_rate(want: int, n: int) -> float:
+    """Share of the n unlabelled rows to keep, by seeded priority, so that at least `want` survive: the expected
+    count plus six standard deviations of the binomial draw (a second pass at twice the rate is then needed about
+    once in a billion runs), instead of the 2x surplus the driver used to gather."""
+    return min(1.0, (want + 6.0 * math.sqrt(want) + 64.0) / max(1, n))
+
+
+@probe("kmeans")
+def _kmeans_task(want: int, k: int, seed: int, threads: int, *blocks) -> np.ndarray:
+    """k-means centres on the `want` rows of smallest (prio, id) among the blocks (id, embedding, prio): the same
+    sample in the same order whatever the block layout. Memory: balance.kmeans_peak_bytes(want, dim, k)."""
+    keys = pa.concat_tables([b.select(["prio", "id"]) for b in blocks]).append_column(
+        "at", pa.array(np.arange(sum(b.num_rows for b in blocks), dtype=np.int64)))
+    pick = keys.take(pc.sort_indices(keys, sort_keys=[("prio", "ascending"), ("id", "ascending")])[:want])
+    at = pick["at"].to_numpy()
+    del keys, pick
+    starts = np.cumsum([0] + [b.num_rows for b in blocks])
+    dim = None
+    x = None
+    for bi, b in enumerate(blocks):  # copy the chosen rows' embeddings into their places in the sample
+        sel = np.flatnonzero((at >= starts[bi]) & (at < starts[bi + 1]))
+        if not len(sel):
+            continue
+        emb = b["embedding"].combine_chunks() if isinstance(b["embedding"], pa.ChunkedArray) else b["embedding"]
+        vals = emb.take(pa.array(at[sel] - starts[bi]))
+        flat = pc.list_flatten(vals).to_numpy(zero_copy_only=False)
+        if dim is None:
+            dim = len(flat) // len(sel)
+            x = np.empty((len(at), dim), np.float32)
+        if len(flat) != len(sel) * dim:
+            raise ValueError("k-means sample: embeddings of different lengths")
+        x[sel] = flat.reshape(len(sel), dim)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # BLAS threads as the environment sets them
+        return balance.kmeans_fit(x, k, seed)
+    with threadpool_limits(limits=max(1, threads)):
+        return balance.kmeans_fit(x, k, seed)
+
+
 def fit_centres(meta, ccfg, seed: int) -> tuple[Any, int]:
     """(k-means centres on a deterministic sample of the rows without a listed category, None if there are
-    none; how many rows have no listed category)."""
+    none; how many rows have no listed category). The sample (the curate.balance.sample_size rows of smallest
+    seeded priority) is selected by Ray Data where the rows are, and the fit runs in one Ray task reserving
+    balance.kmeans_peak_bytes: nothing of the sample reaches the driver but the centres."""
+    import ray
     from ray.data.expressions import col
 
     bcfg = ccfg.balance
     n = column_sums(meta, ["unlabelled"])["unlabelled"]
     if n == 0:
         return None, 0
-    frac = min(1.0, 2.0 * bcfg.sample_size / n)
-    threshold = min(2**63 - 1, int(frac * 2**63))
-    sample = (meta.filter(expr=col("unlabelled") == 1).select_columns(["id", "embedding"])
-              .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "kmeans-sample"},
-                           batch_format="pyarrow")
-              .filter(expr=col("prio") <= threshold)
-              .take_all())
-    sample.sort(key=lambda r: (r["prio"], r["id"]))
-    sample = sample[:bcfg.sample_size]
-    x = np.asarray([r["embedding"] for r in sample], dtype=np.float64)
-    centres = balance.kmeans_fit(x, bcfg.num_clusters, seed)
-    log(f"[curate] balance: k-means with k={len(centres)} on the {bcfg.embedding} embedding (dim {x.shape[1]}) "
-        f"fitted on {len(x)} of {n} unlabelled rows")
+    want = min(n, bcfg.sample_size)
+    rate = sample_rate(want, n)
+    while True:
+        threshold = min(2**63 - 1, int(rate * 2**63))
+        sample = (meta.filter(expr=col("unlabelled") == 1).select_columns(["id", "embedding"])
+                  .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "kmeans-sample"},
+                               batch_format="pyarrow")
+                  .filter(expr=col("prio") <= threshold)
+                  .materialize())
+        got = sample.count()
+        if got >= want or rate >= 1.0:
+            break
+        rate = min(1.0, 2 * rate)  # too few passed the threshold (about once in a billion runs): a larger share
+    refs = sample.to_arrow_refs()
+    dim = ray.get(dedup._submit(_embedding_dim, tuple(refs), memory=0))
+    k = min(bcfg.num_clusters, want)
+    cpus = min(bcfg.kmeans_num_cpus, dedup.node_caps()[1] or bcfg.kmeans_num_cpus)
+    task = dedup._submit(_kmeans_task, (want, k, seed, max(1, int(cpus)), *refs),
+                         memory=balance.kmeans_peak_bytes(want, dim, k), num_cpus=cpus)
+    centres = ray.get(task)
+    del sample, refs
+    log(f"[curate] balance: k-means with k={len(centres)} on the {bcfg.embedding} embedding (dim {dim}) "
+        f"fitted on {want} of {n} unlabelled rows")
     return centres, n
 
 
+def _embedding_dim(*blocks) -> int:
+    for b in blocks:
+        if b.num_rows:
+            return len(b["embedding"][0])
+    return 0
+
+
+@probe("merge_decisions")
 def _merge_partition(n_cats: int, *pieces) -> pa.Table:
     """One partition of the category records left-joined with the duplicate records on (unit, row), vectorised:
     a row with a duplicate record takes its duplicate_of and drop_reason, and keeps its category."""
@@ -251,10 +315,13 @@ def merge_decisions(cats, dup_decisions, parts: int):
 
     cat_refs = cats.materialize().to_arrow_refs()
     dup_refs = dup_decisions.materialize().to_arrow_refs()
-    cat_parts = dedup.hash_shuffle(cat_refs, None, "unit", parts, "string")
-    dup_parts = dedup.hash_shuffle(dup_refs, None, "unit", parts, "string")
-    merge = ray.remote(_merge_partition)
-    out = [merge.remote(len(c), *c, *d) for c, d in zip(cat_parts, dup_parts)]
+    cat_sizes, dup_sizes = dedup.block_sizes(cat_refs), dedup.block_sizes(dup_refs)
+    cat_parts, cat_rows = dedup.hash_shuffle(cat_refs, None, "unit", parts, "string", [b for _, b in cat_sizes])
+    dup_parts, dup_rows = dedup.hash_shuffle(dup_refs, None, "unit", parts, "string", [b for _, b in dup_sizes])
+    row_bytes = max(1, sum(b for _, b in cat_sizes + dup_sizes)) / max(1, sum(r for r, _ in cat_sizes + dup_sizes))
+    out = [dedup._submit(_merge_partition, (len(c), *c, *d),
+                         memory=dedup.partition_peak_bytes((cat_rows[p] + dup_rows[p]) * row_bytes))
+           for p, (c, d) in enumerate(zip(cat_parts, dup_parts))]
     return ray.data.from_arrow_refs(out)
 
 
@@ -277,10 +344,14 @@ def _apply_cap(group: pa.Table, cap: int) -> pa.Table:
 
 def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     """All per-row decisions (duplicate / category_cap / kept with its category) as a Ray Dataset."""
+    import ray.data
     from ray.data.expressions import col
 
+    block = ray.data.DataContext.get_current().target_max_block_size or 128 * 2**20
+    k = len(centres) if centres is not None else 0
     cats = (meta.select_columns(["unit", "row", "id", "list_category", "embedding"])
-            .map_batches(balance.assign_categories, fn_kwargs={"centres": centres}, batch_format="pyarrow")
+            .map_batches(balance.assign_categories, fn_kwargs={"centres": centres}, batch_format="pyarrow",
+                         **dedup._reserve(balance.assign_peak_bytes(block // 4, 1, k)))
             .map_batches(_category_rows, batch_format="pyarrow"))
     cap_can_bind = ccfg.balance.enabled and meta.count() > ccfg.balance.per_category_cap
     if not cap_can_bind:  # no category can exceed t: the writer merges category and duplicate records by row
@@ -314,7 +385,8 @@ def stage_write(decisions, keys: list[str], gens: dict[str, int], ccfg, fingerpr
     allrows = markers if decisions is None else markers.union(decisions)
     return allrows.groupby("unit", num_partitions=partitions(len(keys), 64)).map_groups(
         writer.write_unit_shard, fn_kwargs={"output": ccfg.output, "endpoint_url": ccfg.s3_endpoint_url,
-                                            "fingerprint": fingerprint}, batch_format="pyarrow")
+                                            "fingerprint": fingerprint}, batch_format="pyarrow",
+        **dedup._reserve(writer.write_task_memory(ccfg)))
 
 
 def remove_stale_shards(ccfg, keys: list[str]) -> int:
