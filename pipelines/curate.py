@@ -335,11 +335,61 @@ def _category_rows(batch: pa.Table) -> pa.Table:
     }, schema=writer.DECISION_SCHEMA)
 
 
-def _apply_cap(group: pa.Table, cap: int) -> pa.Table:
-    marked = balance.cap_group(group, cap)
-    reason = pc.if_else(marked["capped"], pa.scalar("category_cap"), pa.scalar(None, pa.string()))
-    return marked.set_column(marked.schema.get_field_index("drop_reason"), "drop_reason", reason).select(
-        writer.DECISION_SCHEMA.names)
+@probe("cap_count")
+def _cap_count_task(block: pa.Table) -> dict:
+    return balance.category_counts(block)
+
+
+@probe("cap_candidates")
+def _cap_candidates_task(block: pa.Table, limits: pa.Table):
+    cand = balance.cap_candidates(block, limits)
+    return cand, cand.num_rows
+
+
+@probe("cap_threshold")
+def _cap_threshold_task(cap: int, *pieces) -> pa.Table:
+    return balance.cap_thresholds(dedup._concat(list(pieces)), cap)
+
+
+@probe("cap_apply")
+def _cap_apply_task(block: pa.Table, thresholds: pa.Table) -> pa.Table:
+    if block.num_rows == 0:
+        return writer.DECISION_SCHEMA.empty_table()
+    return balance.apply_caps(block, thresholds).select(writer.DECISION_SCHEMA.names).cast(writer.DECISION_SCHEMA)
+
+
+def apply_category_cap(singles, cap: int, parts: int):
+    """The per-category cap over the rows without a drop reason (with their "prio"), as Ray tasks over its blocks
+    (balance: counts per block, candidates under a priority limit shuffled by category, the exact cap-th
+    (prio, id) per category, then every block marked): no task holds a whole category, only counters per
+    category reach the driver. Returns block references of DECISION_SCHEMA rows."""
+    import ray
+
+    refs = singles.to_arrow_refs()
+    sizes = dedup.block_sizes(refs)
+    mem = [balance.cap_peak_bytes(b) for _, b in sizes]
+    counts: Counter = Counter()
+    for part in ray.get([dedup._submit(_cap_count_task, (r,), memory=m) for r, m in zip(refs, mem)]):
+        counts.update(part)
+    over = {c: n for c, n in counts.items() if n > cap}
+    thresholds = balance.THRESHOLD_SCHEMA.empty_table()
+    while over:
+        limits = pa.table({"category": list(over), "limit": [balance.prio_limit(cap, n) for n in over.values()]})
+        lim_ref = ray.put(limits)
+        cand = [dedup._submit(_cap_candidates_task, (r, lim_ref), num_returns=2, memory=m) for r, m in zip(refs, mem)]
+        rows = ray.get([c[1] for c in cand])
+        row_bytes = 8 + 40 + 40  # prio, id, category (offsets included)
+        pieces, prow = dedup.hash_shuffle([c[0] for c in cand], None, "category", parts, "string",
+                                          [r * row_bytes for r in rows])
+        found = pa.concat_tables(ray.get([
+            dedup._submit(_cap_threshold_task, (cap, *pieces[p]), memory=balance.cap_peak_bytes(prow[p] * row_bytes))
+            for p in range(parts)]))
+        short = pc.less(found["candidates"], cap)
+        thresholds = pa.concat_tables([thresholds, found.filter(pc.invert(short))])
+        again = set(found.filter(short)["category"].to_pylist())  # a limit too low: about once in a billion
+        over = {c: max(1, n // 2) for c, n in over.items() if c in again}  # n halved: twice the share under it
+    thr_ref = ray.put(thresholds)
+    return [dedup._submit(_cap_apply_task, (r, thr_ref), memory=m) for r, m in zip(refs, mem)]
 
 
 def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
@@ -365,9 +415,9 @@ def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     singles = (merged.filter(expr=col("drop_reason").is_null())
                .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "balance"},
                             batch_format="pyarrow")
-               .groupby("category", num_partitions=partitions(meta.count()))
-               .map_groups(_apply_cap, fn_kwargs={"cap": ccfg.balance.per_category_cap}, batch_format="pyarrow"))
-    return dups.union(singles)
+               .materialize())
+    capped = apply_category_cap(singles, ccfg.balance.per_category_cap, partitions(meta.count()))
+    return dups.union(ray.data.from_arrow_refs(capped))
 
 
 # ------------------------------------------------------------------------------------------- write

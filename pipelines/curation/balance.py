@@ -215,11 +215,73 @@ def assign_categories(batch: pa.Table, centres: np.ndarray | None) -> pa.Table:
         "category_source", srcs.cast(pa.string()))
 
 
-def cap_group(group: pa.Table, cap: int) -> pa.Table:
-    """Mark rows of one category beyond the t lowest priorities as capped (deterministic order)."""
-    prio = group["prio"].to_numpy(zero_copy_only=False)
-    ids = np.asarray(group["id"].to_pylist(), dtype=object)
-    order = sorted(range(len(prio)), key=lambda i: (int(prio[i]), ids[i]))
-    capped = np.zeros(len(prio), dtype=bool)
-    capped[order[cap:]] = True
-    return group.append_column("capped", pa.array(capped))
+# ---------------------------------------------------------------- the per-category cap, in bounded pieces
+# Each category keeps its `cap` rows of smallest (priority, id). Instead of gathering a category's rows in one
+# group (a listed category can hold a large share of the corpus), every block counts its rows per category; a
+# category over the cap gets a priority limit that about cap + 6 sd of its rows fall under (the priorities are
+# uniform hashes); only the rows under the limit are shuffled by category, where the exact cap-th (priority, id)
+# is found; every block then marks its rows above that threshold. The decisions equal a sort of each whole
+# category.
+
+CAP_SCHEMA = pa.schema([pa.field("category", pa.string()), pa.field("prio", pa.int64()), pa.field("id", pa.string())])
+THRESHOLD_SCHEMA = pa.schema([pa.field("category", pa.string()), pa.field("t_prio", pa.int64()),
+                              pa.field("t_id", pa.string()), pa.field("candidates", pa.int64())])
+
+
+def category_counts(block: pa.Table) -> dict[str, int]:
+    """Rows per category of one block."""
+    if block.num_rows == 0:
+        return {}
+    g = block.group_by("category").aggregate([("category", "count")])
+    return dict(zip(g["category"].to_pylist(), g["category_count"].to_pylist()))
+
+
+def prio_limit(cap: int, n: int) -> int:
+    """Priority limit under which at least `cap` of a category's n uniform 63-bit priorities fall, but for about
+    once in a billion (the expected count plus six standard deviations)."""
+    rate = min(1.0, (cap + 6.0 * math.sqrt(cap) + 64.0) / max(1, n))
+    return min(2**63 - 1, int(rate * 2**63))
+
+
+def cap_candidates(block: pa.Table, limits: pa.Table) -> pa.Table:
+    """The rows of one block (category, prio, id) that can be among their category's first `cap`: those of a
+    category in `limits` (category, limit) with a priority at or under its limit."""
+    if block.num_rows == 0 or limits.num_rows == 0:
+        return CAP_SCHEMA.empty_table()
+    j = block.select(["category", "prio", "id"]).join(limits, keys="category", join_type="inner")
+    return j.filter(pc.less_equal(j["prio"], j["limit"])).select(CAP_SCHEMA.names).cast(CAP_SCHEMA)
+
+
+def cap_thresholds(candidates: pa.Table, cap: int) -> pa.Table:
+    """Per category of the candidates: the cap-th smallest (prio, id), and how many candidates it had (fewer
+    than cap: the limit was too low, ask again with a higher one)."""
+    if candidates.num_rows == 0:
+        return THRESHOLD_SCHEMA.empty_table()
+    t = candidates.take(pc.sort_indices(candidates, sort_keys=[("category", "ascending"), ("prio", "ascending"),
+                                                               ("id", "ascending")]))
+    cat = t["category"].combine_chunks() if isinstance(t["category"], pa.ChunkedArray) else t["category"]
+    enc = cat.dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    first = np.flatnonzero(np.concatenate([[True], enc[1:] != enc[:-1]]))
+    size = np.diff(np.concatenate([first, [len(enc)]]))
+    at = first + np.minimum(size, cap) - 1
+    return pa.table({"category": cat.take(pa.array(first)), "t_prio": t["prio"].take(pa.array(at)),
+                     "t_id": t["id"].take(pa.array(at)), "candidates": size}, schema=THRESHOLD_SCHEMA)
+
+
+def apply_caps(block: pa.Table, thresholds: pa.Table) -> pa.Table:
+    """Mark "category_cap" on the rows of one block that come after their category's threshold (prio, id)."""
+    if block.num_rows == 0 or thresholds.num_rows == 0:
+        return block
+    j = block.join(thresholds.select(["category", "t_prio", "t_id"]), keys="category", join_type="left outer")
+    after = pc.or_(pc.greater(j["prio"], j["t_prio"]),
+                   pc.and_(pc.equal(j["prio"], j["t_prio"]), pc.greater(j["id"], j["t_id"])))
+    capped = pc.fill_null(after, False)
+    reason = pc.if_else(capped, pa.scalar("category_cap"), j["drop_reason"])
+    j = j.set_column(j.schema.get_field_index("drop_reason"), "drop_reason", reason)
+    return j.drop_columns(["t_prio", "t_id"])
+
+
+def cap_peak_bytes(in_bytes: int) -> int:
+    """A cap task over `in_bytes` of rows (a block, or a partition of candidates): the rows, one joined or sorted
+    copy with its keys, and the output (4 x in_bytes), plus 32 MiB."""
+    return 4 * int(in_bytes) + 32 * 2**20
