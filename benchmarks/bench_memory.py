@@ -273,7 +273,8 @@ def search_child(n: int, k: int, cap: int, task_hashes: int, run: int, log: str,
         per = 50_000
         refs = [ray.put(nodes.slice(s, per)) for s in range(0, len(uniq), per)]
         t0 = time.perf_counter()
-        pair_refs, pair_rows, overflow, plan = dedup.near_search(refs, len(uniq), k, cap, search_tasks=2,
+        rows = [min(per, len(uniq) - s) for s in range(0, len(uniq), per)]
+        pair_refs, pair_rows, overflow, plan = dedup.near_search(refs, rows, k, cap, search_tasks=2,
                                                                  task_hashes=task_hashes)
         pairs = [ray.get(r) for r in pair_refs]
         secs = time.perf_counter() - t0
@@ -281,9 +282,8 @@ def search_child(n: int, k: int, cap: int, task_hashes: int, run: int, log: str,
         ray.shutdown()
     ha = np.concatenate([p["ha"].to_numpy() for p in pairs]) if pairs else np.zeros(0, np.int64)
     hb = np.concatenate([p["hb"].to_numpy() for p in pairs]) if pairs else np.zeros(0, np.int64)
-    u = uniq.view(np.int64)
-    ia, ib = np.searchsorted(u, ha), np.searchsorted(u, hb)
-    g = coo_matrix((np.ones(len(ia), np.int8), (ia, ib)), shape=(len(u), len(u)))
+    ia, ib = np.searchsorted(uniq, ha.view(np.uint64)), np.searchsorted(uniq, hb.view(np.uint64))
+    g = coo_matrix((np.ones(len(ia), np.int8), (ia, ib)), shape=(len(uniq), len(uniq)))
     label = connected_components(g, directed=False)[1]
     pa_, pb_ = inverse[planted[:, 0]], inverse[planted[:, 1]]
     found = int((label[pa_] == label[pb_]).sum())
@@ -319,8 +319,8 @@ def section_search(args) -> None:
         with tempfile.TemporaryDirectory(prefix="vosr-mem-search-") as tmp:
             log = Path(tmp) / "task-peaks.jsonl"
             r = _child(["--_child", "search", "--n", str(n), "--k", str(args.k), "--cap", str(args.cap),
-                        "--task-hashes", str(args.task_hashes), "--log", str(log), "--object-store-mib",
-                        str(args.object_store_mib)])
+                        "--task-hashes", str(args.task_hashes), "--run", "0", "--log", str(log),
+                        "--object-store-mib", str(args.object_store_mib)])
             peaks = [json.loads(x) for x in log.read_text().splitlines() if '"search"' in x]
         big = max(peaks, key=lambda p: p["growth"])
         pts.append((n, big["growth"]))

@@ -265,6 +265,7 @@ union-find forest (8 B), the cache-size split (order, part and the reordered val
 table's sort (key, packed words, sorted key, index, run labels, global index: 48 B), with slack for numpy's
 temporaries; measured by benchmarks/bench_memory.py --section search."""
 SEARCH_TASK_HASHES = 1 << 20  # default of curate.dedup.search_task_hashes
+SPLIT_BINS_PER_TASK = 4  # split-block values per search task at least: enough to deal them evenly, few groups
 DRIVER_EDGE_BYTES = 200  # the driver-side components (below driver_max_edges): two keys and scipy's arrays
 
 
@@ -297,7 +298,8 @@ def search_plan(n: int, k: int, task_hashes: int, search_tasks: int = 1):
     """How the search over n distinct hashes is cut: (tables, groups). Each group is (split blocks, its tables):
     every table of a group contains the group's split blocks, so two hashes sharing a key of one of its tables
     have equal split-block bits, and the hashes can be cut by those bits into tasks of about `task_hashes`
-    (2^bits >= 16 tasks' worth of bins, for balance). With n <= task_hashes there is no split: the tables are
+    (2^bits >= SPLIT_BINS_PER_TASK bins per task; the fewer split blocks, the fewer groups, each one pass over
+    the hashes). With n <= task_hashes there is no split: the tables are
     dealt over `search_tasks` tasks that each read all n hashes."""
     tables = plan_tables(k, n)
     n_tasks = -(-n // max(1, task_hashes))
@@ -306,14 +308,15 @@ def search_plan(n: int, k: int, task_hashes: int, search_tasks: int = 1):
     if n_tasks <= 1:
         m = max(1, min(search_tasks, len(tables)))
         return tables, [((), list(tables[t::m])) for t in range(m)]
-    return tables, split_groups(tables, n, max(1, n // (16 * n_tasks)))
+    return tables, split_groups(tables, n, max(1, n // (SPLIT_BINS_PER_TASK * n_tasks)))
 
 
 def hist_bits(split, n: int, task_hashes: int) -> int:
-    """Bits of the split-block value kept for the histogram that deals the bins to tasks (16 bins per task)."""
+    """Bits of the split-block value kept for the histogram that deals the bins to tasks (at least
+    SPLIT_BINS_PER_TASK bins per task; more when the split blocks have the bits, at most 2^16 bins)."""
     bits = sum(w for _, w in split)
     want = max(1, math.ceil(math.log2(16 * max(1, -(-n // max(1, task_hashes))))))
-    return min(bits, want, 20)
+    return min(bits, want, 16)
 
 
 def deal_bins(hist: np.ndarray, task_hashes: int) -> np.ndarray:
