@@ -167,7 +167,8 @@ def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
                                          task_hashes=dcfg.search_task_hashes)
     if not stars:
         return None, found
-    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow"), found
+    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow",
+                                                        **dedup.block_task_memory()), found
 
 
 def _star_decisions(batch: pa.Table) -> pa.Table:
@@ -264,7 +265,7 @@ def fit_centres(meta, ccfg, seed: int) -> tuple[Any, int]:
         threshold = min(2**63 - 1, int(rate * 2**63))
         sample = (meta.filter(expr=col("unlabelled") == 1).select_columns(["id", "embedding"])
                   .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "kmeans-sample"},
-                               batch_format="pyarrow")
+                               batch_format="pyarrow", **dedup.block_task_memory())
                   .filter(expr=col("prio") <= threshold)
                   .materialize())
         got = sample.count()
@@ -402,7 +403,7 @@ def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     cats = (meta.select_columns(["unit", "row", "id", "list_category", "embedding"])
             .map_batches(balance.assign_categories, fn_kwargs={"centres": centres}, batch_format="pyarrow",
                          **dedup._reserve(balance.assign_peak_bytes(block // 4, 1, k)))
-            .map_batches(_category_rows, batch_format="pyarrow"))
+            .map_batches(_category_rows, batch_format="pyarrow", **dedup.block_task_memory()))
     cap_can_bind = ccfg.balance.enabled and meta.count() > ccfg.balance.per_category_cap
     if not cap_can_bind:  # no category can exceed t: the writer merges category and duplicate records by row
         return cats if dup_decisions is None else cats.union(dup_decisions)
@@ -414,7 +415,7 @@ def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     dups = merged.filter(expr=col("drop_reason") == "duplicate")
     singles = (merged.filter(expr=col("drop_reason").is_null())
                .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "balance"},
-                            batch_format="pyarrow")
+                            batch_format="pyarrow", **dedup.block_task_memory())
                .materialize())
     capped = apply_category_cap(singles, ccfg.balance.per_category_cap, partitions(meta.count()))
     return dups.union(ray.data.from_arrow_refs(capped))
@@ -565,11 +566,11 @@ def read_ok_rows(cfg, keys: list[str], gens: dict[str, int], semantic: bool) -> 
         return None, 0
     fs, _ = storage.open_fs(ccfg.output, ep)
     paths = [storage.open_fs(ledger_uri(ccfg.output, k, gens[k]), ep)[1] for k in keys]
-    meta = (ray.data.read_parquet(paths, filesystem=fs)
+    meta = (ray.data.read_parquet(paths, filesystem=fs, ray_remote_args=dedup.block_task_memory())
             .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
             .filter(expr=col("reason") == "ok")  # right after the read: pushed into the Parquet scan
-            .map_batches(dedup.add_node_keys, batch_format="pyarrow")
-            .map_batches(_flag_unlabelled, batch_format="pyarrow"))
+            .map_batches(dedup.add_node_keys, batch_format="pyarrow", **dedup.block_task_memory())
+            .map_batches(_flag_unlabelled, batch_format="pyarrow", **dedup.block_task_memory()))
     if semantic:
         meta = stage_semantic_embed(meta, cfg)
     meta = meta.materialize()

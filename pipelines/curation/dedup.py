@@ -388,6 +388,16 @@ def _reserve(nbytes: int) -> dict:
     return {"memory": int(min(nbytes, cap))} if cap else {}
 
 
+def block_task_memory(factor: int = 3) -> dict:
+    """Ray options for a Ray Data task over one block: `factor` x the block size Ray Data cuts to
+    (DataContext.target_max_block_size, 128 MiB by default: the input, its output and one transient copy),
+    plus TASK_MARGIN_BYTES."""
+    import ray.data
+
+    block = ray.data.DataContext.get_current().target_max_block_size or 128 * 2**20
+    return _reserve(factor * int(block) + TASK_MARGIN_BYTES)
+
+
 def _submit(fn, args, num_returns: int = 1, memory: int = 0, **opts):
     return _remote(fn).options(num_returns=num_returns, **_reserve(memory), **opts).remote(*args)
 
