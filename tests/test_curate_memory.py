@@ -171,3 +171,54 @@ def test_category_cap_in_bounded_pieces_equals_a_sort_of_each_category(ray_local
         rows = sorted((p, i) for p, i, cc in zip(t["prio"].to_pylist(), ids, cats.tolist()) if cc == c)
         want |= {i for _, i in rows[:cap]}
     assert kept == want and len(kept) == 3 * cap + int((cats == "tiny").sum())
+
+
+def test_write_task_streams_the_ledger_and_the_shard_slice_by_slice(tmp_path, monkeypatch):
+    """A ledger of several row groups (rows in crawl order, some filtered out) becomes a shard of several row
+    groups, one per slice, with every "ok" row's decision and the kept rows' exact bytes; neither file has a
+    dictionary page on its image column (a reader can stream it page by page)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipelines.curation import writer
+    from pipelines.curation.stage1 import LedgerWriter, ledger_uri
+
+    monkeypatch.setattr(writer, "WRITE_SLICE_BYTES", 64 * 2**10)
+    out, key, rng = str(tmp_path / "out"), "ab" * 12, np.random.default_rng(1)
+    images = {r: rng.bytes(16 * 2**10) for r in range(60)}
+    sink = LedgerWriter(ledger_uri(out, key), "", 200 * 2**10)
+    for r in rng.permutation(60).tolist():
+        ok = r % 7 != 0
+        sink.add({"unit": key, "row": r, "source": f"s://{r}", "reason": "ok" if ok else "too_small",
+                  "id": f"{r:032x}", "image": images[r] if ok else None, "format": "png", "width": 9, "height": 9,
+                  "phash": r, "embedding": [0.0] * 4})
+    sink.commit()
+    ok_rows = [r for r in range(60) if r % 7]
+    drop = {r: ("duplicate" if r % 5 == 0 else "category_cap" if r % 5 == 1 else None) for r in ok_rows}
+    group = pa.table({
+        "unit": [key] * (len(ok_rows) + 1), "row": pa.array([-1] + ok_rows, pa.int32()),
+        "kind": pa.array([writer.KIND_MARKER] + [writer.KIND_DECISION] * len(ok_rows), pa.int8()),
+        "id": [None] + [f"{r:032x}" for r in ok_rows], "category": [None] + [f"c{r % 3}" for r in ok_rows],
+        "category_source": [None] + ["list"] * len(ok_rows),
+        "duplicate_of": [None] + [f"{0:032x}" if drop[r] == "duplicate" else None for r in ok_rows],
+        "drop_reason": [None] + [drop[r] for r in ok_rows],
+        "ledger_gen": pa.array([0] + [None] * len(ok_rows), pa.int32())}, schema=writer.DECISION_SCHEMA)
+    stats = json.loads(writer.write_unit_shard(group, out, "", "fp")["stats"][0].as_py())
+    shard = pq.ParquetFile(writer.shard_uri(out, key))
+    ledger = pq.ParquetFile(ledger_uri(out, key))
+    assert ledger.metadata.num_row_groups > 1 and shard.metadata.num_row_groups > 2
+    for f in (shard, ledger):
+        image = f.schema_arrow.names.index("image")
+        assert not any(f.metadata.row_group(g).column(image).has_dictionary_page
+                       for g in range(f.metadata.num_row_groups))
+    rows = {int(r["id"], 16): r for r in shard.read().to_pylist()}
+    assert sorted(rows) == ok_rows
+    for r, got in rows.items():
+        assert got["drop_reason"] == drop[r] and got["kept"] == (drop[r] is None) and got["category"] == f"c{r % 3}"
+        assert got["image"] == (images[r] if drop[r] is None else None)
+        assert got["duplicate_of"] == (f"{0:032x}" if drop[r] == "duplicate" else None)
+    assert (stats["kept"], stats["duplicates"], stats["capped"]) == (
+        sum(d is None for d in drop.values()), sum(d == "duplicate" for d in drop.values()),
+        sum(d == "category_cap" for d in drop.values()))
+    assert stats["ok"] == len(ok_rows) and stats["filtered"] == {"too_small": 60 - len(ok_rows)}
