@@ -135,7 +135,7 @@ def write_stage1_ledgers(n: int, out: Path, rows_per_block: int, dim: int, seed:
     return keys
 
 
-def stage2_child(n: int, tmp: str, rows_per_block: int, dim: int, object_store_mib: int, driver_max_edges: int,
+def stage2_child(n: int, tmp: str, rows_per_block: int, dim: int, object_store_mib: int, local_max_edges: int,
                  log: str) -> dict:
     import ray
     import ray.data
@@ -150,10 +150,11 @@ def stage2_child(n: int, tmp: str, rows_per_block: int, dim: int, object_store_m
     start_local_ray({"PYTHONPATH": str(ROOT), ENV: log}, num_cpus=2, object_store_memory=object_store_mib * MiB,
                     log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    curate.set_shuffle(config_from_dict({}).curate.shuffle)  # as the job does (curate.shuffle)
 
     def cfg_for(out: str, rows: int):
         return config_from_dict({"curate": {
-            "output": out, "dedup": {"hamming": 6, "max_bucket": 1000, "driver_max_edges": driver_max_edges},
+            "output": out, "dedup": {"hamming": 6, "max_bucket": 1000, "local_max_edges": local_max_edges},
             "balance": {"per_category_cap": max(1, rows // 20)}}})
 
     def stage2(cfg, ks, phases: dict | None):
@@ -212,7 +213,7 @@ def section_stage2(args) -> None:
             log = Path(tmp) / "task-peaks.jsonl"
             r = _child(["--_child", "stage2", "--n", str(n), "--tmp", tmp, "--rows-per-block",
                         str(args.rows_per_block), "--dim", str(args.dim), "--object-store-mib",
-                        str(args.object_store_mib), "--driver-max-edges", str(args.driver_max_edges),
+                        str(args.object_store_mib), "--local-max-edges", str(args.local_max_edges),
                         "--log", str(log)])
             r["tasks"] = _task_peaks(log)
         res.append(r)
@@ -548,7 +549,7 @@ def main() -> int:
                     help="stage2: corpus rows (stage-1 ledger rows)")
     ap.add_argument("--rows-per-block", type=int, default=16_384, help="stage2: rows per stage-1 ledger")
     ap.add_argument("--dim", type=int, default=16, help="stage2: embedding floats")
-    ap.add_argument("--driver-max-edges", type=int, default=500_000, help="stage2: curate.dedup.driver_max_edges")
+    ap.add_argument("--local-max-edges", type=int, default=500_000, help="stage2: curate.dedup.local_max_edges")
     ap.add_argument("--object-store-mib", type=int, default=3000)
     ap.add_argument("--hashes", type=int, nargs="+", default=[1_000_000, 4_000_000, 16_000_000],
                     help="search: corpus hashes")
@@ -581,7 +582,7 @@ def main() -> int:
         print(json.dumps({"blocks": len(keys)}))
         return 0
     if a._child == "stage2":
-        print(json.dumps(stage2_child(a.n, a.tmp, a.rows_per_block, a.dim, a.object_store_mib, a.driver_max_edges,
+        print(json.dumps(stage2_child(a.n, a.tmp, a.rows_per_block, a.dim, a.object_store_mib, a.local_max_edges,
                                       a.log)))
         return 0
     if a._child == "search":

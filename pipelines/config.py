@@ -76,9 +76,10 @@ class DedupConfig:
                                      "it the hashes are dealt to tasks by the key bits their tables share, so a "
                                      "task's memory is bounded by this (dedup.search_task_peak_bytes, ~160 B per "
                                      "hash), never by the corpus.", ge=2)
-    driver_max_edges: int = option(500_000, "Duplicate edges up to which the connected components run on the "
-                                   "driver (scipy; ~200 bytes per edge there); above it they stay distributed "
-                                   "(large/small-star passes).", ge=0)
+    local_max_edges: int = option(500_000, "Duplicate edges up to which the connected components run in one Ray "
+                                  "task (scipy; ~1 KiB per edge there, reserved as its memory: "
+                                  "dedup.components_peak_bytes); above it they stay distributed (large/small-star "
+                                  "passes). Nothing of the graph reaches the driver either way.", ge=0)
 
 
 @dataclass

@@ -155,7 +155,7 @@ def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
     search's counters for the summary).
 
     Ray tasks over the materialized blocks (dedup.find_duplicates): vectorised partition passes, no call per
-    group; only counters reach the driver unless the edge count is under dcfg.driver_max_edges."""
+    group; only counters and object references reach the driver."""
     import ray
     import ray.data
 
@@ -163,7 +163,7 @@ def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
     n = meta.count()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     stars, found = dedup.find_duplicates(meta.to_arrow_refs(), dcfg.hamming, dcfg.max_bucket, partitions(n),
-                                         search_tasks=cpus, driver_max_edges=dcfg.driver_max_edges, log=log,
+                                         search_tasks=cpus, local_max_edges=dcfg.local_max_edges, log=log,
                                          task_hashes=dcfg.search_task_hashes)
     if not stars:
         return None, found
@@ -302,7 +302,7 @@ def _merge_partition(n_cats: int, *pieces) -> pa.Table:
     dups = concat(pieces[n_cats:]).select(["unit", "row", "duplicate_of"])
     if cats.num_rows == 0:
         return writer.DECISION_SCHEMA.empty_table()
-    j = cats.join(dups, keys=["unit", "row"], join_type="left outer")
+    j = cats.join(dups, keys=["unit", "row"], join_type="left outer", use_threads=False)
     reason = pc.if_else(pc.is_valid(j["duplicate_of"]), pa.scalar("duplicate"), pa.scalar(None, pa.string()))
     return j.append_column("drop_reason", reason).select(writer.DECISION_SCHEMA.names).cast(
         writer.DECISION_SCHEMA)

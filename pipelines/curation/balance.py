@@ -221,7 +221,8 @@ def assign_categories(batch: pa.Table, centres: np.ndarray | None) -> pa.Table:
 # category over the cap gets a priority limit that about cap + 6 sd of its rows fall under (the priorities are
 # uniform hashes); only the rows under the limit are shuffled by category, where the exact cap-th (priority, id)
 # is found; every block then marks its rows above that threshold. The decisions equal a sort of each whole
-# category.
+# category. (pyarrow group-bys and joins here run single-threaded: inside a Ray worker, Acero's thread pool once
+# failed with "thread index 10 is out of range [0, 10)"; the inputs are one block.)
 
 CAP_SCHEMA = pa.schema([pa.field("category", pa.string()), pa.field("prio", pa.int64()), pa.field("id", pa.string())])
 THRESHOLD_SCHEMA = pa.schema([pa.field("category", pa.string()), pa.field("t_prio", pa.int64()),
@@ -232,7 +233,7 @@ def category_counts(block: pa.Table) -> dict[str, int]:
     """Rows per category of one block."""
     if block.num_rows == 0:
         return {}
-    g = block.group_by("category").aggregate([("category", "count")])
+    g = block.group_by("category", use_threads=False).aggregate([("category", "count")])
     return dict(zip(g["category"].to_pylist(), g["category_count"].to_pylist()))
 
 
@@ -248,7 +249,7 @@ def cap_candidates(block: pa.Table, limits: pa.Table) -> pa.Table:
     category in `limits` (category, limit) with a priority at or under its limit."""
     if block.num_rows == 0 or limits.num_rows == 0:
         return CAP_SCHEMA.empty_table()
-    j = block.select(["category", "prio", "id"]).join(limits, keys="category", join_type="inner")
+    j = block.select(["category", "prio", "id"]).join(limits, keys="category", join_type="inner", use_threads=False)
     return j.filter(pc.less_equal(j["prio"], j["limit"])).select(CAP_SCHEMA.names).cast(CAP_SCHEMA)
 
 
@@ -272,7 +273,8 @@ def apply_caps(block: pa.Table, thresholds: pa.Table) -> pa.Table:
     """Mark "category_cap" on the rows of one block that come after their category's threshold (prio, id)."""
     if block.num_rows == 0 or thresholds.num_rows == 0:
         return block
-    j = block.join(thresholds.select(["category", "t_prio", "t_id"]), keys="category", join_type="left outer")
+    j = block.join(thresholds.select(["category", "t_prio", "t_id"]), keys="category", join_type="left outer",
+                   use_threads=False)
     after = pc.or_(pc.greater(j["prio"], j["t_prio"]),
                    pc.and_(pc.equal(j["prio"], j["t_prio"]), pc.greater(j["id"], j["t_id"])))
     capped = pc.fill_null(after, False)

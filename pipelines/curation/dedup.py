@@ -12,11 +12,11 @@ of lsh.py, split over Ray tasks:
      tasks; each task reads the distinct pHashes (8 bytes each, from the node blocks, not via the driver) and
      returns the verified pairs (pHash a, pHash b) within distance k, plus the overflow counts.
   3. two sort-merge passes (partition the pairs by pHash a, then by b) replace each pHash by its node key.
-  4. connected components: below `driver_max_edges` edges the driver gathers the edges and runs
+  4. connected components: below `local_max_edges` edges one Ray task gathers the edges and runs
      scipy.sparse.csgraph (faster than any shuffle at that size); above it, the large-star / small-star
      iteration (Kiveris et al., "Connected Components in MapReduce and Beyond", 2014), each step one
      hash-partition pass whose reduce side is vectorised pyarrow (group-by min, join), never a call per node.
-No per-group Python call anywhere; above the threshold only counters and object references reach the driver.
+No per-group Python call anywhere; only counters and object references reach the driver.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ STEP_SCHEMA = pa.schema([pa.field("a", pa.string()), pa.field("b", pa.string()),
 _ID_AT, _UNIT_AT, _ROW_AT, _KEY_LEN = 25, 57, 81, 89
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
-# Below this many edges the components are computed on the driver (scipy.sparse.csgraph): ~200 bytes per edge,
-# so at most ~100 MB there; measured faster than two shuffles per round below it (benchmarks/bench_scale.py).
-DRIVER_MAX_EDGES = 500_000
+# Below this many edges the components are computed in one Ray task (scipy.sparse.csgraph; components_peak_bytes);
+# measured faster than two shuffles per round below it (benchmarks/bench_scale.py).
+LOCAL_MAX_EDGES = 500_000
 
 
 def node_key(width: int, height: int, fidelity: float, sharpness: float, rid: str, unit: str, row: int) -> str:
@@ -179,7 +179,7 @@ def oriented(edges: pa.Table) -> pa.Table:
 
 
 def _distinct(t: pa.Table, cols: list[str]) -> pa.Table:
-    return t.group_by(cols).aggregate([]).select(cols) if t.num_rows else t.select(cols)
+    return t.group_by(cols, use_threads=False).aggregate([]).select(cols) if t.num_rows else t.select(cols)
 
 
 def large_star(rows: pa.Table) -> pa.Table:
@@ -188,10 +188,10 @@ def large_star(rows: pa.Table) -> pa.Table:
     rows = _distinct(rows, ["node", "nb"])
     if rows.num_rows == 0:
         return STEP_SCHEMA.empty_table()
-    g = rows.group_by("node").aggregate([("nb", "min")])
+    g = rows.group_by("node", use_threads=False).aggregate([("nb", "min")])
     m = pc.min_element_wise(_arr(g["nb_min"]), _arr(g["node"]))
     g = pa.table({"node": g["node"], "m": m})
-    j = rows.filter(pc.greater(rows["nb"], rows["node"])).join(g, "node")
+    j = rows.filter(pc.greater(rows["nb"], rows["node"])).join(g, "node", use_threads=False)
     changed = pc.cast(pc.not_equal(j["m"], j["node"]), pa.int8())
     return pa.table({"a": _arr(j["nb"]), "b": _arr(j["m"]), "changed": _arr(changed)}, schema=STEP_SCHEMA)
 
@@ -202,10 +202,10 @@ def small_star(rows: pa.Table) -> pa.Table:
     rows = _distinct(rows, ["node", "nb"])
     if rows.num_rows == 0:
         return STEP_SCHEMA.empty_table()
-    g = rows.group_by("node").aggregate([("nb", "min"), ("nb", "count")])
+    g = rows.group_by("node", use_threads=False).aggregate([("nb", "min"), ("nb", "count")])
     flag = pc.cast(pc.greater(g["nb_count"], 1), pa.int8())
     g = pa.table({"node": g["node"], "m": g["nb_min"], "flag": flag})
-    j = rows.join(g, "node")
+    j = rows.join(g, "node", use_threads=False)
     nb_rows = j.filter(pc.not_equal(j["nb"], j["m"]))
     a = pa.concat_arrays([_arr(nb_rows["nb"]), _arr(g["node"])])
     b = pa.concat_arrays([_arr(nb_rows["m"]), _arr(g["m"])])
@@ -266,7 +266,10 @@ table's sort (key, packed words, sorted key, index, run labels, global index: 48
 temporaries; measured by benchmarks/bench_memory.py --section search."""
 SEARCH_TASK_HASHES = 1 << 20  # default of curate.dedup.search_task_hashes
 SPLIT_BINS_PER_TASK = 4  # split-block values per search task at least: enough to deal them evenly, few groups
-DRIVER_EDGE_BYTES = 200  # the driver-side components (below driver_max_edges): two keys and scipy's arrays
+COMPONENTS_EDGE_BYTES = 1024
+"""The one-task components' peak per edge: the edges fetched (186 B) and concatenated (186 B), their keys
+dictionary-encoded and sorted, scipy's arrays (measured 360-790 B per edge above the edges themselves at 400k /
+100k edges: dedup.local_components)."""
 
 
 def shuffle_map_peak_bytes(in_bytes: int) -> int:
@@ -298,19 +301,18 @@ def shuffle_pieces(total_bytes: int, parts: int) -> int:
     return max(1, -(-int(total_bytes) // (parts * SHUFFLE_PIECE_BYTES))) * parts
 
 
-def driver_peak_bytes(rows: int, parts: int, driver_max_edges: int) -> int:
+def driver_peak_bytes(rows: int, parts: int) -> int:
     """What stage 2's dedup adds to the driver for `rows` rows: the references of the largest pass's pieces
-    (step 1, key + pHash per row; REF_BYTES each), the pieces Ray may keep in the driver's heap when a whole pass
-    is smaller than one map task's worth (at most parts x SHUFFLE_PIECE_BYTES), and the components computed on
-    the driver below driver_max_edges edges. Grows with the corpus only through the references: ~0.6% of the
-    bytes shuffled, about 0.6 B per row."""
+    (step 1, key + pHash per row; REF_BYTES each) and the pieces Ray may keep in the driver's heap when a whole
+    pass is smaller than one map task's worth (at most parts x SHUFFLE_PIECE_BYTES). Grows with the corpus only
+    through the references: ~0.6% of the bytes shuffled, about 0.6 B per row."""
     pieces = shuffle_pieces(int(rows) * ROW_BYTES["key_phash"], parts)
-    return REF_BYTES * pieces + parts * SHUFFLE_PIECE_BYTES + driver_components_peak_bytes(driver_max_edges)
+    return REF_BYTES * pieces + parts * SHUFFLE_PIECE_BYTES
 
 
-def driver_components_peak_bytes(edges: int) -> int:
-    """What the driver holds when it runs the components itself (edges <= curate.dedup.driver_max_edges)."""
-    return DRIVER_EDGE_BYTES * int(edges)
+def components_peak_bytes(edges: int) -> int:
+    """The one-task connected components over `edges` edges (at most curate.dedup.local_max_edges)."""
+    return COMPONENTS_EDGE_BYTES * int(edges) + TASK_MARGIN_BYTES
 
 
 def search_plan(n: int, k: int, task_hashes: int, search_tasks: int = 1):
@@ -590,12 +592,17 @@ def _lookup_pass(refs, rows, col: str, out: str, row_bytes: int, node_refs, node
     return [r[0] for r in res], ray.get([r[1] for r in res])
 
 
+@probe("components")
+def _components_task(*edge_blocks) -> pa.Table:
+    return local_components(_concat([b.select(["a", "b"]) for b in edge_blocks]))
+
+
 def find_duplicates(block_refs, k: int, cap: int, parts: int, search_tasks: int,
-                    driver_max_edges: int = DRIVER_MAX_EDGES, max_rounds: int = 64, log=print,
+                    local_max_edges: int = LOCAL_MAX_EDGES, max_rounds: int = 64, log=print,
                     task_hashes: int = SEARCH_TASK_HASHES, rows=None):
     """Row blocks (with "key" and "phash") -> (star-edge block refs: a = duplicate key, b = its
     representative's key; info dict). Runs as Ray tasks; only counters and object references come back to the
-    driver (below driver_max_edges edges, the edges themselves). `rows`: rows of each block, if known."""
+    driver. `rows`: rows of each block, if known."""
     import ray
 
     rows = [r for r, _ in block_sizes(block_refs)] if rows is None else rows
@@ -632,10 +639,10 @@ def find_duplicates(block_refs, k: int, cap: int, parts: int, search_tasks: int,
     if info["duplicate_edges"] == 0:
         return [], info
     # 4. components
-    if info["duplicate_edges"] <= driver_max_edges:
-        edges = _concat(ray.get(edge_refs))
-        info["components"] = "driver"
-        return [ray.put(local_components(edges))], info
+    if info["duplicate_edges"] <= local_max_edges:  # one task: faster than the passes at this size
+        info["components"] = "one task"
+        return [_submit(_components_task, tuple(edge_refs),
+                        memory=components_peak_bytes(info["duplicate_edges"]))], info
     info["components"] = "distributed"
     sb, tb = ROW_BYTES["star"], ROW_BYTES["step"]
     for rnd in range(1, max_rounds + 1):
