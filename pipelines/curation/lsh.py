@@ -336,7 +336,7 @@ def forest_edges(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _settled(cur: np.ndarray, label: np.ndarray, run_start: np.ndarray, run_size: np.ndarray,
-             gid: np.ndarray, parent: np.ndarray) -> np.ndarray:
+             gid: np.ndarray, li: np.ndarray, parent: np.ndarray) -> np.ndarray:
     """Mask over the active positions `cur`: True where every member of the position's run of equal keys is
     already in one set (no later comparison inside that run can join anything)."""
     runs = np.unique(label[cur])
@@ -344,7 +344,7 @@ def _settled(cur: np.ndarray, label: np.ndarray, run_start: np.ndarray, run_size
     start = run_start[runs]
     offs = np.cumsum(size) - size
     pos = np.repeat(start - offs, size) + np.arange(int(size.sum()))
-    roots = _find(parent, gid[pos])
+    roots = _find(parent, gid[li[pos]])
     one = np.minimum.reduceat(roots, offs) == np.maximum.reduceat(roots, offs)
     done = np.zeros(len(run_size), bool)
     done[runs[one]] = True
@@ -362,12 +362,16 @@ def table_union(u: np.ndarray, blocks, k: int, cap: int, parent: np.ndarray, gid
     if n < 2:
         return 0, 0, 0
     idx_bits = max(1, (n - 1).bit_length())
-    key = ((u & table_mask(blocks)) * _MIX) >> np.uint64(idx_bits)
-    packed = np.sort((key << np.uint64(idx_bits)) | np.arange(n, dtype=np.uint64))
-    sk = packed >> np.uint64(idx_bits)
-    li = (packed & np.uint64((1 << idx_bits) - 1)).astype(np.int64)
-    del packed, key
-    eq = sk[1:] == sk[:-1]
+    packed = u & table_mask(blocks)
+    packed *= _MIX
+    packed >>= np.uint64(idx_bits)
+    packed <<= np.uint64(idx_bits)
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    li = (packed & np.uint64((1 << idx_bits) - 1)).astype(np.int64)  # value index at each sorted position
+    packed >>= np.uint64(idx_bits)
+    eq = packed[1:] == packed[:-1]  # positions p and p + 1 share the key
+    del packed
     cur = np.flatnonzero(eq)
     if not len(cur):
         return 0, 0, 0
@@ -376,19 +380,17 @@ def table_union(u: np.ndarray, blocks, k: int, cap: int, parent: np.ndarray, gid
     is_start[1:] = cur[1:] != cur[:-1] + 1
     run_start = cur[is_start]
     run_size = np.diff(np.concatenate([np.flatnonzero(is_start), [len(cur)]])) + 1
-    over_b = over_r = 0
+    del is_start
     if counts is None:
         rows = run_size
     else:
         members = np.repeat(run_start, run_size) + (np.arange(int(run_size.sum()))
                                                     - np.repeat(np.cumsum(run_size) - run_size, run_size))
         rows = np.add.reduceat(counts[li[members]], np.cumsum(run_size) - run_size)
+        del members
     over = rows > cap
     over_b, over_r = int(over.sum()), int(rows[over].sum())
-    label = np.zeros(n, np.int64)  # run number of each sorted position (only read for positions inside runs)
-    label[run_start] = 1
-    label = np.cumsum(label) - 1
-    gpos = gid[li]  # global index of each sorted position
+    label = None  # run number of each sorted position, made the first time a settled check needs it
     verified = 0
     last = len(eq) - 1
     d = 1
@@ -397,14 +399,18 @@ def table_union(u: np.ndarray, blocks, k: int, cap: int, parent: np.ndarray, gid
         ok = popcount(u[a] ^ u[b]) <= k
         if ok.any():
             verified += int(ok.sum())
-            union(parent, gpos[cur[ok]], gpos[cur[ok] + d])
+            union(parent, gid[a[ok]], gid[b[ok]])
         d += 1
         nxt = cur + (d - 1)
         keep = nxt <= last
         cur = cur[keep]
         cur = cur[eq[nxt[keep]]]
         if len(cur) >= 64 and d & (d - 1) == 0 and d >= 4:  # at d = 4, 8, 16, ...
-            cur = cur[~_settled(cur, label, run_start, run_size, gpos, parent)]
+            if label is None:
+                label = np.zeros(n, np.int64)
+                label[run_start] = 1
+                label = np.cumsum(label) - 1
+            cur = cur[~_settled(cur, label, run_start, run_size, gid, li, parent)]
     return over_b, over_r, verified
 
 
