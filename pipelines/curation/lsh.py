@@ -279,6 +279,8 @@ def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None
     for split, group in split_groups(tables, n, part_size):
         if split:
             part = block_value(u, split)
+            if len(part) and part.max() < (1 << 16) - 2:
+                part = part.astype(np.uint16)  # a radix sort
             order = np.argsort(part, kind="stable")
             bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
             uo = u[order]
@@ -432,6 +434,8 @@ def near_forest(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = Non
     for split, group in split_groups(tables, n, part_size):
         if split:
             part = block_value(u, split)
+            if len(part) and part.max() < (1 << 16) - 2:
+                part = part.astype(np.uint16)  # a radix sort
             order = np.argsort(part, kind="stable")
             bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
             del part
