@@ -72,10 +72,12 @@ class DedupConfig:
     hamming: int = option(6, "Near-duplicate pHash Hamming radius k (exact multi-index hashing, pipelines/curation/lsh.py).", ge=0, le=31)
     max_bucket: int = option(1000, "Cap on the size of one LSH bucket; larger buckets are split and counted.",
                              ge=2)
-    search_task_hashes: int = option(1 << 20, "Most distinct pHashes one near-duplicate search task reads: above "
+    search_task_hashes: int = option(1 << 22, "Most distinct pHashes one near-duplicate search task reads: above "
                                      "it the hashes are dealt to tasks by the key bits their tables share, so a "
-                                     "task's memory is bounded by this (dedup.search_task_peak_bytes, ~160 B per "
-                                     "hash), never by the corpus.", ge=2)
+                                     "task's memory is bounded by this (dedup.search_task_peak_bytes: 160 B per "
+                                     "hash + 48 MiB, 688 MiB at the default; ~91 B per hash measured), never by "
+                                     "the corpus. Smaller: less memory per task, more passes over the hashes.",
+                                     ge=2)
     local_max_edges: int = option(500_000, "Duplicate edges up to which the connected components run in one Ray "
                                   "task (scipy; ~1 KiB per edge there, reserved as its memory: "
                                   "dedup.components_peak_bytes); above it they stay distributed (large/small-star "

@@ -262,11 +262,12 @@ ROW_BYTES = {
     "step": 2 * KEY_BYTES + 1,  # STEP_SCHEMA
 }
 SEARCH_BYTES_PER_HASH = 160
-"""A search task's peak per distinct hash it is given: the hashes and counts (16 B) read and concatenated, the
-union-find forest (8 B), the cache-size split (order, part and the reordered values and counts: 32 B) and one
-table's sort (key, packed words, sorted key, index, run labels, global index: 48 B), with slack for numpy's
-temporaries; measured by benchmarks/bench_memory.py --section search."""
-SEARCH_TASK_HASHES = 1 << 20  # default of curate.dedup.search_task_hashes
+"""A search task's peak per distinct hash it is given: the hashes and counts (16 B) read in place and
+concatenated (16 B), the union-find forest (8 B), the cache-size split (order, part and the reordered values and
+counts: 32 B) and one table's sort (packed words, index, key-equality flags: 17 B), with slack for numpy's
+temporaries. Measured: 91 B per hash for a task given 1M hashes (benchmarks/bench_memory.py --section search
+prints each task's growth)."""
+SEARCH_TASK_HASHES = 1 << 22  # default of curate.dedup.search_task_hashes: ~370 MB measured, 688 MiB bound
 SPLIT_BINS_PER_TASK = 4  # split-block values per search task at least: enough to deal them evenly, few groups
 COMPONENTS_EDGE_BYTES = 1024
 """The one-task components' peak per edge: the edges fetched (186 B) and concatenated (186 B), their keys
