@@ -127,6 +127,7 @@ def write_stage1_ledgers(n: int, out: Path, rows_per_block: int, dim: int, seed:
             "embedding": pa.FixedSizeListArray.from_arrays(emb.ravel(), dim).cast(pa.list_(pa.float32())),
             "sharpness": rng.random(m).astype(np.float32), "fidelity": np.full(m, 100.0, np.float32),
             "declared_type": ["image/jpeg"] * m,
+            **({"metadata": pa.nulls(m, pa.string())} if "metadata" in STAGE1_SCHEMA.names else {}),
         }).cast(STAGE1_SCHEMA)
         path = Path(ledger_uri(str(out), key, 0))
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,13 @@
-"""Resolve where a model lives to a local checkpoint folder (config.json + model.safetensors).
+"""Resolve where a model lives to a local checkpoint folder (config.json + model.safetensors, or a model folder
+released by the VOSR authors: args.json + their weights, vosr/released.py).
 
-Accepted: a local folder (the checkpoint itself, or any folder with exactly one checkpoint somewhere inside, as
-an MLflow model's artifacts are), an s3:// checkpoint folder (config.json + *.safetensors fetched into a local
-cache keyed by URI, sizes and etags), or an MLflow URI (`models:/name/version`, `models:/name@alias`,
-`runs:/run_id/path`), downloaded with mlflow.artifacts.download_artifacts from the configured tracking server.
-MLflow stays out of vosr/: this is the only place that imports it for inference.
+Accepted, by scheme (SCHEMES): a local folder (the checkpoint itself, or any folder with exactly one checkpoint
+somewhere inside, as an MLflow model's artifacts are), an s3:// checkpoint folder (config.json + *.safetensors
+fetched into a local cache keyed by URI, sizes and etags), an MLflow URI (`models:/name/version`,
+`models:/name@alias`, `runs:/run_id/path`), downloaded with mlflow.artifacts.download_artifacts from the configured
+tracking server, or a Hugging Face URI (`hf://CSWRY/VOSR/VOSR_0.5B_os[@revision]`, vosr/hub.py: only the named
+folder, into the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only). MLflow stays out of vosr/: this is
+the only place that imports it for inference.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def is_checkpoint(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in CHECKPOINT_FILES)
+    """This project's checkpoint folder, or a released VOSR model folder (vosr/released.py)."""
+    from vosr.released import is_released_folder
+
+    return all((folder / name).is_file() for name in CHECKPOINT_FILES) or is_released_folder(folder)
 
 
 def find_checkpoint(root: str | Path) -> Path:
@@ -36,9 +42,11 @@ def find_checkpoint(root: str | Path) -> Path:
         raise ModelNotFoundError(f"model path {root} does not exist")
     if is_checkpoint(root):
         return root
-    found = sorted({p.parent for p in root.rglob("model.safetensors") if is_checkpoint(p.parent)})
+    found = sorted({p.parent for p in root.rglob("model.safetensors") if is_checkpoint(p.parent)}
+                   | {p.parent for p in root.rglob("args.json") if is_checkpoint(p.parent)})
     if not found:
-        raise ModelNotFoundError(f"no checkpoint folder (config.json + model.safetensors) under {root}"
+        raise ModelNotFoundError(f"no checkpoint folder (config.json + model.safetensors, or a released VOSR "
+                                 f"folder: args.json + weights) under {root}"
                                  f"{_SHARDED_HINT if any(root.rglob('dcp/.metadata')) else ''}")
     if len(found) > 1:
         names = ", ".join(str(p.relative_to(root)) for p in found[:5])
@@ -57,30 +65,53 @@ def tracking_uri_for(cfg) -> str:
 
 
 def resolve_model(uri: str, cfg=None, download_root: str | Path | None = None) -> Path:
-    """A local checkpoint folder for `uri` (a path, an s3:// folder or an MLflow URI). `download_root`: where
-    MLflow downloads go, and the cache root for s3:// checkpoints (default: default_cache_root())."""
+    """A local checkpoint folder for `uri` (a path, an s3:// folder, an MLflow URI or an hf:// URI).
+    `download_root`: where MLflow downloads go, and the cache root for s3:// checkpoints (default:
+    default_cache_root()); hf:// URIs use the Hugging Face cache."""
     if not uri:
-        raise ModelNotFoundError("no model given: set inference.checkpoint to a checkpoint folder or models:/name/"
-                                 "version")
-    if uri.startswith(MLFLOW_SCHEMES):
-        import mlflow
-
-        tracking = tracking_uri_for(cfg)
-        if tracking:
-            mlflow.set_tracking_uri(tracking)
-        dst = Path(download_root) if download_root else Path(tempfile.mkdtemp(prefix="vosr-model-"))
-        dst.mkdir(parents=True, exist_ok=True)
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
-        except Exception as exc:  # noqa: BLE001 - MLflow raises several types; say which model failed
-            raise ModelNotFoundError(f"could not download {uri} from {tracking or 'the default tracking URI'}: "
-                                     f"{exc}") from exc
-        return find_checkpoint(local)
-    if "://" in uri and not uri.startswith("file://"):
+        raise ModelNotFoundError("no model given: set inference.checkpoint to a checkpoint folder, models:/name/"
+                                 "version or hf://owner/repo/folder")
+    for prefix, resolver in SCHEMES:
+        if uri.startswith(prefix):
+            return resolver(uri, cfg, download_root)
+    if "://" in uri:
         return find_checkpoint(fetch_remote_checkpoint(uri, endpoint_url_for(cfg), download_root))
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
     return find_checkpoint(Path(uri).expanduser())
+
+
+def _resolve_file(uri: str, cfg, download_root) -> Path:
+    return find_checkpoint(Path(uri[len("file://"):]).expanduser())
+
+
+def _resolve_hub(uri: str, cfg, download_root) -> Path:
+    """hf://owner/repo/path[@revision] through the Hugging Face cache (vosr/hub.py)."""
+    from vosr.hub import HubError, resolve
+
+    try:
+        return find_checkpoint(resolve(uri))
+    except HubError as exc:
+        raise ModelNotFoundError(str(exc)) from exc
+
+
+def _resolve_mlflow(uri: str, cfg, download_root) -> Path:
+    """models:/, runs:/ and mlflow-artifacts:/ URIs from the configured tracking server."""
+    import mlflow
+
+    tracking = tracking_uri_for(cfg)
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    dst = Path(download_root) if download_root else Path(tempfile.mkdtemp(prefix="vosr-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types; say which model failed
+        raise ModelNotFoundError(f"could not download {uri} from {tracking or 'the default tracking URI'}: "
+                                 f"{exc}") from exc
+    return find_checkpoint(local)
+
+
+# scheme prefix -> resolver(uri, cfg, download_root); other "://" URIs are remote storage (s3://), the rest paths
+SCHEMES = tuple((p, _resolve_mlflow) for p in MLFLOW_SCHEMES) + (("hf://", _resolve_hub), ("file://", _resolve_file))
 
 
 def endpoint_url_for(cfg) -> str:

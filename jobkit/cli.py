@@ -24,6 +24,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "serve": ("inference.serve", "serve the upscaler over HTTP with Ray Serve"),
     "upscale": ("inference.upscale", "upscale image files or folders on this machine"),
     "export": ("training.export", "export a sharded (FSDP) checkpoint to the folder serving and the registry read"),
+    "import": ("inference.import_released", "import a model released by the VOSR authors (folder or hf:// URI) as a checkpoint folder"),
     "demo": ("demo.chain", "run the whole chain on the embedded tiny preset on this machine (make demo)"),
 }
 

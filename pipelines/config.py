@@ -105,11 +105,38 @@ class BalanceConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    url: str = option("", "Column of a URL list holding the image URL. Empty: found by name without case (url, "
+                      "image_url, img_url), so LAION (URL), DataComp and img2dataset (url) lists need nothing.")
+    category: str = option("", "Column holding a category for balancing (a tar sample's JSON key). Empty: "
+                           "`category` if present (a tar sample's `cls` member otherwise); else k-means decides.")
+    width: str = option("", "Column holding the image's width as the list declares it. Empty: original_width, "
+                        "else width (any case: LAION WIDTH, DataComp original_width, img2dataset output).")
+    height: str = option("", "Column holding the image's height (as for width: original_height, else height).")
+    metadata: list[str] = option([], "Further columns carried into the curated shards' `metadata` column as one "
+                                 "JSON object per row (e.g. [TEXT, LICENSE] for LAION, [text, uid] for DataComp; "
+                                 "for tar shards, keys of each sample's JSON or member fields such as txt). A list "
+                                 "lacking a named column is an error naming it; a tar sample lacking a key has "
+                                 "null there. Strings are cut at 4,096 characters.")
+
+
+@dataclass
 class CurateConfig:
-    sources: list[str] = option([], "Inputs: URL list files (.txt/.csv/.parquet with a url column), local "
-                                "folders, or s3:// prefixes.")
+    sources: list[str] = option([], "Inputs, any mix of: URL lists (.txt one URL per line with an optional TAB and "
+                                "category; .csv/.tsv with a header; .parquet such as LAION, DataComp or img2dataset "
+                                "lists, columns found by curate.columns), WebDataset tar shards (.tar, e.g. "
+                                "img2dataset's output; a shard is one input block), brace patterns of them "
+                                "(s3://bucket/shards/{00000..09999}.tar), image files, and local folders or "
+                                "s3:// prefixes holding any of these (listed by Ray tasks, not on the driver).")
+    columns: ColumnsConfig = option(ColumnsConfig(), "Which columns of the URL lists (or keys of tar samples' JSON) "
+                                    "hold the URL, category, declared size and carried metadata.")
+    prefilter: bool = option(True, "Decide a URL list's rows whose declared width/height already fail "
+                             "filters.min_short_side or filters.max_aspect_ratio without fetching them (counted as "
+                             "prefilter_too_small / prefilter_bad_aspect); fetched rows are still checked on the "
+                             "decoded image. Measured by benchmarks/bench_prefilter.py.")
     output: str = option("outputs/curated", "Output folder or s3:// prefix for the curated Parquet shards.")
-    rows_per_shard: int = option(256, "Rows per input block = per output shard.", ge=1)
+    rows_per_shard: int = option(256, "Rows per input block = per output shard (a tar shard is one block whatever "
+                                 "its size).", ge=1)
     num_shards_hint: int = option(0, "Input partitioning hint (0 = automatic).", ge=0)
     crawl: CrawlConfig = option(CrawlConfig(), "HTTP crawl.")
     filters: FilterConfig = option(FilterConfig(), "Quality filters.")

@@ -5,7 +5,8 @@
 
 Stages (each a named step below; plain Ray tasks for stage 1 and stage 2's partition passes, Ray Data for
 embedding, balance and write; only counters and summaries reach the driver):
-  plan      sources -> input blocks (byte/row ranges of URL lists, runs of files), each named by a hash
+  plan      sources -> input blocks (byte/row ranges of URL lists, tar shards, runs of listed files), each named
+            by a hash; folders and prefixes are listed by Ray tasks into manifests under <output>/_listing/
   stage 1   per block: fetch -> safe decode -> filters -> hashes/embedding -> ledger shard (skipped if present)
   dedup     exact copies + near duplicates (pHash within curate.dedup.hamming, exact multi-index hashing in
             hash-partition passes; curation/dedup.py) -> edges -> connected components
@@ -40,9 +41,11 @@ from pipelines.curation.raytools import column_sums, partitions
 from pipelines.curation.semantic_embed import ClsEmbedder, check_semantic_weights
 from pipelines.curation.sources import Unit, plan_units
 from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1, stage1_peak_bytes
+from pipelines.curation.tars import tar_unit_peak_bytes
 from vosr import storage
 
 ROOT = Path(__file__).resolve().parents[1]
+LISTING_DIR = "_listing"  # listing manifests and re-chunked URL lists (pipelines/curation/listing.py, sources.py)
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
                   "list_category", "embedding", "fidelity", "sharpness"]
 
@@ -56,8 +59,9 @@ def _fingerprint(*parts) -> str:
 
 
 def stage1_salt(ccfg) -> str:
-    """What a block's ledger depends on besides its inputs: the filters and the schema version."""
-    return _fingerprint(SCHEMA_VERSION, asdict(ccfg.filters))
+    """What a block's ledger depends on besides its inputs: the filters, whether listed sizes decide rows
+    (curate.prefilter) and the schema version."""
+    return _fingerprint(SCHEMA_VERSION, asdict(ccfg.filters), ccfg.prefilter)
 
 
 # ------------------------------------------------------------------------------------------- stage 1
@@ -66,16 +70,48 @@ def _stage1_task(row: dict, ccfg, gates=None) -> dict:
     return run_unit(Unit.from_row(row), row["key"], ccfg, gen=row["gen"], gates=gates)
 
 
-def block_memory(ccfg) -> int:
-    """Memory Ray reserves per stage-1 block task: the stated per-block bound (stage1_peak_bytes), capped at the
-    largest node's memory resource so the task always fits somewhere. The scheduler then never packs more
-    blocks onto a node than its memory holds, so a block is not killed for memory because of its neighbours."""
+def node_memory_cap() -> int:
+    """The largest alive node's memory resource (0 when Ray reports none)."""
     import ray
 
     nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
-    cap = max(nodes) if nodes else 0
-    want = stage1_peak_bytes(ccfg)
+    return int(max(nodes)) if nodes else 0
+
+
+def block_memory(ccfg, kind: str = "") -> int:
+    """Memory Ray reserves per stage-1 block task: the stated per-block bound (stage1_peak_bytes; for a tar shard
+    tar_unit_peak_bytes), capped at the largest node's memory resource so the task always fits somewhere. The
+    scheduler then never packs more blocks onto a node than its memory holds, so a block is not killed for memory
+    because of its neighbours."""
+    cap = node_memory_cap()
+    want = tar_unit_peak_bytes(ccfg) if kind == "tar" else stage1_peak_bytes(ccfg)
     return int(min(want, cap)) if cap else 0
+
+
+def ray_runner(fn, calls: list[tuple], memory: int = 0) -> list:
+    """Planning tasks (listing, URL-list footers, re-chunking) as Ray tasks: at most twice the CPUs in flight,
+    each reserving `memory` (its stated bound, capped at the largest node), results in call order. Only the
+    tasks' small results (manifest names, unit descriptors, counts) come back to the driver."""
+    import ray
+
+    if not calls:
+        return []
+    cap = node_memory_cap()
+    mem = int(min(memory, cap)) if memory and cap else 0
+    task = ray.remote(num_cpus=0.5, max_retries=3, **({"memory": mem} if mem else {}))(fn)
+    limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    results: dict = {}
+    running: dict = {}
+    todo = iter(enumerate(calls))
+    while True:
+        for i, args in todo:
+            running[task.remote(*args)] = i
+            if len(running) >= limit:
+                break
+        if not running:
+            return [results[i] for i in range(len(calls))]
+        done, _ = ray.wait(list(running), num_returns=1)
+        results[running.pop(done[0])] = ray.get(done[0])
 
 
 def _run_blocks(items: list[dict], ccfg, gates=None):
@@ -84,15 +120,16 @@ def _run_blocks(items: list[dict], ccfg, gates=None):
     another (9.6 s) where plain tasks ran two at a time (4.1 s); Ray retries a task whose node is lost."""
     import ray
 
-    memory = block_memory(ccfg)
+    memory = {k: block_memory(ccfg, k) for k in ("tar", "")}
     # a lost node's tasks are retried by Ray; so is a block whose crawl lost its domain gate (GateUnavailable)
-    task = ray.remote(num_cpus=ccfg.cpus_per_block, max_retries=3, retry_exceptions=[politeness.GateUnavailable],
-                      **({"memory": memory} if memory else {}))(_stage1_task)
+    task = ray.remote(num_cpus=ccfg.cpus_per_block, max_retries=3,
+                      retry_exceptions=[politeness.GateUnavailable])(_stage1_task)
     in_flight_cap = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / ccfg.cpus_per_block))
     todo, running = iter(items), []
     while True:
         for item in todo:
-            running.append(task.remote(item, ccfg, gates))
+            mem = memory["tar" if Unit.from_row(item).kind == "tar" else ""]
+            running.append(task.options(**({"memory": mem} if mem else {})).remote(item, ccfg, gates))
             if len(running) >= in_flight_cap:
                 break
         if not running:
@@ -118,7 +155,7 @@ def stage_fetch_analyse(units: list[Unit], keys: list[str], ccfg) -> dict:
     if not pending:
         return counts
     items = [{**u.to_row(), "key": k, "gen": g} for u, k, g in pending]
-    crawls = any(u.kind != "files" for u, _, _ in pending)
+    crawls = any(u.kind in ("text", "csv", "tsv", "parquet") for u, _, _ in pending)
     gates = politeness.start_gates(ccfg.crawl) if crawls and ccfg.crawl.gate_actors else None
     try:
         _collect_blocks(_run_blocks(items, ccfg, gates), len(pending), counts, ccfg)
@@ -529,14 +566,17 @@ def set_shuffle(name: str) -> None:
 
 def stage_plan(ccfg) -> tuple[list[Unit], list[str]]:
     """The input blocks of every source and their keys (the names of their ledgers and shards)."""
-    units = plan_units(ccfg.sources, ccfg.rows_per_shard, ccfg.s3_endpoint_url)
+    storage.makedirs(ccfg.output, ccfg.s3_endpoint_url)
+    units = plan_units(ccfg.sources, ccfg.rows_per_shard, ccfg.s3_endpoint_url, columns=ccfg.columns,
+                       workdir=storage.join(ccfg.output, LISTING_DIR), runner=ray_runner)
     salt = stage1_salt(ccfg)
     keys = [u.key(salt) for u in units]
     if len(set(keys)) != len(keys):
         dupes = [k for k, n in Counter(keys).items() if n > 1]
         raise ValueError(f"the same input block appears twice in curate.sources (block {dupes[0]})")
-    log(f"[curate] plan: {len(units)} input blocks from {len(ccfg.sources)} sources -> {ccfg.output}")
-    storage.makedirs(ccfg.output, ccfg.s3_endpoint_url)
+    kinds = Counter(u.kind for u in units)
+    log(f"[curate] plan: {len(units)} input blocks ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}) "
+        f"from {len(ccfg.sources)} sources -> {ccfg.output}")
     return units, keys
 
 

@@ -29,7 +29,9 @@ original never beats it), then the native-scale `sharpness` (higher first), then
 artefacts raise gradient-based scores, so sharpness only breaks ties between equally faithful encodings.
 
 Schema versions: 1 (initial); 2 adds `sharpness` and `fidelity` to both schemas and `declared_type` (the
-Content-Type the server declared, null for files; what is decoded is decided from the bytes) to the ledger.
+Content-Type the server declared, null for files; what is decoded is decided from the bytes) to the ledger; 3 adds
+`metadata` to both: the columns of a URL list (or the fields of a tar sample's JSON and small members) named in
+curate.columns.metadata, as one JSON object per row (null when none are carried).
 
 Readers use `read_kept(uri)` (Ray Data) or `read_kept_table(uri)` (pyarrow), or filter with `KEPT_FILTER`.
 """
@@ -41,7 +43,7 @@ import pyarrow.compute as pc
 
 from vosr import storage
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_VERSION_KEY = b"vosr.curate.schema_version"
 
 CURATED_SCHEMA = pa.schema(
@@ -64,6 +66,7 @@ CURATED_SCHEMA = pa.schema(
         pa.field("duplicate_of", pa.string()),             # null for kept rows
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("drop_reason", pa.string()),              # null | "duplicate" | "category_cap"
+        pa.field("metadata", pa.string()),                 # carried columns (curate.columns.metadata), JSON
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -90,6 +93,7 @@ STAGE1_SCHEMA = pa.schema(
         pa.field("sharpness", pa.float32()),
         pa.field("fidelity", pa.float32()),
         pa.field("declared_type", pa.string()),            # Content-Type declared by the server (URLs only)
+        pa.field("metadata", pa.string()),                 # carried columns (curate.columns.metadata), JSON
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )

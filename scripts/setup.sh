@@ -17,6 +17,6 @@ echo "[setup] creating $VENV with $($PY --version)"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch first, pinned: a pair that loads together on this platform (see README).
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,reference]"
 echo "$want" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - t0 ))s"

@@ -337,7 +337,9 @@ def test_poisson_noise_levels_are_the_next_power_of_two_of_distinct_8bit_values(
     torch.testing.assert_close(b[inside], (img + 0.25 * (a - img))[inside], atol=1e-6, rtol=1e-6)
 
 
-def test_adain_uses_the_unbiased_std_with_eps_inside_the_square_root():
+def test_adain_uses_the_unbiased_std_with_eps_added_to_the_std():
+    """The authors' adain_color_fix adds eps to torch.std (after the root); tests/test_released.py also compares
+    whole upscales with their code."""
     from vosr.colorfix import ADAIN_EPS, adain
 
     assert ADAIN_EPS == 1e-5  # docs/method.md s8
@@ -347,9 +349,9 @@ def test_adain_uses_the_unbiased_std_with_eps_inside_the_square_root():
     xv = x[0, 0].flatten()
     mx, vx = xv.mean(), ((xv - xv.mean()) ** 2).sum() / (xv.numel() - 1)  # unbiased: n - 1
     mr, vr = rs.mean(), ((rs - rs.mean()) ** 2).sum() / (rs.numel() - 1)
-    hand = (xv - mx) / torch.sqrt(vx + 1e-5) * torch.sqrt(vr + 1e-5) + mr
+    hand = (xv - mx) / (torch.sqrt(vx) + 1e-5) * (torch.sqrt(vr) + 1e-5) + mr
     torch.testing.assert_close(adain(x, ref)[0, 0].flatten(), hand, atol=1e-12, rtol=1e-12)
-    # the biased std or eps outside the root would each give other numbers
-    biased = (xv - mx) / torch.sqrt(vx * 3 / 4 + 1e-5) * torch.sqrt(vr * 5 / 6 + 1e-5) + mr
-    outside = (xv - mx) / (torch.sqrt(vx) + 1e-5) * (torch.sqrt(vr) + 1e-5) + mr
-    assert (biased - hand).abs().max() > 1e-3 and (outside - hand).abs().max() > 1e-7
+    # the biased std or eps inside the root would each give other numbers
+    biased = (xv - mx) / (torch.sqrt(vx * 3 / 4) + 1e-5) * (torch.sqrt(vr * 5 / 6) + 1e-5) + mr
+    inside = (xv - mx) / torch.sqrt(vx + 1e-5) * torch.sqrt(vr + 1e-5) + mr
+    assert (biased - hand).abs().max() > 1e-3 and (inside - hand).abs().max() > 1e-7

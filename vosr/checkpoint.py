@@ -8,6 +8,8 @@ An FSDP run writes the sharded layout instead (config.json "layout": "dcp", weig
 vosr/sharded.py); load_checkpoint reads both, and `python -m training.export` turns one into this layout.
 RoPE is never stored: it is recomputed from the grid, so `train_grid` / `train_resolution` on load rebuild it for
 another training grid (progressive 256 -> 512 stage, docs/method.md s5).
+`load_checkpoint` also reads a model folder released by the VOSR authors (args.json + their EMA weights,
+vosr/released.py) and `hf://owner/repo/path[@revision]` URIs of either kind (vosr/hub.py).
 """
 
 from __future__ import annotations
@@ -153,16 +155,35 @@ def _weights_file(folder: str, use_ema: bool, meta: dict, endpoint_url: str) -> 
     return name, wpath
 
 
+def is_checkpoint_folder(folder: str) -> bool:
+    """A local folder load_checkpoint reads: this project's (config.json) or a released one (vosr/released.py)."""
+    from pathlib import Path
+
+    from .released import is_released_folder
+
+    return (Path(folder) / CONFIG_FILE).is_file() or is_released_folder(folder)
+
+
 def load_checkpoint(folder: str, use_ema: bool = True, device: str | torch.device = "cpu",
                     train_grid: int | None = None, train_resolution: int | None = None,
                     dtype: torch.dtype | None = None, endpoint_url: str = "") -> tuple[nn.Module, Any, dict]:
     """Rebuild the model from config.json and load its (EMA by default) weights -> (model in eval, cfg, meta).
 
     Falls back to model.safetensors when the folder has no EMA (meta["weights"] says which file was used).
-    `train_resolution` (pixels) or `train_grid` (tokens) rebuilds RoPE for another training grid."""
+    `train_resolution` (pixels) or `train_grid` (tokens) rebuilds RoPE for another training grid. A released
+    VOSR folder is imported in memory (vosr/released.py; meta["extra"]["imported"] lists its files' sha256);
+    an hf:// URI is read through the Hugging Face cache first (vosr/hub.py)."""
     from .config import config_from_dict
+    from .hub import is_hub_uri
+    from .hub import resolve as hub_resolve
     from .model import build_dit, model_dims
+    from .released import is_released_folder, load_released
 
+    if is_hub_uri(folder):
+        folder = str(hub_resolve(folder))
+    if not storage.is_remote(folder) and is_released_folder(folder):
+        return load_released(folder, use_ema=use_ema, device=device, train_grid=train_grid,
+                             train_resolution=train_resolution, dtype=dtype)
     meta = read_meta(folder, endpoint_url)
     cfg = config_from_dict(meta["config"], other_sections=True)  # the method sections; jobs keep their own
     if meta.get("layout") == LAYOUT:  # an FSDP run's sharded checkpoint: assembled from every rank's shards

@@ -1,7 +1,7 @@
 """Colour correction of the SR output against the bicubic-upsampled LR (docs/method.md s8, "Post-processing").
 
 - `adain` (default): per-channel global mean/std matching; std is the unbiased one, with eps 1e-5 added to the
-  variance before the square root.
+  std (after the square root), as the authors' adain_color_fix does.
 - `wavelet`: the reference calls it wavelet, but it is a Gaussian-blur low/high split (sigma = 5 px): the output
   keeps its own high frequencies and takes the low frequencies of the LR. The option keeps the reference's name;
   the function is named for what it does (`gaussian_lowpass_swap`).
@@ -23,7 +23,7 @@ LOWPASS_SIGMA = 5.0       # docs/method.md s8: the "wavelet" fix is a sigma = 5 
 def _mean_std(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.flatten(2)
     mean = flat.mean(dim=2)[..., None, None]
-    std = (flat.var(dim=2, unbiased=True) + eps).sqrt()[..., None, None]
+    std = (flat.std(dim=2, unbiased=True) + eps)[..., None, None]   # eps on the std (docs/method.md s8)
     return mean, std
 
 

@@ -6,12 +6,16 @@ Pipeline for a batch of same-size LR images (docs/method.md s8 with the project'
 3. Autoencoder-encode the whole padded image once ([-1, 1] in; posterior sample or mode per
    autoencoder.inference_sample_posterior; each image draws from its own seeded generator).
 4. Semantic tokens of the whole image, or, when tiling, of each tile's matching pixel crop, encoded once.
-5. One full-size noise latent per image from its own seed, so a result never depends on the batch it is in.
+5. One full-size noise latent per image from its own seed, so a result never depends on the batch it is in
+   (inference.rng: "vosr" draws posterior and noise from two generators derived from the seed; "reference" from one
+   generator seeded with the seed, posterior first, on the model's device, as the authors' scripts do).
 6. Euler integration with vosr.flow's velocity functions; with tiling the velocity is the Gaussian blend of the
    tile velocities at every step (vosr.tiling.TiledVelocity).
 7. Decode the whole latent once, clamp, crop back, colour fix against the bicubic LR (adain default), and convert
-   to 8-bit by ROUNDING. The reference converts with ToPILImage, which truncates (floor), so its outputs are on
-   average half a grey level darker; rounding is the unbiased choice.
+   to 8-bit by ROUNDING. The reference converts with ToPILImage, which truncates (floor), before and after its
+   colour fix, so its outputs are on average half a grey level darker; rounding is the unbiased choice, and
+   inference.quantize=reference reproduces the reference's two truncations (the benchmark presets use it).
+A latent no larger than one tile on either side is sampled untiled, as the reference's tiled path does.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ import torch
 from PIL import Image
 
 from vosr import flow
-from vosr.choices import MODES, SCHEDULES
+from vosr.choices import MODES, QUANTIZE, RNGS, SCHEDULES
 from vosr.colorfix import COLOR_FIXES, color_fix
 from vosr.seeding import derive_seed
-from vosr.tiling import TiledVelocity, ceil_to, reflect_pad, tile_count, tile_grid
+from vosr.tiling import TiledVelocity, ceil_to, reflect_pad, tile_count, tile_grid, tile_size_latents
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class UpscaleOptions:
     color_fix: str = "adain"
     upscale: int = 4
     seed: int = 42
+    rng: str = "vosr"
+    quantize: str = "round"
 
     def validate(self) -> UpscaleOptions:
         if self.mode not in MODES:
@@ -56,6 +62,10 @@ class UpscaleOptions:
             raise ValueError(f"schedule {self.schedule!r} is not one of {list(SCHEDULES)}")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix {self.color_fix!r} is not one of {list(COLOR_FIXES)}")
+        if self.rng not in RNGS:
+            raise ValueError(f"rng {self.rng!r} is not one of {list(RNGS)}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize {self.quantize!r} is not one of {list(QUANTIZE)}")
         for name, lo in (("steps", 0), ("tile_size", 0), ("tile_overlap", 0), ("tile_batch", 1), ("upscale", 1)):
             if int(getattr(self, name)) < lo:
                 raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
@@ -69,7 +79,7 @@ class UpscaleOptions:
     def batch_key(self) -> tuple:
         """Options that must be equal for images to share one forward pass (seed and colour fix need not)."""
         return (self.mode, self.steps, self.guidance, self.weak_strength, self.schedule, self.tile_size,
-                self.tile_overlap, self.tile_batch, self.upscale)
+                self.tile_overlap, self.tile_batch, self.upscale, self.rng, self.quantize)
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,8 @@ def options_from_config(cfg) -> UpscaleOptions:
     return UpscaleOptions(
         mode=inf.mode, steps=0, guidance=cfg.flow.guidance_scale, weak_strength=cfg.flow.weak_strength,
         schedule=cfg.flow.schedule, tile_size=inf.tile_size, tile_overlap=inf.tile_overlap,
-        tile_batch=inf.tile_batch, color_fix=inf.color_fix, upscale=inf.upscale, seed=inf.seed,
+        tile_batch=inf.tile_batch, color_fix=inf.color_fix, upscale=inf.upscale, seed=inf.seed, rng=inf.rng,
+        quantize=inf.quantize,
     ).validate()
 
 
@@ -117,9 +128,12 @@ def pil_to_batch(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def batch_to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> 8-bit RGB images, rounded to nearest (not truncated like the reference)."""
-    arr = torch.round(x.detach().float().clamp(0, 1) * 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def batch_to_pil(x: torch.Tensor, quantize: str = "round") -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> 8-bit RGB images, rounded to nearest (`quantize="reference"`: truncated, as the
+    reference's ToPILImage does)."""
+    levels = x.detach().float().clamp(0, 1) * 255.0
+    levels = torch.floor(levels) if quantize == "reference" else torch.round(levels)
+    arr = levels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a), "RGB") for a in arr]
 
 
@@ -148,13 +162,14 @@ class Upscaler:
             self.meta: dict[str, Any] = {}
             self.checkpoint = "<in-memory>"
         else:
-            from vosr.checkpoint import load_checkpoint
+            from vosr.checkpoint import is_checkpoint_folder, load_checkpoint
 
             folder = str(checkpoint)
-            if "://" not in folder and not (Path(folder) / "config.json").is_file():
-                raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json); pass a folder "
-                                        "holding config.json + model.safetensors or a models:/ URI resolved by "
-                                        "inference/model_uri.py")
+            if "://" not in folder and not is_checkpoint_folder(folder):
+                raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json, nor a released VOSR "
+                                        "folder with args.json + weights); pass a folder holding config.json + "
+                                        "model.safetensors, a released VOSR folder, or a models:/ or hf:// URI "
+                                        "resolved by inference/model_uri.py")
             model, ckpt_cfg, self.meta = load_checkpoint(folder, use_ema=use_ema, device="cpu")
             self.checkpoint = folder
         run_cfg = cfg if cfg is not None else ckpt_cfg
@@ -165,6 +180,8 @@ class Upscaler:
         sem_cfg = ckpt_cfg.semantic
         if cfg is not None and cfg.autoencoder.path:
             ae_cfg = dataclasses.replace(ae_cfg, path=cfg.autoencoder.path)
+        if cfg is not None and cfg.autoencoder.light_decoder:
+            ae_cfg = dataclasses.replace(ae_cfg, light_decoder=cfg.autoencoder.light_decoder)
         if cfg is not None and cfg.semantic.path:
             sem_cfg = dataclasses.replace(sem_cfg, path=cfg.semantic.path)
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -204,7 +221,7 @@ class Upscaler:
         w, h = size
         lh = ceil_to(h * options.upscale, self.multiple) // self.factor
         lw = ceil_to(w * options.upscale, self.multiple) // self.factor
-        if options.tile_size > 0:
+        if self._tiled(lh, lw, options):
             tiles, lt = tile_count(lh, lw, options.tile_size, options.tile_overlap, self.factor, self.patch)
             area = lt * lt
         else:
@@ -234,8 +251,10 @@ class Upscaler:
                 raise ValueError(f"color_fix {fix!r} is not one of {list(COLOR_FIXES)}")
         up = pil_to_batch([bicubic_upsample(im, opts.upscale) for im in images]).to(self.device)
         out = self._sample(up, opts, seeds)
+        if opts.quantize == "reference":   # the reference's colour fix sees the truncated 8-bit decode
+            out = torch.floor(out.float() * 255.0) / 255.0
         fixed = torch.cat([color_fix(out[i:i + 1], up[i:i + 1], fixes[i]) for i in range(len(images))])
-        return batch_to_pil(fixed)
+        return batch_to_pil(fixed, opts.quantize)
 
     # --- internals --------------------------------------------------------------------------------------------
     def _velocity_maker(self, opts: UpscaleOptions, cache: bool):
@@ -250,15 +269,23 @@ class Upscaler:
         # the student's few-step sampler always runs on a linear schedule (docs/method.md s7)
         return flow.timesteps(opts.steps, opts.schedule if opts.mode == "multistep" else "linear")
 
-    def _encode(self, padded01: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        lats = []
+    def _encode(self, padded01: torch.Tensor, seeds: Sequence[int], rng: str = "vosr"
+                ) -> tuple[torch.Tensor, list[torch.Generator] | None]:
+        """Latents, and for rng "reference" each image's generator (the posterior sample drawn, the noise next)."""
+        lats, gens = [], []
         for i, seed in enumerate(seeds):
-            g = torch.Generator(device=self.device).manual_seed(derive_seed(int(seed), "posterior"))
+            first = int(seed) if rng == "reference" else derive_seed(int(seed), "posterior")
+            g = torch.Generator(device=self.device).manual_seed(first)
             lats.append(self.autoencoder.encode(padded01[i:i + 1] * 2 - 1, sample=self.sample_posterior,
                                                 generator=g))
-        return torch.cat(lats).float()
+            gens.append(g)
+        return torch.cat(lats).float(), (gens if rng == "reference" else None)
 
-    def _noise(self, lq: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    def _noise(self, lq: torch.Tensor, seeds: Sequence[int], gens: list[torch.Generator] | None = None
+               ) -> torch.Tensor:
+        if gens is not None:   # rng "reference": continue each image's stream on the model's device
+            return torch.cat([torch.randn((1, *lq.shape[1:]), generator=g, device=self.device, dtype=torch.float32)
+                              for g in gens]).to(lq.dtype)
         out = []
         for seed in seeds:
             g = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -276,13 +303,21 @@ class Upscaler:
             out += [tokens[k * b:(k + 1) * b] for k in range(len(tiles))]
         return out
 
+    def _tiled(self, lh: int, lw: int, opts: UpscaleOptions) -> bool:
+        """Tiling is on and the latent is larger than one tile on some side (the reference's fast path otherwise:
+        docs/method.md s8)."""
+        if opts.tile_size <= 0:
+            return False
+        lt = tile_size_latents(opts.tile_size, self.factor, self.patch)
+        return lh > lt or lw > lt
+
     def _sample(self, up01: torch.Tensor, opts: UpscaleOptions, seeds: Sequence[int]) -> torch.Tensor:
         padded, (h, w) = reflect_pad(up01, self.multiple)
-        lq = self._encode(padded, seeds)
-        noise = self._noise(lq, seeds)
-        tiled = opts.tile_size > 0
-        make = self._velocity_maker(opts, cache=not tiled and opts.steps > 1)
+        lq, gens = self._encode(padded, seeds, opts.rng)
+        noise = self._noise(lq, seeds, gens)
         lh, lw = lq.shape[-2:]
+        tiled = self._tiled(lh, lw, opts)
+        make = self._velocity_maker(opts, cache=not tiled and opts.steps > 1)
         if tiled:
             grid = tile_grid(lh, lw, opts.tile_size, opts.tile_overlap, self.factor, self.patch)
             sem_tiles = self._tile_tokens(padded, grid, opts.tile_batch)

@@ -40,11 +40,14 @@ import pyarrow.parquet as pq
 from pipelines.curate_schema import STAGE1_DIR, STAGE1_SCHEMA
 from pipelines.curation.analysis import Rejected, analyse
 from pipelines.curation.crawl import FetchResult, iter_fetch, retry_next_run
-from pipelines.curation.sources import Item, Unit, read_items
+from pipelines.curation.sources import Item, Unit, prefilter, read_items
 from vosr import storage
 
 # Reasons that mean "an image was received and decoded but a quality filter removed it" (paper s4.1).
-FILTER_REASONS = ("too_small", "bad_aspect", "low_gradient", "low_entropy", "low_sharpness")
+FILTER_REASONS = ("too_small", "bad_aspect", "low_gradient", "low_entropy", "low_sharpness",
+                  "prefilter_too_small", "prefilter_bad_aspect")
+# Filter reasons decided from the size a URL list declares, before any request (sources.prefilter): never fetched.
+PREFILTER_REASONS = ("prefilter_too_small", "prefilter_bad_aspect")
 
 
 def stage1_uri(output: str, key: str, suffix: str = ".parquet") -> str:
@@ -109,7 +112,7 @@ def _fetch_file(it: Item, max_bytes: int, endpoint_url: str) -> FetchResult:
 def _fetch(unit: Unit, items: list[Item], ccfg, gates=None) -> Iterator[tuple[Item, FetchResult]]:
     """(item, result) per item, as each body arrives (URLs: completion order; files: in order). At most
     crawl.concurrency bodies are held by the fetching side at once (crawl.iter_fetch)."""
-    if unit.kind == "files":
+    if unit.kind in ("files", "image"):
         for it in items:
             yield it, _fetch_file(it, ccfg.crawl.max_bytes, ccfg.s3_endpoint_url)
         return
@@ -120,7 +123,8 @@ def _fetch(unit: Unit, items: list[Item], ccfg, gates=None) -> Iterator[tuple[It
 def _ledger_row(key: str, it: Item, res: FetchResult, ccfg) -> dict:
     """One ledger row: "ok" with image, hashes and embedding, or the failure/filter reason."""
     row = {"unit": key, "row": it.index, "source": it.source, "list_category": it.category,
-           "declared_type": res.content_type or None}  # recorded only: the bytes decide (imageio.sniff)
+           "declared_type": res.content_type or None,  # recorded only: the bytes decide (imageio.sniff)
+           "metadata": it.metadata}
     if res.reason != "ok":
         return {**row, "reason": res.reason, "detail": res.detail}
     data = res.data or b""
@@ -143,7 +147,8 @@ def reason_counts(reasons: list[str]) -> dict:
     ok = counts.pop("ok", 0)
     filtered = {r: n for r, n in counts.items() if r in FILTER_REASONS}
     failed = {r: n for r, n in counts.items() if r not in FILTER_REASONS}
-    not_fetched = sum(n for r, n in failed.items() if r not in DECODE_REASONS)
+    not_fetched = (sum(n for r, n in failed.items() if r not in DECODE_REASONS)
+                   + sum(n for r, n in filtered.items() if r in PREFILTER_REASONS))
     return {"seen": len(reasons), "fetched": len(reasons) - not_fetched, "ok": ok,
             "failed": dict(sorted(failed.items())), "filtered": dict(sorted(filtered.items()))}
 
@@ -200,7 +205,7 @@ class LedgerWriter:
     def add(self, row: dict) -> None:
         self._rows.append(row)
         self.reasons.append(row["reason"])
-        self._bytes += len(row.get("image") or b"") + 512
+        self._bytes += len(row.get("image") or b"") + len(row.get("metadata") or "") + 512
         if self._bytes >= self._group_bytes:
             self.flush()
 
@@ -225,12 +230,35 @@ class LedgerWriter:
 
 
 def process_unit(unit: Unit, key: str, ccfg, sink: LedgerWriter, gates=None) -> dict:
-    """Run stage 1 on one block, streaming its ledger rows (STAGE1_SCHEMA) into `sink`; returns the stats."""
+    """Run stage 1 on one block, streaming its ledger rows (STAGE1_SCHEMA) into `sink`; returns the stats. Rows of
+    a URL list whose declared size fails the resolution or aspect filter are decided without a request
+    (curate.prefilter); a tar shard is streamed sample by sample (tars.py)."""
     t0 = time.perf_counter()
-    items = list(read_items(unit, ccfg.s3_endpoint_url))
+    if unit.kind == "tar":
+        from pipelines.curation.tars import iter_tar
+
+        for it, res in iter_tar(unit, ccfg.crawl.max_bytes, ccfg.s3_endpoint_url):
+            sink.add(_ledger_row(key, it, res, ccfg))
+        return ledger_stats(key, sink.reasons, time.perf_counter() - t0)
+    items = _decide_listed(key, list(read_items(unit, ccfg.s3_endpoint_url)), ccfg, sink)
     for it, res in _fetch(unit, items, ccfg, gates):
         sink.add(_ledger_row(key, it, res, ccfg))
     return ledger_stats(key, sink.reasons, time.perf_counter() - t0)
+
+
+def _decide_listed(key: str, items: list[Item], ccfg, sink: LedgerWriter) -> list[Item]:
+    """Ledger rows for the items whose listed size fails a filter; returns the items left to fetch."""
+    if not ccfg.prefilter:
+        return items
+    left = []
+    for it in items:
+        decided = prefilter(it, ccfg.filters)
+        if decided is None:
+            left.append(it)
+        else:
+            sink.add({"unit": key, "row": it.index, "source": it.source, "list_category": it.category,
+                      "declared_type": None, "metadata": it.metadata, "reason": decided[0], "detail": decided[1]})
+    return left
 
 
 _COMPARED = [f.name for f in STAGE1_SCHEMA if f.name not in ("detail", "image")]
@@ -246,7 +274,7 @@ def retry_unit(unit: Unit, key: str, current_uri: str, ccfg, sink: LedgerWriter,
     with fs.open_input_file(path) as f:
         small = pq.read_table(f, columns=_COMPARED)  # no image bytes
     old = {r["row"]: r for r in small.to_pylist() if retry_next_run(r["reason"])}
-    if not old:
+    if not old or unit.kind == "tar":  # a shard's reasons are final (storage, not a server, failed)
         return ledger_stats(key, small["reason"].to_pylist(), 0.0), 0, False
     items = [it for it in read_items(unit, ccfg.s3_endpoint_url) if it.index in old]
     if len(items) != len(old):

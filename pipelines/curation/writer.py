@@ -63,7 +63,7 @@ def _media_type(declared: str | None) -> str:
 
 # The columns of a block's ledger that the final shard is made of (not its embedding or detail text).
 LEDGER_COLUMNS = ["row", "reason", "id", "source", "image", "format", "width", "height", "sha256", "phash", "dhash",
-                  "gradient", "entropy", "sharpness", "fidelity"]
+                  "gradient", "entropy", "sharpness", "fidelity", "metadata"]
 WRITE_SLICE_BYTES = 8 * 2**20  # the ledger is read, and the shard written, this many bytes of rows at a time
 WRITE_SLICE_FACTOR = 8  # measured peak per slice byte (decode, "ok" rows taken, pages encoded, allocator slack)
 WRITE_ROW_BYTES = 1024  # the block's decisions, per ledger row (a few small Python records)
@@ -152,6 +152,7 @@ def _shard_slice(t: pa.Table, decisions: dict[int, dict], unit: str, tally: dict
         **{c: ok[c] for c in _COPIED},
         **{c: pa.array(cols[c], pa.string()) for c in ("category", "category_source", "duplicate_of")},
         "kept": keep, "drop_reason": pa.array(drop, pa.string()),
+        "metadata": ok["metadata"] if "metadata" in ok.column_names else pa.nulls(ok.num_rows, pa.string()),
     }).cast(CURATED_SCHEMA)
 
 
@@ -183,7 +184,8 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
         out = pq.ParquetWriter(sink, CURATED_SCHEMA, compression="zstd",
                                **streamable_pages(CURATED_SCHEMA))
         wrote = False
-        for rb in pf.iter_batches(batch_size=batch, columns=LEDGER_COLUMNS, use_threads=False):
+        cols = [c for c in LEDGER_COLUMNS if c in names]  # a ledger of an older schema has no metadata
+        for rb in pf.iter_batches(batch_size=batch, columns=cols, use_threads=False):
             part = _shard_slice(pa.Table.from_batches([rb]), decisions, unit, tally)
             del rb
             if part.num_rows or not wrote:

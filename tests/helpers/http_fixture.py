@@ -99,8 +99,10 @@ class HttpSite:
 
 
 class _Server:
-    def __init__(self, photos: list[Path], plant: list[Path], hang_s: float, oversize_bytes: int):
+    def __init__(self, photos: list[Path], plant: list[Path], hang_s: float, oversize_bytes: int,
+                 latency_s: float = 0.0):
         self.photos = {p.name: p for p in photos}
+        self.latency_s = latency_s
         self.blobs: dict[str, tuple[bytes, str]] = {}
         self.planted: dict[str, list[tuple[str, str]]] = {"resized": [], "reencoded": [], "cropped": []}
         for p in plant:
@@ -137,6 +139,8 @@ class _Server:
         path = request.path
         self.hit_times.append(time.monotonic())
         self.requests.append((request.method, path, request.headers.get("User-Agent", "")))
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         if path.startswith("/photo/"):
             return self._photo(path[len("/photo/"):])
         if path in self.blobs:
@@ -239,9 +243,10 @@ HOSTILE_REASONS = {
 
 @contextlib.contextmanager
 def http_server(photos: list[Path], plant: list[Path] | None = None, hang_s: float = 4.0,
-                oversize_bytes: int = 3 * 2**20):
-    """Serve `photos` (and near-duplicates of `plant`) on 127.0.0.1; yields an HttpSite."""
-    server = _Server(list(photos), list(plant or []), hang_s, oversize_bytes)
+                oversize_bytes: int = 3 * 2**20, latency_s: float = 0.0):
+    """Serve `photos` (and near-duplicates of `plant`) on 127.0.0.1; yields an HttpSite. latency_s delays every
+    answer (a stand-in for the network in benchmarks)."""
+    server = _Server(list(photos), list(plant or []), hang_s, oversize_bytes, latency_s)
     server.start()
     site = HttpSite(f"http://127.0.0.1:{server.port}", dict(server.photos), server.planted, dict(HOSTILE_REASONS))
     site.requests = server.requests

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..choices import COLOR_FIXES, MODES
+from ..choices import COLOR_FIXES, INFERENCE_PRESETS, MODES, QUANTIZE, RNGS
 from .schema import option
 
 
@@ -14,7 +14,9 @@ class InferenceConfig:
     mode: str = option("onestep", "onestep (distilled student, few-step with distill.onestep_steps) or multistep "
                        "(teacher with guidance flow.guidance_scale, flow.steps Euler steps).",
                        choices=list(MODES))
-    checkpoint: str = option("", "Checkpoint folder or MLflow model URI (models:/name/version).")
+    checkpoint: str = option("", "Checkpoint folder, MLflow model URI (models:/name/version), a model folder released "
+                             "by the VOSR authors (args.json + weights) or its hf:// URI (hf://CSWRY/VOSR/VOSR_0.5B_os"
+                             "[@revision]; docs/checkpoints.md).")
     tile_size: int = option(0, "Tile size in pixels of the upsampled image (0 = no tiling; docs/method.md s8: 512 -> "
                             "64 latents at f=8).", ge=0)
     tile_overlap: int = option(0, "Tile overlap in pixels (at least tile/8 latents is used, docs/method.md s8).",
@@ -25,4 +27,17 @@ class InferenceConfig:
                             choices=list(COLOR_FIXES))
     upscale: int = option(4, "Upscale factor of the input (x4; the LR is PIL-bicubic upsampled by it first).", ge=1)
     seed: int = option(42, "Noise seed (reference: 42); each image draws from its own generator.")
+    rng: str = option("vosr", "Random streams: vosr (the posterior sample and the noise from two generators derived "
+                      "from the seed, the noise drawn on the CPU) or reference (one generator seeded with the seed "
+                      "on the model's device, posterior sample first, then the noise: the authors' scripts' order "
+                      "for the first image of a run). Either way a result never depends on its batch.",
+                      choices=list(RNGS))
+    quantize: str = option("round", "8-bit output: round (once, after the colour fix; unbiased) or reference "
+                           "(truncate after decoding and again after the colour fix, as the authors' scripts do).",
+                           choices=list(QUANTIZE))
+    preset: str = option("", "The released models' benchmark settings, filled in under the file's and --set values: "
+                         "realsr (x4, 25 linear Euler steps, guidance -0.5, weak strength 0.15, one step for a "
+                         "student, AdaIN, tiles of 512 px, the reference's random streams and 8-bit conversion) or "
+                         "screensr (the same with guidance 0.5 and x1: ScreenSR's LQ is already at HR size). "
+                         "docs/method.md s8.", choices=["", *INFERENCE_PRESETS])
     device: str = option("auto", "Device: auto, cpu or cuda.", choices=["auto", "cpu", "cuda"])

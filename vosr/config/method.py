@@ -23,6 +23,10 @@ class ModelConfig:
     time_freq_dim: int = option(256, "Sinusoid size of the time embedding (DiT: 256).", ge=8)
     rope_theta: float = option(10000.0, "RoPE base frequency (docs/method.md s4: 10000).", gt=0)
     qk_norm: bool = option(True, "RMSNorm on queries and keys in self- and cross-attention (docs/method.md s4).")
+    rope_arithmetic: str = option("float64", "How the RoPE cos/sin tables are computed: float64 angles rounded once "
+                                  "(default), or float32 as the released VOSR models do it, which models imported "
+                                  "from the authors' release use (bit-identical tables; vosr/model/rope.py).",
+                                  choices=["float64", "float32"])
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -40,7 +44,13 @@ class AutoencoderConfig:
                        "(SD2.1 VAE, 4 channels), qwen2d (Qwen-Image VAE on single frames, 16 channels).",
                        choices=["pixel", "sd21", "qwen2d"])
     path: str = option("", "Local folder with the VAE weights in diffusers layout (config.json + *.safetensors): "
-                       "the vae folder itself or a repo folder holding vae/. Unused by pixel. Nothing is downloaded.")
+                       "the vae folder itself or a repo folder holding vae/ (for qwen2d also the authors' "
+                       "Qwen-Image-vae-2d folder), or an hf:// URI of one (fetched into the Hugging Face cache "
+                       "only because it is named). Unused by pixel.")
+    light_decoder: str = option("", "sd21 only: the authors' light SD2.1 decoder (sd21_lwdecoder.pth, or its "
+                                ".safetensors conversion; a local file or an hf:// URI) to decode with instead of the "
+                                "VAE's own decoder (docs/method.md s2). Empty: the checkpoint's choice (released "
+                                "VOSR-0.5B models name it); 'none': always the full decoder.")
     downsample: int = option(4, "Spatial factor of the pixel codec (sd21 and qwen2d are fixed at 8).", ge=1)
     sample_posterior: bool = option(True, "Encode with a posterior sample (reference behaviour) instead of the mode.")
     inference_sample_posterior: bool = option(True, "Posterior sample at inference too (docs/method.md s0: mode is "
@@ -52,8 +62,10 @@ class SemanticConfig:
     name: str = option("tiny_vit", "Semantic encoder registry name: tiny_vit (small ViT, fixed-seed random weights; "
                        "carries no semantics), dinov2_vitb14, dinov2_vitl14.",
                        choices=["tiny_vit", "dinov2_vitb14", "dinov2_vitl14"])
-    path: str = option("", "Local weights file (.pth or .safetensors; timm or original DINOv2 key layout) for DINOv2, "
-                       "optional for tiny_vit; nothing is downloaded.")
+    path: str = option("", "Weights for DINOv2 (optional for tiny_vit): a .pth or .safetensors file (timm or "
+                       "original DINOv2 key layout), or a torch.hub cache folder holding "
+                       "hub/checkpoints/dinov2_vit{b,l}14_pretrain.pth (the authors' torch_cache), or an hf:// URI "
+                       "of either; nothing that is not named is downloaded.")
     layer: int = option(2, "Block whose output is used, 0-based, CLS removed, no final norm (docs/method.md s3: "
                         "8 for ViT-B/14, 17 for ViT-L/14).", ge=0)
     input_size: int = option(64, "Square input size the upsampled LR is bicubic-resized to (448 for DINOv2 -> "

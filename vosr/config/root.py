@@ -44,6 +44,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+# inference.preset: the settings the authors benchmark their released models with (docs/method.md s6-s8; their
+# README: 25 steps, --cfg_scale -0.5 on RealSR and 0.5 on ScreenSR, -u 1 for ScreenSR's HR-sized LQ; the weak
+# strength their sampler actually uses is mean([0.05, 0.25]) = 0.15; one step for the distilled models; AdaIN;
+# --tile_size 512, whose latent tile of 64 is the training grid). Filled in under the config file and --set values.
+_BENCHMARK = {
+    "flow": {"steps": 25, "schedule": "linear", "weak_strength": 0.15},
+    "distill": {"onestep_steps": 1},
+    "autoencoder": {"inference_sample_posterior": True},
+    "inference": {"color_fix": "adain", "tile_size": 512, "tile_overlap": 0, "rng": "reference",
+                  "quantize": "reference", "seed": 42},
+}
+INFERENCE_PRESETS: dict[str, dict[str, Any]] = {
+    "realsr": _merge(copy.deepcopy(_BENCHMARK), {"flow": {"guidance_scale": -0.5}, "inference": {"upscale": 4}}),
+    "screensr": _merge(copy.deepcopy(_BENCHMARK), {"flow": {"guidance_scale": 0.5}, "inference": {"upscale": 1}}),
+}
+
+
 @dataclass
 class MethodConfig:
     preset: str = option("tiny", "Preset that fills model/autoencoder/semantic/data before the file's values.",
@@ -63,15 +89,6 @@ class MethodConfig:
 
     def replace(self, **changes: Any) -> Any:
         return dataclasses.replace(self, **changes)
-
-
-def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = copy.deepcopy(v)
-    return dst
 
 
 def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (), *,
@@ -100,7 +117,14 @@ def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | 
     if preset not in presets:
         raise ConfigError(f"preset: {preset!r} is not valid; valid values (closest first): "
                           f"{_closest(str(preset), presets)}")
-    merged = _merge(copy.deepcopy(presets[preset]), tree)
+    base = copy.deepcopy(presets[preset])
+    ipreset = (tree.get("inference") or {}).get("preset") if isinstance(tree.get("inference"), dict) else None
+    if ipreset:
+        if ipreset not in INFERENCE_PRESETS:
+            raise ConfigError(f"inference.preset: {ipreset!r} is not valid; valid values (closest first): "
+                              f"{_closest(str(ipreset), INFERENCE_PRESETS)}")
+        base = _merge(base, INFERENCE_PRESETS[ipreset])
+    merged = _merge(base, tree)
     return build(root, merged)
 
 

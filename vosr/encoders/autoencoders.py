@@ -1,9 +1,10 @@
-"""Latent autoencoders (docs/method.md s2): the SD2.1 VAE, the Qwen-Image VAE on single frames, and a pixel codec.
+"""Latent autoencoders (docs/method.md s2): the SD2.1 VAE (optionally decoding with the authors' light decoder), the
+Qwen-Image VAE (the released 2D model, or diffusers' video VAE on single frames), and a pixel codec.
 
 Every codec maps images in [-1, 1] [B, 3, H, W] to *scaled* latents [B, C, H/f, W/f] (the tensors the DiT sees)
 and back. H and W must be multiples of f: padding to that multiple is the caller's job (docs/method.md s0 - the
 upscaler pads with reflection and crops back); other sizes are refused with a clear error.
-Weights are read from local folders only.
+Weights are read from local folders, or from hf:// URIs through the Hugging Face cache (vosr/hub.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..hub import localize
 from .specs import autoencoder_spec, lookup
 from .weights import MissingWeightsError, files_sha256, find_diffusers_folder, offline
+
+NO_LIGHT_DECODER = "none"  # autoencoder.light_decoder value that forces the full decoder
 
 SD21_SCALE = 0.18215  # docs/method.md s2: latent = sample * 0.18215, no shift
 PIXEL_SCALE = 2.0  # pixel codec: [-1, 1] pixels (std ~0.5 on photos) times 2 -> unit-ish latents; exact in fp32
@@ -93,13 +97,20 @@ class _DiffusersVAE:
 
 
 class SD21VAE(_DiffusersVAE):
-    """SD2.1 VAE (diffusers AutoencoderKL): latent = posterior sample (or mode) * 0.18215 (docs/method.md s2)."""
+    """SD2.1 VAE (diffusers AutoencoderKL): latent = posterior sample (or mode) * 0.18215 (docs/method.md s2).
+
+    `light`: (decoder, file, sha256) of the authors' light decoder (vosr/encoders/light_decoder.py); decode then
+    runs it on latent / 0.18215 (no post_quant_conv) instead of the VAE's own decoder."""
 
     name = "sd21"
     latent_channels = 4
 
-    def __init__(self, vae, folder, sample_default: bool, device):
+    def __init__(self, vae, folder, sample_default: bool, device, light=None):
         super().__init__(vae, folder, sample_default, device)
+        self.light = None
+        if light is not None:
+            self.light = light[0].to(self.device).eval().requires_grad_(False)
+            self.light_file, self.light_sha256 = str(light[1]), light[2]
         cfg_scale = getattr(vae.config, "scaling_factor", SD21_SCALE)
         if abs(float(cfg_scale) - SD21_SCALE) > 1e-6:
             warnings.warn(f"sd21 VAE at {folder} declares scaling_factor {cfg_scale}; VOSR uses {SD21_SCALE} "
@@ -120,21 +131,27 @@ class SD21VAE(_DiffusersVAE):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         _check_latent(z, self.latent_channels, self.name)
         with torch.no_grad():
-            x = self.vae.decode(z.to(self.device, torch.float32) / SD21_SCALE).sample
+            u = z.to(self.device, torch.float32) / SD21_SCALE
+            x = self.light(u) if self.light is not None else self.vae.decode(u).sample
         return x.clamp(-1.0, 1.0)
 
     def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "weights_sha256": self.weights_sha256,
-                "scaling": f"latent = posterior * {SD21_SCALE}", "latent_channels": self.latent_channels,
-                "downsample": self.downsample}
+        out = {"name": self.name, "weights_sha256": self.weights_sha256,
+               "scaling": f"latent = posterior * {SD21_SCALE}", "latent_channels": self.latent_channels,
+               "downsample": self.downsample, "decoder": "vae"}
+        if self.light is not None:
+            out.update(decoder="light", light_decoder=self.light_file, light_decoder_sha256=self.light_sha256)
+        return out
 
 
 class Qwen2DVAE(_DiffusersVAE):
-    """Qwen-Image VAE (diffusers AutoencoderKLQwenImage) on single frames, per-channel normalised latents.
+    """Qwen-Image VAE, per-channel normalised latents: the authors' 2D image model (vosr/encoders/qwen2d.py, a
+    `Qwen-Image-vae-2d` folder) or diffusers' AutoencoderKLQwenImage on single frames (a Qwen/Qwen-Image `vae`
+    folder).
 
     z = (sample - mean_c) / std_c with the 16 latents_mean / latents_std of the model config (docs/method.md s2);
-    decode runs the full decoder on z * std + mean and clamps to [-1, 1]. The temporal axis (one frame) is
-    added before the 3D-causal VAE and removed after it.
+    decode runs the full decoder on z * std + mean and clamps to [-1, 1]. For the video VAE the temporal axis (one
+    frame) is added before it and removed after it.
     """
 
     name = "qwen2d"
@@ -142,6 +159,9 @@ class Qwen2DVAE(_DiffusersVAE):
 
     def __init__(self, vae, folder, sample_default: bool, device):
         super().__init__(vae, folder, sample_default, device)
+        from .qwen2d import QwenImageVAE2D
+
+        self.frames = not isinstance(vae, QwenImageVAE2D)   # the video VAE takes [B, C, T, H, W]
         cfg = vae.config
         if cfg.z_dim != self.latent_channels:
             raise ValueError(f"qwen2d VAE at {folder} has z_dim {cfg.z_dim}, expected 16")
@@ -149,23 +169,26 @@ class Qwen2DVAE(_DiffusersVAE):
             raise ValueError(f"qwen2d VAE at {folder}: latents_mean/latents_std must have {cfg.z_dim} entries")
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        # the authors' arithmetic: multiply by 1/std on encode, divide by it on decode (same values, same rounding)
+        self.inv_std = 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.downsample = int(vae.spatial_compression_ratio)
         if self.downsample != 8:
             warnings.warn(f"qwen2d VAE at {folder} has spatial factor {self.downsample}, Qwen-Image has 8",
                           stacklevel=3)
 
     def _posterior(self, x):
-        return self.vae.encode(x.unsqueeze(2)).latent_dist
+        return self.vae.encode(x.unsqueeze(2)).latent_dist if self.frames else self.vae.encode(x)
 
     def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
-        s = self._draw(x, sample, generator).squeeze(2)
-        return (s - self.mean) / self.std
+        s = self._draw(x, sample, generator)
+        s = s.squeeze(2) if self.frames else s
+        return (s - self.mean) * self.inv_std
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         _check_latent(z, self.latent_channels, self.name)
         with torch.no_grad():
-            raw = z.to(self.device, torch.float32) * self.std + self.mean
-            x = self.vae.decode(raw.unsqueeze(2)).sample.squeeze(2)
+            raw = z.to(self.device, torch.float32) / self.inv_std + self.mean
+            x = self.vae.decode(raw.unsqueeze(2)).sample.squeeze(2) if self.frames else self.vae.decode(raw)
         return x.clamp(-1.0, 1.0)
 
     def identity(self) -> dict[str, Any]:
@@ -173,17 +196,19 @@ class Qwen2DVAE(_DiffusersVAE):
                 "scaling": "latent = (posterior - latents_mean[c]) / latents_std[c]",
                 "latents_mean": [float(v) for v in self.mean.flatten()],
                 "latents_std": [float(v) for v in self.std.flatten()],
-                "latent_channels": self.latent_channels, "downsample": self.downsample}
+                "latent_channels": self.latent_channels, "downsample": self.downsample,
+                "layout": "video VAE, one frame" if self.frames else "2D (Qwen-Image-vae-2d)"}
 
 
 _SD21_HOW = ("Provide a local copy of the Hugging Face folder stabilityai/stable-diffusion-2-1/vae (config.json + "
              "diffusion_pytorch_model.safetensors), e.g. fetched beforehand with `huggingface-cli download "
              "stabilityai/stable-diffusion-2-1 --include 'vae/*' --local-dir DIR`, and set autoencoder.path=DIR "
-             "(the folder itself or its parent holding vae/). Nothing is downloaded by VOSR.")
-_QWEN_HOW = ("Provide a local copy of the Hugging Face folder Qwen/Qwen-Image/vae (config.json + "
-             "diffusion_pytorch_model.safetensors), e.g. fetched beforehand with `huggingface-cli download "
-             "Qwen/Qwen-Image --include 'vae/*' --local-dir DIR`, and set autoencoder.path=DIR "
-             "(the folder itself or its parent holding vae/). Nothing is downloaded by VOSR.")
+             "(the folder itself or its parent holding vae/), or name the released copy as "
+             "autoencoder.path=hf://CSWRY/VOSR/stable-diffusion-2-1-base. Nothing else is downloaded by VOSR.")
+_QWEN_HOW = ("Provide a local copy of the authors' 2D model (Hugging Face CSWRY/VOSR, folder Qwen-Image-vae-2d) or "
+             "of the Hugging Face folder Qwen/Qwen-Image/vae (config.json + diffusion_pytorch_model.safetensors), "
+             "fetched beforehand, and set autoencoder.path=DIR (the folder itself or its parent holding vae/), or "
+             "name it as autoencoder.path=hf://CSWRY/VOSR/Qwen-Image-vae-2d. Nothing else is downloaded by VOSR.")
 
 
 def _build_pixel(ae_cfg, device):
@@ -193,17 +218,28 @@ def _build_pixel(ae_cfg, device):
 def _build_sd21(ae_cfg, device):
     from diffusers import AutoencoderKL
 
-    folder = find_diffusers_folder(ae_cfg.path, "sd21 VAE", _SD21_HOW)
+    folder = find_diffusers_folder(localize(ae_cfg.path), "sd21 VAE", _SD21_HOW)
+    light = None
+    if ae_cfg.light_decoder and ae_cfg.light_decoder != NO_LIGHT_DECODER:
+        from .light_decoder import load_light_decoder
+
+        path = localize(ae_cfg.light_decoder)
+        module, _, sha = load_light_decoder(path)
+        light = (module, path, sha)
     with offline():
         vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
                                             torch_dtype=torch.float32, low_cpu_mem_usage=False)
-    return SD21VAE(vae, folder, ae_cfg.sample_posterior, device)
+    return SD21VAE(vae, folder, ae_cfg.sample_posterior, device, light=light)
 
 
 def _build_qwen2d(ae_cfg, device):
     from diffusers import AutoencoderKLQwenImage
 
-    folder = find_diffusers_folder(ae_cfg.path, "qwen2d VAE", _QWEN_HOW)
+    from .qwen2d import is_2d_folder, load_qwen2d
+
+    folder = find_diffusers_folder(localize(ae_cfg.path), "qwen2d VAE", _QWEN_HOW)
+    if is_2d_folder(folder):
+        return Qwen2DVAE(load_qwen2d(folder), folder, ae_cfg.sample_posterior, device)
     with offline():
         vae = AutoencoderKLQwenImage.from_pretrained(str(folder), local_files_only=True,
                                                      use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)

@@ -5,7 +5,8 @@ Input: the x4-upsampled LR image in [0, 1] [B, 3, H, W]. It is bicubic-resized t
 to and including block `layer` (0-based). The output is that block's residual-stream tokens with the CLS token
 (and any register tokens) removed and no final norm: [B, (input_size // patch)^2, dim] float32.
 
-One code path for every encoder: timm's `VisionTransformer`. Weight files (`semantic.path`) may be .safetensors
+One code path for every encoder: timm's `VisionTransformer`. Weight files (`semantic.path`; a torch.hub cache
+folder, as the VOSR authors ship theirs, names the file inside it: hub_cache_candidates) may be .safetensors
 or .pth (read with torch.load(weights_only=True), never an arbitrary unpickle) in either key layout:
   - timm layout (e.g. model.safetensors of the HF repo timm/vit_base_patch14_dinov2.lvd142m), or
   - the original facebookresearch/dinov2 layout (dinov2_vitb14_pretrain.pth / dinov2_vitl14_pretrain.pth,
@@ -38,20 +39,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DINOV2_LAYER_SCALE_INIT = 1e-5  # DINOv2 blocks carry LayerScale (ls1/ls2), as in timm's *_dinov2 models
 
 _HOW = {
-    "dinov2_vitb14": "a local copy of dinov2_vitb14_pretrain.pth (facebookresearch/dinov2 release) or of "
+    "dinov2_vitb14": "a local copy of dinov2_vitb14_pretrain.pth (facebookresearch/dinov2 release; or the "
+                     "torch.hub cache folder holding it, as the VOSR authors ship it: torch_cache/) or of "
                      "model.safetensors from the HF repo timm/vit_base_patch14_dinov2.lvd142m",
-    "dinov2_vitl14": "a local copy of dinov2_vitl14_pretrain.pth (facebookresearch/dinov2 release) or of "
+    "dinov2_vitl14": "a local copy of dinov2_vitl14_pretrain.pth (facebookresearch/dinov2 release; or the "
+                     "torch.hub cache folder holding it, as the VOSR authors ship it: torch_cache/) or of "
                      "model.safetensors from the HF repo timm/vit_large_patch14_dinov2.lvd142m",
 }
 
 
-def make_vit(arch: dict[str, int], input_size: int, layer_scale: bool) -> nn.Module:
-    """The timm VisionTransformer used by every semantic encoder (no head; CLS token, absolute positions)."""
+def make_vit(arch: dict[str, int], input_size: int, layer_scale: bool, init: bool = True) -> nn.Module:
+    """The timm VisionTransformer used by every semantic encoder (no head; CLS token, absolute positions).
+    `init=False` skips timm's weight initialisation (seconds for ViT-L) when every weight is loaded next."""
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=input_size, patch_size=arch["patch_size"], embed_dim=arch["dim"],
                              depth=arch["depth"], num_heads=arch["num_heads"], num_classes=0,
-                             init_values=DINOV2_LAYER_SCALE_INIT if layer_scale else None)
+                             init_values=DINOV2_LAYER_SCALE_INIT if layer_scale else None,
+                             weight_init="" if init else "skip")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -188,12 +193,32 @@ class SemanticEncoder(_FrozenViT):
                 "source": self.source}
 
 
+def hub_cache_candidates(folder: Path, name: str) -> list[Path]:
+    """Where a torch.hub cache folder keeps `name`'s released weights (torch.hub.load downloads them to
+    <hub dir>/checkpoints/; the authors ship their hub dir as torch_cache/, i.e. torch_cache/hub/checkpoints/)."""
+    fname = f"{name}_pretrain.pth"
+    return [folder / fname, folder / "checkpoints" / fname, folder / "hub" / "checkpoints" / fname]
+
+
 def _weights_path(sem_cfg) -> Path | None:
+    from ..hub import localize
+
     if not sem_cfg.path:
         return None
-    p = Path(sem_cfg.path).expanduser()
+    p = Path(localize(sem_cfg.path)).expanduser()
+    how = _HOW.get(sem_cfg.name, "a weights file saved from this encoder (timm layout)")
+    if p.is_dir() or (not p.exists() and not p.suffix):     # a folder (a missing one has no file suffix)
+        if sem_cfg.name not in DINOV2_ARCH:
+            raise MissingWeightsError(f"semantic encoder {sem_cfg.name}: semantic.path {p} is a folder; give the "
+                                      "weights file")
+        found = [c for c in hub_cache_candidates(p, sem_cfg.name) if c.is_file()]
+        if not found:
+            looked = ", ".join(str(c) for c in hub_cache_candidates(p, sem_cfg.name))
+            raise MissingWeightsError(f"semantic encoder {sem_cfg.name}: no weights in the folder {p} (looked for "
+                                      f"{looked}). Provide {how} (downloaded by you beforehand; VOSR downloads "
+                                      "nothing that is not named).")
+        return found[0]
     if not p.is_file():
-        how = _HOW.get(sem_cfg.name, "a weights file saved from this encoder (timm layout)")
         raise MissingWeightsError(f"semantic encoder {sem_cfg.name}: weights file {p} not found. Provide {how} "
                                   "at that path (downloaded by you beforehand; VOSR downloads nothing).")
     return p
@@ -213,7 +238,7 @@ def _dinov2_vit(sem_cfg) -> tuple[str, nn.Module, str, str]:
                       "its tokens carry NO semantics; use this only for tests and benchmarks", stacklevel=4)
         vit = seeded_vit(arch, sem_cfg.input_size, True, sem_cfg.seed)
         return sem_cfg.name, vit, state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})"
-    vit = make_vit(arch, sem_cfg.input_size, True)
+    vit = make_vit(arch, sem_cfg.input_size, True, init=False)   # load_vit_weights fills every weight
     load_vit_weights(vit, path)
     return sem_cfg.name, vit, file_sha256(path), str(path)
 
@@ -227,7 +252,7 @@ def _tiny_vit(sem_cfg) -> tuple[str, nn.Module, str, str]:
     if path is None:
         vit = seeded_vit(arch, sem_cfg.input_size, False, sem_cfg.seed)
         return "tiny_vit", vit, state_dict_sha256(vit.state_dict()), f"random(seed={sem_cfg.seed})"
-    vit = make_vit(arch, sem_cfg.input_size, False)
+    vit = make_vit(arch, sem_cfg.input_size, False, init=False)
     load_vit_weights(vit, path)
     return "tiny_vit", vit, file_sha256(path), str(path)
 

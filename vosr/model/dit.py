@@ -94,7 +94,8 @@ class VOSRDiT(nn.Module):
 
     def __init__(self, *, latent_channels: int, sem_dim: int, hidden_size: int, depth: int, num_heads: int,
                  patch_size: int = 2, mlp_ratio: float = 4.0, encdim_ratio: int = 3, time_freq_dim: int = 256,
-                 rope_theta: float = 10000.0, qk_norm: bool = True, train_grid: int = 32, student: bool = False):
+                 rope_theta: float = 10000.0, qk_norm: bool = True, train_grid: int = 32, student: bool = False,
+                 rope_arithmetic: str = "float64"):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -105,6 +106,7 @@ class VOSRDiT(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.patch_size = patch_size
         self.rope_theta = rope_theta
+        self.rope_arithmetic = rope_arithmetic  # "float64" or the released models' "float32" (model/rope.py)
         self.is_student = student
         self.train_grid = int(train_grid)
         self.mlp_hidden = swiglu_hidden(hidden_size, mlp_ratio)
@@ -156,7 +158,7 @@ class VOSRDiT(nn.Module):
         key = (h, w, self.train_grid, str(device))
         if key not in self._rope_cache:
             self._rope_cache[key] = rope_tables(h, w, self.head_dim, (self.train_grid, self.train_grid),
-                                                self.rope_theta, device)
+                                                self.rope_theta, device, self.rope_arithmetic)
         return self._rope_cache[key]
 
     # --- forward --------------------------------------------------------------------------------------------
@@ -257,6 +259,7 @@ def model_dims(cfg) -> dict[str, Any]:
         "time_freq_dim": m.time_freq_dim,
         "rope_theta": m.rope_theta,
         "qk_norm": m.qk_norm,
+        "rope_arithmetic": m.rope_arithmetic,
         "train_grid": cfg.data.resolution // denom,  # G = resolution / (downsample * patch)
     }
 
@@ -267,7 +270,7 @@ def build_dit(cfg, student: bool = False, device: torch.device | str | None = No
     dims = model_dims(cfg)
     kwargs = {k: dims[k] for k in ("latent_channels", "sem_dim", "hidden_size", "depth", "num_heads",
                                    "patch_size", "mlp_ratio", "encdim_ratio", "time_freq_dim", "rope_theta",
-                                   "qk_norm", "train_grid")}
+                                   "qk_norm", "train_grid", "rope_arithmetic")}
     if train_grid is not None:
         kwargs["train_grid"] = int(train_grid)
     if device is None:
