@@ -326,11 +326,12 @@ def section_search(args) -> None:
                         "--object-store-mib", str(args.object_store_mib)])
             peaks = [json.loads(x) for x in log.read_text().splitlines() if '"search"' in x]
         big = max(peaks, key=lambda p: p["growth"])
+        med = float(np.median([p["growth"] for p in peaks]))
         pts.append((n, big["growth"]))
         print(f"  n={n:>11,} ({r['distinct']:,} distinct) {r['seconds']:7.1f} s  tasks {len(peaks)} "
               f"(groups {r['plan']['groups']}, per task: most {r['plan']['most_hashes']:,} hashes)  largest task "
-              f"growth {_mib(big['growth'])} ({big['rows_in']:,} hashes in)  planted found {r['found']}/"
-              f"{r['planted']}  overflow {r['overflow']}", flush=True)
+              f"growth {_mib(big['growth'])} ({big['rows_in']:,} hashes in), median {_mib(med)}  planted found "
+              f"{r['found']}/{r['planted']}  overflow {r['overflow']}", flush=True)
         if args.baseline:
             b = _child(["--_child", "search-baseline", "--n", str(n), "--k", str(args.k), "--cap", str(args.cap)])
             print(f"      previous design, one task (all {r['distinct']:,} hashes, half the tables): growth "
