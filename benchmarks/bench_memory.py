@@ -294,6 +294,37 @@ def search_child(n: int, k: int, cap: int, task_hashes: int, run: int, log: str,
             "found": found, "edges": int(len(ha)), "overflow": overflow, "plan": plan}
 
 
+def search_task_child(n: int, k: int, cap: int, task_hashes: int) -> dict:
+    """The first (fullest) search task of the plan for n hashes, run by itself in this fresh process: its input
+    blocks are built as the split pass would hand them over, then dedup._search_task (unwrapped) runs; peak RSS
+    growth of the call."""
+    import pyarrow as pa
+    from bench_scale import synthetic_hashes
+
+    from jobkit.memprobe import peak_bytes, reset_peak, rss_bytes
+    from pipelines.curation import dedup, lsh
+
+    h, _, _ = synthetic_hashes(n, k, 0)
+    uniq, _, counts, _ = lsh.group_identical(h)
+    del h
+    _, groups = dedup.search_plan(len(uniq), k, task_hashes, 2)
+    split, tabs = groups[0]
+    if split:
+        hb = dedup.hist_bits(split, len(uniq), task_hashes)
+        v = lsh.block_value(uniq, split) >> (sum(w for _, w in split) - hb)
+        sel = dedup.deal_bins(np.bincount(v, minlength=1 << hb), task_hashes)[v] == 0
+        del v
+    else:
+        sel = np.ones(len(uniq), bool)
+    ph, cnt = uniq[sel].view(np.int64), counts[sel]
+    blocks = [pa.table({"phash": ph[s:s + 50_000], "count": cnt[s:s + 50_000]}) for s in range(0, len(ph), 50_000)]
+    del uniq, counts, sel
+    before = rss_bytes()
+    reset_peak()
+    dedup._search_task.__wrapped__(k, cap, tabs, *blocks)
+    return {"n": n, "hashes": int(len(ph)), "tables": len(tabs), "growth": peak_bytes() - before}
+
+
 def search_baseline_child(n: int, k: int, cap: int) -> dict:
     """The previous design's search task: every distinct hash (with its count) in one task, half the tables."""
     from bench_scale import synthetic_hashes
@@ -336,8 +367,18 @@ def section_search(args) -> None:
             b = _child(["--_child", "search-baseline", "--n", str(n), "--k", str(args.k), "--cap", str(args.cap)])
             print(f"      previous design, one task (all {r['distinct']:,} hashes, half the tables): growth "
                   f"{_mib(b['growth'])} in {b['seconds']:.1f} s", flush=True)
+    own = []
+    for n in args.hashes:  # the fullest task of each size alone in a fresh process: no worker's earlier state
+        t = _child(["--_child", "search-task", "--n", str(n), "--k", str(args.k), "--cap", str(args.cap),
+                    "--task-hashes", str(args.task_hashes)])
+        own.append(t["growth"])
+        print(f"  n={n:>11,}: the first task alone in a fresh process ({t['hashes']:,} hashes, {t['tables']} "
+              f"tables): growth {_mib(t['growth'])} = {t['growth'] / t['hashes']:.0f} B per hash", flush=True)
+    print("  fresh-process task growth relative to the smallest size: " + ", ".join(
+        f"{n:,}: x{g / own[0]:.2f}" for n, g in zip(args.hashes, own)) + f"  (target within 20%: "
+        f"{'met' if all(abs(g / own[0] - 1) <= 0.2 for g in own) else 'NOT met'})")
     g0 = pts[0][1]
-    print("  largest per-task growth relative to the smallest size: " + ", ".join(
+    print("  largest per-task growth in the Ray workers relative to the smallest size: " + ", ".join(
         f"{n:,}: x{g / g0:.2f}" for n, g in pts) + f"  (target within 20%: "
         f"{'met' if all(abs(g / g0 - 1) <= 0.2 for _, g in pts) else 'NOT met'})")
     if args.run:
@@ -589,6 +630,9 @@ def main() -> int:
         return 0
     if a._child == "search":
         print(json.dumps(search_child(a.n, a.k, a.cap, a.task_hashes, a.run, a.log, a.object_store_mib)))
+        return 0
+    if a._child == "search-task":
+        print(json.dumps(search_task_child(a.n, a.k, a.cap, a.task_hashes)))
         return 0
     if a._child == "search-baseline":
         print(json.dumps(search_baseline_child(a.n, a.k, a.cap)))
