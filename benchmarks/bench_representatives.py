@@ -1,4 +1,4 @@
-"""Issue 14 target 2, end to end: curating real photos plus their lossy re-encodes and mislabelled copies keeps every
+"""End to end: curating real photos plus their lossy re-encodes and mislabelled copies keeps every
 original as the representative of its duplicate group.
 
     .venv/bin/python benchmarks/bench_representatives.py [--photos DIR] [--limit N]
@@ -24,8 +24,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # photos.py by file: a pip package may own `benchmarks`
 
-from benchmarks.photos import photo_paths  # noqa: E402
+from photos import photo_paths  # noqa: E402
+
 from jobkit.config import config_from_dict  # noqa: E402
 from pipelines import curate  # noqa: E402
 from pipelines.curate_schema import shard_files  # noqa: E402

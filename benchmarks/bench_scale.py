@@ -124,7 +124,7 @@ def write_ledgers(n: int, k: int, seed: int, folder: Path, rows_per_file: int = 
         pq.write_table(pa.table({
             "unit": [unit] * (e - s), "row": np.arange(e - s, dtype=np.int32), "id": ids[s:e],
             "width": w[s:e].astype(np.int32), "height": w[s:e].astype(np.int32),
-            "fidelity": np.full(e - s, 100.0, np.float32), "sharpness": rng.random(e - s).astype(np.float32),
+            "fidelity": np.full(e - s, 100.0, np.float32), "native_scale": 1.0 + rng.random(e - s).astype(np.float32),
             "sha256": list(sha[s:e]), "phash": h[s:e]}),
             folder / f"ledger-{f:05d}.parquet")
     return planted

@@ -1,9 +1,17 @@
 """Ray Serve throughput with @serve.batch (max_batch_size 8) vs without (max_batch_size 1) at client concurrency 8,
 with p50 / p99 latency; both applications run side by side in one local Ray and are measured in one run.
-Target: batched throughput >= 1.5x unbatched.
+Target: batched throughput >= 1.5x unbatched, 0 errors.
 
     python benchmarks/bench_serve.py                       # tiny random student on CPU, 64 px LR -> 256 px
+    python benchmarks/bench_serve.py --size 32             # 32 px LR -> 128 px
     python benchmarks/bench_serve.py --requests 400 --size 32 --device cuda --gpus 0.5     # on a GPU machine
+
+Where the time goes, per request and per process (CPU time from /proc, so that other load on the machine does not
+inflate it): the HTTP proxy, the ingress replica (HTTP, body, decoding, PNG encoding), the model replica (batching
+and the forward pass) and this client; the model replica's own account of its batches (batch sizes, seconds in the
+forward pass, seconds waiting for a batch to fill) from /healthz. The model replica runs one forward pass at a time
+on --replica-cpus torch threads, so its CPU per request bounds the throughput: batching pays only as much as it
+lowers that.
 
 The student is a tiny random-weight checkpoint saved and loaded like a real one. Each replica gets
 --replica-cpus CPUs and as many torch threads; the local Ray gets --num-cpus.
@@ -15,6 +23,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import socket
 import statistics
 import sys
@@ -24,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -46,6 +57,36 @@ def make_student(folder: Path) -> str:
         model.final_layer.linear.weight.normal_(0, 0.05)
     save_checkpoint(str(folder), cfg, model)
     return str(folder)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a local process (Linux /proc), all its threads."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def serve_pids(app: str) -> dict[str, int]:
+    """role -> pid of the proxy and of this application's replicas (Ray's named-actor API)."""
+    import ray
+
+    out = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if name.startswith("SERVE_REPLICA::"):
+            app_name, deployment = name.split("::", 1)[1].split("#")[:2]
+            if app_name != app:
+                continue
+            role = deployment
+        elif name.startswith("SERVE_PROXY_ACTOR"):
+            role = "proxy"
+        else:
+            continue
+        handle = ray.get_actor(name, namespace=entry["namespace"])
+        out[role] = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    return out
 
 
 async def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -> dict:
@@ -73,6 +114,35 @@ async def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -
             "p99_ms": round(q[98] * 1000, 1)}
 
 
+def model_account(base: str) -> dict:
+    import httpx
+
+    info = httpx.get(f"{base}/healthz", timeout=60).json()
+    return {"batch_sizes": info.get("batch_sizes", {}), "time": info.get("model_time", {})}
+
+
+def measure(name: str, base: str, bodies: list[bytes], args) -> dict:
+    """One measured run of an application: load figures, CPU ms per request per process, the model's account."""
+    pids = serve_pids(name)
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    client_before = time.process_time()
+    account_before = model_account(base)
+    result = asyncio.run(load(f"{base}/upscale", bodies, args.requests, args.concurrency))
+    client_s = time.process_time() - client_before
+    after = {k: cpu_seconds(p) for k, p in pids.items()}
+    account_after = model_account(base)
+    n = args.requests
+    cpu = {k: round((after[k] - before[k]) * 1000 / n, 2) for k in pids}
+    cpu["client"] = round(client_s * 1000 / n, 2)
+    sizes = {k: v - account_before["batch_sizes"].get(k, 0) for k, v in account_after["batch_sizes"].items()}
+    sizes = {k: v for k, v in sorted(sizes.items(), key=lambda kv: int(kv[0])) if v}
+    timing = {k: round((v - account_before["time"].get(k, 0)) * 1000 / n, 2)
+              for k, v in account_after["time"].items()}
+    return {**result, "cpu_ms_per_request": cpu, "batch_sizes": sizes,
+            "mean_batch": round(sum(int(k) * v for k, v in sizes.items()) / max(1, sum(sizes.values())), 2),
+            "model_ms_per_request": timing}
+
+
 def main(argv: list[str] | None = None) -> int:
     import ray
     from PIL import Image
@@ -85,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=160)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--size", type=int, default=64, help="LR side in pixels (output is 4x)")
-    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--num-cpus", type=int, default=3, help="logical CPUs of the local Ray (two applications)")
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--wait-ms", type=float, default=20.0, help="@serve.batch wait timeout of the batched app")
+    p.add_argument("--max-batch", type=int, default=8, help="max_batch_size of the batched app")
+    p.add_argument("--set", action="append", default=[], help="extra config overrides for both applications")
     args = p.parse_args(argv)
 
     photos = sorted(q for q in (ROOT / "assets" / "photos").iterdir() if q.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -107,26 +179,27 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = make_student(Path(tmp) / "student")
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            for name, batch in (("batched", 8), ("unbatched", 1)):
+            for name, batch in (("batched", args.max_batch), ("unbatched", 1)):
                 cfg = config_from_dict({}, [
                     f"inference.checkpoint={ckpt}", f"inference.device={args.device}", f"serve.port={port}",
                     f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={args.wait_ms / 1000}",
                     f"serve.replica_cpus={args.replica_cpus}", f"serve.replica_gpus={args.gpus}",
-                    f"serve.app_name={name}", f"serve.route_prefix=/{name}"])
+                    f"serve.app_name={name}", f"serve.route_prefix=/{name}", *args.set])
                 serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
             for name in ("batched", "unbatched"):                       # warm-up: first forward, allocator
                 asyncio.run(load(f"http://127.0.0.1:{port}/{name}/upscale", bodies, 2 * args.concurrency,
                                  args.concurrency))
             for name in ("unbatched", "batched"):
-                results[name] = asyncio.run(load(f"http://127.0.0.1:{port}/{name}/upscale", bodies, args.requests,
-                                                 args.concurrency))
+                results[name] = measure(name, f"http://127.0.0.1:{port}/{name}", bodies, args)
             serve.shutdown()
     finally:
         ray.shutdown()
     ratio = results["batched"]["throughput_rps"] / max(results["unbatched"]["throughput_rps"], 1e-9)
+    errors = results["batched"]["errors"] + results["unbatched"]["errors"]
     print(json.dumps({"lr_size": args.size, "output_size": 4 * args.size, "concurrency": args.concurrency,
-                      "device": args.device, "replica_cpus": args.replica_cpus, **results,
-                      "throughput_ratio": round(ratio, 2), "target": 1.5, "meets_target": ratio >= 1.5}, indent=2))
+                      "device": args.device, "replica_cpus": args.replica_cpus, "wait_ms": args.wait_ms, **results,
+                      "throughput_ratio": round(ratio, 2), "target": 1.5,
+                      "meets_target": ratio >= 1.5 and errors == 0}, indent=2))
     return 0
 
 

@@ -54,7 +54,7 @@ def ledger_table(n: int, start: int, unit: str, rng: np.random.Generator) -> pa.
         "phash": rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64),
         "list_category": pa.array(np.where(labelled, "cat", None).tolist(), pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(emb.ravel(), DIM).cast(pa.list_(pa.float32())),
-        "fidelity": np.full(n, 100.0, np.float32), "sharpness": rng.random(n).astype(np.float32)})
+        "fidelity": np.full(n, 100.0, np.float32), "native_scale": 1.0 + rng.random(n).astype(np.float32)})
 
 
 def write_inputs(n: int, out: Path, seed: int = 0) -> list[str]:

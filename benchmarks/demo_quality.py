@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--omega", type=float, default=0.5)
     p.add_argument("--distill-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default="", help="with --distill-steps: save the student (EMA) as a checkpoint folder")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:
@@ -210,6 +211,11 @@ def main(argv=None) -> int:
             optimiser_step(loss, student, opt, s_ema)
             if (step + 1) % a.distill_every == 0 or step + 1 == a.distill_steps:
                 report("student", step + 1, evaluate(s_ema.module, cfg, pairs, a, student=True), t0)
+        if a.save:   # a checkpoint folder the upscaler loads (e.g. bench_inference.py --compare-dtype --checkpoint)
+            from vosr.checkpoint import save_checkpoint
+
+            save_checkpoint(a.save, cfg, s_ema.module, extra={"step": a.distill_steps, "source": "demo_quality"})
+            print(json.dumps({"saved_student": a.save}), flush=True)
     return 0
 
 

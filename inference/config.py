@@ -1,4 +1,4 @@
-"""The inference jobs' configuration sections: `serve` (inference/serve.py) and `eval` (inference/evaluate.py).
+"""The inference jobs' configuration sections: `serve` (inference/serve/) and `eval` (inference/evaluate.py).
 The upscaler's own section, `inference`, is the method library's (vosr/config/inference.py). jobkit/config.py puts
 every section under the one root."""
 
@@ -15,13 +15,27 @@ class ServeConfig:
     port: int = option(8000, "HTTP port of Ray Serve.", ge=1, le=65535)
     max_batch_size: int = option(8, "@serve.batch max batch size (1 = no batching).", ge=1)
     batch_wait_timeout_s: float = option(0.05, "@serve.batch wait timeout.", ge=0)
-    min_replicas: int = option(1, "Autoscaling minimum replicas.", ge=0)
-    max_replicas: int = option(1, "Autoscaling maximum replicas.", ge=1)
+    min_replicas: int = option(1, "Autoscaling minimum model replicas (2 or more: a request held by a replica that dies is "
+                              "served by another at once instead of waiting for a replacement).", ge=0)
+    max_replicas: int = option(1, "Autoscaling maximum model replicas.", ge=1)
     target_ongoing_requests: float = option(8.0, "Autoscaling target ongoing requests per replica.", gt=0)
     max_ongoing_requests: int = option(64, "Requests a replica accepts at once (more wait in the proxy queue).",
                                        ge=1)
     replica_cpus: float = option(1.0, "CPUs reserved per replica (ray_actor_options.num_cpus).", gt=0)
     replica_gpus: float = option(0.0, "GPUs reserved per replica (ray_actor_options.num_gpus).", ge=0)
+    max_replicas_per_node: int = option(0, "At most this many replicas of each deployment (model, ingress) on one "
+                                        "node (0 = no limit); 1 spreads them over nodes, so that a lost node loses "
+                                        "one replica of each.", ge=0, le=100)
+    ingress_replicas: int = option(1, "Replicas of the HTTP ingress (key, options, body, decoding and PNG "
+                                   "encoding; it calls the model replicas and resends a request whose model "
+                                   "replica died).", ge=1)
+    ingress_cpus: float = option(0.25, "CPUs reserved per ingress replica.", ge=0)
+    health_check_period_s: float = option(2.0, "Seconds between Serve's health checks of a replica: how soon a "
+                                          "dead replica is noticed and replaced.", gt=0)
+    max_surge_percent: int = option(0, "Extra model replicas (percent of the target count, rounded up) started "
+                                    "during a redeploy, so that the old ones serve until their replacements have "
+                                    "loaded (0 = old ones stop first; requests wait for the new ones).", ge=0,
+                                    le=100)
     max_body_bytes: int = option(20 * 2**20, "Largest accepted request body (413 above).", ge=1)
     max_pixels: int = option(4_000_000, "Largest accepted input width*height (413 above).", ge=1)
     max_steps: int = option(50, "Largest `steps` query value accepted (422 above).", ge=1)
@@ -37,12 +51,17 @@ class ServeConfig:
                                   "their area); 413 above, before any work.", ge=1)
     max_cost_ratio: float = option(3.0, "A request's options may cost at most this many times the server's "
                                    "default options on the same image (422 above, before any work).", ge=1)
-    request_timeout_s: float = option(120.0, "Per-request deadline: the replica answers 504 past it (a client "
-                                      "header can lift Ray Serve's proxy timeout, which is set to this plus "
-                                      "serve.body_timeout_s and answers 408).", gt=0)
+    request_timeout_s: float = option(120.0, "Per-request deadline of the model: a model replica answers 504 when "
+                                      "a request takes longer from its arrival there. The ingress's deadline for "
+                                      "the whole request (queueing and retries after a replica death included) is "
+                                      "this plus serve.body_timeout_s (503 + Retry-After for a request still "
+                                      "waiting for a model replica then), and Ray Serve's proxy answers 408 5 s "
+                                      "after that.",
+                                      gt=0)
     body_timeout_s: float = option(30.0, "Deadline for reading a request body (408 after it).", gt=0)
-    max_queued_requests: int = option(32, "Requests queued per caller beyond the replicas' max_ongoing_requests "
-                                      "(Ray Serve max_queued_requests); more get 503 with Retry-After.", ge=1)
+    max_queued_requests: int = option(32, "Requests each ingress replica queues for the model beyond the model "
+                                      "replicas' max_ongoing_requests (Ray Serve max_queued_requests); more get 503 "
+                                      "with Retry-After at once.", ge=1)
     retry_after_s: float = option(5.0, "Retry-After seconds sent with a 503 when the queue is full.", ge=0)
     api_key: str = option("", "A key every request must send as X-API-Key (401 otherwise); a config file value only: "
                           "never from --set (argv is visible to anyone). Prefer serve.api_key_env or "
@@ -51,8 +70,6 @@ class ServeConfig:
                               "built; only its SHA-256 reaches the replicas).")
     api_key_file: str = option("", "File holding API keys, one per line (# comments; a Kubernetes Secret mount).")
     allow_anonymous: bool = option(False, "Serve without a key on a non-loopback host (refused otherwise).")
-    fault_injection: bool = option(False, "Tests only: seed=2**62+13 raises inside the model run, seed=2**62+14 "
-                                   "sleeps past the request timeout before it.")
     app_name: str = option("vosr", "Ray Serve application name.")
     route_prefix: str = option("/", "Route prefix of the application.")
 

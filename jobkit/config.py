@@ -40,7 +40,10 @@ class RayConfig:
 @dataclass
 class MlflowConfig:
     enabled: bool = option(True, "Track the run in MLflow.")
-    tracking_uri: str = option("", "MLflow tracking URI; empty = sqlite:///<output_root>/mlflow.db (absolute).")
+    tracking_uri: str = option("", "MLflow tracking URI; empty = MLflow's MLFLOW_TRACKING_URI environment variable "
+                               "when set, else sqlite:///<output_root>/mlflow.db (absolute).")
+    registry_uri: str = option("", "MLflow model registry URI; empty = MLFLOW_REGISTRY_URI when set, else the "
+                               "tracking URI.")
     experiment: str = option("vosr", "MLflow experiment name.")
     artifact_location: str = option("", "Artifact root for a new experiment; empty = <output_root>/mlartifacts "
                                     "(absolute, so Ray workers in other folders agree).")

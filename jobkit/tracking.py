@@ -3,12 +3,15 @@ driver-side job logs (log_job_run)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 
 def resolve_tracking_uri(cfg: Any) -> str:
-    uri = cfg.run.mlflow.tracking_uri
+    """run.mlflow.tracking_uri when set; else MLflow's own MLFLOW_TRACKING_URI when set; else the local default,
+    sqlite:///<run.output_root>/mlflow.db (absolute; the folder is created only in this last case)."""
+    uri = cfg.run.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         return uri
     root = Path(cfg.run.output_root).resolve()
@@ -16,10 +19,24 @@ def resolve_tracking_uri(cfg: Any) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def resolve_registry_uri(cfg: Any) -> str:
+    """run.mlflow.registry_uri when set; else MLFLOW_REGISTRY_URI when set; else the tracking URI (MLflow's rule)."""
+    return (cfg.run.mlflow.registry_uri or os.environ.get("MLFLOW_REGISTRY_URI", "")
+            or resolve_tracking_uri(cfg))
+
+
+def _is_server(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "databricks-uc")
+
+
 def resolve_artifact_location(cfg: Any) -> str:
+    """Artifact root of a new experiment: run.mlflow.artifact_location; else the tracking server's own choice ("")
+    when the tracking URI is a server; else <run.output_root>/mlartifacts (absolute)."""
     loc = cfg.run.mlflow.artifact_location
     if loc:
         return loc if "://" in loc else Path(loc).resolve().as_uri()
+    if _is_server(resolve_tracking_uri(cfg)):
+        return ""
     return (Path(cfg.run.output_root).resolve() / "mlartifacts").as_uri()
 
 
@@ -28,10 +45,11 @@ def setup_mlflow(cfg: Any) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
+    mlflow.set_registry_uri(resolve_registry_uri(cfg))
     name = cfg.run.mlflow.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        exp_id = mlflow.create_experiment(name, artifact_location=resolve_artifact_location(cfg))
+        exp_id = mlflow.create_experiment(name, artifact_location=resolve_artifact_location(cfg) or None)
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)

@@ -44,18 +44,25 @@ class FilterConfig:
     max_aspect_ratio: float = option(3.0, "Reject images whose long/short side ratio exceeds this.", ge=1)
     max_pixels: int = option(64_000_000, "Decompression-bomb cap on width*height, checked from the header before "
                              "any pixel data is decoded (vosr/imageio.py).", ge=1)
-    min_sharpness: float = option(-3.0, "Reject images whose native-scale sharpness is below this (paper s4.1 "
-                                  "gradient-based filtering, measured where it sees upscaling): log10 of the mean "
+    max_upscale: float = option(2.4, "Reject images whose estimated enlargement factor (native_scale: how much the "
+                                "image was enlarged from the source it was made from, 1.0 for a native image; "
+                                "pipelines/curation/analysis.py) is above this: an enlarged thumbnail teaches a "
+                                "super-resolution model that blur is the high-resolution truth. The estimate is the "
+                                "scale below which the image is interpolation-smooth (structure function of its "
+                                "pixels) or its nearest-neighbour pixel grid. Default from "
+                                "benchmarks/bench_sharpness.py on the 44 dev photos: see docs/curation-quality.md "
+                                "for the shares rejected per factor and filter. 0 turns it off.", ge=0)
+    min_sharpness: float = option(-100.0, "Optional second upscaling filter, off by default (-100 or lower: off, and "
+                                  "not computed): reject images whose native-scale sharpness (log10 of the mean "
                                   "spectral power in 0.63-1.0 of Nyquist over that in 0.125-0.315, on the 4 most "
-                                  "textured of 16 crops of 128 px taken at the image's own resolution "
-                                  "(pipelines/curation/analysis.py native_sharpness). Calibrated with "
-                                  "benchmarks/bench_sharpness.py on the 44 dev photos: at -3.0, 97.7% of the "
-                                  "originals and of their JPEG q85/q90/q95 re-encodes are kept, 95.5% (2x bicubic, "
-                                  "the hardest) to 100% of their 2x/3x/4x bicubic/Lanczos upscales are rejected "
-                                  "(ROC AUC 0.995); of 1.5x upscales only 30-41%. -100 turns it off.")
+                                  "textured of 16 crops of 128 px; analysis.native_sharpness) is below this. It "
+                                  "catches more 2x enlargements than max_upscale but passes large enlargements (an "
+                                  "11x enlargement scores like a sharp photo) and costs about 3 ms CPU per image; "
+                                  "benchmarks/bench_sharpness.py prints both filters side by side (-3.0: the earlier "
+                                  "default).")
     min_gradient: float = option(0.0, "Reject images whose mean gradient magnitude (0-255 scale) at the analysis "
                                  "size is below this. Off by default: at the analysis size it cannot see upscaling "
-                                 "(an 11x enlargement scored like a sharp photo); min_sharpness is the sharpness "
+                                 "(an 11x enlargement scored like a sharp photo); max_upscale is the upscaling "
                                  "filter. Still useful against flat images.", ge=0)
     min_entropy: float = option(3.0, "Reject images whose grey-level entropy (bits, 256-bin histogram at the "
                                 "analysis size) is below this (paper s4.1 image-entropy filtering): removes "

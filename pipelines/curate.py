@@ -47,7 +47,7 @@ from vosr import storage
 ROOT = Path(__file__).resolve().parents[1]
 LISTING_DIR = "_listing"  # listing manifests and re-chunked URL lists (pipelines/curation/listing.py, sources.py)
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
-                  "list_category", "embedding", "fidelity", "sharpness"]
+                  "list_category", "embedding", "fidelity", "native_scale"]
 
 
 def log(msg: str) -> None:
@@ -609,7 +609,8 @@ def read_ok_rows(cfg, keys: list[str], gens: dict[str, int], semantic: bool) -> 
     meta = (ray.data.read_parquet(paths, filesystem=fs, ray_remote_args=dedup.block_task_memory())
             .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
             .filter(expr=col("reason") == "ok")  # right after the read: pushed into the Parquet scan
-            .map_batches(dedup.add_node_keys, batch_format="pyarrow", **dedup.block_task_memory())
+            .map_batches(dedup.add_node_keys, fn_kwargs={"unit_order": {k: i for i, k in enumerate(keys)}},
+                         batch_format="pyarrow", **dedup.block_task_memory())
             .map_batches(_flag_unlabelled, batch_format="pyarrow", **dedup.block_task_memory()))
     if semantic:
         meta = stage_semantic_embed(meta, cfg)

@@ -22,16 +22,22 @@ the per-category cap have `kept = false`, `drop_reason = "category_cap"`. Droppe
 failed to fetch or decode or were filtered out appear only in `_stage1/` and in the stats.
 
 Representative of a duplicate group (pipelines/curation/dedup.py `node_key`, the one place it is decided): the
-member with the most pixels (width x height), then the least lossy encoding (`fidelity`, higher first: 100 for
-lossless true colour; a JPEG its quality estimated from the quantisation tables; lossy WebP 50; CMYK storage at
-most 50 and palette/bilevel storage such as palette PNG or GIF at most 40, so a palette or CMYK re-encode of an RGB
-original never beats it), then the native-scale `sharpness` (higher first), then the smallest id. Compression
-artefacts raise gradient-based scores, so sharpness only breaks ties between equally faithful encodings.
+member with the most native pixels (width x height / native_scale^2, where `native_scale` is stage 1's estimate of
+how much the image was enlarged from its source, 1.0 for a native image), counted at the steps of
+dedup.SCALE_STEPS and with an estimated enlargement discounted once more (dedup.rank_pixels: an enlarged copy
+carries no more detail than its source, so raw pixel count never decides alone); then the least lossy encoding
+(`fidelity`, higher first: 100 for lossless true colour; a JPEG its quality estimated from the quantisation tables;
+lossy WebP 50; CMYK storage at most 50 and palette/bilevel storage such as palette PNG or GIF at most 40, so a
+palette or CMYK re-encode of an RGB original never beats it); then the earliest input position (the block's
+position in the plan of curate.sources, then the row inside it), so of byte-identical copies the first occurrence
+is kept. The numbers are in docs/curation-quality.md.
 
 Schema versions: 1 (initial); 2 adds `sharpness` and `fidelity` to both schemas and `declared_type` (the
 Content-Type the server declared, null for files; what is decoded is decided from the bytes) to the ledger; 3 adds
 `metadata` to both: the columns of a URL list (or the fields of a tar sample's JSON and small members) named in
-curate.columns.metadata, as one JSON object per row (null when none are carried).
+curate.columns.metadata, as one JSON object per row (null when none are carried); 4 adds `native_scale`
+(analysis.native_scale) to both; `sharpness` is null unless curate.filters.min_sharpness is on (it is computed only
+for that filter).
 
 Readers use `read_kept(uri)` (Ray Data) or `read_kept_table(uri)` (pyarrow), or filter with `KEPT_FILTER`.
 """
@@ -43,7 +49,7 @@ import pyarrow.compute as pc
 
 from vosr import storage
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_VERSION_KEY = b"vosr.curate.schema_version"
 
 CURATED_SCHEMA = pa.schema(
@@ -59,7 +65,8 @@ CURATED_SCHEMA = pa.schema(
         pa.field("dhash", pa.int64()),                     # 64-bit dHash, bits as signed int64
         pa.field("gradient", pa.float32()),                # mean gradient magnitude (0-255) at analysis size
         pa.field("entropy", pa.float32()),                 # grey-level entropy (bits)
-        pa.field("sharpness", pa.float32()),               # native-scale sharpness (analysis.native_sharpness)
+        pa.field("native_scale", pa.float32()),            # estimated enlargement factor (analysis.native_scale)
+        pa.field("sharpness", pa.float32()),               # native_sharpness; null unless filters.min_sharpness is on
         pa.field("fidelity", pa.float32()),                # encoding fidelity 0-100 (analysis.encoding_fidelity)
         pa.field("category", pa.string()),                 # from the source list, else "cluster-<k>"
         pa.field("category_source", pa.string()),          # "list" | "kmeans" | "none"
@@ -90,6 +97,7 @@ STAGE1_SCHEMA = pa.schema(
         pa.field("gradient", pa.float32()),
         pa.field("entropy", pa.float32()),
         pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("native_scale", pa.float32()),
         pa.field("sharpness", pa.float32()),
         pa.field("fidelity", pa.float32()),
         pa.field("declared_type", pa.string()),            # Content-Type declared by the server (URLs only)

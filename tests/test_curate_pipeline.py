@@ -72,7 +72,7 @@ def test_url_list_every_url_accounted_dups_found_private_refused(env, http_site,
                   "max_redirects": 3, "allow_hosts": ["127.0.0.1"], "per_domain_rps": 200.0,
                   "per_domain_concurrency": 8},
         "filters": {"min_short_side": 256, "min_gradient": 0.5, "min_entropy": 2.0, "max_pixels": 50_000_000,
-                    "min_sharpness": -100.0},  # off: sharpness has its own tests (test_curate_quality.py)
+                    "max_upscale": 0},  # off: upscaling has its own tests (test_curate_native.py)
         "dedup": {"hamming": 10, "max_bucket": 100},
         "balance": {"per_category_cap": cap},
     }, mlflow=True)
@@ -145,7 +145,7 @@ def test_s3_in_and_out_kill_and_resume_same_kept_set(env, photos, tmp_path):
     s3site.put_bytes(encode(img, "JPEG", quality=80), "in/zz-re.jpg")
     section = {"sources": [s3site.uri("in")], "rows_per_shard": 4, "s3_endpoint_url": s3site.endpoint_url,
                "filters": {"min_short_side": 128, "min_gradient": 0.5, "min_entropy": 2.0,
-                           "min_sharpness": -100.0},
+                           "max_upscale": 0},
                "dedup": {"hamming": 10, "max_bucket": 3}, "balance": {"num_clusters": 3, "per_category_cap": 3}}
     ref = curate.run(_cfg(tmp_path, {**section, "output": s3site.uri("ref")}))
     assert ref["seen"] == 13 and ref["duplicates"] == 3 and ref["capped"] > 0

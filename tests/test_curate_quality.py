@@ -1,4 +1,4 @@
-"""Issue 14: curation keeps what an SR model should learn from. Native-scale sharpness rejects upscaled copies, the
+"""Curation keeps what an SR model should learn from. The upscaling filter rejects enlarged copies, the
 best copy represents a duplicate group, bytes (not the declared type) decide what is an image, and only listed
 raster formats are decoded, each with the pixel cap checked before any pixel data is decoded."""
 
@@ -12,13 +12,12 @@ import sys
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from jobkit.config import config_from_dict
 from pipelines.curation import dedup
-from pipelines.curation.analysis import Rejected, analyse, native_sharpness
+from pipelines.curation.analysis import Rejected, analyse, native_scale, native_sharpness
 from pipelines.curation.crawl import fetch_urls
 from tests.helpers.http_fixture import encode, http_server
 from vosr.imageio import ALLOWED_FORMATS, IMAGE_SUFFIXES, ImageDecodeError, decode_image, jpeg_quality, sniff
@@ -38,28 +37,37 @@ def _upscaled(img: Image.Image, factor: float, method) -> Image.Image:
     return img.resize((round(w / factor), round(h / factor)), method).resize((w, h), method)
 
 
-# ------------------------------------------------------------------ native-scale sharpness
+# ------------------------------------------------------------------ the upscaling filter
 
 def test_default_threshold_keeps_originals_and_rejects_upscaled_copies(photos):
     sample = photos[::4][:8]
-    orig = [native_sharpness(_rgb(p)) for p in sample]
-    jpeg = [native_sharpness(decode_image(encode(_rgb(p), "JPEG", quality=85), 10**9)) for p in sample]
-    up = [native_sharpness(_upscaled(_rgb(p), f, m)) for p in sample
-          for f, m in ((2, Image.Resampling.LANCZOS), (3, Image.Resampling.BICUBIC), (4, Image.Resampling.BICUBIC))]
-    thr = DEFAULT.min_sharpness
-    assert sum(s >= thr for s in orig) >= len(orig) - 1, (thr, orig)
-    assert sum(s >= thr for s in jpeg) >= len(jpeg) - 1, (thr, jpeg)
-    assert sum(s < thr for s in up) >= len(up) - 1, (thr, up)
+    orig = [native_scale(_rgb(p)) for p in sample]
+    jpeg = [native_scale(decode_image(encode(_rgb(p), "JPEG", quality=85), 10**9), jpeg=True) for p in sample]
+    up = [native_scale(_upscaled(_rgb(p), f, m)) for p in sample
+          for f, m in ((3, Image.Resampling.LANCZOS), (4, Image.Resampling.BICUBIC), (11, Image.Resampling.BICUBIC))]
+    thr = DEFAULT.max_upscale
+    assert sum(s <= thr for s in orig) >= len(orig) - 1, (thr, orig)
+    assert sum(s <= thr for s in jpeg) >= len(jpeg) - 1, (thr, jpeg)
+    assert sum(s > thr for s in up) >= len(up) - 1, (thr, up)
     # the filter is applied by stage 1 with its own reason; an original passes the same call
     big = _rgb(sample[0])
     with pytest.raises(Rejected) as e:
         analyse(encode(_upscaled(big, 4, Image.Resampling.BICUBIC)), FILTERS)
+    assert e.value.reason == "upscaled"
+    assert analyse(sample[0].read_bytes(), FILTERS).native_scale == pytest.approx(orig[0], abs=1e-4)
+    # the earlier sharpness filter, off by default, still rejects 2x and larger copies when it is asked for
+    sharp = config_from_dict({"curate": {"filters": {"min_short_side": 128, "max_upscale": 0,
+                                                     "min_sharpness": -3.0}}}).curate.filters
+    two = [_upscaled(_rgb(p), 2, Image.Resampling.LANCZOS) for p in sample]
+    assert sum(native_sharpness(t) < sharp.min_sharpness for t in two) >= len(two) - 1
+    with pytest.raises(Rejected) as e:
+        analyse(encode(_upscaled(big, 4, Image.Resampling.BICUBIC)), sharp)
     assert e.value.reason == "low_sharpness"
-    assert analyse(sample[0].read_bytes(), FILTERS).sharpness == pytest.approx(orig[0], abs=1e-4)
 
 
 def test_paper_recipe_defaults():
-    assert DEFAULT.min_short_side == 512 and DEFAULT.min_entropy > 0 and np.isfinite(DEFAULT.min_sharpness)
+    assert DEFAULT.min_short_side == 512 and DEFAULT.min_entropy > 0 and 1.0 < DEFAULT.max_upscale < 3.0
+    assert DEFAULT.min_sharpness <= -100  # the earlier sharpness filter is opt-in
     from jobkit.config import explain_config
 
     text = explain_config("curate")
@@ -81,7 +89,7 @@ def _variants(img: Image.Image) -> dict[str, bytes]:
 
 
 def _key(a, rid: str) -> str:
-    return dedup.node_key(a.width, a.height, a.fidelity, a.sharpness, rid, "u" * 24, 0)
+    return dedup.node_key(a.width, a.height, a.fidelity, a.native_scale, rid, "u" * 24, 0)
 
 
 def test_lossless_original_beats_its_reencodes_at_equal_size(photos):
@@ -101,12 +109,13 @@ def test_lossless_original_beats_its_reencodes_at_equal_size(photos):
     assert min(keys, key=keys.get) == "original"
     assert min(("jpeg_q90", "jpeg_q75"), key=keys.get) == "jpeg_q90"
     assert min(("jpeg_q75", "palette_png", "cmyk_jpeg"), key=keys.get) == "jpeg_q75"
-    # more pixels still come first: a 2x larger JPEG beats the smaller lossless original (were it not an
-    # upscale, which the sharpness filter removes before dedup)
-    no_sharpness = config_from_dict({"curate": {"filters": {"min_short_side": 128, "min_sharpness": -100.0}}})
+    # native pixels, not raw pixels, come first: a 2x enlargement (a JPEG at the same quality as the q90 copy, so
+    # bigger in every raw measure) does not beat the smaller lossless original (the upscaling filter is off here)
+    no_filter = config_from_dict({"curate": {"filters": {"min_short_side": 128, "max_upscale": 0}}})
     bigger = analyse(encode(img.resize((img.width * 2, img.height * 2), Image.Resampling.LANCZOS), "JPEG",
-                            quality=90), no_sharpness.curate.filters)
-    assert _key(bigger, "f" * 32) < keys["original"]
+                            quality=90), no_filter.curate.filters)
+    assert bigger.native_scale > 1.5
+    assert _key(bigger, "0" * 32) > keys["original"]
 
 
 def test_every_original_represents_its_reencodes_and_mislabelled_copies(photos):

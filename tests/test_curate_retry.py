@@ -23,7 +23,7 @@ def _cfg(tmp, listing, out, **extra):
                    # no in-run retries: a transient failure ends the first run's attempt at once
                    "crawl": {"timeout_s": 0.5, "retries": 0, "allow_hosts": ["127.0.0.1"],
                              "per_domain_rps": 200.0},
-                   "filters": {"min_short_side": 128, "min_sharpness": -100.0},
+                   "filters": {"min_short_side": 128, "max_upscale": 0},
                    # stage 2 reduced to the writer: retries are a stage-1 matter (fewer Ray Data runs, faster)
                    "dedup": {"enabled": False}, "balance": {"enabled": False}, **extra},
     })

@@ -25,7 +25,7 @@ def _cfg(tmp, src, out, preset="tiny", **balance_kw):
         "preset": preset,
         "run": {"output_root": str(tmp / "root"), "seed": 11, "mlflow": {"enabled": False}},
         "curate": {"sources": [str(src)], "output": str(out), "rows_per_shard": 4,
-                   "filters": {"min_short_side": 128, "min_sharpness": -100.0},
+                   "filters": {"min_short_side": 128, "max_upscale": 0},
                    "dedup": {"enabled": False},
                    "balance": {"embedding": "semantic", "num_clusters": K, "per_category_cap": CAP,
                                "semantic_batch_size": 3, **balance_kw}},

@@ -26,7 +26,7 @@ from tests.helpers.http_fixture import encode, http_server
 from tests.helpers.s3_fixture import s3  # noqa: F401 - pytest fixture
 
 FILTERS = {"min_short_side": 64, "max_aspect_ratio": 3.0, "min_gradient": 0.0, "min_entropy": 2.0,
-           "min_sharpness": -100.0}
+           "max_upscale": 0}
 CRAWL = {"timeout_s": 2.0, "retries": 0, "allow_hosts": ["127.0.0.1"], "per_domain_rps": 500.0,
          "per_domain_concurrency": 8, "gate_actors": 0}
 

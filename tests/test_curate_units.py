@@ -63,7 +63,7 @@ def test_exif_orientation_and_alpha_are_applied():
 
 def test_filters_reject_by_reason_and_measure_sharpness(photos):
     f = config_from_dict({"curate": {"filters": {"min_short_side": 64, "min_gradient": 1.0,
-                                                 "min_entropy": 3.0, "min_sharpness": -100.0}}}).curate.filters
+                                                 "min_entropy": 3.0, "max_upscale": 0}}}).curate.filters
     a = analyse(photos[0].read_bytes(), f)
     assert a.gradient > 1.0 and 3.0 < a.entropy <= 8.0 and a.embedding.shape == (196,)
     blurred = Image.open(photos[0]).convert("RGB").resize((64, 64)).resize((512, 512), Image.Resampling.BICUBIC)
@@ -159,12 +159,13 @@ def test_star_contraction_matches_union_find():
 
 
 def test_node_keys_sort_best_first():
-    big = dedup.node_key(1000, 800, 100.0, -2.5, "b" * 32, "u" * 24, 5)
-    small_sharp = dedup.node_key(500, 400, 100.0, -1.0, "a" * 32, "u" * 24, 1)
-    big_sharper = dedup.node_key(1000, 800, 100.0, -2.0, "c" * 32, "u" * 24, 2)
-    big_sharper_jpeg = dedup.node_key(1000, 800, 95.0, -1.0, "d" * 32, "u" * 24, 3)
-    assert min(big, small_sharp, big_sharper, big_sharper_jpeg) == big_sharper
-    assert min(big_sharper_jpeg, small_sharp) == big_sharper_jpeg  # pixels first
+    big = dedup.node_key(1000, 800, 100.0, 1.0, "b" * 32, "u" * 24, 5)
+    small = dedup.node_key(500, 400, 100.0, 1.0, "a" * 32, "u" * 24, 1)
+    big_enlarged = dedup.node_key(2000, 1600, 100.0, 2.0, "c" * 32, "u" * 24, 2)
+    big_jpeg = dedup.node_key(1000, 800, 95.0, 1.0, "d" * 32, "u" * 24, 3)
+    assert min(big, small, big_enlarged, big_jpeg) == big
+    assert min(big_jpeg, small) == big_jpeg  # native pixels first
+    assert min(big_enlarged, big_jpeg) == big_jpeg  # never raw pixels
     assert dedup.key_id(big) == "b" * 32 and dedup.key_unit(big) == "u" * 24 and dedup.key_row(big) == 5
 
 

@@ -124,6 +124,7 @@ def test_distillation_moves_onestep_toward_the_teacher_and_registers_the_student
     assert {"loss", "base_loss", "consistency_loss"} <= set(summary["final_losses"])
     reg = summary["registered_model"]
     assert reg["name"] == "tiny-student" and reg["version"] == 1 and reg["uri"] == "models:/tiny-student/1"
+    assert reg["alias"] == "champion" and len(summary["data"]["version"]) == 12
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     local = Path(mlflow.artifacts.download_artifacts("models:/tiny-student/1", dst_path=str(tmp_path / "dl")))
@@ -137,6 +138,11 @@ def test_distillation_moves_onestep_toward_the_teacher_and_registers_the_student
     assert after < before, f"one-step output did not move toward the teacher's 25-step output: {before} -> {after}"
 
     client = mlflow.tracking.MlflowClient()
+    # the version distillation registered: the champion, tagged with what it is and where it came from
+    champion = client.get_model_version_by_alias("tiny-student", "champion")
+    assert str(champion.version) == "1" and champion.tags["vosr.training_run"] == summary["mlflow_run_id"]
+    assert champion.tags["vosr.preset"] == "tiny" and champion.tags["vosr.steps"] == "40"
+    assert champion.tags["vosr.data_version"] == summary["data"]["version"]
     run_info = client.get_run(summary["mlflow_run_id"])
     assert run_info.data.params["distill.method"] == "rcgm" and run_info.info.status == "FINISHED"
     assert client.get_metric_history(summary["mlflow_run_id"], "train/consistency_loss")

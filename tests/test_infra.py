@@ -112,11 +112,17 @@ def test_manifest_is_a_valid_kuberay_object(path):
             module, _, attr = app["import_path"].partition(":")
             assert attr, "import_path must be module:attribute"
             source = ROOT / (module.replace(".", "/") + ".py")
+            if not source.is_file():                                   # a package
+                source = ROOT / module.replace(".", "/") / "__init__.py"
             assert source.is_file(), f"{source} does not exist"
-            names = {n.name for n in ast.walk(ast.parse(source.read_text()))
-                     if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-            names |= {t.id for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.Assign)
+            tree = ast.parse(source.read_text())
+            names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            names |= {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign)
                       for t in n.targets if isinstance(t, ast.Name)}
+            if "__getattr__" in names:   # a module __getattr__ builds the names it compares against (PEP 562)
+                getattr_fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__")
+                names |= {c.value for c in ast.walk(getattr_fn) if isinstance(c, ast.Constant)
+                          and isinstance(c.value, str) and c.value.isidentifier()}
             assert attr in names, f"{source} defines no {attr}"
             config = _repo_path(app["runtime_env"]["env_vars"]["VOSR_CONFIG"])
             cfg = load_config(config)
@@ -152,6 +158,32 @@ def test_cluster_configs_keep_data_on_s3():
     assert distill.distill_job.register_name
     serve = load_config(ROOT / "configs" / "cluster" / "serve.yaml")
     assert serve.inference.checkpoint == f"models:/{distill.distill_job.register_name}/1"
+
+
+def test_endpoint_is_redundant_and_its_readiness_means_ready():
+    """Two model replicas and two ingress replicas on different nodes, pods ready only when the application answers
+    /readyz (a model replica loaded), and graceful shutdowns that fit in the pods' termination grace period."""
+    cfg = load_config(ROOT / "configs" / "cluster" / "serve.yaml").serve
+    assert cfg.min_replicas >= 2 and cfg.ingress_replicas >= 2 and cfg.max_replicas_per_node == 1
+    assert cfg.max_surge_percent > 0, "redeploys keep the old model replicas until the new ones have loaded"
+    doc = _load(INFRA / "k8s" / "rayservice-endpoint.yaml")
+    spec = doc["spec"]
+    assert spec["excludeHeadPodFromServeSvc"] is True
+    http = yaml.safe_load(spec["serveConfigV2"])["http_options"]
+    drain_s = cfg.request_timeout_s + cfg.body_timeout_s
+    assert http["request_timeout_s"] == drain_s + 5, "the proxy's 408 comes after the ingress's own answer"
+    serving = [g for g in spec["rayClusterConfig"]["workerGroupSpecs"]
+               if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                      for c in g["template"]["spec"]["containers"])]
+    assert serving
+    assert sum(g["minReplicas"] for g in serving) >= cfg.min_replicas, "one node per model replica"
+    assert sum(g["maxReplicas"] for g in serving) >= cfg.max_replicas
+    for group in serving:
+        pod = group["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] > drain_s, "replicas drain before the pod is killed"
+        for c in pod["containers"]:
+            probe = c["readinessProbe"]["httpGet"]
+            assert probe["path"] == "/readyz" and probe["port"] == 8000, probe
 
 
 def test_dockerfile_uses_cuda_base_and_installs_the_project():
@@ -204,3 +236,14 @@ def test_infra_readme_names_every_manifest_and_the_mlflow_server():
         assert f"k8s/{path.name}" in text, f"infra/README.md does not mention {path.name}"
     for word in ("s3://", "run.mlflow.tracking_uri", "ray job submit", "cluster-aws.yaml", "Dockerfile"):
         assert word in text, word
+
+
+def test_every_documented_request_to_the_endpoint_sends_the_api_key():
+    """The endpoint binds beyond loopback only with a key: every curl the docs show against /upscale or /healthz
+    (README, infra/) sends X-API-Key."""
+    texts = {p: p.read_text() for p in [ROOT / "README.md", *INFRA.rglob("*.md"), *INFRA.rglob("*.yaml")]}
+    calls = [(p.name, line.strip()) for p, text in texts.items() for line in text.splitlines()
+             if "curl" in line and re.search(r"/(upscale|healthz)\b", line)]
+    assert len(calls) >= 4, calls
+    missing = [c for c in calls if "X-API-Key" not in c[1]]
+    assert not missing, f"curl without the X-API-Key header: {missing}"

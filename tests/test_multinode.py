@@ -110,7 +110,7 @@ def test_curate_survives_losing_the_worker_node(two_nodes, tmp_path):
                                 "curate": {
             "sources": [str(urls)], "output": str(out), "rows_per_shard": 2, "cpus_per_block": 0.5,
             "crawl": {"allow_hosts": ["127.0.0.1"], "timeout_s": 10.0, "retries": 1, "backoff_s": 0.05},
-            "filters": {"min_short_side": 256, "min_gradient": 0.0, "min_entropy": 0.0, "min_sharpness": -100.0},
+            "filters": {"min_short_side": 256, "min_gradient": 0.0, "min_entropy": 0.0, "max_upscale": 0},
             "balance": {"num_clusters": 2, "sample_size": 100}}})
 
         def first_ledgers_written() -> bool:

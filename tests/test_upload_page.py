@@ -109,7 +109,7 @@ def page_ws_url(base: str) -> str:
     return pages[0]["webSocketDebuggerUrl"]
 
 
-def test_upload_shows_input_and_result_side_by_side(page_service, browser, photos, tmp_path):
+def test_upload_shows_input_and_result_side_by_side_with_mode_steps_and_slider(page_service, browser, photos, tmp_path):
     import websockets
 
     photo = tmp_path / "photo.jpg"
@@ -121,19 +121,46 @@ def test_upload_shows_input_and_result_side_by_side(page_service, browser, photo
             await dt.send("Page.enable")
             await dt.send("Page.navigate", url=f"{page_service}/")
             await dt.wait_for("document.readyState === 'complete' && !!document.getElementById('file')", 60)
+            # the server's choices arrive from GET ./options: only the student's mode, steps within max_steps
+            await dt.wait_for("document.body.dataset.options === '1'", 30)
+            choices = await dt.evaluate(
+                "(() => { const m = document.getElementById('mode'), s = document.getElementById('steps');"
+                " s.value = '999'; s.dispatchEvent(new Event('change'));"
+                " const clamped = s.value; s.value = '2';"
+                " return {mode: m.value, disabled: [...m.options].filter(o => o.disabled).map(o => o.value),"
+                " max: s.max, clamped: clamped, limits: document.getElementById('limits').textContent}; })()")
             doc = await dt.send("DOM.getDocument")
             node = await dt.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
             await dt.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(photo)])
             await dt.wait_for("document.getElementById('result-img').dataset.ready === '1'", 90)
-            return await dt.evaluate(
+            # the before/after slider: the input covers the result left of the slider's position
+            await dt.wait_for("document.getElementById('compare-after').naturalWidth > 0", 30)
+            slider = await dt.evaluate(
+                "(() => { const r = document.getElementById('compare-range'); r.value = '30';"
+                " r.dispatchEvent(new Event('input'));"
+                " const a = document.getElementById('compare-after'), b = document.getElementById('compare-before');"
+                " const ra = a.getBoundingClientRect(), rb = b.getBoundingClientRect();"
+                " return {visible: !document.getElementById('compare-section').hidden,"
+                " after: [a.naturalWidth, a.naturalHeight], before: [b.naturalWidth, b.naturalHeight],"
+                " overlaid: Math.abs(ra.left - rb.left) < 1 && Math.abs(ra.width - rb.width) < 1"
+                " && Math.abs(ra.height - rb.height) < 1,"
+                " clip: getComputedStyle(b).clipPath,"
+                " line: document.getElementById('compare-line').style.left}; })()")
+            info = await dt.evaluate(
                 "(() => { const i = document.getElementById('input-img'), r = document.getElementById('result-img');"
                 " const a = i.getBoundingClientRect(), b = r.getBoundingClientRect();"
                 " return {input: [i.naturalWidth, i.naturalHeight], result: [r.naturalWidth, r.naturalHeight],"
                 " side_by_side: Math.abs(a.top - b.top) < 2 && b.left > a.right - 1,"
                 " caption: document.getElementById('result-size').textContent,"
                 " status: document.getElementById('status').textContent}; })()")
+            return choices, slider, info
 
-    info = asyncio.run(drive())
+    choices, slider, info = asyncio.run(drive())
+    assert choices["mode"] == "onestep" and choices["disabled"] == ["multistep"], choices
+    assert choices["max"] == "50" and choices["clamped"] == "50" and "at most 50 steps" in choices["limits"], choices
+    assert "onestep, 2 step(s)" in info["status"], info            # the chosen steps reached the server
+    assert slider["visible"] and slider["after"] == [144, 104] and slider["before"] == [36, 26], slider
+    assert slider["overlaid"] and slider["clip"] == "inset(0px 70% 0px 0px)" and slider["line"] == "30%", slider
     assert info["input"] == [36, 26], info
     assert info["result"] == [144, 104], info
     assert info["side_by_side"], info

@@ -54,4 +54,6 @@ class TrainConfig:
 class DistillTrainConfig:
     teacher: str = option("", "Teacher checkpoint folder (its EMA weights are used).")
     register_name: str = option("vosr-student", "MLflow registered-model name of the student (empty = none).")
+    register_alias: str = option("champion", "Registry alias pointed at the newly registered student "
+                                 "(models:/<name>@<alias>); empty = none.")
     teacher_use_ema: bool = option(True, "Load the teacher's EMA weights (docs/method.md s7: the multi-step EMA).")

@@ -5,7 +5,9 @@
 The student starts from the teacher's EMA weights plus a fresh target-time embedding; the teacher is frozen.
 The loss is recursive consistency (distill.method=rcgm, default) or shortcut, with the teacher guidance omega
 from distill.omega. At the end the student's final checkpoint is registered in the MLflow model registry under
-distill_job.register_name; the summary JSON carries the registered version.
+distill_job.register_name as a pyfunc model that serves (training/registry.py), tagged with its preset, steps,
+training run and data version, and distill_job.register_alias (champion) points at it; the summary JSON carries
+the registered version.
 
 Stages (training/job.py): resolve run -> skip if finished -> connect -> open data -> start tracking -> fit ->
 summarise (prune checkpoints; an FSDP run exports its sharded final checkpoint) -> register -> finish.
@@ -25,7 +27,8 @@ def _register(cfg):
         name = cfg.distill_job.register_name
         if not name or not tracking_uri or result.checkpoint is None:
             return {"registered_model": None}
-        from training.registry import register_student
+        from jobkit.tracking import resolve_registry_uri
+        from training.registry import register_student, version_tags
 
         ckpt = result.checkpoint
         if summary.get("export_uri"):  # FSDP: the final checkpoint is sharded; register its unsharded export
@@ -34,8 +37,11 @@ def _register(cfg):
             ckpt = open_checkpoint(summary["export_uri"], paths.endpoint)
         with tempfile.TemporaryDirectory(prefix="vosr-student-") as tmp:
             folder = ckpt.to_directory(str(Path(tmp) / "checkpoint"))
-            version = register_student(folder, name, tracking_uri, run_id)
-        return {"registered_model": {"name": name, "version": version, "uri": f"models:/{name}/{version}"}}
+            alias = cfg.distill_job.register_alias
+            version = register_student(folder, name, tracking_uri, run_id, registry_uri=resolve_registry_uri(cfg),
+                                       tags=version_tags(cfg, summary, run_id), alias=alias)
+        return {"registered_model": {"name": name, "version": version, "uri": f"models:/{name}/{version}",
+                                     "alias": alias or None}}
     return after_fit
 
 

@@ -225,6 +225,16 @@ def fail_tracking(tracking_uri: str, run_id: str) -> None:
         MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, "FAILED")
 
 
+def data_version(metadata: dict | None) -> str:
+    """A short fingerprint of the training data's metadata (the feature set's encoders, shapes, degradation and
+    counts; or the online pipeline's): equal data, equal version. Empty when there is none."""
+    if not metadata:
+        return ""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def run_job(cfg: Any, job: str, after_fit=None) -> dict[str, Any]:
     """The whole driver for `job` ("pretrain" or "distill"). `after_fit(summary, result, paths, tracking_uri,
     run_id)` may return keys to add to the summary."""
@@ -260,6 +270,7 @@ def run_job(cfg: Any, job: str, after_fit=None) -> dict[str, Any]:
     timed("fit")
     summary = summarise(cfg, job, paths, result, run_id, time.perf_counter() - t0, start_step)
     summary["data"] = {k: v for k, v in data_info.items() if k != "metadata"}
+    summary["data"]["version"] = data_version(data_info.get("metadata"))
     summary["pruned_checkpoints"] = prune_checkpoints(cfg, paths, result, summary["steps"])
     summary["export_uri"] = export_final(paths, result)
     if summary["export_uri"]:

@@ -2,9 +2,9 @@
 
 Paper s4.1: "gradient-based filtering, image-entropy filtering, resolution filtering". The gradient and entropy
 are computed on a grey copy resized so its short side is `analysis_size`, which makes them comparable across
-resolutions. Resizing hides upscaling, so the sharpness score (`native_sharpness`) is measured at the image's own
-scale, the scale training crops are taken at: an image enlarged from a smaller one has almost no energy in the top
-of its spectrum. Calibrated by benchmarks/bench_sharpness.py (see FilterConfig.min_sharpness).
+resolutions. Resizing hides upscaling, so the upscaling detector (`native_scale`, the estimated enlargement factor)
+is measured at the image's own scale, the scale training crops are taken at. Calibrated by
+benchmarks/bench_sharpness.py (see FilterConfig.max_upscale and docs/curation-quality.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import imagehash
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from vosr.imageio import ImageDecodeError, SourceInfo, decode_with_source
 
@@ -36,7 +36,8 @@ class Analysis:
     gradient: float   # mean gradient magnitude (0-255 scale) at the analysis size
     entropy: float    # grey-level entropy in bits (0..8)
     embedding: np.ndarray  # float32 [EMBED_DIM]
-    sharpness: float = 0.0  # native_sharpness: log10 top-band / mid-band power at native scale
+    native_scale: float = 1.0  # estimated enlargement factor (native_scale), 1.0 for a native image
+    sharpness: float | None = None  # native_sharpness, computed only when filters.min_sharpness is on
     fidelity: float = 100.0  # encoding_fidelity: 100 lossless true colour, else lower (see there)
 
 
@@ -86,7 +87,143 @@ def grey_entropy(grey: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-# Native-scale sharpness (upscaling detector). A grid of SHARP_GRID x SHARP_GRID crops of SHARP_CROP px is taken at
+# Native scale (the upscaling detector): the factor by which an image was enlarged from the source it was made from,
+# 1.0 for a native image. Two measurements at the image's own scale, on its grey levels:
+#  - smoothness scale. The structure function D(t) = mean (I(x + t) - I(x))^2 over horizontal and vertical pixel
+#    pairs t apart (every SCALE_STRIDE-th row and column, at most SCALE_LINES of each, in the central SCALE_WINDOW
+#    pixels) grows like t^2 where the image is smooth and more slowly where it has detail (natural images: about
+#    t^1). An image enlarged by k from any source is an interpolation between samples k pixels apart, so it is
+#    smooth below a scale proportional to k, whatever the kernel (bilinear, bicubic, Lanczos) and whether or not it
+#    was JPEG-compressed afterwards (the quantisation error stays smooth within a block). The local exponent
+#    a(t) = d log D / d log t is taken between successive lags of SCALE_LAGS at full resolution and, when the image
+#    is still smooth at the last of them, of SCALE_COARSE_LAGS on a copy reduced SCALE_REDUCE x (box filter); the
+#    scale is where a(t) falls below SCALE_SMOOTH (interpolated in log t, extrapolated below the first lag), times
+#    SCALE_GAIN. The rounding of 8-bit values adds SCALE_NOISE to every D(t) and is subtracted first. The estimate is
+#    monotone in the enlargement factor from 1.5x to 16x and close to it (benchmarks/bench_sharpness.py prints the
+#    medians per factor and filter).
+#  - pixel grid. Nearest-neighbour enlargement repeats rows and columns: the mean |horizontal difference| per column
+#    is near zero except on the columns where a new source pixel starts (and likewise per row). Columns that exceed
+#    both neighbours by GRID_PROMINENCE x and hold GRID_SHARE of the squared differences give the period (columns
+#    per such column). In a JPEG file the columns across its 8 x 8 block edges count only where they are as strong as
+#    the steps found elsewhere (so blocking is not taken for a grid), or where they hold GRID_JPEG_EDGES of
+#    everything (constant blocks: a grid of 8 or 16 pixels). Steps look like detail to the structure function,
+#    hence this second measurement.
+# native_scale is the larger of the two, at most SCALE_MAX; below SCALE_NATIVE_BELOW it is 1.0 (the spread of sharp
+# native photos). Constants chosen on benchmarks/bench_sharpness.py (44 dev photos, their downscales and JPEG
+# re-encodes, their 1.5x-16x enlargements with four filters, with and without JPEG re-encoding).
+SCALE_LAGS = (1, 2, 3, 4, 5, 6, 7)
+SCALE_COARSE_LAGS = (1, 2, 3, 4, 6, 8)     # on the copy reduced SCALE_REDUCE x: 4 to 32 pixels
+SCALE_REDUCE = 4
+SCALE_STRIDE = 4
+SCALE_LINES = 128                          # at most this many rows and columns are sampled
+SCALE_WINDOW = 1024                        # larger images are measured on their central 1024 x 1024 pixels
+SCALE_SMOOTH = 1.5                          # local exponent below which the image has detail at that scale
+SCALE_GAIN = 0.91                           # makes the median estimate of 4x bilinear/bicubic/Lanczos enlargements 4.0
+SCALE_NOISE = 2 * 1.45 / 12                 # D(t) of 8-bit rounding: RGB values and the grey conversion rounded
+SCALE_MAX = 64.0
+SCALE_NATIVE_BELOW = 1.25                   # estimates below this are reported as 1.0 (native)
+GRID_PROMINENCE = 2.0
+GRID_SHARE = 0.3
+GRID_JPEG_EDGES = 0.9
+JPEG_BLOCK = 8
+
+
+def structure_function(grey: np.ndarray, lags, stride: int = 1,
+                       lines: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(D(t) for each lag, mean |horizontal difference| per column, mean |vertical difference| per row), over every
+    `stride`-th row (for horizontal pairs) and column (for vertical pairs), and at most `lines` rows and columns when
+    given (the stride grows for large images); the profiles come from the first lag."""
+    h, w = grey.shape
+    rows = grey[::max(stride, -(-h // lines) if lines else 1)].astype(np.float32)
+    cols = np.ascontiguousarray(grey[:, ::max(stride, -(-w // lines) if lines else 1)].T, dtype=np.float32)
+    out = np.empty(len(lags))
+    col_prof = row_prof = np.zeros(0)
+    for i, t in enumerate(lags):
+        a = rows[:, t:] - rows[:, :-t]
+        b = cols[:, t:] - cols[:, :-t]
+        out[i] = 0.5 * (float(np.einsum("ij,ij->", a, a)) / max(1, a.size) +
+                        float(np.einsum("ij,ij->", b, b)) / max(1, b.size))
+        if i == 0:
+            col_prof = np.abs(a).mean(axis=0)
+            row_prof = np.abs(b).mean(axis=0)
+    return out, col_prof, row_prof
+
+
+def smooth_scale(d: np.ndarray, lags, noise: float) -> float | None:
+    """Lag where the local exponent of the structure function `d` falls below SCALE_SMOOTH (interpolated in log lag;
+    below the first lag: extrapolated); None when the image is smooth over every lag given."""
+    lags = np.asarray(lags, dtype=np.float64)
+    d = np.maximum(np.asarray(d, dtype=np.float64) - noise, 1e-9)
+    a = np.log(d[1:] / d[:-1]) / np.log(lags[1:] / lags[:-1])
+    mid = np.sqrt(lags[1:] * lags[:-1])
+    rough = np.flatnonzero(a < SCALE_SMOOTH)
+    if rough.size == 0:
+        return None
+    i = int(rough[0])
+    if i == 0:
+        return float(mid[0] * 2.0 ** (a[0] - SCALE_SMOOTH))
+    t = (a[i - 1] - SCALE_SMOOTH) / (a[i - 1] - a[i])
+    return float(np.exp(np.log(mid[i - 1]) + t * (np.log(mid[i]) - np.log(mid[i - 1]))))
+
+
+def grid_period(profile: np.ndarray, jpeg: bool = False) -> float:
+    """Columns per source pixel of a nearest-neighbour enlargement, from the mean |difference| per column (or row);
+    1.0 when there is no such grid."""
+    d = np.asarray(profile, dtype=np.float64)
+    if d.size < 3:
+        return 1.0
+    energy = d * d
+    left, mid, right = d[:-2], d[1:-1], d[2:]
+    peak = mid > GRID_PROMINENCE * np.maximum(left, right)
+    keep = np.ones(d.size, bool)
+    if jpeg:  # the difference at j spans pixels j and j + 1: across a block edge when j + 1 is a multiple of 8
+        edge = np.zeros(d.size, bool)
+        edge[JPEG_BLOCK - 1::JPEG_BLOCK] = True
+        if float(energy[edge].sum()) < GRID_JPEG_EDGES * float(energy.sum()):
+            inner = peak & ~edge[1:-1]
+            # block edges count only where they are as strong as the steps found off them (blocking is weaker)
+            strong = 0.5 * float(np.median(mid[inner])) if inner.any() else np.inf
+            keep = ~edge | (d >= strong)
+    peak &= keep[1:-1]
+    total = float(energy[keep].sum())
+    if total <= 0 or not peak.any() or float(energy[1:-1][peak].sum()) < GRID_SHARE * total:
+        return 1.0
+    return float(keep.sum()) / float(peak.sum())
+
+
+def native_scale(img: Image.Image, jpeg: bool = False, palette: bool = False, stride: int = SCALE_STRIDE) -> float:
+    """Estimated enlargement factor of an image (1.0: native; see SCALE_* above). `jpeg`: the pixels were decoded
+    from a JPEG file (its block edges are then not mistaken for a nearest-neighbour grid). `palette`: they were
+    stored with a palette (GIF, palette PNG), whose dithering is pixel-scale noise, not detail: the grey levels get a
+    3 x 3 median first (measured: a palette copy then never scores below its original on the dev photos)."""
+    w, h = img.size
+    if max(w, h) > SCALE_WINDOW:  # the central window (its corner on the 8 x 8 JPEG grid) bounds the cost
+        x0 = max(0, (w - SCALE_WINDOW) // 2) // JPEG_BLOCK * JPEG_BLOCK
+        y0 = max(0, (h - SCALE_WINDOW) // 2) // JPEG_BLOCK * JPEG_BLOCK
+        img = img.crop((x0, y0, min(w, x0 + SCALE_WINDOW), min(h, y0 + SCALE_WINDOW)))
+    grey_img = img.convert("L")
+    if palette:
+        grey_img = grey_img.filter(ImageFilter.MedianFilter(3))
+    grey = np.asarray(grey_img)  # uint8: only the sampled rows and columns are converted
+    if min(grey.shape) <= SCALE_LAGS[-1] + 1:
+        return 1.0
+    d, cols, rows = structure_function(grey, SCALE_LAGS, stride, SCALE_LINES)
+    t = smooth_scale(d, SCALE_LAGS, SCALE_NOISE)
+    if t is None:  # smooth at every lag: look at the reduced copy for where the detail starts
+        last = float(np.sqrt(SCALE_LAGS[-1] * SCALE_LAGS[-2]))
+        small = grey_img.reduce(SCALE_REDUCE)
+        t = SCALE_MAX / SCALE_GAIN
+        if min(small.size) > SCALE_COARSE_LAGS[-1] + 1:
+            d2, _, _ = structure_function(np.asarray(small), SCALE_COARSE_LAGS, 1, SCALE_LINES)
+            t2 = smooth_scale(d2, SCALE_COARSE_LAGS, 2 / 12)  # the reduced copy is rounded to 8 bits again
+            if t2 is not None:
+                t = max(last, SCALE_REDUCE * t2)
+    grid = float(np.sqrt(grid_period(cols, jpeg) * grid_period(rows, jpeg)))
+    scale = max(SCALE_GAIN * t, grid)
+    return 1.0 if scale < SCALE_NATIVE_BELOW else float(min(SCALE_MAX, scale))
+
+
+# Native-scale sharpness (the earlier upscaling detector, now the opt-in filters.min_sharpness). A grid of SHARP_GRID x SHARP_GRID crops of SHARP_CROP px is taken at
 # the image's own resolution; each crop's grey levels get a Hann window and a 2-D FFT, and the radial power spectrum
 # (frequency as a fraction of Nyquist) is averaged in third-octave bins from 1/16 to 1. A crop's score is the mean
 # log10 power of the bins in HIGH (0.63-1.0 of Nyquist, where an image enlarged by 1.5x or more holds only
@@ -102,6 +239,7 @@ SHARP_BINS_PER_OCTAVE = 3
 SHARP_LOWEST = 1 / 16                      # lower edge of the first bin (fraction of Nyquist); 12 bins up to 1.0
 SHARP_HIGH_BINS = (10, 12)                 # 0.63 - 1.0 of Nyquist
 SHARP_MID_BINS = (3, 7)                    # 0.125 - 0.315 of Nyquist
+SHARPNESS_OFF = -100.0                     # filters.min_sharpness at or below this: not computed
 
 
 @lru_cache(maxsize=8)
@@ -189,14 +327,20 @@ def analyse(data: bytes, filters) -> Analysis:
         raise Rejected("low_gradient", f"{g_mean:.3f} < {filters.min_gradient}")
     if ent < filters.min_entropy:
         raise Rejected("low_entropy", f"{ent:.3f} < {filters.min_entropy}")
-    sharp = native_sharpness(img)
-    if sharp < filters.min_sharpness:
-        raise Rejected("low_sharpness", f"{sharp:.3f} < {filters.min_sharpness} (blurred or upscaled)")
+    scale = native_scale(img, jpeg=src.format == "jpeg", palette=src.palette)
+    if filters.max_upscale and scale > filters.max_upscale:
+        raise Rejected("upscaled", f"estimated enlargement {scale:.2f}x > {filters.max_upscale}")
+    sharp = None
+    if filters.min_sharpness > SHARPNESS_OFF:
+        sharp = native_sharpness(img)
+        if sharp < filters.min_sharpness:
+            raise Rejected("low_sharpness", f"{sharp:.3f} < {filters.min_sharpness} (blurred or upscaled)")
     pix = hashlib.sha256(f"{w}x{h}:".encode())
     pix.update(img.tobytes())
     return Analysis(
         format=src.format, width=w, height=h, sha256=pix.hexdigest(),
         phash=hash_to_int64(imagehash.phash(img)), dhash=hash_to_int64(imagehash.dhash(img)),
-        gradient=g_mean, entropy=ent, embedding=embedding(img, g_mean, g_std, ent), sharpness=sharp,
+        gradient=g_mean, entropy=ent, embedding=embedding(img, g_mean, g_std, ent), native_scale=scale,
+        sharpness=sharp,
         fidelity=encoding_fidelity(src),
     )

@@ -1,9 +1,9 @@
 """Exact and near-duplicate detection on Ray as vectorised partition passes, plus connected components.
 
 Every stage-1 "ok" row becomes a graph node named by a sortable key whose lexicographic minimum is the best
-member of any group (`node_key`: the representative rule lives there and only there: most pixels, then the
-least lossy encoding, then native sharpness, then smallest id). The search is the one
-of lsh.py, split over Ray tasks:
+member of any group (`node_key`: the representative rule lives there and only there: most native pixels counted at
+the steps of the enlargement estimate, an estimated enlargement discounted, then the least lossy encoding, then the
+earliest input position). The search is the one of lsh.py, split over Ray tasks:
   1. hash-partition the rows by pHash (one map task per block, one reduce task per partition); each partition
      sorts its rows by (pHash, key) with numpy/pyarrow and emits one node per distinct pHash (its best key and
      row count) and star edges from every other row of that pHash to it. Rows with the same pixel sha256 have
@@ -37,7 +37,8 @@ NODE_SCHEMA = pa.schema([pa.field("phash", pa.int64()), pa.field("key", pa.strin
 HPAIR_SCHEMA = pa.schema([pa.field("ha", pa.int64()), pa.field("hb", pa.int64())])
 STEP_SCHEMA = pa.schema([pa.field("a", pa.string()), pa.field("b", pa.string()), pa.field("changed", pa.int8())])
 
-_ID_AT, _UNIT_AT, _ROW_AT, _KEY_LEN = 25, 57, 81, 89
+# key layout: rank pixels (13) | fidelity (4) | unit position (8) | row (8) | id (32) | unit (24) | row (8)
+_ID_AT, _UNIT_AT, _ROW_AT, _KEY_LEN = 33, 65, 89, 97
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 # Below this many edges the components are computed in one Ray task (scipy.sparse.csgraph; components_peak_bytes);
@@ -45,15 +46,54 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 LOCAL_MAX_EDGES = 500_000
 
 
-def node_key(width: int, height: int, fidelity: float, sharpness: float, rid: str, unit: str, row: int) -> str:
+# The representative rule ranks members by native pixels counted at the steps of SCALE_STEPS and discounted once
+# more for an estimated enlargement: rank_pixels = pixels / Q^4, where Q is native_scale rounded down to SCALE_STEPS
+# (Q = 1 below 1.75: a native or soft member is ranked by its pixel count). Then the encoding fidelity, then the input
+# position. Measured on the 44 dev photos (benchmarks/bench_sharpness.py; numbers in docs/curation-quality.md):
+#  - by native pixels alone (pixels / native_scale^2) an enlargement beats its source in about half the photos: the
+#    estimate of an enlargement by k spreads over about 0.75k to 1.3k, and an enlarged copy has at best the native
+#    pixels of its source. The second Q^2 makes a copy estimated at 2x (Q = 1.75) lose unless it has 9x the pixels;
+#  - the estimate moves by a few per cent between copies of the same pixels (re-encodes, crops, reductions of a soft
+#    photo). Counted at steps, such copies mostly tie on the rank and their pixel count and fidelity decide, as they
+#    should; the first step (1.75) sits above the soft native photos (up to 1.7 but for three at 3.1-3.5).
+SCALE_STEPS = (1.0, 1.75, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0, 20.0, 28.0, 40.0, 56.0)
+ENLARGED_PENALTY = 2.0
+
+
+def native_pixels(width: int, height: int, native_scale: float) -> float:
+    """Pixels the image would have at its native resolution: width x height / native_scale^2 (native_scale is
+    stage 1's estimated enlargement factor, analysis.native_scale; 1.0 for a native image, missing counts as 1)."""
+    return int(width) * int(height) / _scale(native_scale) ** 2
+
+
+def _scale(native_scale) -> float:
+    s = float(native_scale) if native_scale is not None and np.isfinite(native_scale) else 1.0
+    return max(1.0, s)
+
+
+def scale_step(native_scale: float) -> float:
+    """The estimate rounded down to SCALE_STEPS."""
+    s = _scale(native_scale)
+    return max(x for x in SCALE_STEPS if x <= s + 1e-9)
+
+
+def rank_pixels(width: int, height: int, native_scale: float) -> int:
+    """What node_key ranks members by first: pixels / scale_step(native_scale)^(2 + ENLARGED_PENALTY)."""
+    return int(int(width) * int(height) / scale_step(native_scale) ** (2 + ENLARGED_PENALTY))
+
+
+def node_key(width: int, height: int, fidelity: float, native_scale: float, rid: str, unit: str, row: int,
+             order: int = 0) -> str:
     """Sortable node name: smaller = better, so a group's minimum is its representative (the rule is documented
-    in pipelines/curate_schema.py): most pixels, then the least lossy encoding (fidelity desc), then native
-    sharpness desc, then id asc. Carries id/unit/row."""
-    pixels = min(int(width) * int(height), (1 << 40) - 1)
+    in pipelines/curate_schema.py and docs/curation-quality.md): the most native pixels, counted at the steps of
+    the enlargement estimate and with an enlarged copy discounted once more (rank_pixels; never raw pixels alone:
+    an enlarged copy carries no more detail than its source), then the least lossy encoding (fidelity desc), then
+    the earliest input position (`order`: the block's position in the plan, then `row` inside the block), so of
+    byte-identical copies the first occurrence in the inputs is kept. Carries id/unit/row."""
+    pixels = min(rank_pixels(width, height, native_scale), (1 << 40) - 1)
     fid = min(1000, max(0, int(round(float(fidelity if fidelity is not None else 0.0) * 10))))
-    sharp = float(sharpness) if sharpness is not None and np.isfinite(sharpness) else -100.0
-    sh = min(10**8 - 1, max(0, int(round((sharp + 100.0) * 1e5))))
-    key = f"{(1 << 40) - pixels:013d}{9999 - fid:04d}{10**8 - 1 - sh:08d}{rid}{unit}{int(row):08d}"
+    key = (f"{(1 << 40) - pixels:013d}{9999 - fid:04d}{min(int(order), 10**8 - 1):08d}{int(row):08d}"
+           f"{rid}{unit}{int(row):08d}")
     if len(key) != _KEY_LEN:
         raise ValueError(f"unexpected id/unit length in node key {key!r}")
     return key
@@ -71,10 +111,13 @@ def key_row(key: str) -> int:
     return int(key[_ROW_AT:_KEY_LEN])
 
 
-def add_node_keys(batch: pa.Table) -> pa.Table:
-    keys = [node_key(w, h, f, s, i, u, r) for w, h, f, s, i, u, r in zip(
+def add_node_keys(batch: pa.Table, unit_order: dict[str, int] | None = None) -> pa.Table:
+    """Append the node key of every row. unit_order: block key -> its position in the input plan (the job passes
+    it, so ties go to the earliest input); without it every block counts as position 0 (ties: row, then id)."""
+    order = unit_order or {}
+    keys = [node_key(w, h, f, s, i, u, r, order.get(u, 0)) for w, h, f, s, i, u, r in zip(
         batch["width"].to_pylist(), batch["height"].to_pylist(), batch["fidelity"].to_pylist(),
-        batch["sharpness"].to_pylist(), batch["id"].to_pylist(), batch["unit"].to_pylist(),
+        batch["native_scale"].to_pylist(), batch["id"].to_pylist(), batch["unit"].to_pylist(),
         batch["row"].to_pylist())]
     return batch.append_column("key", pa.array(keys, pa.string()))
 

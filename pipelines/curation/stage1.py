@@ -44,7 +44,7 @@ from pipelines.curation.sources import Item, Unit, prefilter, read_items
 from vosr import storage
 
 # Reasons that mean "an image was received and decoded but a quality filter removed it" (paper s4.1).
-FILTER_REASONS = ("too_small", "bad_aspect", "low_gradient", "low_entropy", "low_sharpness",
+FILTER_REASONS = ("too_small", "bad_aspect", "low_gradient", "low_entropy", "upscaled", "low_sharpness",
                   "prefilter_too_small", "prefilter_bad_aspect")
 # Filter reasons decided from the size a URL list declares, before any request (sources.prefilter): never fetched.
 PREFILTER_REASONS = ("prefilter_too_small", "prefilter_bad_aspect")
@@ -135,7 +135,8 @@ def _ledger_row(key: str, it: Item, res: FetchResult, ccfg) -> dict:
     return {**row, "reason": "ok", "detail": "", "id": row_id(data, it.source), "image": data,
             "format": a.format, "width": a.width, "height": a.height, "sha256": a.sha256,
             "phash": a.phash, "dhash": a.dhash, "gradient": a.gradient, "entropy": a.entropy,
-            "embedding": a.embedding.tolist(), "sharpness": a.sharpness, "fidelity": a.fidelity}
+            "embedding": a.embedding.tolist(), "native_scale": a.native_scale, "sharpness": a.sharpness,
+            "fidelity": a.fidelity}
 
 
 def reason_counts(reasons: list[str]) -> dict:

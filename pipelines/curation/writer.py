@@ -63,7 +63,7 @@ def _media_type(declared: str | None) -> str:
 
 # The columns of a block's ledger that the final shard is made of (not its embedding or detail text).
 LEDGER_COLUMNS = ["row", "reason", "id", "source", "image", "format", "width", "height", "sha256", "phash", "dhash",
-                  "gradient", "entropy", "sharpness", "fidelity", "metadata"]
+                  "gradient", "entropy", "native_scale", "sharpness", "fidelity", "metadata"]
 WRITE_SLICE_BYTES = 8 * 2**20  # the ledger is read, and the shard written, this many bytes of rows at a time
 WRITE_SLICE_FACTOR = 8  # measured peak per slice byte (decode, "ok" rows taken, pages encoded, allocator slack)
 WRITE_ROW_BYTES = 1024  # the block's decisions, per ledger row (a few small Python records)
@@ -112,7 +112,8 @@ def _decisions(group: pa.Table) -> dict[int, dict]:
     return decisions
 
 
-_COPIED = ["format", "width", "height", "sha256", "phash", "dhash", "gradient", "entropy", "sharpness", "fidelity"]
+_COPIED = ["format", "width", "height", "sha256", "phash", "dhash", "gradient", "entropy", "native_scale", "sharpness",
+           "fidelity"]
 
 
 def _masked(images, keep: pa.BooleanArray) -> pa.Array:
@@ -149,7 +150,8 @@ def _shard_slice(t: pa.Table, decisions: dict[int, dict], unit: str, tally: dict
     keep = pa.array(kept, pa.bool_())
     return pa.table({
         "id": ok["id"], "source": ok["source"], "image": _masked(ok["image"], keep),
-        **{c: ok[c] for c in _COPIED},
+        **{c: ok[c] if c in ok.column_names else pa.nulls(ok.num_rows, CURATED_SCHEMA.field(c).type)
+           for c in _COPIED},  # a ledger of an older schema lacks the newer columns
         **{c: pa.array(cols[c], pa.string()) for c in ("category", "category_source", "duplicate_of")},
         "kept": keep, "drop_reason": pa.array(drop, pa.string()),
         "metadata": ok["metadata"] if "metadata" in ok.column_names else pa.nulls(ok.num_rows, pa.string()),

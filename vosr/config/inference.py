@@ -41,3 +41,15 @@ class InferenceConfig:
                          "screensr (the same with guidance 0.5 and x1: ScreenSR's LQ is already at HR size). "
                          "docs/method.md s8.", choices=["", *INFERENCE_PRESETS])
     device: str = option("auto", "Device: auto, cpu or cuda.", choices=["auto", "cpu", "cuda"])
+    dtype: str = option("fp32", "Precision of the DiT and the semantic encoder (cast) and of the autoencoder (autocast): "
+                        "fp32, bf16, or fp16 (CUDA only). The sampler's integration and colour fix stay float32.",
+                        choices=["fp32", "bf16", "fp16"])
+    tile_auto: bool = option(True, "With tile_size 0: tile the DiT and the autoencoder when the untiled run's "
+                             "estimated peak memory (vosr/memory.py) exceeds memory_budget_mb, with the largest "
+                             "tiles that fit; images that fit run untiled.")
+    memory_budget_mb: int = option(0, "Memory an upscale may use, MiB; 0 = 90% of the GPU's memory on CUDA, 75% of "
+                                   "the available RAM on CPU.", ge=0)
+    max_pixels: int = option(64_000_000, "Largest input (width * height) the upscale CLI and the MLflow model "
+                             "decode (a guard against decompression bombs; Serve has serve.max_pixels).", ge=1)
+    vae_tile_size: int = option(0, "Autoencoder tile in pixels (overlap a quarter of it; vosr/encoders/tiled.py); "
+                                "0 = whole image, unless tile_auto needs tiles.", ge=0)

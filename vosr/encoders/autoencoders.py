@@ -56,14 +56,22 @@ class PixelCodec:
         self.device = torch.device(device)
         self.codec = f"pixel-s2d-f{self.downsample}-x{PIXEL_SCALE:g}"
 
-    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
+    # bytes of working memory per pixel of a tile beyond input and output (vosr.memory): none, it is a reshape
+    work_bytes_per_px = {"encode": 0, "decode": 0}
+
+    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None,
+               tile: int = 0):
+        """`tile` is accepted for interface parity: a reshape needs no tiling (and tiling would not change it)."""
         _check_image(x, self.downsample, self.name)
         return F.pixel_unshuffle(x.to(self.device, torch.float32), self.downsample) * PIXEL_SCALE
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int = 0) -> torch.Tensor:
         _check_latent(z, self.latent_channels, self.name)
         x = F.pixel_shuffle(z.to(self.device, torch.float32) / PIXEL_SCALE, self.downsample)
         return x.clamp(-1.0, 1.0)
+
+    def parameter_bytes(self) -> int:
+        return 0
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "weights_sha256": hashlib.sha256(self.codec.encode()).hexdigest(),
@@ -85,15 +93,57 @@ class _DiffusersVAE:
         self.sample_default = bool(sample_default)
         self.weights_sha256 = files_sha256(sorted(folder.glob("*.safetensors")), folder)
 
+    # Working memory per pixel of a tile beyond its input and output (vosr.memory): float32 activations at full
+    # resolution, the first block's channels while encoding and the last upsampler's (the second width) while
+    # decoding, times the tensors a ResNet block keeps alive at once (WORK_TENSORS). For the SD2.1 VAE (128, 256,
+    # 512, 512) that is 2.6 KB per pixel to encode and 4.6 KB to decode; measured peaks stay below
+    # (benchmarks/bench_upscale_memory.py prints both).
+    WORK_TENSORS = {"encode": 5, "decode": 4.5}
+
+    @property
+    def work_bytes_per_px(self) -> dict[str, int]:
+        cfg = self.vae.config
+        widths = list(getattr(cfg, "block_out_channels", None) or
+                      [getattr(cfg, "base_dim", 96) * m for m in getattr(cfg, "dim_mult", (1, 2, 4, 4))])
+        first, second = widths[0], widths[1] if len(widths) > 1 else widths[0]
+        return {"encode": int(4 * self.WORK_TENSORS["encode"] * first),
+                "decode": int(4 * self.WORK_TENSORS["decode"] * second)}
+
     def _posterior(self, x: torch.Tensor):
         raise NotImplementedError
 
-    def _draw(self, x: torch.Tensor, sample: bool | None, generator: torch.Generator | None) -> torch.Tensor:
+    def _moments(self, x01: torch.Tensor) -> torch.Tensor:
+        """Posterior parameters (mean and log-variance stacked on channels) [B, 2C, h, w] of images in [-1, 1]."""
+        p = self._posterior(x01.to(self.device, torch.float32)).parameters
+        return p.squeeze(2) if p.ndim == 5 else p
+
+    def _draw(self, x: torch.Tensor, sample: bool | None, generator: torch.Generator | None,
+              tile: int = 0) -> torch.Tensor:
+        """Posterior sample (or mode) [B, C, h, w]; with `tile` > 0 and a larger image, the moments are computed
+        tile by tile and blended (vosr.encoders.tiled), then sampled once for the whole latent."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        from .tiled import moments_tiled
+
         _check_image(x, self.downsample, self.name)
         sample = self.sample_default if sample is None else bool(sample)
         with torch.no_grad():
-            post = self._posterior(x.to(self.device, torch.float32))
+            if tile and max(x.shape[-2:]) > tile:
+                moments = moments_tiled(self._moments, x, tile, self.downsample, 2 * self.latent_channels)
+            else:
+                moments = self._moments(x)
+            post = DiagonalGaussianDistribution(moments)
             return post.sample(generator=generator) if sample else post.mode()
+
+    def _decode_tiles(self, z: torch.Tensor, tile: int, whole) -> torch.Tensor:
+        from .tiled import decode_tiled
+
+        if tile and max(z.shape[-2:]) * self.downsample > tile:
+            return decode_tiled(whole, z, tile, self.downsample)
+        return whole(z)
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.vae.parameters())
 
 
 class SD21VAE(_DiffusersVAE):
@@ -125,15 +175,21 @@ class SD21VAE(_DiffusersVAE):
     def _posterior(self, x):
         return self.vae.encode(x).latent_dist
 
-    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
-        return self._draw(x, sample, generator) * SD21_SCALE
+    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None,
+               tile: int = 0):
+        return self._draw(x, sample, generator, tile) * SD21_SCALE
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int = 0) -> torch.Tensor:
+        """Pixels in [-1, 1]; with `tile` > 0 and a larger image, decoded tile by tile (vosr.encoders.tiled)."""
         _check_latent(z, self.latent_channels, self.name)
+
+        def whole(zt: torch.Tensor) -> torch.Tensor:
+            u = zt.to(self.device, torch.float32) / SD21_SCALE
+            return self.light(u) if self.light is not None else self.vae.decode(u).sample
+
         with torch.no_grad():
-            u = z.to(self.device, torch.float32) / SD21_SCALE
-            x = self.light(u) if self.light is not None else self.vae.decode(u).sample
-        return x.clamp(-1.0, 1.0)
+            x = self._decode_tiles(z, tile, whole)
+        return x.clamp_(-1.0, 1.0)
 
     def identity(self) -> dict[str, Any]:
         out = {"name": self.name, "weights_sha256": self.weights_sha256,
@@ -179,17 +235,21 @@ class Qwen2DVAE(_DiffusersVAE):
     def _posterior(self, x):
         return self.vae.encode(x.unsqueeze(2)).latent_dist if self.frames else self.vae.encode(x)
 
-    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None):
-        s = self._draw(x, sample, generator)
-        s = s.squeeze(2) if self.frames else s
+    def encode(self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None,
+               tile: int = 0):
+        s = self._draw(x, sample, generator, tile)      # [B, C, h, w]: _moments drops the temporal axis
         return (s - self.mean) * self.inv_std
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int = 0) -> torch.Tensor:
         _check_latent(z, self.latent_channels, self.name)
+
+        def whole(zt: torch.Tensor) -> torch.Tensor:
+            raw = zt.to(self.device, torch.float32) / self.inv_std + self.mean
+            return self.vae.decode(raw.unsqueeze(2)).sample.squeeze(2) if self.frames else self.vae.decode(raw)
+
         with torch.no_grad():
-            raw = z.to(self.device, torch.float32) / self.inv_std + self.mean
-            x = self.vae.decode(raw.unsqueeze(2)).sample.squeeze(2) if self.frames else self.vae.decode(raw)
-        return x.clamp(-1.0, 1.0)
+            x = self._decode_tiles(z, tile, whole)
+        return x.clamp_(-1.0, 1.0)
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "weights_sha256": self.weights_sha256,
