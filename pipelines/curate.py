@@ -606,7 +606,7 @@ def read_ok_rows(cfg, keys: list[str], gens: dict[str, int], semantic: bool) -> 
         return None, 0
     fs, _ = storage.open_fs(ccfg.output, ep)
     paths = [storage.open_fs(ledger_uri(ccfg.output, k, gens[k]), ep)[1] for k in keys]
-    meta = (ray.data.read_parquet(paths, filesystem=fs, ray_remote_args=dedup.block_task_memory())
+    meta = (ray.data.read_parquet(paths, filesystem=fs, **dedup.block_task_memory())
             .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
             .filter(expr=col("reason") == "ok")  # right after the read: pushed into the Parquet scan
             .map_batches(dedup.add_node_keys, fn_kwargs={"unit_order": {k: i for i, k in enumerate(keys)}},
