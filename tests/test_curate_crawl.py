@@ -5,6 +5,7 @@ the crawl-wide domain limiter, stage-1 peak memory for a block of large bodies, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pyarrow as pa
@@ -115,7 +116,8 @@ def test_writer_killed_between_shard_and_stats_never_leaves_an_accepted_stale_sh
     assert shard_files(out) == [shard]
 
     # a changed fingerprint (row 1 now a duplicate); the job is killed at the second of the writer's two writes
-    real = storage.write_bytes_atomic
+    # (the shard is streamed through storage.atomic_output, the stats written with storage.write_bytes_atomic)
+    real, real_stream = storage.write_bytes_atomic, storage.atomic_output
     calls = []
 
     def killed_at_second_write(uri, data, endpoint_url=""):
@@ -124,10 +126,22 @@ def test_writer_killed_between_shard_and_stats_never_leaves_an_accepted_stale_sh
             raise KeyboardInterrupt("killed")
         real(uri, data, endpoint_url)
 
-    monkeypatch.setattr(storage, "write_bytes_atomic", killed_at_second_write)
+    @contextlib.contextmanager
+    def killed_at_second_stream(uri, endpoint_url=""):
+        calls.append(uri)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        with real_stream(uri, endpoint_url) as f:
+            yield f
+
+    def kill_at_second_write(on: bool) -> None:
+        monkeypatch.setattr(storage, "write_bytes_atomic", killed_at_second_write if on else real)
+        monkeypatch.setattr(storage, "atomic_output", killed_at_second_stream if on else real_stream)
+
+    kill_at_second_write(True)
     with pytest.raises(KeyboardInterrupt):
         writer.write_unit_shard(group(dup=True), out, "", "fp-new")
-    monkeypatch.setattr(storage, "write_bytes_atomic", real)
+    kill_at_second_write(False)
     assert calls[0] == shard  # shard first, stats (the commit marker) second
     assert json.loads(storage.read_bytes(writer.shard_uri(out, key, ".stats.json")))["fingerprint"] == "fp-old"
 
@@ -140,11 +154,11 @@ def test_writer_killed_between_shard_and_stats_never_leaves_an_accepted_stale_sh
 
     # a first write killed before its marker: the shard is not listed for readers until committed
     group2 = _ledger_and_group(out, "cd34")
-    monkeypatch.setattr(storage, "write_bytes_atomic", killed_at_second_write)
+    kill_at_second_write(True)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         writer.write_unit_shard(group2(dup=False), out, "", "fp-new")
-    monkeypatch.setattr(storage, "write_bytes_atomic", real)
+    kill_at_second_write(False)
     assert storage.exists(writer.shard_uri(out, "cd34")) and shard_files(out) == [shard]
 
 
