@@ -34,7 +34,7 @@ def test_a_bound_over_its_node_fails_naming_stage_process_and_numbers(capsys):
     captured = capsys.readouterr()
     assert code == 1
     assert "plan: stage write_shards: task: merge needs 7.9 GiB, over the cpu node's 4.0 GiB" in captured.err
-    assert "plan: stage plan: driver needs 1.2 GiB, over the head node's 1.0 GiB" in captured.err
+    assert "plan: stage plan: driver needs 2.9 GiB, over the head node's 1.0 GiB" in captured.err  # 32 KiB x 61,051 shards + 1 GiB
     assert "OVER" in captured.out and "run.worker_memory_gb" in captured.out
 
 
