@@ -40,12 +40,34 @@ def resolve_artifact_location(cfg: Any) -> str:
     return (Path(cfg.run.output_root).resolve() / "mlartifacts").as_uri()
 
 
+_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def point_mlflow(tracking_uri: str, registry_uri: str = "") -> None:
+    """mlflow.set_tracking_uri / set_registry_uri for this process, leaving the user's MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI as they were. MLflow writes the URI it is given into os.environ (for subprocesses); since the
+    jobs read those variables as the user's setting, a second job in the same process (a notebook, the Python API,
+    the test suite) would otherwise log into the first job's store instead of its own."""
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in _URI_VARIABLES}
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        if registry_uri:
+            mlflow.set_registry_uri(registry_uri)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def setup_mlflow(cfg: Any) -> str:
     """Point MLflow at the configured store and return the experiment id (created with an absolute artifact root)."""
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
-    mlflow.set_registry_uri(resolve_registry_uri(cfg))
+    point_mlflow(resolve_tracking_uri(cfg), resolve_registry_uri(cfg))
     name = cfg.run.mlflow.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:

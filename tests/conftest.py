@@ -24,6 +24,23 @@ def dev_photos() -> list[Path]:
     return sorted(p for p in root.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
 
 
+_MLFLOW_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+_MLFLOW_AT_START = {name: os.environ.get(name) for name in _MLFLOW_VARIABLES}
+
+
+@pytest.fixture(autouse=True)
+def mlflow_environment_restored():
+    """After each test, MLflow's URI/experiment variables are back to what the session started with: a test that
+    calls mlflow.set_tracking_uri / set_experiment itself (MLflow writes those into os.environ) must not point the
+    next test's jobs at its store."""
+    yield
+    for name, value in _MLFLOW_AT_START.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:
     return dev_photos()

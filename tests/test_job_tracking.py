@@ -4,6 +4,7 @@ serve record), on a real MLflow sqlite store with an absolute artifact root."""
 from __future__ import annotations
 
 import json
+import os
 
 from jobkit.config import load_config
 from jobkit.tracking import log_job_run, resolve_tracking_uri
@@ -30,3 +31,26 @@ def test_a_job_run_is_named_tagged_and_holds_its_summary_metrics_and_files(tmp_p
     assert files == {"answer.txt", "serve_summary.json"}  # a missing file is skipped, not an error
     stored = json.loads(open(client.download_artifacts(run_id, "serve_summary.json", str(tmp_path))).read())
     assert stored == summary
+
+
+def test_two_jobs_in_one_process_each_log_into_their_own_store(tmp_path, monkeypatch):
+    # MLflow writes the URI it is pointed at into MLFLOW_TRACKING_URI; the jobs read that variable as the user's
+    # setting, so without care the second job (a notebook, the Python API) would log into the first one's store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    from mlflow.tracking import MlflowClient
+
+    ids = {}
+    for name in ("first", "second"):
+        cfg = load_config(None, [f"run.output_root={tmp_path / name}", f"run.name={name}"])
+        ids[name] = (cfg, log_job_run(cfg, "serve", {}, {"seconds": 1.0}))
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    for name, (cfg, run_id) in ids.items():
+        assert resolve_tracking_uri(cfg) == f"sqlite:///{(tmp_path / name).resolve() / 'mlflow.db'}"
+        assert MlflowClient(tracking_uri=resolve_tracking_uri(cfg)).get_run(run_id).info.run_name == f"{name}-serve"
+    # the user's own setting is kept, and used
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'user.db'}")
+    cfg = load_config(None, [f"run.output_root={tmp_path / 'third'}", "run.name=third"])
+    run_id = log_job_run(cfg, "serve", {}, {"seconds": 1.0})
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'user.db'}"
+    assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'user.db'}").get_run(run_id).info.run_name == "third-serve"

@@ -45,6 +45,10 @@ class TrainConfig:
     mix_shards: bool = option(True, "Mix batches: read the feature shards' row groups in a seeded order that "
                               "changes every epoch, each block drawing on many shards, rows spread by variant "
                               "(training/data.py).")
+    read_block_mb: int = option(512, "Target MiB of feature rows one read task holds (a block of mixed row groups, "
+                                "or slices of row groups larger than this): its peak stays under twice this "
+                                "(training/data.py read_task_peak_bound, reserved as the task's Ray memory). "
+                                "Rows go to the trainers in blocks of 1/16 of it.", ge=128)
     tf32: bool = option(True, "Allow TF32 matmuls on GPU (docs/method.md s5: TF32 enabled).")
     activation_checkpointing: int = option(0, "Activation checkpointing: 0 = none, 1 = every DiT block, k = every "
                                            "k-th block (blocks 0, k, 2k, ...): their activations are recomputed in "

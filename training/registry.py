@@ -103,12 +103,11 @@ def register_student(folder: str, name: str, tracking_uri: str, run_id: str = ""
     from mlflow import MlflowClient
 
     import vosr
+    from jobkit.tracking import point_mlflow
 
     if not (Path(folder) / "config.json").is_file() or not (Path(folder) / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} is not a checkpoint folder (config.json + model.safetensors)")
-    mlflow.set_tracking_uri(tracking_uri)
-    if registry_uri:
-        mlflow.set_registry_uri(registry_uri)
+    point_mlflow(tracking_uri, registry_uri)
     ckpt_config = json.loads((Path(folder) / "config.json").read_text())
     with tempfile.TemporaryDirectory(prefix="vosr-register-") as tmp:
         ckpt = _inference_copy(folder, Path(tmp) / "checkpoint")
