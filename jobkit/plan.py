@@ -243,8 +243,11 @@ def render(title: str, stages: list[Stage], nodes: Nodes) -> str:
 
 
 def run_plan(config: str | Path, images: int, job: str | None = None, manifest: str | Path | None = None,
-             overrides: list[str] | tuple[str, ...] = ()) -> tuple[int, str, list[str]]:
-    """(exit status, the printed plan, the lines naming bounds over their nodes) for one config."""
+             overrides: list[str] | tuple[str, ...] = (), gpu_memory: bool = True) -> tuple[int, str, list[str]]:
+    """(exit status, the printed plan, the lines naming bounds over their nodes) for one config. A training job
+    with a declared GPU (train.gpu_memory_gib) also gets the per-GPU memory plan of one optimiser step
+    (training/memory_plan.py: the real model, loss and optimiser under FakeTensorMode, ~30 s at 0.5B) unless
+    `gpu_memory` is false."""
     from jobkit.config import load_config
     from vosr.config import read_yaml
 
@@ -256,6 +259,15 @@ def run_plan(config: str | Path, images: int, job: str | None = None, manifest: 
     shown = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
     text = render(f"vosr plan: {shown} (job {job}) at {int(images):,} images", stages, nodes)
     bad = check(stages, nodes)
+    if gpu_memory and job in ("pretrain", "distill"):
+        from training.memory_plan import gpu_memory_section
+
+        fits, section = gpu_memory_section(cfg, job)
+        if fits is not None:
+            text += "\n\n" + section
+        if fits is False:
+            bad.append(f"stage fit: one optimiser step does not fit train.gpu_memory_gib "
+                       f"{cfg.train.gpu_memory_gib:g} GiB per GPU at the configured micro-batch (GPU memory plan above)")
     return (1 if bad else 0), text, bad
 
 
@@ -271,7 +283,7 @@ def update_doc(doc: Path, images: int) -> int:
     body = doc.read_text()
 
     def fill(m: re.Match) -> str:
-        _, text, _ = run_plan(ROOT / m.group("config"), images)
+        _, text, _ = run_plan(ROOT / m.group("config"), images, gpu_memory=False)  # GPU plans: docs/gpu-memory.md
         return m.group(1) + doc_block(text) + m.group(3)
 
     new, n = DOC_BLOCK.subn(fill, body)
@@ -291,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--update-doc", default=None, metavar="MARKDOWN",
                     help="rewrite the `<!-- plan: <config> -->` blocks of a document (docs/scale.md) instead")
+    ap.add_argument("--no-gpu-memory", action="store_true",
+                    help="training configs: leave out the per-GPU memory plan of one step (~30 s at 0.5B)")
     args = ap.parse_args(argv)
     from jobkit.config import ConfigError
 
@@ -299,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             return update_doc(Path(args.update_doc), int(args.images))
         if not args.config:
             raise PlanError("--config is required")
-        code, text, bad = run_plan(args.config, int(args.images), args.job, args.manifest, args.set)
+        code, text, bad = run_plan(args.config, int(args.images), args.job, args.manifest, args.set,
+                                   gpu_memory=not args.no_gpu_memory)
     except (ConfigError, PlanError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
