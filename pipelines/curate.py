@@ -729,7 +729,6 @@ def plan_stages(cfg, images: int) -> list:
     passing = int(images * PLAN_PASSING_PER_KEPT)
     blocks = ceil_div(urls, cc.rows_per_shard)
     driver = DRIVER_BASE_BYTES + listing.listing_peak_bytes(blocks)
-    ledger_block = int(cc.rows_per_shard * passing / urls * PLAN_BODY_BYTES + cc.rows_per_shard * PLAN_LEDGER_ROW_BYTES)
     gate = PLAN_ACTIVE_DOMAINS * GATE_BYTES_PER_DOMAIN // max(1, cc.crawl.gate_actors) + (256 << 20)
     parts = partitions(passing)
     pieces = dedup.shuffle_pieces(passing * dedup.ROW_BYTES["key_phash"], parts)

@@ -208,8 +208,3 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
 def read_parquet_bytes(data: bytes) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
-
-def write_task_peak_bytes(ledger_bytes: int) -> int:
-    """Stated peak of one write_unit_shard task as the code stands: the block's whole ledger with its image bytes,
-    then its to_pylist / from_pylist copies and the shard's in-memory table (4 copies)."""
-    return 4 * int(ledger_bytes) + (64 << 20)
