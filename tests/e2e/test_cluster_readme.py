@@ -1,0 +1,424 @@
+"""The README's "On a cluster" section, run as written, on this machine: a Ray head and a worker started by
+`ray start` from the project's environment with token authentication, the five jobs chained through
+`ray job submit` (curate -> precompute -> pretrain -> distill -> evaluate) against an `mlflow server` process and
+a moto S3 server on loopback, then the endpoint deployed with `serve start` + `serve run inference.serve:app` and
+asked once with curl.
+
+The commands come from the README (the indented code blocks between <!-- cluster-begin --> and
+<!-- cluster-end -->) and run one after the other in one bash session, so `source`, `export` and variables carry
+over as when pasted. What the test changes, and only this:
+
+- the settings the README asks the reader to fill in (HEAD, DATA, URLS, HR, MLFLOW) get loopback values: DATA
+  and HR on the moto S3 server, URLS a URL list (on S3) of the demo's photo site (demo/photo_server.py, 8 photos);
+  TEACHER and STUDENT, which the README says to take from the pretrain and distill summaries, are taken from them;
+- `configs/cluster/` -> `configs/demo/`, the README's own rule for a one-machine trial, and every job gets the
+  `--set` overrides of TINY (a one-block DiT at 32 px, 4 steps, 2 evaluation images) so the chain takes ~2 min;
+- ports and addresses: 6379, 8265 and 8000 become free ports, 0.0.0.0 becomes 127.0.0.1, and `ray start` gets
+  `--node-ip-address 127.0.0.1`, 2 CPUs (head; none on the worker), a capped object store, free ports for the
+  dashboard agent (Ray's fixed default 52365 is held by any other Ray on the machine) and the client server, and
+  its own `--temp-dir` (head), so nothing here touches another Ray on this machine;
+- `lr.png` / `lr_x4.png` of the curl line become a small request image and an answer path in the test's folder.
+
+The shell runs with its own HOME (so `ray get-auth-token --generate` writes a token of its own, not
+~/.ray/auth_token) and with the AWS variables of the moto server exported before `ray start`, as the README says
+for S3 credentials. At the end every process the session started is stopped by its process group (the session is
+a new one), never with `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.curate_schema import CURATED_SCHEMA
+from tests.helpers.http_fixture import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+BEGIN, END = "<!-- cluster-begin -->", "<!-- cluster-end -->"
+JOBS = {"curate": "pipelines/curate.py", "precompute": "pipelines/precompute.py", "pretrain": "training/pretrain.py",
+        "distill": "training/distill.py", "evaluate": "inference/evaluate.py"}
+SETTINGS = ("HEAD", "DATA", "URLS", "HR", "MLFLOW")
+# small enough for ~2 minutes on 2 CPUs (as tests/test_demo_s3.py)
+TINY = ["data.resolution=32", "semantic.input_size=32", "model.hidden_size=32", "model.depth=1",
+        "model.num_heads=2", "model.patch_size=1", "precompute.variants=1", "train.steps=4", "train.batch_size=4",
+        "train.checkpoint_every=2", "train.log_every=1", "eval.max_images=2", "eval.crop=64",
+        "eval.sweep_steps=2", "eval.guidance_sweep=[0.0, 1.0]", "eval.save_images=false"]
+N_PHOTOS = 8
+
+
+# --- the README section -------------------------------------------------------------------------------------------
+
+def readme_commands(text: str | None = None) -> list[str]:
+    """The section's indented code lines, one command per entry (backslash continuations kept, as bash reads them)."""
+    text = README.read_text() if text is None else text
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, f"README.md needs one {BEGIN} ... {END} section"
+    section = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+    commands, current = [], ""
+    for line in section.splitlines():
+        if line.startswith("    "):
+            current = f"{current}\n{line[4:]}" if current else line[4:]
+            if not current.rstrip().endswith("\\"):
+                commands.append(current)
+                current = ""
+        elif line.strip():
+            assert not current, f"a command ends with a backslash before prose: {current!r}"
+    return commands
+
+
+def job_of(cmd: str) -> str | None:
+    if not cmd.startswith("ray job submit"):
+        return None
+    found = [name for name, script in JOBS.items() if f" python {script} " in cmd.replace("\n", " ") + " "]
+    assert len(found) == 1, cmd
+    return found[0]
+
+
+def test_readme_section_submits_every_job_with_its_cluster_config():
+    """Cheap shape check (no Ray): every job is submitted once, with its cluster config, to an explicit address,
+    with the working dir, the tracking server and absolute/S3 paths for what it writes."""
+    cmds = readme_commands()
+    jobs = [j for j in map(job_of, cmds) if j]
+    assert jobs == list(JOBS), jobs
+    for cmd in cmds:
+        if (job := job_of(cmd)) is None:
+            continue
+        flat = " ".join(cmd.replace("\\\n", " ").split())
+        assert flat.startswith("ray job submit --address http://$HEAD:8265 --working-dir . -- python "), flat
+        assert f"--config configs/cluster/{job}.yaml" in flat
+        assert "--set run.mlflow.tracking_uri=$MLFLOW" in flat and "run.mlflow.artifact_location=$DATA/" in flat
+    text = " ".join(cmds)
+    for needed in ("source .venv/bin/activate", "export RAY_AUTH_MODE=token", "ray get-auth-token --generate",
+                   "ray start --head", "ray start --address $HEAD:6379", "serve start --address $HEAD:6379",
+                   "inference.serve:app", "curl "):
+        assert needed in text, f"the README's cluster section lacks {needed!r}"
+    assert "ray stop" not in text  # prose only: a test must never run it
+
+
+# --- a persistent bash session -------------------------------------------------------------------------------------
+
+class Shell:
+    """One bash process fed the commands in turn (state carries over, as in a terminal), in a new session so that
+    everything it starts (Ray's daemons included) can be stopped by its process group."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        self.proc = subprocess.Popen(["bash", "--noprofile", "--norc"], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     start_new_session=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def run(self, cmd: str, timeout: float) -> tuple[int, str]:
+        marker = f"__vosr_done_{uuid.uuid4().hex}__"
+        assert self.proc.stdin is not None
+        self.log.write(f"\n$ {cmd}\n")
+        # braces: run in this shell (assignments stay); stdin from /dev/null so no command eats the next ones
+        self.proc.stdin.write(f"{{\n{cmd}\n}} </dev/null\necho {marker} $?\n")
+        self.proc.stdin.flush()
+        out: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"still running after {timeout:.0f} s: {cmd}\n{''.join(out)[-4000:]}") from None
+            if line is None:
+                raise AssertionError(f"the shell ended during: {cmd}\n{''.join(out)[-4000:]}")
+            if line.startswith(marker):
+                self.log.flush()
+                return int(line.split()[1]), "".join(out)
+            out.append(line)
+            self.log.write(line)
+
+    def stop(self) -> None:
+        """Stop the session's process group: bash and every process started from it that kept the group (Ray's
+        daemons and workers, Serve's actors). SIGTERM, then SIGKILL for what is left."""
+        pgid = self.proc.pid
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and _group_alive(pgid):
+                time.sleep(0.2)
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+# --- the test's substitutions --------------------------------------------------------------------------------------
+
+ASSIGN = re.compile(r"^(export\s+)?([A-Z][A-Z0-9_]*)=(\S*)(\s+#.*)?$")
+
+
+def adapt(cmd: str, values: dict[str, str], ports: dict[str, int], extra: dict[str, list[str]]) -> str:
+    m = ASSIGN.match(cmd)
+    if m and m.group(2) in values:
+        return f"{m.group(1) or ''}{m.group(2)}={shlex.quote(values[m.group(2)])}"
+    cmd = cmd.replace("configs/cluster/", "configs/demo/").replace("0.0.0.0", "127.0.0.1")
+    for default, port in (("6379", ports["gcs"]), ("8265", ports["dashboard"]), ("8000", ports["serve"])):
+        cmd = re.sub(rf"\b{default}\b", str(port), cmd)
+    if cmd.startswith("ray start --head"):
+        cmd += " " + " ".join(extra["head"])
+    elif cmd.startswith("ray start --address"):
+        cmd += " " + " ".join(extra["worker"])
+    elif job_of(cmd):
+        cmd += "".join(f" --set {shlex.quote(s)}" for s in TINY)
+    elif cmd.startswith("curl "):
+        cmd = cmd.replace("@lr.png", f"@{values['lr.png']}").replace("-o lr_x4.png", f"-o {values['lr_x4.png']}")
+    return cmd
+
+
+def last_json(text: str) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from demo.chain import last_json_object
+
+    found = last_json_object(text)
+    assert found, text[-3000:]
+    return found
+
+
+# --- servers -------------------------------------------------------------------------------------------------------
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{url}: the server exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_readme_cluster_section_runs_verbatim(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from demo.chain import read_holdout
+    from demo.photo_server import PhotoServer, list_photos
+    from tests.helpers.s3_fixture import s3_server
+
+    commands = readme_commands()
+    holdout = read_holdout()
+    photos = [p for p in list_photos() if p.name not in holdout][:N_PHOTOS]
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    for p in photos:
+        shutil.copy(p, site_dir / p.name)
+    request = tmp_path / "lr.png"
+    with Image.open(ROOT / "assets" / "photos" / holdout[0]) as im:
+        im.convert("RGB").crop((0, 0, 128, 128)).resize((32, 32), Image.Resampling.BICUBIC).save(request)
+
+    ports = {"gcs": free_port(), "dashboard": free_port(), "serve": free_port()}
+    # Ray's socket paths under --temp-dir must stay under 107 bytes: pytest's tmp_path is too deep
+    temp_dir = Path(tempfile.mkdtemp(prefix="vosr-ray-", dir="/tmp"))
+    home = tmp_path / "home"
+    home.mkdir()
+    common = ["--node-ip-address 127.0.0.1", f"--object-store-memory {200 * 2**20}"]
+    extra = {"head": [*common, "--num-cpus 2", f"--temp-dir {temp_dir}", f"--ray-client-server-port {free_port()}",
+                      f"--dashboard-agent-listen-port {free_port()}"],
+             # the worker joins without CPUs: the machine has 2 cores, all given to the head as in the other tests
+             "worker": [*common, "--num-cpus 0", f"--dashboard-agent-listen-port {free_port()}"]}
+
+    mlflow_port = free_port()
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    mlflow_proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
+         str(tmp_path / "mlflow-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shell = None
+    timings: dict[str, float] = {}
+    outputs: dict[str, str] = {}
+    ended = False  # every command ran and passed its checks
+    try:
+        with s3_server() as s3, PhotoServer(photo_dir=site_dir) as site:
+            site.write_url_list(tmp_path / "urls.txt")
+            site_expected = site.expected()
+            urls = s3.put_file(tmp_path / "urls.txt", "cluster/urls.txt")
+            for name in holdout[:2]:
+                s3.put_file(ROOT / "assets" / "photos" / name, f"hr/{name}")
+
+            env = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "VIRTUAL_ENV", "PYTHONPATH", "VOSR_"))}
+            env.update({"HOME": str(home), "AWS_ENDPOINT_URL": s3.endpoint_url,
+                        "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url, "RAY_USAGE_STATS_ENABLED": "0",
+                        "MPLCONFIGDIR": str(tmp_path / "mpl")})
+            # s3_server() put the moto credentials in os.environ: the shell exports them before `ray start`
+            values = {"HEAD": "127.0.0.1", "DATA": s3.uri("cluster"), "URLS": urls, "HR": s3.uri("hr"),
+                      "MLFLOW": mlflow_url, "lr.png": str(request), "lr_x4.png": str(tmp_path / "lr_x4.png")}
+            shell = Shell(env, tmp_path / "session.log")
+            for cmd in commands:
+                job = job_of(cmd)
+                if job and not outputs:  # the tracking server started meanwhile
+                    _wait_http(mlflow_url + "/health", mlflow_proc, timeout=120)
+                line = adapt(cmd, values, ports, extra)
+                t0 = time.monotonic()
+                rc, out = shell.run(line, timeout=300)
+                timings[job or line.split()[0]] = timings.get(job or line.split()[0], 0) + time.monotonic() - t0
+                assert rc == 0, f"exit status {rc}: {line}\n{out[-5000:]}"
+                if job:
+                    assert re.search(r"Job '\S+' succeeded", out), out[-3000:]
+                    # a Ray job joined this cluster (RAY_ADDRESS from the job supervisor), not a Ray of its own;
+                    # evaluate is plain PyTorch in the job's process and starts no Ray at all
+                    if job != "evaluate":
+                        assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{ports['gcs']}\b",
+                                         out), out[-3000:]
+                    assert "Started a local Ray instance" not in out
+                    outputs[job] = out
+                if job == "pretrain":  # the README: TEACHER is the pretrain summary's checkpoint_uri
+                    values["TEACHER"] = last_json(out)["checkpoint_uri"]
+                if job == "distill":  # STUDENT is the distill summary's registered_model.uri
+                    values["STUDENT"] = last_json(out)["registered_model"]["uri"]
+                if line.startswith("ray start --address"):  # the worker joined the head
+                    deadline = time.monotonic() + 60
+                    while True:
+                        rc, status = shell.run(f"ray status --address 127.0.0.1:{ports['gcs']}", timeout=60)
+                        if rc == 0 and status.count(" node_") == 2 or time.monotonic() > deadline:
+                            break
+                        time.sleep(2)
+                    assert rc == 0 and status.count(" node_") == 2, status
+
+            # a submitted job refuses a relative path for what it writes, naming the key, before doing anything
+            rc, refused = shell.run(
+                f"ray job submit --address http://127.0.0.1:{ports['dashboard']} --working-dir . -- python "
+                f"pipelines/curate.py --config configs/demo/curate.yaml --set curate.output=relative/curated",
+                timeout=120)
+            assert rc != 0 and "curate.output='relative/curated' is a relative path" in refused, refused[-3000:]
+
+            # the endpoint answered with a 4x PNG; without the key it refuses
+            with Image.open(tmp_path / "lr_x4.png") as im:
+                assert im.format == "PNG" and im.size == (128, 128)
+            req = urllib.request.Request(f"http://127.0.0.1:{ports['serve']}/upscale", data=request.read_bytes(),
+                                         method="POST")
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=60)
+            assert err.value.code == 401
+
+            # each job's outputs are on S3 (the credentials came from the nodes' environment)
+            keys = s3.keys("cluster/")
+            curated_summary = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="cluster/curated/summary.json")
+                                         ["Body"].read())
+            shard = s3.fs.open(s3.uri(next(k for k in keys if k.startswith("cluster/curated/shards/")
+                                           and k.endswith(".parquet"))).removeprefix("s3://"), "rb")
+            with shard:
+                assert pq.read_schema(shard).equals(CURATED_SCHEMA, check_metadata=False)
+            for prefix in ("curated/shards/", "features/shards/", "checkpoints/demo-teacher/",
+                           "checkpoints/demo-student/", "eval/summary.json", "mlartifacts/"):
+                assert any(k.startswith(f"cluster/{prefix}") for k in keys), (prefix, keys[:50])
+
+            # the runs and the registered student are on the tracking server
+            client = MlflowClient(tracking_uri=mlflow_url)
+            exp = client.get_experiment_by_name("vosr-demo")
+            assert exp is not None
+            runs = client.search_runs([exp.experiment_id])
+            by_name = {r.info.run_name: r for r in runs}
+            for name in ("demo-curate-curate", "demo-precompute-precompute", "demo-teacher", "demo-student",
+                         "demo-evaluate-eval"):
+                assert name in by_name and by_name[name].info.status == "FINISHED", sorted(by_name)
+            student = last_json(outputs["distill"])["registered_model"]
+            version = client.get_model_version(student["name"], str(student["version"]))
+            assert version.run_id == by_name["demo-student"].info.run_id
+            assert last_json(outputs["pretrain"])["steps"] == 4
+            curate = last_json(outputs["curate"])
+            assert curate == curated_summary  # the job printed its summary last
+            assert (curate["kept"], curate["duplicates"]) == (N_PHOTOS, site_expected["near_duplicate"])
+            assert "[curate] stage 1 block" in outputs["curate"]  # its progress reached the submitter
+            assert re.search(r"Uploading package gcs://_ray_pkg_\w+\.zip", outputs["curate"])  # --working-dir .
+        ended = True
+    finally:
+        if shell is not None:
+            shell.stop()
+        _stop_group(mlflow_proc)
+        if ended:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        else:
+            print(f"Ray's logs are kept in {temp_dir}")
+        print("seconds per command:", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+
+
+def test_submitted_job_refuses_relative_output_paths(monkeypatch, capsys):
+    """Unit check (no Ray) of the rule the README states: under `ray job submit` (Ray's job supervisor sets
+    RAY_JOB_CONFIG_JSON_ENV_VAR), relative paths a job writes to are refused, naming the key; relative paths it
+    only reads, and every path of a job run directly, are left alone."""
+    from jobkit.args import SUBMITTED_JOB_ENV, parse_job_args, submitted_working_dir
+
+    argv = ["--set", "curate.output=rel/curated", "--set", "curate.sources=[assets/urls.txt]",
+            "--set", "run.mlflow.tracking_uri=http://127.0.0.1:5000"]
+    monkeypatch.delenv(SUBMITTED_JOB_ENV, raising=False)
+    assert submitted_working_dir() is None
+    cfg, _ = parse_job_args("t", argv, writes=["curate.output"])  # run directly: unchanged behaviour
+    assert cfg.curate.output == "rel/curated"
+
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"},
+                                                     "metadata": {}}))
+    assert submitted_working_dir() == "gcs://_ray_pkg_x.zip"
+    with pytest.raises(SystemExit) as exc:
+        parse_job_args("t", argv, writes=["curate.output"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "curate.output='rel/curated' is a relative path" in err and "ray job submit" in err
+    assert "curate.sources" not in err  # read, not written: resolved in the submitted checkout
+    # MLflow's files land under run.output_root unless both the server and the artifact location are given
+    assert "run.output_root='outputs' is a relative path" in err
+
+    ok = ["--set", "curate.output=s3://b/curated", "--set", "run.mlflow.tracking_uri=http://127.0.0.1:5000",
+          "--set", "run.mlflow.artifact_location=/shared/mlartifacts"]
+    cfg, _ = parse_job_args("t", ok, writes=["curate.output"])
+    assert cfg.curate.output == "s3://b/curated"
+    cfg, _ = parse_job_args("t", ["--set", "curate.output=/abs/curated", "--set", "run.output_root=/abs"],
+                            writes=["curate.output"])
+    assert cfg.run.output_root == "/abs"
