@@ -1,5 +1,5 @@
 """The streaming shard merge (pipelines/feature_writer.merge_parts): same bytes as the in-memory assembly, and a
-peak bounded by a few output row groups whatever the shard's size (issue 13: merge-task memory at real presets)."""
+peak bounded by a few output row groups whatever the shard's size (the merge task's memory at the real presets' row sizes)."""
 
 from __future__ import annotations
 

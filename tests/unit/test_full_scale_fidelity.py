@@ -1,6 +1,6 @@
-"""Full-scale details (issue 16): the fp32 residual stream under bf16 autocast and DINOv2's own position-embedding
-interpolation, each checked against an independent computation; plus unit checks of details that were right but
-unguarded (issue 16 item 7)."""
+"""Full-scale details: the fp32 residual stream under bf16 autocast and DINOv2's own position-embedding
+interpolation, each checked against an independent computation; plus unit checks of method details that no other
+test guards (initialisations, distillation targets, noise levels, colour statistics)."""
 
 from __future__ import annotations
 
