@@ -2,7 +2,9 @@
 `ray start` from the project's environment with token authentication, the five jobs chained through
 `ray job submit` (curate -> precompute -> pretrain -> distill -> evaluate) against an `mlflow server` process and
 a moto S3 server on loopback, then the endpoint deployed with `serve start` + `serve run inference.serve:app` and
-asked once with curl.
+asked once with curl. It is the suite's one full chain: the demo's own steps after the jobs (`python -m demo --from
+evaluate` with `--storage` on the same S3 data: held-out photos on S3, its evaluation of the s3:// teacher through
+the model cache, the endpoint's smoke test, the report) run on what the chain left, from the jobs' summaries.
 
 The commands come from the README (the indented code blocks between <!-- cluster-begin --> and
 <!-- cluster-end -->) and run one after the other in one bash session, so `source`, `export` and variables carry
@@ -56,12 +58,16 @@ BEGIN, END = "<!-- cluster-begin -->", "<!-- cluster-end -->"
 JOBS = {"curate": "pipelines/curate.py", "precompute": "pipelines/precompute.py", "pretrain": "training/pretrain.py",
         "distill": "training/distill.py", "evaluate": "inference/evaluate.py"}
 SETTINGS = ("HEAD", "DATA", "URLS", "HR", "MLFLOW")
-# small enough for ~2 minutes on 2 CPUs (as tests/test_demo_s3.py)
-TINY = ["data.resolution=32", "semantic.input_size=32", "model.hidden_size=32", "model.depth=1",
-        "model.num_heads=2", "model.patch_size=1", "precompute.variants=1", "train.steps=4", "train.batch_size=4",
-        "train.checkpoint_every=2", "train.log_every=1", "eval.max_images=2", "eval.crop=64",
-        "eval.sweep_steps=2", "eval.guidance_sweep=[0.0, 1.0]", "eval.save_images=false"]
+# small enough for ~2 minutes on 2 CPUs; the demo's stages after the jobs keep their evaluation images (report)
+DEMO_TINY = ["data.resolution=32", "semantic.input_size=32", "model.hidden_size=32", "model.depth=1",
+             "model.num_heads=2", "model.patch_size=1", "precompute.variants=1", "train.steps=4", "train.batch_size=4",
+             "train.checkpoint_every=2", "train.log_every=1", "eval.max_images=2", "eval.crop=64",
+             "eval.sweep_steps=2", "eval.guidance_sweep=[0.0, 1.0]"]
+TINY = [*DEMO_TINY, "eval.save_images=false"]
 N_PHOTOS = 8
+CLEANER_WARNING = "Failed to query Ray Train Controller actor state"
+PROGRESS = re.compile(r"\[(pretrain|distill)\] step (\d+)/(\d+) \(([\d.]+)%\) \| loss ([\d.]+) \| ([\d.]+) samples/s "
+                      r"\| ETA (\d+:\d\d:\d\d) \| last checkpoint: (step \d+|none yet)")
 
 
 # --- the README section -------------------------------------------------------------------------------------------
@@ -214,6 +220,34 @@ def last_json(text: str) -> dict:
     found = last_json_object(text)
     assert found, text[-3000:]
     return found
+
+
+def check_progress(outputs: dict[str, str]) -> None:
+    """The training jobs' progress as the submitter sees it: one line per train.log_every (1) of the 4 steps, with
+    the last checkpoint (checkpoint_every 2) and an ETA reaching 0; and no job's log holds the warning Ray Train's
+    placement-group cleaner repeats every second when it cannot reach a dashboard."""
+    for job in ("pretrain", "distill"):
+        text = outputs[job]
+        found = [m.groups() for m in PROGRESS.finditer(text) if m.group(1) == job]
+        assert [int(g[1]) for g in found] == [1, 2, 3, 4] and all(g[2] == "4" for g in found), text[-3000:]
+        assert [g[7] for g in found] == ["none yet", "step 2", "step 2", "step 4"], found
+        assert found[-1][6] == "0:00:00" and float(found[0][5]) > 0
+    for name, text in outputs.items():
+        assert CLEANER_WARNING not in text, name
+
+
+def seed_demo_summaries(out: Path, outputs: dict[str, str], site: dict) -> None:
+    """The demo's record of the stages before --from, as `python -m demo` writes it (summaries/<stage>.json: the
+    summary JSON each job printed last; summaries/site.json: what the photo site served), here from the chain's own
+    jobs, so that `python -m demo --from evaluate` goes on from them."""
+    (out / "summaries").mkdir(parents=True)
+    (out / "logs").mkdir()
+    for stage in ("curate", "precompute", "pretrain", "distill"):
+        (out / "logs" / f"{stage}.log").write_text(outputs[stage])
+        (out / "summaries" / f"{stage}.json").write_text(json.dumps(
+            {"stage": stage, "command": ["ray", "job", "submit", stage], "seconds": 0.0, "returncode": 0,
+             "summary": last_json(outputs[stage])}))
+    (out / "summaries" / "site.json").write_text(json.dumps(site))
 
 
 # --- servers -------------------------------------------------------------------------------------------------------
@@ -378,6 +412,38 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
             assert (curate["kept"], curate["duplicates"]) == (N_PHOTOS, site_expected["near_duplicate"])
             assert "[curate] stage 1 block" in outputs["curate"]  # its progress reached the submitter
             assert re.search(r"Uploading package gcs://_ray_pkg_\w+\.zip", outputs["curate"])  # --working-dir .
+
+            # every stage's data went to S3, in the layout the demo's --storage uses too
+            assert under(keys, "curated/shards/", ".parquet") and under(keys, "curated/summary.json")
+            assert under(keys, "features/shards/", ".parquet") and under(keys, "features/_vosr_features.json")
+            assert under(keys, "checkpoints/demo-teacher/checkpoint_", "model.safetensors")
+            assert under(keys, "checkpoints/demo-student/checkpoint_", "model.safetensors")
+            assert under(keys, "eval/summary.json") and under(keys, "eval/table.md")
+            assert under(keys, "eval/guidance_sweep.png")
+            assert curate["seen"] == 15 and (curate["kept"], curate["duplicates"]) == (8, 4)  # 8 photos, 7 copies
+            assert last_json(outputs["pretrain"])["checkpoint_uri"].startswith(f"{values['DATA']}/checkpoints/")
+            assert student["uri"].startswith("models:/vosr-demo-student/")
+            check_progress(outputs)
+
+            # the demo's stages after the jobs (`python -m demo --from evaluate`, data on the same S3 root): they go
+            # on from the jobs' summaries, with the student from the tracking server; the cluster is stopped first
+            shell.stop()
+            shell = None
+            demo = tmp_path / "demo"
+            seed_demo_summaries(demo, outputs, {"base_url": site.base_url, "expected": site_expected,
+                                                "urls": len(site.site)})
+            demo_env = {**os.environ, "AWS_ENDPOINT_URL": s3.endpoint_url, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
+                        "RAY_USAGE_STATS_ENABLED": "0", "VOSR_MODEL_CACHE": str(tmp_path / "model-cache")}
+            cmd = [sys.executable, "-m", "demo", "--out", str(demo), "--storage", values["DATA"], "--from", "evaluate",
+                   "--set", f"run.mlflow.tracking_uri={mlflow_url}"]
+            for item in DEMO_TINY:
+                cmd += ["--set", item]
+            t0 = time.monotonic()
+            proc = subprocess.run(cmd, cwd=ROOT, env=demo_env, capture_output=True, text=True, timeout=600)
+            timings["demo --from evaluate"] = time.monotonic() - t0
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+            keys = s3.keys("cluster/")
+            ev = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="cluster/eval/summary.json")["Body"].read())
         ended = True
     finally:
         if shell is not None:
@@ -388,6 +454,35 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
         else:
             print(f"Ray's logs are kept in {temp_dir}")
         print("seconds per command:", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+
+    # the demo put the held-out photos and its evaluation on S3, nothing of it locally
+    assert len(under(keys, "holdout/")) == 6
+    for name in ("curated", "features", "checkpoints", "mlartifacts", "holdout", "eval", "teacher_checkpoint"):
+        assert not (demo / name).exists(), f"{name} was written locally"
+    summaries = {p.stem: json.loads(p.read_text()) for p in (demo / "summaries").glob("*.json")}
+    assert summaries["evaluate"]["summary"]["summary_json"] == s3.uri("cluster/eval/summary.json")
+    assert ev["table"] == s3.uri("cluster/eval/table.md") and ev["data"]["hr_dir"] == s3.uri("cluster/holdout")
+    assert ev["models"]["teacher"] == summaries["pretrain"]["summary"]["checkpoint_uri"]
+    cached = [json.loads(p.read_text())["uri"] for p in (tmp_path / "model-cache").glob("*/SOURCE.json")]
+    assert cached == [ev["models"]["teacher"]]          # the s3:// teacher went through the model cache
+    kinds = {r["group"] for r in ev["rows"]}
+    assert kinds == {"Baseline", "Multi-step", "One-step"} and ev["data"]["images"] == 2
+    assert all(r["metrics"]["psnr"] > 5 for r in ev["rows"])
+    for log in (demo / "logs").glob("*.log"):
+        assert CLEANER_WARNING not in log.read_text(), log.name
+    with Image.open(demo / "serve" / "request.png") as a, Image.open(demo / "serve" / "answer.png") as b:
+        assert b.size == (4 * a.size[0], 4 * a.size[1])
+    report = (demo / "report.md").read_text()
+    assert "## Evaluation on the held-out photos" in report and "mlflow ui --backend-store-uri" in report
+    bicubic = next(r for r in ev["rows"] if r["group"] == "Baseline")["metrics"]["psnr"]
+    assert f"{bicubic:.3f}" in report                        # the report's table comes from the JSON on S3
+    assert (demo / "report_assets" / "guidance_sweep.png").is_file()
+    assert (demo / "report.html").read_text().startswith("<!doctype html>")
+
+
+def under(keys: list[str], prefix: str, suffix: str = "") -> list[str]:
+    """The S3 keys of the chain's data root (DATA = s3://<bucket>/cluster) under `prefix`, ending with `suffix`."""
+    return [k for k in keys if k.startswith(f"cluster/{prefix}") and k.endswith(suffix)]
 
 
 def test_submitted_job_refuses_relative_output_paths(monkeypatch, capsys):

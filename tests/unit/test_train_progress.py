@@ -1,6 +1,7 @@
-"""Progress a person can follow (issue 16 item 6): the progress line's format. The jobs' logs themselves (one line
-per train.log_every steps, none of Ray Train's placement-group cleaner warnings on the demo's dashboard-less Ray)
-are checked on the demo chain's stage logs: tests/test_demo_s3.py::check_progress_logs."""
+"""Progress a person can follow: the progress line's format. The jobs' logs themselves (one line per
+train.log_every steps, none of Ray Train's placement-group cleaner warnings) are checked on the full chain's job
+logs, tests/e2e/test_cluster_readme.py::check_progress; the quiet hook of the jobs that join the demo's
+dashboard-less Ray, in tests/integration/test_ray_env.py."""
 
 from __future__ import annotations
 

@@ -1,0 +1,123 @@
+"""The test suite's time per tier: pytest with --durations=0 on each tier folder (tests/unit, tests/integration,
+tests/e2e; tests/conftest.py describes them), one pytest process per tier, as `make test-fast` (unit +
+integration) and `make test` (all three) run them.
+
+    .venv/bin/python benchmarks/suite_tiers.py [--tiers unit integration e2e] [--root .] [--top 8] [--json out.json]
+    .venv/bin/python benchmarks/suite_tiers.py --root /path/to/older/checkout   # a checkout without tiers, see below
+
+Prints, per tier: the tests run and their outcome, pytest's own wall seconds for the tier (collection included), the
+sum of the tests' setup + call + teardown seconds, and its slowest tests; then the total and the load average
+before and after (the machine may be shared: compare runs taken back to back).
+
+A checkout whose tests sit directly in tests/ (before the tiers) is run once, as `pytest tests`, and each test's
+seconds are counted in the tier its file has in THIS checkout (a file since removed: --moved NAME=TIER, e.g.
+test_demo_s3.py=e2e); its wall seconds are the whole run's. Run it under `flock /tmp/vosr-heavy.lock` on a shared
+machine. The interpreter is --python (default: this one); the checkout's code is imported first (PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIERS = ("unit", "integration", "e2e")
+DURATION = re.compile(r"^\s*([\d.]+)s (setup|call|teardown)\s+(\S+?\.py)::(.+?)\s*$")
+SUMMARY = re.compile(r"^=*\s*(.*?) in ([\d.]+)s")
+OUTCOME = re.compile(r"(\d+) (passed|failed|error|errors|skipped|deselected|xfailed|xpassed)")
+
+
+def run_pytest(root: Path, python: str, paths: list[str]) -> tuple[float, dict[str, float], dict[str, int], str]:
+    """(pytest's wall seconds, seconds per test id (setup + call + teardown), outcome counts, last lines)."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", "--durations-min=0", *paths]
+    print(f"$ (cd {root} && {' '.join(cmd)})", flush=True)
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    elapsed = time.monotonic() - t0
+    per_test: dict[str, float] = defaultdict(float)
+    wall, outcomes = elapsed, {}
+    for line in proc.stdout.splitlines():
+        if m := DURATION.match(line):
+            per_test[f"{m.group(3)}::{m.group(4)}"] += float(m.group(1))
+        elif (m := SUMMARY.match(line)) and OUTCOME.search(m.group(1)):
+            wall = float(m.group(2))
+            outcomes = {kind: int(n) for n, kind in OUTCOME.findall(m.group(1))}
+    return wall, dict(per_test), outcomes, "\n".join(proc.stdout.splitlines()[-15:])
+
+
+def tier_map(moved: dict[str, str]) -> dict[str, str]:
+    """File name -> tier, from this checkout's folders (plus --moved for files since removed)."""
+    found = {p.name: tier for tier in TIERS for p in (ROOT / "tests" / tier).glob("test_*.py")}
+    return {**found, **moved}
+
+
+def report(rows: dict[str, dict], top: int) -> None:
+    print(f"\n{'tier':<12} {'tests':>6} {'outcome':<28} {'wall s':>8} {'sum of tests s':>15}")
+    for tier, r in rows.items():
+        outcome = ", ".join(f"{n} {k}" for k, n in sorted(r["outcomes"].items())) or "-"
+        wall = f"{r['wall_s']:.1f}" if r["wall_s"] is not None else "(one run)"
+        print(f"{tier:<12} {r['tests']:>6} {outcome:<28} {wall:>8} {r['sum_s']:>15.1f}")
+    print(f"{'total':<12} {sum(r['tests'] for r in rows.values()):>6} {'':<28} "
+          f"{sum(r['wall_s'] or 0 for r in rows.values()):>8.1f} {sum(r['sum_s'] for r in rows.values()):>15.1f}")
+    for tier, r in rows.items():
+        print(f"\nslowest in {tier}:")
+        for test, s in r["slowest"][:top]:
+            print(f"  {s:8.1f} s  {test}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=str(ROOT), help="the checkout whose suite runs (default: this one)")
+    p.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS)
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--top", type=int, default=8, help="slowest tests listed per tier")
+    p.add_argument("--moved", nargs="*", default=["test_demo_s3.py=e2e"], metavar="FILE=TIER",
+                   help="tier of a file a flat (older) checkout has and this one no longer does")
+    p.add_argument("--json", default="", help="also write the figures (per test seconds included) here")
+    args = p.parse_args(argv)
+    root = Path(args.root).resolve()
+    load_before = os.getloadavg()
+    print(f"{os.cpu_count()} CPUs; load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+    rows: dict[str, dict] = {}
+    if (root / "tests" / "unit").is_dir():
+        for tier in args.tiers:
+            wall, per_test, outcomes, tail = run_pytest(root, args.python, [f"tests/{tier}"])
+            print(tail, flush=True)
+            rows[tier] = {"wall_s": wall, "tests": sum(v for k, v in outcomes.items() if k != "deselected"),
+                          "outcomes": outcomes, "sum_s": sum(per_test.values()),
+                          "slowest": sorted(per_test.items(), key=lambda kv: -kv[1]), "per_test": per_test}
+    else:
+        tiers = tier_map(dict(m.split("=", 1) for m in args.moved))
+        wall, per_test, outcomes, tail = run_pytest(root, args.python, ["tests"])
+        print(tail, flush=True)
+        print(f"one run of the whole flat suite: {wall:.1f} s wall, {outcomes}")
+        split: dict[str, dict[str, float]] = {t: {} for t in (*args.tiers, "unplaced")}
+        for test, s in per_test.items():
+            tier = tiers.get(Path(test.split("::")[0]).name, "unplaced")
+            split.setdefault(tier, {})[test] = s
+        for tier, tests in split.items():
+            if tier in args.tiers or tests:
+                rows[tier] = {"wall_s": None, "tests": len(tests), "outcomes": {}, "sum_s": sum(tests.values()),
+                              "slowest": sorted(tests.items(), key=lambda kv: -kv[1]), "per_test": tests}
+        rows["(whole run)"] = {"wall_s": wall, "tests": 0, "outcomes": outcomes, "sum_s": 0.0, "slowest": [],
+                               "per_test": {}}
+    load_after = os.getloadavg()
+    report(rows, args.top)
+    print(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"root": str(root), "load_before": load_before,
+                                               "load_after": load_after, "tiers": rows}, indent=1))
+    return 0 if all(not r["outcomes"].get("failed") and not r["outcomes"].get("error") and
+                    not r["outcomes"].get("errors") for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
