@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jobkit.config import config_from_dict  # noqa: E402
 from pipelines import curate  # noqa: E402
 from pipelines.curate_schema import CURATED_SCHEMA, SHARDS_DIR, read_kept  # noqa: E402
 from pipelines.curation.stage1 import ledger_uri  # noqa: E402
-from vosr.config import config_from_dict  # noqa: E402
 
 ROWS_PER_FILE = 50_000
 DIM = 16

@@ -575,3 +575,24 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --- vosr plan -----------------------------------------------------------------------------------------------------
+
+def plan_stages(cfg, images: int) -> list:
+    """`vosr plan` entries of the evaluation (jobkit/plan.py): one process holding the models (student, teacher,
+    encoders; fp32) and one image pair at a time at eval.crop (or a 4,096 px side when uncropped) through the
+    metrics; its result lists grow by a few numbers per image, whatever the corpus (images of the benchmark
+    folder, not of the training corpus)."""
+    from jobkit.plan import Proc, Stage, gib
+    from pipelines.feature_stages import ENCODER_WEIGHT_BYTES
+    from vosr.model import count_parameters
+
+    counts = count_parameters(cfg)
+    weights = 4 * (counts["student_params"] + counts["dit_params"]) \
+        + ENCODER_WEIGHT_BYTES.get(cfg.autoencoder.name, 0) + ENCODER_WEIGHT_BYTES.get(cfg.semantic.name, 0)
+    side = cfg.eval.crop or 4096
+    work = 64 * side * side * 3 * 4  # the HR, LR, outputs and metric networks' activations in float32
+    return [Stage("evaluate", [Proc("driver", weights + work + (2 << 30),
+                                    f"weights {gib(weights)} + 64 float images of {side} px + 2 GiB", "head")],
+                  note="one process; independent of the corpus")]

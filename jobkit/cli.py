@@ -26,6 +26,8 @@ JOBS: dict[str, tuple[str, str]] = {
     "export": ("training.export", "export a sharded (FSDP) checkpoint to the folder serving and the registry read"),
     "import": ("inference.import_released", "import a model released by the VOSR authors (folder or hf:// URI) as a checkpoint folder"),
     "demo": ("demo.chain", "run the whole chain on the embedded tiny preset on this machine (make demo)"),
+    "plan": ("jobkit.plan", "a job's cost at a corpus size: peak memory per process, storage, CPU/GPU-hours; "
+                            "fails when a bound exceeds the nodes"),
 }
 
 

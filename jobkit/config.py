@@ -56,6 +56,12 @@ class RunConfig:
     output_root: str = option("outputs", "Root of local outputs (MLflow store, reports) when paths are relative.")
     ray: RayConfig = option(RayConfig(), "Ray connection.")
     mlflow: MlflowConfig = option(MlflowConfig(), "Experiment tracking.")
+    head_memory_gb: float = option(0.0, "Memory of the driver's node in GiB, for `vosr plan` (0 = from the job's "
+                                   "KubeRay manifest in infra/k8s).", ge=0)
+    worker_memory_gb: float = option(0.0, "Memory of one CPU worker node in GiB, for `vosr plan` (0 = from the "
+                                     "manifest).", ge=0)
+    gpu_worker_memory_gb: float = option(0.0, "Memory of one GPU worker node in GiB, for `vosr plan` (0 = from the "
+                                         "manifest).", ge=0)
 
 
 # What a preset sets in the jobs' sections, on top of the method's preset.

@@ -63,3 +63,16 @@ def quiet_dashboardless_warnings() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def memory_reservation(nbytes: int) -> int:
+    """A task's or actor's stated peak as its Ray `memory` request, capped at the largest live node's memory
+    resource (a request no node can grant would leave the work pending forever; `vosr plan` is where a bound
+    over the nodes is reported). 0 (no request) when Ray is not running."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    cap = max(nodes) if nodes else 0
+    return int(min(int(nbytes), cap)) if cap else int(nbytes)

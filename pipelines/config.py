@@ -79,9 +79,16 @@ class DedupConfig:
     hamming: int = option(6, "Near-duplicate pHash Hamming radius k (exact multi-index hashing, pipelines/curation/lsh.py).", ge=0, le=31)
     max_bucket: int = option(1000, "Cap on the size of one LSH bucket; larger buckets are split and counted.",
                              ge=2)
-    driver_max_edges: int = option(500_000, "Duplicate edges up to which the connected components run on the "
-                                   "driver (scipy; ~200 bytes per edge there); above it they stay distributed "
-                                   "(large/small-star passes).", ge=0)
+    search_task_hashes: int = option(1 << 22, "Most distinct pHashes one near-duplicate search task reads: above "
+                                     "it the hashes are dealt to tasks by the key bits their tables share, so a "
+                                     "task's memory is bounded by this (dedup.search_task_peak_bytes: 160 B per "
+                                     "hash + 48 MiB, 688 MiB at the default; ~91 B per hash measured), never by "
+                                     "the corpus. Smaller: less memory per task, more passes over the hashes.",
+                                     ge=2)
+    local_max_edges: int = option(500_000, "Duplicate edges up to which the connected components run in one Ray "
+                                  "task (scipy; ~1 KiB per edge there, reserved as its memory: "
+                                  "dedup.components_peak_bytes); above it they stay distributed (large/small-star "
+                                  "passes). Nothing of the graph reaches the driver either way.", ge=0)
 
 
 @dataclass
@@ -89,7 +96,10 @@ class BalanceConfig:
     enabled: bool = option(True, "Cap each category (MetaCLIP-style) after dedup.")
     per_category_cap: int = option(1_000_000, "Most images kept per category t.", ge=1)
     num_clusters: int = option(8, "k of k-means when the sources give no category.", ge=1)
-    sample_size: int = option(10_000, "Images sampled to fit the k-means centroids.", ge=1)
+    sample_size: int = option(10_000, "Images sampled to fit the k-means centroids (the fit runs in one Ray task "
+                              "reserving balance.kmeans_peak_bytes: about 2 x sample_size x the embedding's floats "
+                              "x 4 bytes).", ge=1)
+    kmeans_num_cpus: float = option(2.0, "CPUs of the k-means fit's Ray task (also its BLAS threads).", gt=0)
     embedding: str = option("cheap", "What k-means clusters on: cheap (8x8 colour thumbnail + gradient/entropy "
                             "stats, computed in stage 1) or semantic (final CLS token of the configured semantic "
                             "encoder, section `semantic`: DINOv2 CLS features for the real presets, loaded from "
@@ -180,8 +190,12 @@ class PrecomputeConfig:
     num_cpus_per_encoder: float = option(1.0, "CPUs reserved per encoder actor.", ge=0)
     degrade_batch_size: int = option(4, "Images per decode+crop+degrade CPU task batch.", ge=1)
     num_cpus_per_degrade: float = option(1.0, "CPUs per decode+crop+degrade task.", gt=0)
-    rows_per_shard: int = option(64, "Unused for sharding (one feature shard per curated shard, so resumption is "
-                                 "deterministic); kept as the row-group size of the Parquet writer.", ge=1)
+    rows_per_shard: int = option(64, "Rows per Parquet row group of a feature shard (not rows per shard: one "
+                                 "feature shard per curated shard keeps resumption deterministic). The unit of "
+                                 "memory downstream: a merge task holds ~10 row groups (feature_writer."
+                                 "merge_peak_bound: ~1 GiB at 64 rows of 1.56 MiB, vosr-0.5b / 512 px) and "
+                                 "training reads mix row groups of many shards per block (train.read_block_mb).",
+                                 ge=1)
     compression: str = option("zstd", "Parquet compression of feature shards.",
                               choices=["zstd", "snappy", "lz4", "none"])
     max_shards: int = option(0, "Process at most this many pending input shards (0 = all).", ge=0)

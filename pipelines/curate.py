@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -33,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobkit.faults import FaultInjected
+from jobkit.memprobe import probe
 from pipelines.curate_schema import SCHEMA_VERSION, SHARDS_DIR, SUMMARY_FILE
 from pipelines.curation import balance, dedup, politeness, writer
 from pipelines.curation.raytools import column_sums, partitions
@@ -190,7 +192,7 @@ def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
     search's counters for the summary).
 
     Ray tasks over the materialized blocks (dedup.find_duplicates): vectorised partition passes, no call per
-    group; only counters reach the driver unless the edge count is under dcfg.driver_max_edges."""
+    group; only counters and object references reach the driver."""
     import ray
     import ray.data
 
@@ -198,10 +200,12 @@ def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
     n = meta.count()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     stars, found = dedup.find_duplicates(meta.to_arrow_refs(), dcfg.hamming, dcfg.max_bucket, partitions(n),
-                                         search_tasks=cpus, driver_max_edges=dcfg.driver_max_edges, log=log)
+                                         search_tasks=cpus, local_max_edges=dcfg.local_max_edges, log=log,
+                                         task_hashes=dcfg.search_task_hashes)
     if not stars:
         return None, found
-    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow"), found
+    return ray.data.from_arrow_refs(stars).map_batches(_star_decisions, batch_format="pyarrow",
+                                                        **dedup.block_task_memory()), found
 
 
 def _star_decisions(batch: pa.Table) -> pa.Table:
@@ -240,31 +244,92 @@ def stage_semantic_embed(meta, cfg):
 
 # ------------------------------------------------------------------------------------------- balance
 
+def sample_rate(want: int, n: int) -> float:
+    """Share of the n unlabelled rows to keep, by seeded priority, so that at least `want` survive: the expected
+    count plus six standard deviations of the binomial draw (a second pass at twice the rate is then needed about
+    once in a billion runs), instead of the 2x surplus the driver used to gather."""
+    return min(1.0, (want + 6.0 * math.sqrt(want) + 64.0) / max(1, n))
+
+
+@probe("kmeans")
+def _kmeans_task(want: int, k: int, seed: int, threads: int, *blocks) -> np.ndarray:
+    """k-means centres on the `want` rows of smallest (prio, id) among the blocks (id, embedding, prio): the same
+    sample in the same order whatever the block layout. Memory: balance.kmeans_peak_bytes(want, dim, k)."""
+    keys = pa.concat_tables([b.select(["prio", "id"]) for b in blocks]).append_column(
+        "at", pa.array(np.arange(sum(b.num_rows for b in blocks), dtype=np.int64)))
+    pick = keys.take(pc.sort_indices(keys, sort_keys=[("prio", "ascending"), ("id", "ascending")])[:want])
+    at = pick["at"].to_numpy()
+    del keys, pick
+    starts = np.cumsum([0] + [b.num_rows for b in blocks])
+    dim = None
+    x = None
+    for bi, b in enumerate(blocks):  # copy the chosen rows' embeddings into their places in the sample
+        sel = np.flatnonzero((at >= starts[bi]) & (at < starts[bi + 1]))
+        if not len(sel):
+            continue
+        emb = b["embedding"].combine_chunks() if isinstance(b["embedding"], pa.ChunkedArray) else b["embedding"]
+        vals = emb.take(pa.array(at[sel] - starts[bi]))
+        flat = pc.list_flatten(vals).to_numpy(zero_copy_only=False)
+        if dim is None:
+            dim = len(flat) // len(sel)
+            x = np.empty((len(at), dim), np.float32)
+        if len(flat) != len(sel) * dim:
+            raise ValueError("k-means sample: embeddings of different lengths")
+        x[sel] = flat.reshape(len(sel), dim)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # BLAS threads as the environment sets them
+        return balance.kmeans_fit(x, k, seed)
+    with threadpool_limits(limits=max(1, threads)):
+        return balance.kmeans_fit(x, k, seed)
+
+
 def fit_centres(meta, ccfg, seed: int) -> tuple[Any, int]:
     """(k-means centres on a deterministic sample of the rows without a listed category, None if there are
-    none; how many rows have no listed category)."""
+    none; how many rows have no listed category). The sample (the curate.balance.sample_size rows of smallest
+    seeded priority) is selected by Ray Data where the rows are, and the fit runs in one Ray task reserving
+    balance.kmeans_peak_bytes: nothing of the sample reaches the driver but the centres."""
+    import ray
     from ray.data.expressions import col
 
     bcfg = ccfg.balance
     n = column_sums(meta, ["unlabelled"])["unlabelled"]
     if n == 0:
         return None, 0
-    frac = min(1.0, 2.0 * bcfg.sample_size / n)
-    threshold = min(2**63 - 1, int(frac * 2**63))
-    sample = (meta.filter(expr=col("unlabelled") == 1).select_columns(["id", "embedding"])
-              .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "kmeans-sample"},
-                           batch_format="pyarrow")
-              .filter(expr=col("prio") <= threshold)
-              .take_all())
-    sample.sort(key=lambda r: (r["prio"], r["id"]))
-    sample = sample[:bcfg.sample_size]
-    x = np.asarray([r["embedding"] for r in sample], dtype=np.float64)
-    centres = balance.kmeans_fit(x, bcfg.num_clusters, seed)
-    log(f"[curate] balance: k-means with k={len(centres)} on the {bcfg.embedding} embedding (dim {x.shape[1]}) "
-        f"fitted on {len(x)} of {n} unlabelled rows")
+    want = min(n, bcfg.sample_size)
+    rate = sample_rate(want, n)
+    while True:
+        threshold = min(2**63 - 1, int(rate * 2**63))
+        sample = (meta.filter(expr=col("unlabelled") == 1).select_columns(["id", "embedding"])
+                  .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "kmeans-sample"},
+                               batch_format="pyarrow", **dedup.block_task_memory())
+                  .filter(expr=col("prio") <= threshold)
+                  .materialize())
+        got = sample.count()
+        if got >= want or rate >= 1.0:
+            break
+        rate = min(1.0, 2 * rate)  # too few passed the threshold (about once in a billion runs): a larger share
+    refs = sample.to_arrow_refs()
+    dim = ray.get(dedup._submit(_embedding_dim, tuple(refs), memory=0))
+    k = min(bcfg.num_clusters, want)
+    cpus = min(bcfg.kmeans_num_cpus, dedup.node_caps()[1] or bcfg.kmeans_num_cpus)
+    task = dedup._submit(_kmeans_task, (want, k, seed, max(1, int(cpus)), *refs),
+                         memory=balance.kmeans_peak_bytes(want, dim, k), num_cpus=cpus)
+    centres = ray.get(task)
+    del sample, refs
+    log(f"[curate] balance: k-means with k={len(centres)} on the {bcfg.embedding} embedding (dim {dim}) "
+        f"fitted on {want} of {n} unlabelled rows")
     return centres, n
 
 
+def _embedding_dim(*blocks) -> int:
+    for b in blocks:
+        if b.num_rows:
+            return len(b["embedding"][0])
+    return 0
+
+
+@probe("merge_decisions")
 def _merge_partition(n_cats: int, *pieces) -> pa.Table:
     """One partition of the category records left-joined with the duplicate records on (unit, row), vectorised:
     a row with a duplicate record takes its duplicate_of and drop_reason, and keeps its category."""
@@ -274,7 +339,7 @@ def _merge_partition(n_cats: int, *pieces) -> pa.Table:
     dups = concat(pieces[n_cats:]).select(["unit", "row", "duplicate_of"])
     if cats.num_rows == 0:
         return writer.DECISION_SCHEMA.empty_table()
-    j = cats.join(dups, keys=["unit", "row"], join_type="left outer")
+    j = cats.join(dups, keys=["unit", "row"], join_type="left outer", use_threads=False)
     reason = pc.if_else(pc.is_valid(j["duplicate_of"]), pa.scalar("duplicate"), pa.scalar(None, pa.string()))
     return j.append_column("drop_reason", reason).select(writer.DECISION_SCHEMA.names).cast(
         writer.DECISION_SCHEMA)
@@ -288,10 +353,13 @@ def merge_decisions(cats, dup_decisions, parts: int):
 
     cat_refs = cats.materialize().to_arrow_refs()
     dup_refs = dup_decisions.materialize().to_arrow_refs()
-    cat_parts = dedup.hash_shuffle(cat_refs, None, "unit", parts, "string")
-    dup_parts = dedup.hash_shuffle(dup_refs, None, "unit", parts, "string")
-    merge = ray.remote(_merge_partition)
-    out = [merge.remote(len(c), *c, *d) for c, d in zip(cat_parts, dup_parts)]
+    cat_sizes, dup_sizes = dedup.block_sizes(cat_refs), dedup.block_sizes(dup_refs)
+    cat_parts, cat_rows = dedup.hash_shuffle(cat_refs, None, "unit", parts, "string", [b for _, b in cat_sizes])
+    dup_parts, dup_rows = dedup.hash_shuffle(dup_refs, None, "unit", parts, "string", [b for _, b in dup_sizes])
+    row_bytes = max(1, sum(b for _, b in cat_sizes + dup_sizes)) / max(1, sum(r for r, _ in cat_sizes + dup_sizes))
+    out = [dedup._submit(_merge_partition, (len(c), *c, *d),
+                         memory=dedup.partition_peak_bytes((cat_rows[p] + dup_rows[p]) * row_bytes))
+           for p, (c, d) in enumerate(zip(cat_parts, dup_parts))]
     return ray.data.from_arrow_refs(out)
 
 
@@ -305,20 +373,74 @@ def _category_rows(batch: pa.Table) -> pa.Table:
     }, schema=writer.DECISION_SCHEMA)
 
 
-def _apply_cap(group: pa.Table, cap: int) -> pa.Table:
-    marked = balance.cap_group(group, cap)
-    reason = pc.if_else(marked["capped"], pa.scalar("category_cap"), pa.scalar(None, pa.string()))
-    return marked.set_column(marked.schema.get_field_index("drop_reason"), "drop_reason", reason).select(
-        writer.DECISION_SCHEMA.names)
+@probe("cap_count")
+def _cap_count_task(block: pa.Table) -> dict:
+    return balance.category_counts(block)
+
+
+@probe("cap_candidates")
+def _cap_candidates_task(block: pa.Table, limits: pa.Table):
+    cand = balance.cap_candidates(block, limits)
+    return cand, cand.num_rows
+
+
+@probe("cap_threshold")
+def _cap_threshold_task(cap: int, *pieces) -> pa.Table:
+    return balance.cap_thresholds(dedup._concat(list(pieces)), cap)
+
+
+@probe("cap_apply")
+def _cap_apply_task(block: pa.Table, thresholds: pa.Table) -> pa.Table:
+    if block.num_rows == 0:
+        return writer.DECISION_SCHEMA.empty_table()
+    return balance.apply_caps(block, thresholds).select(writer.DECISION_SCHEMA.names).cast(writer.DECISION_SCHEMA)
+
+
+def apply_category_cap(singles, cap: int, parts: int):
+    """The per-category cap over the rows without a drop reason (with their "prio"), as Ray tasks over its blocks
+    (balance: counts per block, candidates under a priority limit shuffled by category, the exact cap-th
+    (prio, id) per category, then every block marked): no task holds a whole category, only counters per
+    category reach the driver. Returns block references of DECISION_SCHEMA rows."""
+    import ray
+
+    refs = singles.to_arrow_refs()
+    sizes = dedup.block_sizes(refs)
+    mem = [balance.cap_peak_bytes(b) for _, b in sizes]
+    counts: Counter = Counter()
+    for part in ray.get([dedup._submit(_cap_count_task, (r,), memory=m) for r, m in zip(refs, mem)]):
+        counts.update(part)
+    over = {c: n for c, n in counts.items() if n > cap}
+    thresholds = balance.THRESHOLD_SCHEMA.empty_table()
+    while over:
+        limits = pa.table({"category": list(over), "limit": [balance.prio_limit(cap, n) for n in over.values()]})
+        lim_ref = ray.put(limits)
+        cand = [dedup._submit(_cap_candidates_task, (r, lim_ref), num_returns=2, memory=m) for r, m in zip(refs, mem)]
+        rows = ray.get([c[1] for c in cand])
+        row_bytes = 8 + 40 + 40  # prio, id, category (offsets included)
+        pieces, prow = dedup.hash_shuffle([c[0] for c in cand], None, "category", parts, "string",
+                                          [r * row_bytes for r in rows])
+        found = pa.concat_tables(ray.get([
+            dedup._submit(_cap_threshold_task, (cap, *pieces[p]), memory=balance.cap_peak_bytes(prow[p] * row_bytes))
+            for p in range(parts)]))
+        short = pc.less(found["candidates"], cap)
+        thresholds = pa.concat_tables([thresholds, found.filter(pc.invert(short))])
+        again = set(found.filter(short)["category"].to_pylist())  # a limit too low: about once in a billion
+        over = {c: max(1, n // 2) for c, n in over.items() if c in again}  # n halved: twice the share under it
+    thr_ref = ray.put(thresholds)
+    return [dedup._submit(_cap_apply_task, (r, thr_ref), memory=m) for r, m in zip(refs, mem)]
 
 
 def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     """All per-row decisions (duplicate / category_cap / kept with its category) as a Ray Dataset."""
+    import ray.data
     from ray.data.expressions import col
 
+    block = ray.data.DataContext.get_current().target_max_block_size or 128 * 2**20
+    k = len(centres) if centres is not None else 0
     cats = (meta.select_columns(["unit", "row", "id", "list_category", "embedding"])
-            .map_batches(balance.assign_categories, fn_kwargs={"centres": centres}, batch_format="pyarrow")
-            .map_batches(_category_rows, batch_format="pyarrow"))
+            .map_batches(balance.assign_categories, fn_kwargs={"centres": centres}, batch_format="pyarrow",
+                         **dedup._reserve(balance.assign_peak_bytes(block // 4, 1, k)))
+            .map_batches(_category_rows, batch_format="pyarrow", **dedup.block_task_memory()))
     cap_can_bind = ccfg.balance.enabled and meta.count() > ccfg.balance.per_category_cap
     if not cap_can_bind:  # no category can exceed t: the writer merges category and duplicate records by row
         return cats if dup_decisions is None else cats.union(dup_decisions)
@@ -330,10 +452,10 @@ def stage_balance(meta, dup_decisions, centres, ccfg, seed: int):
     dups = merged.filter(expr=col("drop_reason") == "duplicate")
     singles = (merged.filter(expr=col("drop_reason").is_null())
                .map_batches(balance.add_priority, fn_kwargs={"seed": seed, "purpose": "balance"},
-                            batch_format="pyarrow")
-               .groupby("category", num_partitions=partitions(meta.count()))
-               .map_groups(_apply_cap, fn_kwargs={"cap": ccfg.balance.per_category_cap}, batch_format="pyarrow"))
-    return dups.union(singles)
+                            batch_format="pyarrow", **dedup.block_task_memory())
+               .materialize())
+    capped = apply_category_cap(singles, ccfg.balance.per_category_cap, partitions(meta.count()))
+    return dups.union(ray.data.from_arrow_refs(capped))
 
 
 # ------------------------------------------------------------------------------------------- write
@@ -351,7 +473,8 @@ def stage_write(decisions, keys: list[str], gens: dict[str, int], ccfg, fingerpr
     allrows = markers if decisions is None else markers.union(decisions)
     return allrows.groupby("unit", num_partitions=partitions(len(keys), 64)).map_groups(
         writer.write_unit_shard, fn_kwargs={"output": ccfg.output, "endpoint_url": ccfg.s3_endpoint_url,
-                                            "fingerprint": fingerprint}, batch_format="pyarrow")
+                                            "fingerprint": fingerprint}, batch_format="pyarrow",
+        **dedup._reserve(writer.write_task_memory(ccfg)))
 
 
 def remove_stale_shards(ccfg, keys: list[str]) -> int:
@@ -483,12 +606,12 @@ def read_ok_rows(cfg, keys: list[str], gens: dict[str, int], semantic: bool) -> 
         return None, 0
     fs, _ = storage.open_fs(ccfg.output, ep)
     paths = [storage.open_fs(ledger_uri(ccfg.output, k, gens[k]), ep)[1] for k in keys]
-    meta = (ray.data.read_parquet(paths, filesystem=fs)
+    meta = (ray.data.read_parquet(paths, filesystem=fs, **dedup.block_task_memory())
             .select_columns(STAGE1_COLUMNS + (["image"] if semantic else []))
             .filter(expr=col("reason") == "ok")  # right after the read: pushed into the Parquet scan
             .map_batches(dedup.add_node_keys, fn_kwargs={"unit_order": {k: i for i, k in enumerate(keys)}},
-                         batch_format="pyarrow")
-            .map_batches(_flag_unlabelled, batch_format="pyarrow"))
+                         batch_format="pyarrow", **dedup.block_task_memory())
+            .map_batches(_flag_unlabelled, batch_format="pyarrow", **dedup.block_task_memory()))
     if semantic:
         meta = stage_semantic_embed(meta, cfg)
     meta = meta.materialize()
@@ -572,6 +695,97 @@ def _track(cfg, summary: dict) -> None:
     params = numeric_leaves(to_dict(cfg.curate), "curate.")
     params["curate.sources"] = ",".join(cfg.curate.sources)[:500]
     log_job_run(cfg, "curate", params, summary)
+
+
+# ------------------------------------------------------------------------------------------- vosr plan
+# Assumptions and measured constants of the curation plan (docs/scale.md explains each).
+
+PLAN_URLS_PER_KEPT = 2.5      # U = 2.5 N: 40% of crawled URLs end up kept (docs/scale.md s0)
+PLAN_FETCHED_PER_URL = 0.75   # ~25% of old web URLs fail to fetch
+PLAN_PASSING_PER_KEPT = 1.25  # rows passing stage 1 per kept row (dedup + balance keep ~80%)
+PLAN_BODY_BYTES = 400_000     # mean encoded image of a >= 512 px web image (assumption)
+PLAN_URL_ROW_BYTES = 200      # a URL-list row in memory (URL, caption, a few metadata columns; assumption)
+PLAN_LEDGER_ROW_BYTES = 250   # ledger metadata per URL (reason, hashes, embedding; computed from STAGE1_SCHEMA)
+PLAN_SHARD_ROW_BYTES = 300    # curated shard metadata per row besides the image bytes
+STAGE1_CPU_S_PER_MP = 0.070   # measured: benchmarks/bench_stage1_cpu.py, 70 ms CPU per megapixel
+PLAN_MEGAPIXELS = 1.5         # mean size of a fetched web image with short side >= 512 (assumption)
+STAGE2_CPU_S_PER_ROW = 90e-6  # stage-2 search + components + balance at ~125M rows (docs/scale.md s2)
+DRIVER_BASE_BYTES = 1 << 30   # the driver with Ray and the job's imports
+PLAN_ACTIVE_DOMAINS = 1_000_000  # domains one gate actor keeps state for at once (assumption; pruned after 60 s)
+GATE_BYTES_PER_DOMAIN = 400
+PLAN_BLOCK_BYTES = 128 * 2**20  # Ray Data's DataContext.target_max_block_size default (stage 2's blocks)
+
+
+def plan_stages(cfg, images: int) -> list:
+    """`vosr plan` entries of the curation job for `images` kept images (jobkit/plan.py)."""
+    from jobkit.plan import Proc, Stage, ceil_div, gib, hours
+    from pipelines.curation import listing
+    from pipelines.curation.analysis import EMBED_DIM
+    from pipelines.curation.sources import rechunk_peak_bytes
+
+    cc = cfg.curate
+    urls = int(images * PLAN_URLS_PER_KEPT)
+    fetched = int(urls * PLAN_FETCHED_PER_URL)
+    passing = int(images * PLAN_PASSING_PER_KEPT)
+    blocks = ceil_div(urls, cc.rows_per_shard)
+    driver = DRIVER_BASE_BYTES + listing.listing_peak_bytes(blocks)
+    gate = PLAN_ACTIVE_DOMAINS * GATE_BYTES_PER_DOMAIN // max(1, cc.crawl.gate_actors) + (256 << 20)
+    parts = partitions(passing)
+    pieces = dedup.shuffle_pieces(passing * dedup.ROW_BYTES["key_phash"], parts)
+    block = PLAN_BLOCK_BYTES
+    map_in = parts * dedup.SHUFFLE_PIECE_BYTES + block  # blocks gathered up to parts x piece bytes, plus the last
+    part_bytes = passing // parts * dedup.ROW_BYTES["star"]
+    task_hashes = min(passing, cc.dedup.search_task_hashes)
+    k = cc.balance.num_clusters if cc.balance.enabled else 0
+    d = (f"listing_peak_bytes: {listing.UNIT_DRIVER_BYTES} B x {blocks:,} blocks + {gib(DRIVER_BASE_BYTES)} "
+         f"base")
+    stages = [
+        Stage("plan", [Proc("driver", driver, d, "head"),
+                       Proc("task: list files", listing.listing_task_peak_bytes(cc.rows_per_shard),
+                            "listing_task_peak_bytes: one manifest's paths + 96 MiB", reserved=True),
+                       Proc("task: re-chunk URL list", rechunk_peak_bytes(cc.rows_per_shard, PLAN_URL_ROW_BYTES),
+                            f"rechunk_peak_bytes: 64 MiB + 6 x {cc.rows_per_shard} rows x {PLAN_URL_ROW_BYTES} B",
+                            reserved=True)],
+              note=f"{urls:,} URLs in {blocks:,} blocks"),
+        Stage("stage 1", [Proc("task: block", stage1_peak_bytes(cc),
+                               f"stage1_peak_bytes: (crawl.concurrency {cc.crawl.concurrency} + 1) x max_bytes + "
+                               f"3 x stage1_buffer_mb + 6 B x max_pixels", reserved=True),
+                          Proc("actor: domain gate", gate, f"{GATE_BYTES_PER_DOMAIN} B x {PLAN_ACTIVE_DOMAINS:,} "
+                                                           f"active domains / {cc.crawl.gate_actors} actors",
+                               "head")],
+              written=urls * PLAN_LEDGER_ROW_BYTES + passing * PLAN_BODY_BYTES,
+              cpu_hours=hours(fetched * STAGE1_CPU_S_PER_MP * PLAN_MEGAPIXELS),
+              note=f"{fetched:,} fetched, {passing:,} pass"),
+        Stage("dedup", [Proc("driver", DRIVER_BASE_BYTES + dedup.driver_peak_bytes(passing, parts),
+                             f"driver_peak_bytes: {dedup.REF_BYTES} B x {pieces:,} shuffle pieces + {parts} x "
+                             f"{gib(dedup.SHUFFLE_PIECE_BYTES)} + {gib(DRIVER_BASE_BYTES)} base", "head"),
+                        Proc("task: shuffle map", dedup.shuffle_map_peak_bytes(map_in),
+                             f"shuffle_map_peak_bytes: 3 x {gib(map_in)} of blocks + margin", reserved=True),
+                        Proc("task: partition", dedup.partition_peak_bytes(part_bytes),
+                             f"partition_peak_bytes: 4 x {passing // parts:,} rows x {dedup.ROW_BYTES['star']} B "
+                             f"(widest pass) + margin", reserved=True),
+                        Proc("task: near-duplicate search", dedup.search_task_peak_bytes(task_hashes),
+                             f"search_task_peak_bytes: {dedup.SEARCH_BYTES_PER_HASH} B x {task_hashes:,} hashes "
+                             f"(dedup.search_task_hashes) + margin", reserved=True),
+                        Proc("task: components", dedup.components_peak_bytes(cc.dedup.local_max_edges),
+                             f"components_peak_bytes: {dedup.COMPONENTS_EDGE_BYTES} B x local_max_edges "
+                             f"{cc.dedup.local_max_edges:,} + margin", reserved=True)],
+              cpu_hours=hours(passing * STAGE2_CPU_S_PER_ROW), note=f"{parts} partitions"),
+        Stage("balance", [Proc("task: k-means fit", balance.kmeans_peak_bytes(
+                                   cc.balance.sample_size, EMBED_DIM, cc.balance.num_clusters),
+                               f"kmeans_peak_bytes: sample_size {cc.balance.sample_size:,} x dim {EMBED_DIM}, "
+                               f"num_clusters {cc.balance.num_clusters:,}", reserved=True),
+                          Proc("task: assign categories", balance.assign_peak_bytes(block // 4, 1, k),
+                               f"assign_peak_bytes: a {gib(block)} block's embeddings, k {k:,}", reserved=True),
+                          Proc("task: category cap", balance.cap_peak_bytes(block),
+                               f"cap_peak_bytes: 4 x a {gib(block)} block + 32 MiB", reserved=True)]),
+        Stage("write", [Proc("task: write shard", writer.write_task_memory(cc),
+                             f"write_task_memory: 8 x {gib(writer.WRITE_SLICE_BYTES)} slices + "
+                             f"{writer.WRITE_ROW_BYTES} B x {cc.rows_per_shard} rows + 2 pages + margin",
+                             reserved=True)],
+              written=images * (PLAN_BODY_BYTES + PLAN_SHARD_ROW_BYTES) + (urls - images) * PLAN_SHARD_ROW_BYTES),
+    ]
+    return stages
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,15 +178,60 @@ class Encoder:
         return table.append_column("error", pa.array([str(v) for v in batch["error"]], pa.string()))
 
 
+# --- stated peaks (bytes) of the stages' tasks and actors: Ray `memory` reservations and `vosr plan` ------------
+
+DECODE_BYTES_PER_PIXEL = 12  # a decode at the pixel cap: the decoder's buffer, the RGB conversion, the numpy copy
+DEGRADE_WORK_FLOATS = 24  # float32 [3, res, res] tensors alive at once in one Real-ESRGAN degradation (assumption)
+ENCODER_BATCH_COPIES = 4  # encoder host memory per batch row: uint8 pairs, float inputs, float outputs, Arrow
+
+
+# Parameter counts of the encoders' published weights x 4 bytes (fp32 on the host while loading): SD 2.1 VAE
+# 83.7M, Qwen-Image VAE ~127M, DINOv2 ViT-B/14 86.6M, ViT-L/14 304M.
+ENCODER_WEIGHT_BYTES = {"pixel": 0, "sd21": int(83.7e6 * 4), "qwen2d": int(127e6 * 4), "tiny_vit": 1 << 20,
+                        "dinov2_vitb14": int(86.6e6 * 4), "dinov2_vitl14": int(304e6 * 4)}
+
+
+def read_task_peak_bytes(max_image_bytes: int) -> int:
+    """A curated-shard read task: one block of READ_BATCH_ROWS rows of image bytes (each at most the crawl's
+    byte cap) twice (the decoded batch, the block with its path column), plus 16 MiB of fixed buffers."""
+    return 2 * READ_BATCH_ROWS * int(max_image_bytes) + (16 << 20)
+
+
+def degrade_task_peak_bytes(batch_images: int, variants: int, resolution: int, max_pixels: int) -> int:
+    """One make_pairs call: one image decoded at a time (at most max_pixels), its variants' degradation work, and
+    the batch's uint8 HR/LR pairs twice (the lists and the stacked arrays)."""
+    res2 = int(resolution) ** 2
+    pairs = int(batch_images) * int(variants) * 2 * res2 * 3
+    return DECODE_BYTES_PER_PIXEL * int(max_pixels) + DEGRADE_WORK_FLOATS * res2 * 3 * 4 + 2 * pairs + (16 << 20)
+
+
+def encoder_peak_bytes(batch_rows: int, resolution: int, row_bytes_out: int, weight_bytes: int) -> int:
+    """One encoder actor's host memory: the encoders' weights (loaded on the host before they move to the GPU)
+    and ENCODER_BATCH_COPIES copies of a batch (uint8 pairs, float32 inputs, float32 outputs, the Arrow table)."""
+    per_row = 2 * int(resolution) ** 2 * 3 * 4 + 2 * int(row_bytes_out)
+    return int(weight_bytes) + ENCODER_BATCH_COPIES * int(batch_rows) * per_row + (256 << 20)
+
+
 def degrade_and_encode(ds, cfg, variants: list[int]):
     """The shared middle of both modes: make_pairs as CPU tasks, then the encoder actor pool."""
+    from jobkit.ray_env import memory_reservation
+    from pipelines.feature_writer import schema_row_bytes
+
     pc = cfg.precompute
     cfg_dict = cfg.to_dict()
+    res, k = int(cfg.data.resolution), len(variants)
+    weights = ENCODER_WEIGHT_BYTES.get(cfg.autoencoder.name, 0) + ENCODER_WEIGHT_BYTES.get(cfg.semantic.name, 0)
+    degrade_mem = memory_reservation(degrade_task_peak_bytes(pc.degrade_batch_size, k, res,
+                                                             cfg.curate.filters.max_pixels))
+    encode_mem = memory_reservation(encoder_peak_bytes(pc.batch_size, res, schema_row_bytes(schema_for_config(cfg)),
+                                                       weights))
     ds = ds.map_batches(make_pairs, fn_kwargs={"cfg_dict": cfg_dict, "variants": list(variants)},
-                        batch_size=pc.degrade_batch_size, batch_format="numpy", num_cpus=pc.num_cpus_per_degrade)
+                        batch_size=pc.degrade_batch_size, batch_format="numpy", num_cpus=pc.num_cpus_per_degrade,
+                        **({"memory": degrade_mem} if degrade_mem else {}))
     return ds.map_batches(Encoder, fn_constructor_kwargs={"cfg_dict": cfg_dict}, batch_size=pc.batch_size,
                           batch_format="numpy", concurrency=pc.encoder_concurrency,
-                          num_gpus=pc.num_gpus_per_encoder or None, num_cpus=pc.num_cpus_per_encoder)
+                          num_gpus=pc.num_gpus_per_encoder or None, num_cpus=pc.num_cpus_per_encoder,
+                          **({"memory": encode_mem} if encode_mem else {}))
 
 
 def strip_helpers(table: pa.Table) -> pa.Table:

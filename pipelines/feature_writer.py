@@ -57,6 +57,14 @@ def shard_uri(out_root: str, name: str) -> str:
     return storage.join(out_root, SHARDS_DIR, name)
 
 
+def shard_files(out_root: str, endpoint_url: str = "") -> list[str]:
+    """The finished feature shards of a precompute output root, sorted: `shards/*.parquet` only. A running or
+    killed precompute leaves part files under `_parts/` (duplicate rows, failed rows, an `error` column): every
+    reader of the features lists through this, never the root recursively. A shard appears only complete (S3:
+    the upload completes on close; local: renamed from a `.tmp-` name, which listings skip)."""
+    return storage.list_files(storage.join(out_root, SHARDS_DIR), ".parquet", endpoint_url)
+
+
 def parts_uri(out_root: str, name: str = "") -> str:
     return storage.join(out_root, PARTS_DIR, stem(name)) if name else storage.join(out_root, PARTS_DIR)
 
@@ -239,6 +247,28 @@ def merge_peak_bound(row_group_rows: int, row_bytes: int, rows: int) -> int:
     are encoded as INT32), the gathered pieces and one part row group being decoded (~1-2), plus the writer's
     1 MiB data pages. Independent of the shard's size."""
     return 256 * rows + 10 * row_group_rows * row_bytes + (8 << 20)
+
+
+# Beyond merge_peak_bound's Arrow bytes, a merge task's RSS holds the keys as Python lists and the parts' footers
+# (per shard row) and the reader's and allocator's buffers (fixed). Measured with
+# benchmarks/bench_memory_reads.py --only merge (164 KiB rows, 64-row groups, shards of 512 / 2,048 / 4,096 rows):
+# RSS peaks 170 / 181 / 184 MiB against merge_peak_bound's 108-109 MiB, i.e. ~62-75 MiB more, growing ~3.8 KB
+# per shard row.
+MERGE_RSS_FIXED_BYTES = 80 << 20
+MERGE_RSS_BYTES_PER_ROW = 4096
+
+
+def merge_task_peak_bytes(row_group_rows: int, row_bytes: int, rows: int) -> int:
+    """Stated peak RSS of one merge task (its Ray `memory`): merge_peak_bound (Arrow) plus the process's own
+    share (MERGE_RSS_FIXED_BYTES + MERGE_RSS_BYTES_PER_ROW per shard row)."""
+    return (merge_peak_bound(row_group_rows, row_bytes, rows) + MERGE_RSS_FIXED_BYTES
+            + MERGE_RSS_BYTES_PER_ROW * int(rows))
+
+
+def write_parts_peak_bytes(batch_rows: int, row_bytes: int) -> int:
+    """One write_parts task: the encoded batch, each source shard's filtered piece and its sorted copy (three
+    copies of the batch at most), plus 8 MiB of writer buffers."""
+    return 3 * int(batch_rows) * int(row_bytes) + (8 << 20)
 
 
 def schema_row_bytes(schema: pa.Schema) -> int:

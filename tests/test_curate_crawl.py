@@ -5,6 +5,7 @@ the crawl-wide domain limiter, stage-1 peak memory for a block of large bodies, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pyarrow as pa
@@ -115,7 +116,8 @@ def test_writer_killed_between_shard_and_stats_never_leaves_an_accepted_stale_sh
     assert shard_files(out) == [shard]
 
     # a changed fingerprint (row 1 now a duplicate); the job is killed at the second of the writer's two writes
-    real = storage.write_bytes_atomic
+    # (the shard is streamed through storage.atomic_output, the stats written with storage.write_bytes_atomic)
+    real, real_stream = storage.write_bytes_atomic, storage.atomic_output
     calls = []
 
     def killed_at_second_write(uri, data, endpoint_url=""):
@@ -124,10 +126,22 @@ def test_writer_killed_between_shard_and_stats_never_leaves_an_accepted_stale_sh
             raise KeyboardInterrupt("killed")
         real(uri, data, endpoint_url)
 
-    monkeypatch.setattr(storage, "write_bytes_atomic", killed_at_second_write)
+    @contextlib.contextmanager
+    def killed_at_second_stream(uri, endpoint_url=""):
+        calls.append(uri)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        with real_stream(uri, endpoint_url) as f:
+            yield f
+
+    def kill_at_second_write(on: bool) -> None:
+        monkeypatch.setattr(storage, "write_bytes_atomic", killed_at_second_write if on else real)
+        monkeypatch.setattr(storage, "atomic_output", killed_at_second_stream if on else real_stream)
+
+    kill_at_second_write(True)
     with pytest.raises(KeyboardInterrupt):
         writer.write_unit_shard(group(dup=True), out, "", "fp-new")
-    monkeypatch.setattr(storage, "write_bytes_atomic", real)
+    kill_at_second_write(False)
     assert calls[0] == shard  # shard first, stats (the commit marker) second
     assert json.loads(storage.read_bytes(writer.shard_uri(out, key, ".stats.json")))["fingerprint"] == "fp-old"
 
@@ -140,11 +154,11 @@ def test_writer_killed_between_shard_and_stats_never_leaves_an_accepted_stale_sh
 
     # a first write killed before its marker: the shard is not listed for readers until committed
     group2 = _ledger_and_group(out, "cd34")
-    monkeypatch.setattr(storage, "write_bytes_atomic", killed_at_second_write)
+    kill_at_second_write(True)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         writer.write_unit_shard(group2(dup=False), out, "", "fp-new")
-    monkeypatch.setattr(storage, "write_bytes_atomic", real)
+    kill_at_second_write(False)
     assert storage.exists(writer.shard_uri(out, "cd34")) and shard_files(out) == [shard]
 
 
@@ -165,39 +179,51 @@ def test_retry_after_pauses_the_whole_domain(photos):
 
 
 def test_domain_limiter_spacing_leases_and_backoff():
+    """One gate actor's answers (DomainLimiter.grant, many permits per call): starts 1/rps apart, (-1, 0) while
+    the domain's leases are all out, a lease given back on the next call frees a permit, Retry-After backoff,
+    and a lease whose holder died expires after lease_s."""
     import asyncio
 
     from pipelines.curation.politeness import DomainLimiter
 
     async def scenario():
         lim = DomainLimiter()
-        delays, leases = [], []
-        for _ in range(3):
-            d, lease = await lim.acquire("a.example", 10.0, 2, 30.0)
-            delays.append(d)
-            leases.append(lease)
-            if len(leases) == 2:
-                break
-        assert delays[0] == 0 and 0.09 < delays[1] <= 0.1  # starts 1/rps apart
-        # a third request waits for a lease (concurrency 2) until one is released
-        waiter = asyncio.ensure_future(lim.acquire("a.example", 10.0, 2, 30.0))
-        await asyncio.sleep(0.05)
-        assert not waiter.done()
-        await lim.release("a.example", leases[0])
-        d3, _ = await asyncio.wait_for(waiter, 1.0)
-        assert 0.1 < d3 <= 0.2
-        # other domains are independent; a backoff pushes the domain's next start out
-        d, _ = await lim.acquire("b.example", 10.0, 2, 30.0)
-        assert d == 0
-        lim.backoff("b.example", 2.0)
-        d, lease = await lim.acquire("b.example", 10.0, 2, 30.0)
+        (d1, l1), (d2, l2), (d3, _), (db, _) = await lim.grant(["a.example"] * 3 + ["b.example"], [], 10.0, 2, 30.0)
+        assert d1 == 0 and 0.09 < d2 <= 0.1 + 1e-9 and d3 == -1  # spaced 1/rps; the third finds both leases out
+        assert db == 0  # other domains are independent, in the same call
+        (d, lease), = await lim.grant(["a.example"], [("a.example", l1)], 10.0, 2, 30.0)
+        assert 0.1 < d <= 0.2 and lease > l2
+        await lim.backoff("b.example", 2.0)
+        (d, _), = await lim.grant(["b.example"], [], 10.0, 2, 30.0)
         assert 1.9 < d <= 2.0
-        # a lease whose holder died expires after lease_s
-        _, _ = await lim.acquire("c.example", 1000.0, 1, 0.1)
-        d, _ = await asyncio.wait_for(lim.acquire("c.example", 1000.0, 1, 0.1), 1.0)
-        assert d < 0.01
+        await lim.grant(["c.example"], [], 1000.0, 1, 0.1)
+        assert (await lim.grant(["c.example"], [], 1000.0, 1, 0.1))[0][0] == -1
+        await asyncio.sleep(0.12)
+        (d, _), = await lim.grant(["c.example"], [], 1000.0, 1, 0.1)
+        assert 0 <= d < 0.01
+        assert (await lim.stats())["granted"] == 7
 
     asyncio.run(scenario())
+
+
+def test_a_block_mostly_of_one_domain_keeps_fetching_the_others(photos):
+    """40 URLs, 90% on one host (127.0.0.1) at 8 requests/s, then 4 on another (localhost), 4 slots: the other
+    host's URLs start at once instead of after the 36 slow ones (round-robin over hosts, at most
+    per_domain_concurrency of one host at a time)."""
+    with http_server(photos[:1]) as site:
+        slow = [site.photo_url(photos[0].name) + f"?i={i}" for i in range(36)]
+        fast = [u.replace("127.0.0.1", "localhost") + "&other=1" for u in slow[:4]]
+        order = []
+        from pipelines.curation.crawl import iter_fetch
+
+        cfg = crawl_cfg(per_domain_rps=8.0, per_domain_concurrency=2, concurrency=4,
+                        allow_hosts=["127.0.0.1", "localhost"])
+        for i, res in iter_fetch(slow + fast, cfg):
+            assert res.reason == "ok", res
+            order.append(i)
+    assert len(order) == 40
+    # the 4 other-host URLs are among the first 12 results (listed last: in list order they would end last)
+    assert max(order.index(36 + k) for k in range(4)) < 12, order
 
 
 # ------------------------------------------------------------------ stage-1 memory

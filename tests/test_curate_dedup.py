@@ -158,10 +158,10 @@ def test_ray_form_finds_the_same_groups(ray_local):
     for x in range(len(h)):
         members.setdefault(root[x], []).append(keys[x])
     want = {keys[x]: min(members[root[x]]) for x in range(len(h)) if keys[x] != min(members[root[x]])}
-    for driver_max in (10**6, 0):  # driver-side scipy and distributed star contraction
+    for local_max in (10**6, 0):  # scipy in one task and distributed star contraction
         refs, info = dedup.find_duplicates(blocks, k, 1000, parts=3, search_tasks=2,
-                                           driver_max_edges=driver_max, log=lambda m: None)
+                                           local_max_edges=local_max, log=lambda m: None)
         got = pa.concat_tables(ray_local.get(refs))
         assert dict(zip(got["a"].to_pylist(), got["b"].to_pylist())) == want
-        assert info["components"] == ("driver" if driver_max else "distributed")
+        assert info["components"] == ("one task" if local_max else "distributed")
         assert info["bucket_overflow"] == {"buckets": 0, "rows": 0}

@@ -5,7 +5,8 @@ The checkpoints are sharded (torch.distributed.checkpoint): each rank wrote and 
 model, the EMA and the AdamW moments into the same checkpoint folder, rank 0 the config, position/RNG state and a
 manifest listing every rank's files. The AdamW step counter of 4 in the final checkpoint shows the resumed run
 continued the saved moments (a run whose optimizer restarted at the resume would count 2); the weights read back
-without a process group (load_checkpoint) and export to the unsharded layout (training/export.py).
+without a process group (load_checkpoint) and export to the unsharded layout (training/export.py). Every block is
+activation-checkpointed (train.activation_checkpointing=1), as a large preset would be under FSDP.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def test_fsdp_checkpoints_sharded_and_resumes_the_optimizer(ray_local, photos, t
         f"train.storage_path={tmp_path / 'ckpt'}", "data.holdout_fraction=0.0", "train.cache_data=true",
         "train.strategy=fsdp", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.steps=4",
         "train.batch_size=4", "train.checkpoint_every=2", "train.log_every=1", "train.val_images=0",
-        "train.fail_at_step=3", "train.max_failures=1", "train.keep_checkpoints=3"])
+        "train.fail_at_step=3", "train.max_failures=1", "train.keep_checkpoints=3",
+        "train.activation_checkpointing=1"])  # every block recomputed in backward (re-gathered by FSDP2)
     make_feature_shards(cfg, photos[:4], tmp_path / "features", rows_per_shard=2)
     summary = run(cfg)
     assert summary["steps"] == 4, summary

@@ -45,7 +45,21 @@ class TrainConfig:
     mix_shards: bool = option(True, "Mix batches: read the feature shards' row groups in a seeded order that "
                               "changes every epoch, each block drawing on many shards, rows spread by variant "
                               "(training/data.py).")
+    read_block_mb: int = option(512, "Target MiB of feature rows one read task holds (a block of mixed row groups, "
+                                "or slices of row groups larger than this): its peak stays under twice this "
+                                "(training/data.py read_task_peak_bound, reserved as the task's Ray memory). "
+                                "Rows go to the trainers in blocks of 1/16 of it.", ge=128)
     tf32: bool = option(True, "Allow TF32 matmuls on GPU (docs/method.md s5: TF32 enabled).")
+    activation_checkpointing: int = option(0, "Activation checkpointing: 0 = none, 1 = every DiT block, k = every "
+                                           "k-th block (blocks 0, k, 2k, ...): their activations are recomputed in "
+                                           "backward instead of kept (same gradients, about one extra forward of "
+                                           "those blocks; `python -m training.memory_plan` prints the memory of "
+                                           "each setting).", ge=0)
+    compile: bool = option(False, "torch.compile each DiT block and the final layer (as the reference does; "
+                           "vosr/model/execution.py); the first steps pay the compile time.")
+    gpu_memory_gib: float = option(0.0, "GPU memory of one worker in GiB that the recipe is planned for (80 for an "
+                                   "80 GB A100/H100): `python -m training.memory_plan` checks one step's planned "
+                                   "peak, with headroom, against it (0 = not declared).", ge=0)
     cache_data: bool = option(False, "Materialise the (small) training set in the object store once, so epochs "
                               "do not re-read the shards; leave off for large feature sets.")
 

@@ -44,6 +44,15 @@ def _id_hash(ids: list[str], seed: int) -> np.ndarray:
                         for i in ids), dtype=np.uint64, count=len(ids))
 
 
+def spread_order(table: pa.Table, seed: int) -> np.ndarray:
+    """The row order of spread_variants (indices into `table`)."""
+    if table.num_rows < 2 or "variant" not in table.column_names:
+        return np.arange(table.num_rows)
+    ids = table.column("id").to_pylist()
+    variant = np.asarray(table.column("variant").to_numpy(zero_copy_only=False), dtype=np.int64)
+    return np.lexsort((_id_hash(ids, seed), variant))
+
+
 def spread_variants(table: pa.Table, seed: int) -> pa.Table:
     """Rows reordered by (variant, seeded hash of the image id): variant 0 of every image in a random order, then
     variant 1, ...; the K variants of an image end up about rows/K apart instead of next to each other (shards are
@@ -51,10 +60,7 @@ def spread_variants(table: pa.Table, seed: int) -> pa.Table:
     from different shards."""
     if table.num_rows < 2 or "variant" not in table.column_names:
         return table
-    ids = table.column("id").to_pylist()
-    variant = np.asarray(table.column("variant").to_numpy(zero_copy_only=False), dtype=np.int64)
-    order = np.lexsort((_id_hash(ids, seed), variant))
-    return table.take(pa.array(order))
+    return table.take(pa.array(spread_order(table, seed)))
 
 
 class _SplitFilter:
@@ -75,30 +81,88 @@ class _SplitFilter:
         return table.filter(pa.array(mask))
 
 
-MIX_GROUP_UNITS = 16  # row groups (of precompute.rows_per_shard rows, 64 by default) from 16 shards per block
+MIX_GROUP_UNITS = 16  # units (row groups, or slices of large ones) from up to 16 shards per block
+# A read task's memory (read_task_peak_bound): it decodes its units in record batches of 1/READ_BATCH_FRACTION of
+# the block target (a Parquet row group of 16-bit fixed-size lists decodes at ~6-8x its Arrow bytes: INT32 pages
+# plus definition and repetition levels per value, so never a whole large row group at once), holds the block's
+# rows (<= the target), then hands out the variant-spread rows as blocks of 1/READ_OUT_FRACTION of the target,
+# each gathered from its source batches (at most READ_OUT_COPIES copies of one output block at once).
+READ_BATCH_FRACTION = 64
+READ_OUT_FRACTION = 16
+READ_OUT_COPIES = 2
+READ_BUFFER_BYTES = 8 << 20  # buffered-stream reads (Ray Data's own Parquet reader uses 8 MiB too)
+# Measured by benchmarks/bench_memory_reads.py --only training-read (peak RSS above the process's RSS before the
+# read task, one task per fresh process, vosr-0.5b / 512 px rows): 157 / 309 / 663 MiB at targets of 128 / 256 /
+# 512 MiB; the decode transient per byte of one record batch and the fixed part below cover them.
+READ_DECODE_FACTOR = 8
+READ_FIXED_BYTES = 64 << 20
 
 
-def _row_group_units(paths: list[str], fs) -> list[tuple[int, int, int]]:
-    """(file index, row group, rows) of every row group of the shards (footers only, 16 at a time)."""
+def read_task_peak_bound(target_bytes: int, block_bytes: int | None = None) -> int:
+    """Stated peak bytes of one training read task for a block target of `target_bytes` (train.read_block_mb)
+    and a block of `block_bytes` (at most the target; default the target): the block's rows, READ_OUT_COPIES
+    copies of one output block (1/READ_OUT_FRACTION of the target), the decode transient of one record batch
+    (READ_DECODE_FACTOR x 1/READ_BATCH_FRACTION of the target) and a fixed part: 1.25 x the target + 64 MiB,
+    under 2x the target for targets of 128 MiB and more. Declared to Ray as the read task's `memory`."""
+    t = int(target_bytes)
+    b = t if block_bytes is None else min(t, int(block_bytes))
+    return (b + READ_OUT_COPIES * (t // READ_OUT_FRACTION) + READ_DECODE_FACTOR * (t // READ_BATCH_FRACTION)
+            + READ_FIXED_BYTES)
+
+
+def feature_row_bytes(schema: pa.Schema) -> int:
+    """In-memory bytes of one feature row (the tensor columns plus a little per other column)."""
+    from pipelines.feature_writer import schema_row_bytes
+
+    return max(1, schema_row_bytes(schema))
+
+
+def read_layout(row_bytes: int, block_bytes: int, group: int = MIX_GROUP_UNITS) -> dict[str, int]:
+    """How a read task cuts its work for rows of `row_bytes` and a block target of `block_bytes`: rows per decoded
+    record batch, the most rows of one unit (a row group larger than that is read as several units, whole batches
+    each), units per block (at most `group`), rows per output block."""
+    batch = max(1, int(block_bytes) // READ_BATCH_FRACTION // row_bytes)
+    unit = max(batch, (int(block_bytes) // row_bytes) // batch * batch)
+    return {"batch_rows": batch, "unit_rows": unit, "out_rows": max(1, int(block_bytes) // READ_OUT_FRACTION
+                                                                     // row_bytes), "block_rows": unit,
+            "group": group}
+
+
+def _row_group_units(paths: list[str], fs) -> tuple[list[tuple[int, int, int]], int, int]:
+    """((file index, row group, rows) of every row group of the shards, in-memory bytes per row, total
+    uncompressed bytes) from the footers only, 16 files at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.parquet as pq
 
-    def groups(p: str) -> list[int]:
+    def groups(p: str) -> tuple[list[int], int, int]:
         with fs.open_input_file(p) as f:
-            md = pq.ParquetFile(f).metadata
-        return [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+            pf = pq.ParquetFile(f)
+            md = pf.metadata
+            rgs = [md.row_group(g) for g in range(md.num_row_groups)]
+            return ([g.num_rows for g in rgs], feature_row_bytes(pf.schema_arrow),
+                    sum(g.total_byte_size for g in rgs))
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         per_file = list(pool.map(groups, paths))
-    return [(i, g, n) for i, rows in enumerate(per_file) for g, n in enumerate(rows)]
+    units = [(i, g, n) for i, (rows, _, _) in enumerate(per_file) for g, n in enumerate(rows)]
+    return units, max((rb for _, rb, _ in per_file), default=1), sum(b for _, _, b in per_file)
+
+
+def split_units(units: list[tuple[int, int, int]], unit_rows: int) -> list[tuple[int, int, int, int]]:
+    """(file, row group, first row, rows): each row group cut into slices of at most `unit_rows` rows."""
+    out = []
+    for f, g, n in units:
+        for start in range(0, max(n, 1), unit_rows):
+            out.append((f, g, start, min(unit_rows, n - start)))
+    return [u for u in out if u[3] > 0]
 
 
 def mixed_unit_groups(unit_files, seed: int, epoch: int, group: int = MIX_GROUP_UNITS) -> list[np.ndarray]:
     """The epoch's read plan over units (row groups) whose shard indices are `unit_files`: each shard's units in
     a seeded random order, dealt round-robin over the shards (also in a seeded order), cut into groups of `group`
-    (one read task, one block each). A block thus holds units of `group` different shards when there are that
-    many, and the order is new every epoch."""
+    (one read task each). A block thus holds units of `group` different shards when there are that many, and
+    the order is new every epoch."""
     from vosr.seeding import derive_seed
 
     files = np.asarray(unit_files, dtype=np.int64)
@@ -114,11 +178,18 @@ def mixed_unit_groups(unit_files, seed: int, epoch: int, group: int = MIX_GROUP_
     return [order[i:i + group] for i in range(0, n, group)]
 
 
-def mixed_shards_datasource(uris: list[str], endpoint: str, seed: int, group: int = MIX_GROUP_UNITS):
-    """A Ray Data datasource over the feature shards' row groups, re-planned at every execution (epoch): a
-    seeded shuffle of (shard, row group) units across all shards, read in tasks of `group` units whose rows are
-    spread by variant (spread_variants). The training counterpart of the reference's resampled shards: every
-    epoch visits every row once, in a new order, and no block holds one source only."""
+def mixed_shards_datasource(uris: list[str], endpoint: str, seed: int, group: int = MIX_GROUP_UNITS,
+                            block_bytes: int = 512 << 20, mix: bool = True):
+    """A Ray Data datasource over the feature shards' row groups, re-planned at every execution (epoch).
+
+    mix: a seeded shuffle of (shard, row group) units across all shards, read in tasks of up to `group` units
+    whose rows are spread by variant (spread_variants) -- the training counterpart of the reference's resampled
+    shards: every epoch visits every row once, in a new order, and no block holds one source only. Without mix:
+    the units in shard order, rows as stored (validation's stable order).
+
+    Memory: a read task holds at most `block_bytes` of rows (units per task = block_bytes / unit bytes, at most
+    `group`; a row group larger than the target is read as slices), decodes in record batches and hands out
+    blocks of 1/READ_OUT_FRACTION of it; its stated peak, read_task_peak_bound(block_bytes), is its Ray memory."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -126,41 +197,51 @@ def mixed_shards_datasource(uris: list[str], endpoint: str, seed: int, group: in
 
     fs, _ = storage.open_fs(uris[0], endpoint)
     paths = [_fs_path(u) for u in uris]
-    units = _row_group_units(paths, fs)
-    size = sum(fs.get_file_info(p).size for p in paths)
+    groups, row_bytes, size = _row_group_units(paths, fs)
+    layout = read_layout(row_bytes, block_bytes, group)
+    units = split_units(groups, layout["unit_rows"])
+    per_task = max(1, min(group, layout["block_rows"] // max(1, max((u[3] for u in units), default=1))))
 
     class MixedShards(Datasource):
         def get_name(self) -> str:
-            return "MixedShards"
+            return "MixedShards" if mix else "FeatureShards"
 
         def estimate_inmemory_data_size(self):
             return size
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             epoch = data_context._execution_idx if data_context is not None else 0
+            plan = (mixed_unit_groups([u[0] for u in units], seed, epoch, per_task) if mix else
+                    [np.arange(i, min(i + per_task, len(units))) for i in range(0, len(units), per_task)])
             tasks = []
-            for grp in mixed_unit_groups([u[0] for u in units], seed, epoch, group):
+            for grp in plan:
                 chosen = [units[int(k)] for k in grp]
-                meta = BlockMetadata(num_rows=sum(u[2] for u in chosen), size_bytes=None, exec_stats=None,
+                rows = sum(u[3] for u in chosen)
+                meta = BlockMetadata(num_rows=rows, size_bytes=rows * row_bytes, exec_stats=None,
                                      input_files=tuple(sorted({uris[u[0]] for u in chosen})))
-                spec = [(paths[u[0]], u[1]) for u in chosen]
-                block_seed = derive_block_seed(seed, epoch, len(tasks))
-                tasks.append(ReadTask(_read_units_fn(spec, uris[0], endpoint, block_seed), meta))
+                spec = [(paths[u[0]], u[1], u[2], u[3]) for u in chosen]
+                block_seed = derive_block_seed(seed, epoch, len(tasks)) if mix else None
+                tasks.append(ReadTask(_read_units_fn(spec, uris[0], endpoint, block_seed, layout), meta))
             return tasks
 
     source = MixedShards()
-    source.num_read_tasks = -(-len(units) // group)
+    source.num_read_tasks = -(-len(units) // per_task)
+    source.layout = layout
+    source.row_bytes = row_bytes
+    # reserve for the largest block the plan makes (small sets: far below the target)
+    source.memory = read_task_peak_bound(block_bytes, per_task * max((u[3] for u in units), default=1) * row_bytes)
     return source
 
 
-def read_mixed_shards(uris: list[str], endpoint: str, seed: int, group: int = MIX_GROUP_UNITS):
-    """The Ray Dataset of mixed_shards_datasource, asking for exactly its read tasks: with fewer tasks than Ray's
-    default minimum of blocks (200), Ray would cut every task's output into many tiny blocks (4 rows each for a
-    4,096-row set, 5x slower to stream; benchmarks/bench_mixing.py)."""
+def read_mixed_shards(uris: list[str], endpoint: str, seed: int, group: int = MIX_GROUP_UNITS,
+                      block_bytes: int = 512 << 20, mix: bool = True):
+    """The Ray Dataset of mixed_shards_datasource, asking for exactly its read tasks (with fewer tasks than Ray's
+    default minimum of blocks, 200, Ray would cut every task's output into many tiny blocks: 4 rows each for a
+    4,096-row set, 5x slower to stream; benchmarks/bench_mixing.py), each reserving its stated peak as memory."""
     import ray.data
 
-    source = mixed_shards_datasource(uris, endpoint, seed, group)
-    return ray.data.read_datasource(source, override_num_blocks=source.num_read_tasks)
+    source = mixed_shards_datasource(uris, endpoint, seed, group, block_bytes, mix)
+    return ray.data.read_datasource(source, override_num_blocks=source.num_read_tasks, memory=source.memory)
 
 
 def derive_block_seed(seed: int, epoch: int, index: int) -> int:
@@ -175,18 +256,62 @@ def _fs_path(uri: str) -> str:
     return storage.open_fs(uri)[1] if not uri.startswith("s3://") else uri[len("s3://"):]
 
 
-def _read_units_fn(spec: list[tuple[str, int]], any_uri: str, endpoint: str, seed: int):
-    def read():
-        import pyarrow.parquet as pq
+def read_units(spec: list[tuple[str, int, int, int]], fs, batch_rows: int) -> list[pa.RecordBatch]:
+    """The rows of units (path, row group, first row, rows) as record batches, decoded `batch_rows` at a time
+    through a buffered stream (never a whole row group: its decode transient is several times its bytes). Unit
+    starts are multiples of batch_rows (split_units), so a kept batch is never a slice of a larger one."""
+    import pyarrow.parquet as pq
 
+    batches = []
+    for path, group, first, rows in spec:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+            pos = 0
+            for b in pf.iter_batches(batch_size=batch_rows, row_groups=[group], use_threads=False):
+                lo, hi = max(first, pos), min(first + rows, pos + b.num_rows)
+                if hi > lo:
+                    batches.append(b if (lo, hi) == (pos, pos + b.num_rows) else b.slice(lo - pos, hi - lo))
+                pos += b.num_rows
+                if pos >= first + rows:
+                    break
+    return batches
+
+
+def gather_rows(batches: list[pa.RecordBatch], rows: np.ndarray) -> pa.Table:
+    """The rows at positions `rows` of the batches taken end to end, in that order, copying only those rows: a
+    take per source batch, one concatenation, then the reorder, each input released before the next copy (at
+    most two copies of the result at once). Arrow's take on the many-chunk block would first concatenate each
+    whole column: a copy of the block."""
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    src = np.searchsorted(starts, rows, side="right") - 1
+    pieces, where = [], []
+    for b in np.unique(src):
+        sel = np.flatnonzero(src == b)
+        pieces.append(batches[b].take(pa.array(rows[sel] - starts[b])))
+        where.append(sel)
+    joined = pa.Table.from_batches(pieces).combine_chunks()
+    del pieces
+    return joined.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
+
+
+def _read_units_fn(spec: list[tuple[str, int, int, int]], any_uri: str, endpoint: str, seed: int | None,
+                   layout: dict[str, int]):
+    def read():
         from vosr import storage
 
         fs, _ = storage.open_fs(any_uri, endpoint)
-        parts = []
-        for path, group in spec:
-            with fs.open_input_file(path) as f:
-                parts.append(pq.ParquetFile(f).read_row_group(group))
-        yield spread_variants(pa.concat_tables(parts), seed)
+        batches = read_units(spec, fs, layout["batch_rows"])
+        step = layout["out_rows"]
+        if seed is None:  # stored order: the batches as they are, regrouped into output blocks
+            table = pa.Table.from_batches(batches)
+            for i in range(0, table.num_rows, step):
+                yield table.slice(i, step)
+            return
+        names = [c for c in ("id", "variant") if c in batches[0].schema.names]
+        keys = pa.Table.from_batches([b.select(names) for b in batches])
+        order = spread_order(keys, seed)
+        for i in range(0, len(order), step):  # blocks of 1/READ_OUT_FRACTION of the target, gathered one by one
+            yield gather_rows(batches, order[i:i + step])
 
     return read
 
@@ -213,32 +338,30 @@ def open_features(cfg: Any, mix: bool = False):
     in-memory tables (small sets: no read tasks, no re-reads per epoch); otherwise Ray Data streams them.
     mix (train.mix_shards, training rows): the shards' row groups in a seeded order, new every epoch, a block
     drawing on many shards (mixed_shards_datasource; cached: mix_tables, planned once)."""
-    import ray.data
-
     tc = cfg.train
     if tc.online:  # reads the curated shards of precompute.input and encodes on the fly
         from pipelines.online import online_dataset, online_metadata
 
         return online_dataset(cfg), {"mode": "online", "metadata": online_metadata(cfg)}
     from pipelines.feature_schema import check_compatible, read_metadata
+    from pipelines.feature_writer import shard_files
     from vosr import storage
 
     meta = read_metadata(tc.features, tc.s3_endpoint_url)
     check_compatible(meta, cfg)
-    files = storage.list_files(tc.features, ".parquet", tc.s3_endpoint_url)
+    files = shard_files(tc.features, tc.s3_endpoint_url)  # shards/ only: never a running precompute's _parts/
     if not files:
-        raise FileNotFoundError(f"no feature shards (*.parquet) under {tc.features}")
-    fs, _ = storage.open_fs(tc.features, tc.s3_endpoint_url)
-    paths = [f[len("s3://"):] if f.startswith("s3://") else f for f in files]
+        raise FileNotFoundError(f"no feature shards (shards/*.parquet) under {tc.features}")
     info = {"mode": "features", "shards": len(files), "metadata": meta}
     if tc.cache_data:
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(p, filesystem=fs) for p in paths]
+        fs, _ = storage.open_fs(tc.features, tc.s3_endpoint_url)
+        tables = [pq.read_table(_fs_path(f), filesystem=fs) for f in files]
         return tables, info
-    if mix:
-        return read_mixed_shards(files, tc.s3_endpoint_url, cfg.run.seed), info
-    return ray.data.read_parquet(paths, filesystem=fs), info
+    # both orders read through the same bounded read tasks (train.read_block_mb); validation's is the stored one
+    return read_mixed_shards(files, tc.s3_endpoint_url, cfg.run.seed, block_bytes=tc.read_block_mb << 20,
+                             mix=mix), info
 
 
 def training_datasets(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:

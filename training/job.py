@@ -281,3 +281,75 @@ def run_job(cfg: Any, job: str, after_fit=None) -> dict[str, Any]:
     summary["stage_s"] = stage_s
     finish(paths, summary, tracking_uri, run_id)
     return summary
+
+
+# --- vosr plan ---------------------------------------------------------------------------------------------------
+# Assumptions and measured constants of the training plan (docs/scale.md explains each).
+
+DRIVER_BASE_BYTES = 2 << 30  # the driver with Ray Train's controller and Ray Data's executor (assumption)
+# Driver bytes per row group of the feature shards while Ray Data plans an epoch (the units, the epoch's order
+# and one ReadTask per block of units; measured: benchmarks/bench_memory_reads.py --only training-plan)
+DRIVER_BYTES_PER_UNIT = 1024
+STATE_BYTES_PER_PARAM = 16  # fp32 weights, EMA and two AdamW moments: one copy on the host at checkpoint time
+# DiT GFLOPs per training sample (benchmarks/flops.py, docs/scale.md s3): fwd+bwd (pretrain) and RCGM distill
+TRAIN_GFLOPS = {("vosr-0.5b", 256): 1138.7, ("vosr-0.5b", 512): 3641.5, ("vosr-1.4b", 256): 3160.5,
+                ("vosr-1.4b", 512): 9815.0}
+DISTILL_GFLOPS = {("vosr-0.5b", 256): 3795.8, ("vosr-0.5b", 512): 12138.5, ("vosr-1.4b", 256): 10535.1,
+                  ("vosr-1.4b", 512): 32717.2}
+PLAN_VARIANTS = 2  # K of the feature set read (configs/cluster/precompute*.yaml)
+
+
+def trainer_host_peak_bytes(cfg: Any, row_bytes: int, params: int, teacher_params: int = 0) -> int:
+    """One training worker's host memory: its shuffle buffer (train.shuffle_buffer rows plus the output block
+    being added, train.read_block_mb / 16), the micro-batch decoded to float32 (3 x the stored 16-bit rows:
+    the Arrow rows and two float copies) and, at checkpoint time, the model state on the host (weights, EMA,
+    two AdamW moments in fp32) plus a frozen teacher's weights."""
+    from training.data import READ_OUT_FRACTION
+    from training.loop import local_micro_batch
+
+    tc = cfg.train
+    micro = local_micro_batch(tc.batch_size, tc.num_workers, tc.grad_accum)
+    buffer = tc.shuffle_buffer * row_bytes + (tc.read_block_mb << 20) // READ_OUT_FRACTION
+    return buffer + 3 * micro * 2 * row_bytes + STATE_BYTES_PER_PARAM * params + 4 * teacher_params + (1 << 30)
+
+
+def plan_stages(cfg: Any, images: int, job: str = "pretrain") -> list:
+    """`vosr plan` entries of a training job (pretrain or distill) reading the features of `images` images."""
+    from jobkit.plan import GPU_EFFECTIVE_FLOPS, Proc, Stage, ceil_div, gib
+    from pipelines.feature_schema import schema_for_config
+    from pipelines.feature_writer import schema_row_bytes
+    from training.data import read_task_peak_bound
+    from vosr.model import count_parameters
+
+    tc = cfg.train
+    row = schema_row_bytes(schema_for_config(cfg))
+    rows = images * PLAN_VARIANTS
+    units = ceil_div(rows, max(1, cfg.precompute.rows_per_shard))
+    driver = DRIVER_BASE_BYTES + DRIVER_BYTES_PER_UNIT * units
+    counts = count_parameters(cfg)
+    params = counts["student_params"] if job == "distill" else counts["dit_params"]
+    teacher = counts["dit_params"] if job == "distill" else 0
+    block = tc.read_block_mb << 20
+    samples = tc.steps * tc.batch_size
+    table = DISTILL_GFLOPS if job == "distill" else TRAIN_GFLOPS
+    gflops = table.get((cfg.preset, int(cfg.data.resolution)))
+    ckpts = ceil_div(tc.steps, tc.checkpoint_every)
+    ckpt_bytes = STATE_BYTES_PER_PARAM * params
+    gpus = 1 if tc.use_gpu else 0
+    return [
+        Stage("open_data", [Proc("driver", driver, f"{DRIVER_BYTES_PER_UNIT} B x {units:,} row groups "
+                                                   f"(rows_per_shard {cfg.precompute.rows_per_shard}) + "
+                                                   f"{gib(DRIVER_BASE_BYTES)} base", "head")],
+              note=f"{rows:,} feature rows (K={PLAN_VARIANTS}) of {gib(row)}"),
+        Stage("read", [Proc("task: read block", read_task_peak_bound(block),
+                            f"read_task_peak_bound(train.read_block_mb {tc.read_block_mb} MiB)", reserved=True)],
+              note=f"{samples / max(1, rows):.2f} epochs"),
+        Stage("fit", [Proc("trainer (host)", trainer_host_peak_bytes(cfg, row, params, teacher),
+                           f"shuffle_buffer {tc.shuffle_buffer} rows + micro-batch + {STATE_BYTES_PER_PARAM} B x "
+                           f"{params / 1e6:,.0f}M params" + (" + teacher" if teacher else ""),
+                           "gpu" if gpus else "cpu", gpus=float(gpus))],
+              written=ckpts * ckpt_bytes,
+              gpu_hours=(samples * gflops * 1e9 / GPU_EFFECTIVE_FLOPS / 3600) if (gflops and gpus) else 0.0,
+              note=(f"{gflops:,.0f} GFLOPs per sample x {samples:,} samples; " if gflops else "")
+              + f"{ckpts:,} checkpoints of {gib(ckpt_bytes)}"),
+    ]

@@ -272,8 +272,22 @@ def _restore_weights(w: Worker) -> None:
         w.init_info = init_from_checkpoint(w.objective, w.model, w.ema, w.tc.init_from)
 
 
+def set_execution(model: nn.Module, tc, teacher: nn.Module | None = None) -> None:
+    """train.activation_checkpointing and train.compile on the trained model (before any DDP/FSDP wrapper, after
+    the EMA copy was taken); a distillation teacher is compiled too (it runs a doubled batch every step)."""
+    from vosr.model.execution import compile_dit, set_activation_checkpointing
+
+    set_activation_checkpointing(model, tc.activation_checkpointing)
+    if tc.compile:
+        compile_dit(model)
+        if teacher is not None:
+            compile_dit(teacher)
+
+
 def _wrap_and_optimiser(w: Worker) -> None:
-    """DDP or FSDP wrapper, AdamW, and the EMA the steps update (under FSDP: local shards, no communication)."""
+    """Checkpointing and compile (set_execution), DDP or FSDP wrapper, AdamW, and the EMA the steps update (under
+    FSDP: local shards, no communication)."""
+    set_execution(w.model, w.tc, getattr(w.objective, "teacher", None))
     w.fsdp = w.tc.strategy == "fsdp" and w.world > 1
     w.wrapped = _wrap(w.model, w.tc.strategy, w.world)
     w.call = ModelCall(w.wrapped, w.model)

@@ -69,12 +69,21 @@ class PretrainObjective:
 class DistillObjective:
     name = "distill"
 
-    def __init__(self, cfg: Any, device: torch.device):
-        from vosr.checkpoint import load_checkpoint
-
+    def __init__(self, cfg: Any, device: torch.device, teacher: nn.Module | None = None):
+        """`teacher`: an already built teacher on `device` (the memory plan's); by default distill_job.teacher is
+        loaded and moved there."""
         self.cfg = cfg
         self.device = device
+        if teacher is None:
+            teacher = self._load_teacher(cfg).to(device)
+        teacher.eval()
+        teacher.requires_grad_(False)  # docs/method.md s7: frozen, eval mode, not wrapped
+        self.teacher = teacher
+
+    @staticmethod
+    def _load_teacher(cfg: Any) -> nn.Module:
         from vosr import storage
+        from vosr.checkpoint import load_checkpoint
 
         folder = cfg.distill_job.teacher
         if not folder or (not storage.is_remote(folder) and not Path(folder).is_dir()):
@@ -84,9 +93,7 @@ class DistillObjective:
                                            endpoint_url=cfg.train.s3_endpoint_url)
         if meta.get("is_student"):
             raise ValueError(f"distill_job.teacher {folder} holds a student; give the multi-step teacher")
-        teacher.to(device).eval()
-        teacher.requires_grad_(False)  # docs/method.md s7: frozen, eval mode, not wrapped
-        self.teacher = teacher
+        return teacher
 
     def build_model(self) -> nn.Module:
         from vosr.distill import student_from_teacher

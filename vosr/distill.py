@@ -146,6 +146,7 @@ def student_from_teacher(teacher_model: nn.Module | dict, cfg) -> nn.Module:
         raise ValueError(f"teacher weights do not fit the student: missing {bad_missing[:5]}, "
                          f"unexpected {list(unexpected)[:5]}")
     if isinstance(teacher_model, nn.Module):
-        p = next(teacher_model.parameters())
-        student = student.to(device=p.device, dtype=p.dtype)
+        p, q = next(teacher_model.parameters()), next(student.parameters())
+        if (p.device, p.dtype) != (q.device, q.dtype):   # moved only when needed (fake tensors cannot move)
+            student = student.to(device=p.device, dtype=p.dtype)
     return student

@@ -6,6 +6,7 @@ comes from the config or from the AWS_ENDPOINT_URL environment variable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -79,6 +80,25 @@ def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str = "") -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_output(uri: str, endpoint_url: str = ""):
+    """An output stream for writing a large file without holding it in memory: written under a temporary name and
+    renamed to `uri` when the block ends without an exception (removed otherwise), so readers never see a
+    partial file (as write_bytes_atomic)."""
+    fs, path = open_fs(uri, endpoint_url)
+    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            yield f
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp)
+        raise
 
 
 def delete(uri: str, endpoint_url: str = "") -> None:

@@ -242,6 +242,10 @@ class Upscaler:
         if self.dtype != torch.float32:
             self.model.to(self.dtype)
             self.semantic.to(self.dtype)
+        if run_cfg.inference.compile:  # dynamic shapes: one graph for every image and tile size
+            from vosr.model.execution import compile_dit
+
+            compile_dit(self.model, dynamic=True)
         self.sample_posterior = bool(ae_cfg.inference_sample_posterior)
         self.factor = int(self.autoencoder.downsample)
         self.patch = int(getattr(model, "patch_size", ckpt_cfg.model.patch_size))

@@ -16,6 +16,7 @@ Every URL ends in exactly one FetchResult whose `reason` is "ok" or a failure co
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import email.utils
 import ipaddress
@@ -373,29 +374,66 @@ class Crawler:
     async def fetch_stream(self, urls: list[str], emit, slots: asyncio.Semaphore) -> None:
         """Fetch every URL, calling emit(index, result) as each ends (completion order). A URL starts only after
         taking one of `slots` (size crawl.concurrency), which the consumer gives back once it has taken the
-        result: at most `concurrency` bodies exist at once, in flight or waiting, whatever the number of URLs."""
+        result: at most `concurrency` bodies exist at once, in flight or waiting, whatever the number of URLs.
+
+        URLs start round-robin over their hosts (list order within a host), at most per_domain_concurrency of
+        one host at a time: the others could only wait for the host's permits while holding slots, so a block
+        whose URLs are mostly one domain keeps fetching the other domains' URLs at their own pace meanwhile."""
         cfg = self.cfg
         connector = aiohttp.TCPConnector(limit=cfg.concurrency, resolver=_GuardedResolver(self.policy),
                                          ttl_dns_cache=300)
+        queues: dict[str, collections.deque] = {}
+        for i, u in enumerate(urls):
+            queues.setdefault(_host_of(u), collections.deque()).append(i)
+        ready = collections.deque(queues)  # hosts with URLs left and room for one more in flight
+        active = dict.fromkeys(queues, 0)
+        per_host = max(1, int(cfg.per_domain_concurrency))
+        wake = asyncio.Event()
+        failed: list[BaseException] = []
 
         async def one(i: int, u: str) -> None:
             try:
                 res = await self.fetch(session, u)
-            except GateUnavailable:
-                raise  # the block's failure, not the URL's: the block runs again (politeness.GateUnavailable)
+            except GateUnavailable as exc:  # the block's failure, not the URL's: the block runs again
+                failed.append(exc)
+                slots.release()  # no result will take it back
+                wake.set()
+                raise
             except Exception as exc:  # noqa: BLE001 - every URL must end in a counted reason
                 res = FetchResult(u, "fetch_error", None, f"{type(exc).__name__}: {str(exc)[:200]}")
             emit(i, res)
+
+        def done(host: str) -> None:
+            active[host] -= 1
+            if queues[host] and active[host] == per_host - 1:
+                ready.append(host)
+            wake.set()
 
         async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": cfg.user_agent},
                                          auto_decompress=True) as session:
             running: set[asyncio.Task] = set()
             try:
-                for i, u in enumerate(urls):
+                left = len(urls)
+                while left:
+                    if failed:
+                        raise failed[0]
+                    if not ready:  # every host with URLs left is at its limit: wait for one to finish
+                        wake.clear()
+                        await wake.wait()
+                        continue
                     await slots.acquire()
-                    task = asyncio.create_task(one(i, u))
+                    if failed:
+                        raise failed[0]
+                    host = ready.popleft()
+                    i = queues[host].popleft()
+                    active[host] += 1
+                    if queues[host] and active[host] < per_host:
+                        ready.append(host)
+                    left -= 1
+                    task = asyncio.create_task(one(i, urls[i]))
                     running.add(task)
                     task.add_done_callback(running.discard)
+                    task.add_done_callback(lambda _, h=host: done(h))
                 while running:
                     await asyncio.gather(*list(running))
             except BaseException:  # the consumer stopped early, or the block failed (GateUnavailable)
@@ -403,6 +441,13 @@ class Crawler:
                     task.cancel()
                 await asyncio.gather(*list(running), return_exceptions=True)
                 raise
+
+
+def _host_of(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 def iter_fetch(urls: list[str], crawl_cfg, shared_gates=None) -> Iterator[tuple[int, FetchResult]]:

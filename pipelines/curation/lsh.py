@@ -231,7 +231,7 @@ def table_pairs(u: np.ndarray, blocks, k: int, cap: int, counts: np.ndarray | No
     return i[ok], j[ok], over_b, over_r
 
 
-def _split_groups(tables, n: int, part_size: int):
+def split_groups(tables, n: int, part_size: int):
     """Group the tables by d key blocks they all contain, d chosen so that splitting the values by those blocks
     leaves parts of about `part_size` values (equal keys imply equal split blocks: the parts are independent,
     and each part's sort stays in cache). Returns [(split blocks, [tables])]."""
@@ -256,6 +256,15 @@ def _split_groups(tables, n: int, part_size: int):
     return out
 
 
+def block_value(u: np.ndarray, blocks) -> np.ndarray:
+    """The bits of the given key blocks of each value, concatenated (int64): equal keys of any table containing
+    these blocks imply equal block values."""
+    part = np.zeros(len(u), np.int64)
+    for shift, width in blocks:
+        part = (part << width) | ((u >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+    return part
+
+
 def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None, tables=None,
                n_plan: int | None = None, part_size: int = 1 << 16):
     """All pairs (i < j) of distinct values u within distance k (exact), over all tables (or the given ones).
@@ -267,11 +276,11 @@ def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None
         tables = plan_tables(k, n if n_plan is None else n_plan)
     found = []
     ob = orow = 0
-    for split, group in _split_groups(tables, n, part_size):
+    for split, group in split_groups(tables, n, part_size):
         if split:
-            part = np.zeros(n, np.int64)
-            for shift, width in split:
-                part = (part << width) | ((u >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+            part = block_value(u, split)
+            if len(part) and part.max() < (1 << 16) - 2:
+                part = part.astype(np.uint16)  # a radix sort
             order = np.argsort(part, kind="stable")
             bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
             uo = u[order]
@@ -291,6 +300,161 @@ def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None
                 orow += r
     pairs = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
     return pairs // max(n, 1), pairs % max(n, 1), {"buckets": ob, "rows": orow}
+
+
+# ---------------------------------------------------------------- spanning forest instead of pair lists
+
+def _find(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Roots of the indices x in the forest `parent` (pointer jumping, vectorised); compresses x's paths."""
+    r = parent[x]
+    while True:
+        rr = parent[r]
+        if np.array_equal(rr, r):
+            break
+        r = rr
+    parent[x] = r
+    return r
+
+
+def union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Merge the sets of each pair (a[i], b[i]) in the forest `parent` (every root is its set's smallest index):
+    hook the larger root under the smaller, repeated for the pairs whose hooks collided."""
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    while len(a):
+        ra, rb = _find(parent, a), _find(parent, b)
+        ne = ra != rb
+        if not ne.any():
+            return
+        lo, hi = np.minimum(ra[ne], rb[ne]), np.maximum(ra[ne], rb[ne])
+        np.minimum.at(parent, hi, lo)
+        a, b = lo, hi
+
+
+def forest_edges(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(member, root) for every index that is not its set's root: a forest with the sets as components."""
+    roots = _find(parent, np.arange(len(parent)))
+    member = np.flatnonzero(roots != np.arange(len(parent)))
+    return member, roots[member]
+
+
+def _settled(cur: np.ndarray, label: np.ndarray, run_start: np.ndarray, run_size: np.ndarray,
+             gid: np.ndarray, li: np.ndarray, parent: np.ndarray) -> np.ndarray:
+    """Mask over the active positions `cur`: True where every member of the position's run of equal keys is
+    already in one set (no later comparison inside that run can join anything)."""
+    runs = np.unique(label[cur])
+    size = run_size[runs]
+    start = run_start[runs]
+    offs = np.cumsum(size) - size
+    pos = np.repeat(start - offs, size) + np.arange(int(size.sum()))
+    roots = _find(parent, gid[li[pos]])
+    one = np.minimum.reduceat(roots, offs) == np.maximum.reduceat(roots, offs)
+    done = np.zeros(len(run_size), bool)
+    done[runs[one]] = True
+    return done[label[cur]]
+
+
+def table_union(u: np.ndarray, blocks, k: int, cap: int, parent: np.ndarray, gid: np.ndarray,
+                counts: np.ndarray | None = None) -> tuple[int, int, int]:
+    """One table over the distinct values u (global indices gid): join in `parent` every pair within distance k
+    that shares the table's key, comparing each value with the next cap - 1 values of its run (hash order), one
+    distance step at a time. Memory O(len(u)) whatever the runs: candidates are verified and merged per step,
+    and a run whose members are all joined already is dropped. Returns (overflow buckets, overflow rows,
+    verified pairs), overflow counted as in table_pairs."""
+    n = len(u)
+    if n < 2:
+        return 0, 0, 0
+    idx_bits = max(1, (n - 1).bit_length())
+    packed = u & table_mask(blocks)
+    packed *= _MIX
+    packed >>= np.uint64(idx_bits)
+    packed <<= np.uint64(idx_bits)
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    li = (packed & np.uint64((1 << idx_bits) - 1)).astype(np.int64)  # value index at each sorted position
+    packed >>= np.uint64(idx_bits)
+    eq = packed[1:] == packed[:-1]  # positions p and p + 1 share the key
+    del packed
+    cur = np.flatnonzero(eq)
+    if not len(cur):
+        return 0, 0, 0
+    # runs of equal keys (two or more members): start position and size
+    is_start = np.ones(len(cur), bool)
+    is_start[1:] = cur[1:] != cur[:-1] + 1
+    run_start = cur[is_start]
+    run_size = np.diff(np.concatenate([np.flatnonzero(is_start), [len(cur)]])) + 1
+    del is_start
+    if counts is None:
+        rows = run_size
+    else:
+        members = np.repeat(run_start, run_size) + (np.arange(int(run_size.sum()))
+                                                    - np.repeat(np.cumsum(run_size) - run_size, run_size))
+        rows = np.add.reduceat(counts[li[members]], np.cumsum(run_size) - run_size)
+        del members
+    over = rows > cap
+    over_b, over_r = int(over.sum()), int(rows[over].sum())
+    label = None  # run number of each sorted position, made the first time a settled check needs it
+    verified = 0
+    last = len(eq) - 1
+    d = 1
+    while len(cur) and d < cap:
+        a, b = li[cur], li[cur + d]
+        ok = popcount(u[a] ^ u[b]) <= k
+        if ok.any():
+            verified += int(ok.sum())
+            union(parent, gid[a[ok]], gid[b[ok]])
+        d += 1
+        nxt = cur + (d - 1)
+        keep = nxt <= last
+        cur = cur[keep]
+        cur = cur[eq[nxt[keep]]]
+        if len(cur) >= 64 and d & (d - 1) == 0 and d >= 4:  # at d = 4, 8, 16, ...
+            if label is None:
+                label = np.zeros(n, np.int64)
+                label[run_start] = 1
+                label = np.cumsum(label) - 1
+            cur = cur[~_settled(cur, label, run_start, run_size, gid, li, parent)]
+    return over_b, over_r, verified
+
+
+def near_forest(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None, tables=None,
+                part_size: int = 1 << 16):
+    """The near-duplicate relation of near_pairs as a spanning forest: edges (i, j) whose connected components
+    are exactly those of all the pairs (i, j) within distance k sharing a key of one of `tables` (under the same
+    max_bucket cut), at most len(u) - 1 of them, in memory O(len(u)) whatever the skew. Dedup needs only those
+    components; the pair list itself can be quadratic in a run of near-copies.
+
+    Returns (i, j, info) with info = {"buckets", "rows"} (the overflow, as near_pairs) and "pairs" (verified
+    pairs merged, counted with repeats across tables)."""
+    u = np.asarray(u, dtype=np.uint64)
+    n = len(u)
+    if tables is None:
+        tables = plan_tables(k, n)
+    parent = np.arange(n, dtype=np.int64)
+    ob = orow = nv = 0
+    for split, group in split_groups(tables, n, part_size):
+        if split:
+            part = block_value(u, split)
+            if len(part) and part.max() < (1 << 16) - 2:
+                part = part.astype(np.uint16)  # a radix sort
+            order = np.argsort(part, kind="stable")
+            bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
+            del part
+            uo = u[order]
+            co = counts[order] if counts is not None else None
+            spans = [(int(bounds[p]), int(bounds[p + 1])) for p in range(len(bounds) - 1)]
+        else:
+            order, uo, co, spans = np.arange(n), u, counts, [(0, n)]
+        for blocks in group:
+            for s, e in spans:
+                if e - s < 2:
+                    continue
+                b, r, v = table_union(uo[s:e], blocks, k, cap, parent, order[s:e],
+                                      None if co is None else co[s:e])
+                ob += b
+                orow += r
+                nv += v
+    i, j = forest_edges(parent)
+    return j, i, {"buckets": ob, "rows": orow, "pairs": nv}
 
 
 def group_identical(hashes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

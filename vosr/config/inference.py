@@ -40,6 +40,9 @@ class InferenceConfig:
                          "student, AdaIN, tiles of 512 px, the reference's random streams and 8-bit conversion) or "
                          "screensr (the same with guidance 0.5 and x1: ScreenSR's LQ is already at HR size). "
                          "docs/method.md s8.", choices=["", *INFERENCE_PRESETS])
+    compile: bool = option(False, "torch.compile the DiT blocks and final layer with dynamic shapes (one graph for "
+                           "every image and tile size; vosr/model/execution.py); the first call pays the compile "
+                           "time.")
     device: str = option("auto", "Device: auto, cpu or cuda.", choices=["auto", "cpu", "cuda"])
     dtype: str = option("fp32", "Precision of the DiT and the semantic encoder (cast) and of the autoencoder (autocast): "
                         "fp32, bf16, or fp16 (CUDA only). The sampler's integration and colour fix stay float32.",

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import (
     CrossAttention,
@@ -110,6 +111,8 @@ class VOSRDiT(nn.Module):
         self.is_student = student
         self.train_grid = int(train_grid)
         self.mlp_hidden = swiglu_hidden(hidden_size, mlp_ratio)
+        # Activation checkpointing: 0 = off, k = recompute blocks 0, k, 2k, ... in backward (vosr/model/execution.py)
+        self.checkpoint_every = 0
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
         # LR latent first, then z_t: in 2C channels, out C (docs/method.md s4 / s10.1)
@@ -228,8 +231,13 @@ class VOSRDiT(nn.Module):
             ctx = self.sem_proj(sem.to(self.sem_proj.fc1.weight.dtype))  # once per forward, shared by all blocks
             ctxs = [ctx] * len(self.blocks)
         rope = self.rope(gh, gw, x.device)
-        for block, ctx_b in zip(self.blocks, ctxs):
-            x = block(x, c0, ctx_b, rope)
+        recompute = self.checkpoint_every > 0 and torch.is_grad_enabled()
+        for i, (block, ctx_b) in enumerate(zip(self.blocks, ctxs)):
+            if recompute and i % self.checkpoint_every == 0:
+                # keeps only the block's inputs; its activations are recomputed in backward (same numbers)
+                x = checkpoint(block, x, c0, ctx_b, rope, use_reentrant=False)
+            else:
+                x = block(x, c0, ctx_b, rope)
         x = self.final_layer(x, c_emb)
         return self.unpatchify(x, gh, gw)
 
