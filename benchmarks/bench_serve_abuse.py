@@ -1,4 +1,4 @@
-"""The endpoint under an abuse mix (issue 15): valid images mixed with oversize bodies (raw and chunked multipart),
+"""The endpoint under an abuse mix: valid images mixed with oversize bodies (raw and chunked multipart),
 non-images, slow bodies and extreme query options, at client concurrency 16, against the real Ray Serve app on
 loopback. Prints per class the status codes and p50/p95 latency, and the p95 of the same valid requests sent
 alone (idle) at the same concurrency, measured in the same run; then, one request at a time on a 2x larger
@@ -11,7 +11,7 @@ Targets: 0 5xx, every valid request answered 200, valid p95 under the mix <= 3x 
 
 Extreme options are the ones an attacker would pick (64 px tiles with half-tile overlap, the largest step count,
 tile=0 on a large image); the server refuses them before work (422/413) or, within serve.max_cost_ratio of the
-defaults, serves them. tests/test_serve.py runs a shorter mix (`run_mix`) against the suite's service.
+defaults, serves them. tests/integration/test_serve.py runs a shorter mix (`run_mix`) against the suite's service.
 """
 
 from __future__ import annotations

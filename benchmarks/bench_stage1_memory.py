@@ -1,5 +1,5 @@
-"""Stage-1 peak memory of one block against its number of rows (issue 13: a 4096-row block of 2 MiB bodies stays
-under a stated peak, whatever rows_per_shard is).
+"""Stage-1 peak memory of one block against its number of rows (target: a 4096-row block of 2 MiB bodies
+stays under a stated peak, whatever rows_per_shard is).
 
     .venv/bin/python benchmarks/bench_stage1_memory.py [--rows 256 1024 4096] [--body-mib 2]
 
@@ -43,7 +43,7 @@ run_unit(plan_units([warm], 100)[0], "warmup", cfg)
 unit, = plan_units([listing], 2 * rows)
 before = rss()
 # reset the high-water mark so the peak is the block's own, not the warm-up's or the imports' (Linux: "5" to
-# clear_refs resets VmHWM, proc(5)), as tests/test_curate_crawl.py does
+# clear_refs resets VmHWM, proc(5)), as tests/unit/test_curate_crawl.py does
 open("/proc/self/clear_refs", "w").write("5")
 res = run_unit(unit, "probe", cfg)
 peak = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) * 1024

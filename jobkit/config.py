@@ -6,8 +6,8 @@ distill, degrade, data, inference) plus the jobs' own, each declared beside its 
     train, distill_job   training/config.py
     serve, eval          inference/config.py
 
-`load_config(path, overrides)` reads a YAML file and `--set section.key=value` overrides into `Config`;
-`vosr config --explain` documents every key.
+`load_config(path, overrides)` reads a YAML file (with the files it extends by `base:`, vosr/config/root.py) and
+`--set section.key=value` overrides into `Config`; `vosr config --explain` documents every key.
 """
 
 from __future__ import annotations

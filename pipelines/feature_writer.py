@@ -1,4 +1,4 @@
-"""Feature shards written inside Ray tasks (issue 13.3): no row byte reaches the driver.
+"""Feature shards written inside Ray tasks: no row byte reaches the driver (docs/scale.md s5).
 
 Two task kinds, both run on the cluster:
 
@@ -39,7 +39,7 @@ SHARDS_DIR = "shards"  # = pipelines.feature_schema.SHARDS_DIR (not imported her
 PARTS_DIR = "_parts"
 # Part files hold row groups of 1/PART_GROUP_DIVISOR of the shard's row group: reading a Parquet row group of
 # fixed-size lists of 16-bit values transiently takes up to ~8x its bytes (uint16 is stored as INT32 and cast back;
-# measured with tests/test_feature_merge.py), so a part row group read costs about one output row group.
+# measured with tests/unit/test_feature_merge.py), so a part row group read costs about one output row group.
 PART_GROUP_DIVISOR = 8
 PART_SUMMARY_SCHEMA = pa.schema([pa.field("shard", pa.string()), pa.field("part", pa.string()),
                                  pa.field("rows", pa.int64())])
@@ -242,7 +242,7 @@ def _gather(part_uris: list[str], metas: list, parts: list[int], rows: list[int]
 def merge_peak_bound(row_group_rows: int, row_bytes: int, rows: int) -> int:
     """Stated peak of Arrow memory in one merge task (bytes), for a shard of `rows` rows of `row_bytes` bytes
     each (in memory) and output row groups of G = `row_group_rows` rows: the keys of all rows (~256 B each),
-    10 G rows of feature bytes and 8 MiB of fixed buffers. Measured ~8 G + 3.3 MiB (tests/test_feature_merge.py,
+    10 G rows of feature bytes and 8 MiB of fixed buffers. Measured ~8 G + 3.3 MiB (tests/unit/test_feature_merge.py,
     16-bit tensors): the row group being written (1), the Parquet writer's pages and buffers (~6: 16-bit values
     are encoded as INT32), the gathered pieces and one part row group being decoded (~1-2), plus the writer's
     1 MiB data pages. Independent of the shard's size."""

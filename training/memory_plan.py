@@ -28,7 +28,7 @@ What a CPU cannot run is modelled so:
   chains and usually need less).
 
 The plan is checked against real CPU steps at small sizes (`measure_cpu_step`: the CPU allocator's own allocation
-and free events, recorded by torch.profiler) by tests/test_memory_plan.py and benchmarks/bench_memory_plan.py.
+and free events, recorded by torch.profiler) by tests/unit/test_memory_plan.py and benchmarks/bench_memory_plan.py.
 This module imports neither Ray nor MLflow (the GPU benchmark scripts use it).
 """
 

@@ -114,7 +114,7 @@ class GateUnavailable(RuntimeError):
     Not a property of the URL: the block fails and Ray runs it again (curate._run_blocks retries this exception),
     rather than recording every URL waiting on the gate as a fetch error. Seen when a worker node is lost: its
     dying block tasks' gate calls failed and, before this, 6 of 9 URLs of a block were written off as
-    `fetch_error` (tests/test_multinode.py, CI run of 2026-12-01)."""
+    `fetch_error` (tests/e2e/test_multinode.py, CI run of 2026-12-01)."""
 
 
 # A request that found its domain's leases all out asks again after this long (or sooner, when a lease expires).
@@ -240,7 +240,7 @@ class SharedGates:
 def start_gates(crawl_cfg) -> SharedGates:
     """Start the crawl's gate actors (no CPU reserved: they only keep time); they end with the driver or with
     stop_gates. They live on the driver's node: a worker node lost mid-crawl would otherwise take them along and
-    every fetch waiting on them would fail (found by tests/test_multinode.py); the driver's node outlives the job."""
+    every fetch waiting on them would fail (found by tests/e2e/test_multinode.py); the driver's node outlives the job."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
