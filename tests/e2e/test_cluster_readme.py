@@ -18,7 +18,8 @@ over as when pasted. What the test changes, and only this:
 - ports and addresses: 6379, 8265 and 8000 become free ports, 0.0.0.0 becomes 127.0.0.1, and `ray start` gets
   `--node-ip-address 127.0.0.1`, 2 CPUs (head; none on the worker), a capped object store, free ports for the
   dashboard agent (Ray's fixed default 52365 is held by any other Ray on the machine) and the client server, and
-  its own `--temp-dir` (head), so nothing here touches another Ray on this machine;
+  a `--temp-dir` of its own for each node, so nothing here touches another Ray on this machine and each node keeps
+  its own logs as on two machines (with one folder, both nodes' log monitors would send every line twice);
 - `lr.png` / `lr_x4.png` of the curl line become a small request image and an answer path in the test's folder.
 
 The shell runs with its own HOME (so `ray get-auth-token --generate` writes a token of its own, not
@@ -299,13 +300,15 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
     ports = {"gcs": free_port(), "dashboard": free_port(), "serve": free_port()}
     # Ray's socket paths under --temp-dir must stay under 107 bytes: pytest's tmp_path is too deep
     temp_dir = Path(tempfile.mkdtemp(prefix="vosr-ray-", dir="/tmp"))
+    worker_temp_dir = Path(tempfile.mkdtemp(prefix="vosr-ray-w-", dir="/tmp"))
     home = tmp_path / "home"
     home.mkdir()
     common = ["--node-ip-address 127.0.0.1", f"--object-store-memory {200 * 2**20}"]
     extra = {"head": [*common, "--num-cpus 2", f"--temp-dir {temp_dir}", f"--ray-client-server-port {free_port()}",
                       f"--dashboard-agent-listen-port {free_port()}"],
              # the worker joins without CPUs: the machine has 2 cores, all given to the head as in the other tests
-             "worker": [*common, "--num-cpus 0", f"--dashboard-agent-listen-port {free_port()}"]}
+             "worker": [*common, "--num-cpus 0", f"--temp-dir {worker_temp_dir}",
+                        f"--dashboard-agent-listen-port {free_port()}"]}
 
     mlflow_port = free_port()
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
@@ -451,8 +454,9 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
         _stop_group(mlflow_proc)
         if ended:
             shutil.rmtree(temp_dir, ignore_errors=True)
+            shutil.rmtree(worker_temp_dir, ignore_errors=True)
         else:
-            print(f"Ray's logs are kept in {temp_dir}")
+            print(f"Ray's logs are kept in {temp_dir} and {worker_temp_dir}")
         print("seconds per command:", json.dumps({k: round(v, 1) for k, v in timings.items()}))
 
     # the demo put the held-out photos and its evaluation on S3, nothing of it locally

@@ -30,10 +30,10 @@ for flag in ("1", ""):
     assert init_ray(config_from_dict({})) is False  # joined RAY_ADDRESS: started nothing
 
     @ray.remote(num_cpus=0)
-    def level():
-        return logging.getLogger(sys.argv[1]).getEffectiveLevel()
+    def level(name):
+        return logging.getLogger(name).getEffectiveLevel()
 
-    levels[flag or "unset"] = ray.get(level.remote())
+    levels[flag or "unset"] = ray.get(level.remote(sys.argv[1]))
     ray.shutdown()
 print(json.dumps(levels))
 """
