@@ -10,10 +10,10 @@ The tiers are folders; each test gets the marker of its folder here (pytest -m u
 
 `make test-fast` runs unit + integration, `make test` (CI) all three. A test file outside these folders is an error.
 
-Ray: one capped local Ray for the whole session (`ray_local`), started when a test first asks for it. A test that
-needs a Ray of its own (a multi-node cluster, Ray's own start-up) is marked `own_ray` and shuts the shared one down;
-it runs after the other tests of its tier, and a test after it that asks for `ray_local` gets a fresh one. Never
-`ray stop`.
+Ray: one capped local Ray for the whole session (`ray_local`), started when a test first asks for it; each test
+module joins it as a Ray job of its own (SharedRay). A test that needs a Ray of its own (a multi-node cluster, Ray's
+own start-up) is marked `own_ray`: it disconnects from the shared one and runs after the other tests of its tier.
+Never `ray stop`.
 """
 
 from __future__ import annotations
@@ -95,46 +95,60 @@ def photos() -> list[Path]:
 
 
 class SharedRay:
-    """The session's local Ray: 2 CPUs, a capped object store, workers that import this checkout and hold the moto
-    server's test credentials (tests/helpers/s3_fixture.py: any moto server accepts them, so the workers reach
-    whichever one a test starts, also one started after this Ray)."""
+    """The session's local Ray: one head node (2 CPUs, a capped object store, no dashboard) started once, which each
+    test module joins as a Ray job of its own (`ray.init(address=...)`, a few seconds instead of a new Ray). A job's
+    worker processes end with it, so what a module's tasks leave in their processes (MLflow's URIs and experiment,
+    environment variables, imported state) never reaches the next module's tasks, as with a Ray per module. The jobs
+    run with the quiet hook of jobkit.ray_env (as every dashboard-less local Ray of the project), workers that import
+    this checkout and the moto server's test credentials (tests/helpers/s3_fixture.py: any moto server accepts them,
+    so the workers reach whichever one a test starts, also one started after the head)."""
 
     def __init__(self) -> None:
-        self.node_id: str | None = None
-        self.in_use = False  # the session fixture was set up: every later test asking for it gets it running
+        self.cluster = None
+        self.module: Path | None = None  # the test module whose job the driver is connected as
         self.last_user: str | None = None  # the pytest node id of the last test that uses it (set at collection)
-        self.starts = 0
+        self.starts = self.jobs = 0
 
-    def alive(self) -> bool:
+    def connected(self) -> bool:
         import ray
 
-        if self.node_id is None or not ray.is_initialized():
-            return False
-        return ray.get_runtime_context().get_node_id() == self.node_id
+        return (self.cluster is not None and ray.is_initialized()
+                and ray.get_runtime_context().gcs_address == self.cluster.address)
 
-    def ensure(self):
-        """The running shared Ray; started (again) when it is not: never started, shut down by a test, or replaced
-        by another Ray a test started in this process."""
+    def ensure(self, module: Path | None = None):
+        """The shared Ray, connected as `module`'s job: the head is started when there is none (or it died), and
+        the driver joins it again when it is not connected (a test shut it down, or started a Ray of its own) or
+        connected as another module's job."""
         import ray
+        from ray.cluster_utils import Cluster
 
-        if self.alive():
+        from jobkit.ray_env import local_runtime_env
+
+        if self.cluster is None or not self.cluster.remaining_processes_alive():
+            if ray.is_initialized():
+                ray.shutdown()
+            self.cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 2, "object_store_memory": 300 * 2**20, "include_dashboard": False})
+            self.module = None
+            self.starts += 1
+        if self.connected() and (module is None or module == self.module):
             return ray
         if ray.is_initialized():
             ray.shutdown()
-        from jobkit.ray_env import start_local_ray
-
-        start_local_ray({"PYTHONPATH": str(ROOT), **S3_TEST_ENV}, num_cpus=2,
-                        object_store_memory=300 * 2**20)  # quiet workers
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.starts += 1
+        ray.init(address=self.cluster.address,
+                 runtime_env=local_runtime_env({"PYTHONPATH": str(ROOT), **S3_TEST_ENV}))
+        self.module = module
+        self.jobs += 1
         return ray
 
     def stop(self) -> None:
         import ray
 
-        if self.alive():
+        if self.connected():
             ray.shutdown()
-        self.node_id = None
+        if self.cluster is not None:
+            self.cluster.shutdown()
+        self.cluster = self.module = None
 
 
 SHARED_RAY = SharedRay()
@@ -142,18 +156,18 @@ SHARED_RAY = SharedRay()
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """The session's shared local Ray (SharedRay); module- and session-scoped fixtures may use it."""
-    SHARED_RAY.in_use = True
+    """The session's shared local Ray (SharedRay), connected as the running test module's job; module- and
+    session-scoped fixtures may use it."""
     yield SHARED_RAY.ensure()
     SHARED_RAY.stop()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """Before any fixture of a test that uses `ray_local`: the shared Ray runs (a test before it may have shut it
-    down to start a Ray of its own)."""
-    if SHARED_RAY.in_use and "ray_local" in item.fixturenames:
-        SHARED_RAY.ensure()
+    """Before any fixture of a test that uses `ray_local` (its module's fixtures included): the shared Ray runs and
+    the driver is connected to it as this module's job."""
+    if "ray_local" in item.fixturenames:
+        SHARED_RAY.ensure(Path(item.path))
 
 
 @pytest.hookimpl(hookwrapper=True)
