@@ -585,7 +585,7 @@ def plan_stages(cfg, images: int) -> list:
     metrics; its result lists grow by a few numbers per image, whatever the corpus (images of the benchmark
     folder, not of the training corpus)."""
     from jobkit.plan import Proc, Stage, gib
-    from pipelines.feature_stages import ENCODER_WEIGHT_BYTES
+    from pipelines.features.stages import ENCODER_WEIGHT_BYTES
     from vosr.model import count_parameters
 
     counts = count_parameters(cfg)

@@ -6,7 +6,7 @@
 For each stage of the job: the stated peak memory of the driver and of each task / actor kind, the storage
 bytes the stage writes, and its CPU- and GPU-hours. Every number comes from the module that owns the stage: each
 job module has `plan_stages(cfg, images) -> list[Stage]`, built from the same bound functions its code passes to
-Ray as `memory=` (e.g. pipelines/feature_writer.merge_peak_bound, training/data.read_task_peak_bound) and from
+Ray as `memory=` (e.g. pipelines/features/writer.merge_peak_bound, training/data.read_task_peak_bound) and from
 constants measured by the benchmarks (named next to each constant). docs/scale.md explains every line.
 
 The nodes come from the config (run.head_memory_gb / run.worker_memory_gb / run.gpu_worker_memory_gb, when
@@ -34,7 +34,7 @@ GiB = 2**30
 GPU_EFFECTIVE_FLOPS = 0.4 * 989e12
 
 # job -> module with plan_stages(cfg, images)
-JOB_PLANS = {"curate": "pipelines.curate", "precompute": "pipelines.precompute", "pretrain": "training.job",
+JOB_PLANS = {"curate": "pipelines.curate", "precompute": "pipelines.features.job", "pretrain": "training.job",
              "distill": "training.job", "evaluate": "inference.evaluate", "serve": "inference.serve.plan"}
 # a config's job, from the sections its file sets (first match)
 JOB_BY_SECTION = (("curate", "curate"), ("precompute", "precompute"), ("distill_job", "distill"),

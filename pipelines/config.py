@@ -192,7 +192,7 @@ class PrecomputeConfig:
     num_cpus_per_degrade: float = option(1.0, "CPUs per decode+crop+degrade task.", gt=0)
     rows_per_shard: int = option(64, "Rows per Parquet row group of a feature shard (not rows per shard: one "
                                  "feature shard per curated shard keeps resumption deterministic). The unit of "
-                                 "memory downstream: a merge task holds ~10 row groups (feature_writer."
+                                 "memory downstream: a merge task holds ~10 row groups (features.writer."
                                  "merge_peak_bound: ~1 GiB at 64 rows of 1.56 MiB, vosr-0.5b / 512 px) and "
                                  "training reads mix row groups of many shards per block (train.read_block_mb).",
                                  ge=1)

@@ -1,4 +1,4 @@
-"""The streaming shard merge (pipelines/feature_writer.merge_parts): same bytes as the in-memory assembly, and a
+"""The streaming shard merge (pipelines/features/writer.merge_parts): same bytes as the in-memory assembly, and a
 peak bounded by a few output row groups whatever the shard's size (issue 13: merge-task memory at real presets)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import feature_writer as fw
+from pipelines.features import writer as fw
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FLOATS = 32 * 1024  # 64 KiB of float16 per row: the feature bytes dominate, as at the real presets
@@ -60,7 +60,7 @@ def test_streamed_merge_equals_in_memory_assembly_and_stays_under_its_bound(tmp_
     assert shard_bytes > 4 * bound  # the shard is much larger than the bound: holding it would fail below
 
     # the merge in a fresh process: its Arrow pool's lifetime peak is the merge's own
-    code = ("import json, sys; import pyarrow as pa; from pipelines import feature_writer as fw; "
+    code = ("import json, sys; import pyarrow as pa; from pipelines.features import writer as fw; "
             "from tests.test_feature_merge import _schema; a = json.loads(sys.argv[1]); a[0]['schema'] = _schema(); "
             "s = fw.finalize_shard(*a); print(json.dumps([s, pa.default_memory_pool().max_memory()]))")
     plain = {k: v for k, v in settings.items() if k != "schema"}

@@ -12,7 +12,7 @@ from vosr.config import option
 class TrainConfig:
     features: str = option("outputs/features", "Feature shards to train on (unused when train.online).")
     online: bool = option(False, "Degrade and encode the curated shards of precompute.input inside the data "
-                          "pipeline (pipelines/online.py) instead of reading feature shards.")
+                          "pipeline (pipelines/features/online.py) instead of reading feature shards.")
     storage_path: str = option("outputs/checkpoints", "Ray Train RunConfig storage (folder or s3://).")
     steps: int = option(200, "Optimiser steps (paper: 400K per stage).", ge=1)
     batch_size: int = option(8, "Global batch size (split across workers; paper: 256 at 512 px).", ge=1)

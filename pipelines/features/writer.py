@@ -1,4 +1,4 @@
-"""Feature shards written inside Ray tasks (issue 13.3): no row byte reaches the driver.
+"""Feature shards written inside Ray tasks: no row byte reaches the driver.
 
 Two task kinds, both run on the cluster:
 
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from vosr import storage
 
-SHARDS_DIR = "shards"  # = pipelines.feature_schema.SHARDS_DIR (not imported here: that module imports torch)
+SHARDS_DIR = "shards"  # = pipelines.features.schema.SHARDS_DIR (not imported here: that module imports torch)
 PARTS_DIR = "_parts"
 # Part files hold row groups of 1/PART_GROUP_DIVISOR of the shard's row group: reading a Parquet row group of
 # fixed-size lists of 16-bit values transiently takes up to ~8x its bytes (uint16 is stored as INT32 and cast back;
@@ -115,7 +115,7 @@ def count_kept(files: list[str], endpoint_url: str = "") -> dict[str, int]:
 
 def writer_settings(cfg) -> dict:
     """What the writing tasks need from the config, as plain values (plus the shard schema)."""
-    from pipelines.feature_schema import schema_for_config
+    from pipelines.features.schema import schema_for_config
 
     pc_ = cfg.precompute
     # Dictionary pages only where values repeat: ids/params, and the pixel codec's 8-bit-level latents. On dense
