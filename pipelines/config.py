@@ -1,11 +1,13 @@
 """The data jobs' configuration sections: `curate` (pipelines/curate.py: crawl, filter, dedupe, balance) and
-`precompute` (pipelines/precompute.py). Job settings live beside their jobs; jobkit/config.py puts every section
-under one root with the method's sections (vosr/config)."""
+`precompute` (pipelines/precompute.py). Job settings live beside their jobs, each section registered with
+@config_section (jobkit/jobs.py); jobkit/config.py puts every registered section under one root with the method's
+sections (vosr/config)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobkit.jobs import config_section
 from vosr.config import option
 
 
@@ -127,6 +129,7 @@ class ColumnsConfig:
                                  "null there. Strings are cut at 4,096 characters.")
 
 
+@config_section("curate", "Curation job (pipelines/curate.py).")
 @dataclass
 class CurateConfig:
     sources: list[str] = option([], "Inputs, any mix of: URL lists (.txt one URL per line with an optional TAB and "
@@ -174,6 +177,7 @@ class CurateConfig:
                                 "failures are final.")
 
 
+@config_section("precompute", "Feature precompute job (pipelines/precompute.py).")
 @dataclass
 class PrecomputeConfig:
     input: str = option("outputs/curated", "Curated output root (folder or s3:// prefix) whose shards/ are read.")

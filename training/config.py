@@ -1,13 +1,16 @@
 """The training jobs' configuration sections: `train` (training/pretrain.py, training/distill.py) and
-`distill_job` (the distillation job's own keys). jobkit/config.py puts them under the one root."""
+`distill_job` (the distillation job's own keys), registered with @config_section (jobkit/jobs.py); jobkit/config.py
+puts them under the one root."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobkit.jobs import config_section
 from vosr.config import option
 
 
+@config_section("train", "Training jobs (training/pretrain.py, training/distill.py).")
 @dataclass
 class TrainConfig:
     features: str = option("outputs/features", "Feature shards to train on (unused when train.online).")
@@ -64,6 +67,7 @@ class TrainConfig:
                               "do not re-read the shards; leave off for large feature sets.")
 
 
+@config_section("distill_job", "Distillation job specifics.")
 @dataclass
 class DistillTrainConfig:
     teacher: str = option("", "Teacher checkpoint folder (its EMA weights are used).")
