@@ -33,7 +33,6 @@ from typing import Any
 
 from vosr.imageio import IMAGE_SUFFIXES  # the one list of decoded formats
 
-ROOT = Path(__file__).resolve().parents[1]
 # Table 1 column order of the paper: (column title, metric key, higher is better, full-reference)
 TABLE_COLUMNS = [
     ("PSNR↑", "psnr", True), ("SSIM↑", "ssim", True), ("LPIPS↓", "lpips", False),

@@ -14,7 +14,7 @@ import importlib
 import json
 import sys
 
-from jobkit.jobs import JOBS
+from jobkit.jobs import JOBS, chain, submitted
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -61,8 +61,20 @@ def run_job(name: str, rest: list[str]) -> int:
         sys.argv[0] = prog
 
 
+def chain_on_a_cluster() -> str:
+    """The main chain as it runs on a cluster (README.md "On a cluster" adds the addresses and the --set lines)."""
+    lines = ["the main chain on a cluster, in order (`vosr demo` runs it on this machine with configs/demo/):"]
+    for job in chain():
+        if job in submitted():
+            run = f"ray job submit --working-dir . -- python {job.script} --config {job.cluster_config}"
+        else:  # the endpoint: a Ray Serve application (the app object of its module)
+            run = f"VOSR_CONFIG={job.cluster_config} serve run --working-dir . {job.module}:app"
+        lines.append(f"  {job.name:<11} {run}")
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vosr", description=__doc__,
+    p = argparse.ArgumentParser(prog="vosr", description=__doc__, epilog=chain_on_a_cluster(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="<command>")
     c = sub.add_parser("config", help="print the resolved config, or --explain every key")

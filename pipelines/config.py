@@ -147,7 +147,6 @@ class CurateConfig:
     output: str = option("outputs/curated", "Output folder or s3:// prefix for the curated Parquet shards.")
     rows_per_shard: int = option(256, "Rows per input block = per output shard (a tar shard is one block whatever "
                                  "its size).", ge=1)
-    num_shards_hint: int = option(0, "Input partitioning hint (0 = automatic).", ge=0)
     crawl: CrawlConfig = option(CrawlConfig(), "HTTP crawl.")
     filters: FilterConfig = option(FilterConfig(), "Quality filters.")
     dedup: DedupConfig = option(DedupConfig(), "Exact and perceptual dedup.")

@@ -88,7 +88,7 @@ def test_exit_codes_usage_2_runtime_1_with_one_error_line_and_traceback_only_wit
         precompute([*base, "--debug"])
 
 
-def test_the_job_table_names_modules_scripts_configs_and_sections_that_exist():
+def test_the_job_table_names_modules_scripts_configs_and_sections_that_exist(capsys):
     """jobkit/jobs.py is the one table of jobs: every module has a main, every submitted job's script and every
     chain stage's demo and cluster configs exist, every section a job reads is a section of the root config, and
     a config file's sections name its job."""
@@ -111,6 +111,11 @@ def test_the_job_table_names_modules_scripts_configs_and_sections_that_exist():
         assert set(job.sections) <= fields, job
         for path in (job.demo_config, job.cluster_config):
             assert job_for_sections(read_yaml(ROOT / path)) is job, path
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "python pipelines/precompute.py --config configs/cluster/precompute.yaml" in out
+    assert "VOSR_CONFIG=configs/cluster/serve.yaml serve run --working-dir . inference.serve:app" in out
 
 
 def test_the_registries_fail_on_an_unknown_name_listing_the_known_ones():

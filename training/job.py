@@ -21,7 +21,6 @@ from typing import Any
 
 from vosr import storage
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_INFO = "_vosr_run.json"
 SUMMARY = "summary.json"
 
