@@ -1,17 +1,17 @@
-"""Rank-0 peak memory during an FSDP checkpoint: the old full gather vs the sharded DCP checkpoint (issue 16 item 4).
+"""Rank-0 peak memory during an FSDP checkpoint: a full gather to rank 0 vs the sharded DCP checkpoint.
 
 Two CPU processes over gloo (no Ray) shard a mid-size DiT with FSDP2 exactly as the training loop does
 (training/fsdp.shard, AdamW with its moments initialised, ShardedEMA plus the loop's full EMA module), then write
 one checkpoint the way each path of training/loop.py writes it:
 
   old: ShardedEMA.gather_into + fsdp.full_state (model and name-keyed optimizer gathered to rank 0, CPU) and
-       rank 0 writing model/EMA safetensors and the full optimizer state (the loop before this change);
+       rank 0 writing model/EMA safetensors and the full optimizer state (a full-state checkpoint);
   new: fsdp.save_sharded (every rank writes its own shards, torch.distributed.checkpoint) and rank 0 adding
        config.json, position/RNG and the manifest of every rank's files (training/loop._checkpoint_sharded,
        minus the Ray upload).
 
 Each path runs in a fresh pair of processes. Rank 0 resets its peak RSS (/proc/self/clear_refs "5" resets
-VmHWM), checkpoints, and reads VmHWM: growth = VmHWM - VmRSS before. The target (issue 16): rank-0 peak during a
+VmHWM), checkpoints, and reads VmHWM: growth = VmHWM - VmRSS before. The target: rank-0 peak during a
 checkpoint at most full_state / world + one shard's buffer, i.e. growth <= (largest per-rank tensor shard),
 given that rank 0 already holds its 1/world of the state. Printed: full state bytes, per-rank shard bytes, the
 growth of each path, and growth / target (<= 1 meets it).

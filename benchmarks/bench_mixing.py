@@ -1,4 +1,4 @@
-"""Batch mixing of the training loader (issue 16): 16 feature-like shards, one source each, written sorted by
+"""Batch mixing of the training loader (docs/mixing.md): 16 feature-like shards, one source each, written sorted by
 (id, variant) with row groups of 64 rows, as precompute writes them; read into batches of 16 the old way (shards in
 file order, Ray's 64-row local shuffle buffer) and the mixed way (training/data.py: seeded per-epoch row-group
 order across shards, blocks spread by variant, then epoch_batches / spread_batches with a 2000-sample buffer that

@@ -1,4 +1,4 @@
-"""Per-domain politeness across parallel stage-1 blocks (issue 13 target: hits per second on one domain with 4
+"""Per-domain politeness across parallel stage-1 blocks (target: hits per second on one domain with 4
 blocks in parallel at most 1.1x crawl.per_domain_rps).
 
     .venv/bin/python benchmarks/bench_politeness.py [--blocks 4] [--urls-per-block 20] [--rps 10]

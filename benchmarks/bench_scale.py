@@ -10,7 +10,7 @@ sharing one pHash; clusters of 100 near-copies (1..k bits from their original) h
   - Ray (2 CPUs): the curate job's stage 2 dedup (`curate.stage_dedup` on the rows read from parquet ledgers,
     decisions materialized);
 each printing seconds, planted pairs found / planted, driver peak RSS (each run in its own process), and the
-growth exponent log(t2/t1)/log(n2/n1) between consecutive sizes. Targets (issue 13): one process, k = 6 and 8,
+growth exponent log(t2/t1)/log(n2/n1) between consecutive sizes. Targets (docs/scale.md): one process, k = 6 and 8,
 time(4M)/time(1M) <= 4.8 with every planted pair found; Ray at 1M <= 5x the one-process time.
 """
 
@@ -247,10 +247,6 @@ def bench_dedup_scale(sizes: list[int], ray_sizes: list[int], ks: list[int], see
     return ok
 
 
-# ============================================================================ precompute
-# (bench_precompute_scale functions go here: the precompute part of issue 13 item 7, added separately)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["dedup", "precompute"], default=None,
@@ -284,7 +280,7 @@ def main() -> int:
     if args.only in (None, "dedup"):
         ok &= bench_dedup_scale(args.sizes, ray_sizes, args.k, args.seed, args.cap, args.object_store_mib)
     if args.only == "precompute":
-        print("precompute section: not in this file yet")
+        print("precompute at growing sizes: benchmarks/bench_scale_precompute.py")
     return 0 if ok else 1
 
 

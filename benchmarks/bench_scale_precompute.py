@@ -1,9 +1,9 @@
-"""Precompute at growing sizes (issue 13.7, precompute part): driver peak RSS and seconds per size.
+"""Precompute at growing sizes: driver peak RSS and seconds per size (docs/scale.md s5).
 
     .venv/bin/python benchmarks/bench_scale_precompute.py [--sizes 2000 6000 20000] [--variants 1]
         [--degrade bicubic] [--per-shard 500] [--cpus 2] [--compare-root /work/main]
 
-Target (issue 13): the driver's peak RSS stays flat (within 10%) from 2k to 20k rows, because no row byte reaches
+Target: the driver's peak RSS stays flat (within 10%) from 2k to 20k rows, because no row byte reaches
 the driver (pipelines/features/writer.py). Each size runs the real job (`pipelines.features.job.run`, tiny preset,
 local Ray with --cpus CPUs) in a fresh child process that samples its own RSS (/proc/self/status, every 20 ms)
 from just before the run to its end; Ray's start-up is outside the timer. Input: synthetic curated shards of

@@ -1,4 +1,4 @@
-"""The endpoint under an abuse mix (issue 15): valid images mixed with oversize bodies (raw and chunked multipart),
+"""The endpoint under an abuse mix: valid images mixed with oversize bodies (raw and chunked multipart),
 non-images, slow bodies and extreme query options, at client concurrency 16, against the real Ray Serve app on
 loopback. Prints per class the status codes and p50/p95 latency, and the p95 of the same valid requests sent
 alone (idle) at the same concurrency, measured in the same run; then, one request at a time on a 2x larger

@@ -1,5 +1,5 @@
-"""Stage-1 peak memory of one block against its number of rows (issue 13: a 4096-row block of 2 MiB bodies stays
-under a stated peak, whatever rows_per_shard is).
+"""Stage-1 peak memory of one block against its number of rows (target: a 4096-row block of 2 MiB bodies
+stays under a stated peak, whatever rows_per_shard is).
 
     .venv/bin/python benchmarks/bench_stage1_memory.py [--rows 256 1024 4096] [--body-mib 2]
 

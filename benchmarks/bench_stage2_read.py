@@ -1,4 +1,4 @@
-"""Curation stage 2's Ray Data reads and their row filters, at growing sizes (issue 18: the library's filter and
+"""Curation stage 2's Ray Data reads and their row filters, at growing sizes (the library's filter and
 aggregate in place of hand-written batch functions, measured with the code as it stands).
 
     flock /tmp/vosr-heavy.lock .venv/bin/python benchmarks/bench_stage2_read.py [--sizes 100000 400000] [--repeats 2]

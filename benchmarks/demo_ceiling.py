@@ -1,7 +1,7 @@
 """How far above bicubic can ANY model trained on the demo's data get? A regression ceiling for the quality bar.
 
-The demo's quality bar (issue 8) asks that generative outputs (a teacher sample, a one-step student) beat bicubic
-on PSNR-Y on the held-out photos. A sample's squared error is the posterior mean's error plus the posterior's
+Can generative outputs (a teacher sample, a one-step student) beat bicubic on PSNR-Y on the demo's held-out
+photos? A sample's squared error is the posterior mean's error plus the posterior's
 spread, so no sampler can beat the best posterior-mean estimate a model can learn from the same data. This script
 estimates that estimate's ceiling directly, without any generative machinery: a plain residual CNN on the tiny
 preset's pixel-codec latents (input: the LR latent; output: the LR latent plus a learnt correction, zero at

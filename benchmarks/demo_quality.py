@@ -1,6 +1,6 @@
 """How good can the demo's tiny models get on this machine? The tuning harness behind configs/demo/*.yaml.
 
-The demo's quality bar (issue 8): teacher and student beat bicubic on PSNR-Y on the held-out photos. This script
+It measures teacher and student against bicubic on PSNR-Y on the demo's held-out photos. This script
 replays the demo's recipe without Ray or MLflow so that one setting costs minutes, not a whole chain: the shipped
 photos minus demo/holdout.txt, K seeded (crop, Real-ESRGAN degradation) variants each encoded with the tiny
 preset's codecs, the method library's flow-matching loss (vosr.flow.training_loss) with AdamW + EMA, then the

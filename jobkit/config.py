@@ -7,8 +7,8 @@ sections, each declared beside its job with @config_section (jobkit/jobs.py):
     serve, eval          inference/config.py
 
 `Config` is built from the job table (jobkit/jobs.py) on first use, so this module imports no job package.
-`load_config(path, overrides)` reads a YAML file and `--set section.key=value` overrides into `Config`;
-`vosr config --explain` documents every key.
+`load_config(path, overrides)` reads a YAML file (with the files it extends by `base:`, vosr/config/root.py) and
+`--set section.key=value` overrides into `Config`; `vosr config --explain` documents every key.
 """
 
 from __future__ import annotations

@@ -650,7 +650,7 @@ def make_summary(ccfg, keys: list[str], s1: dict, totals: dict, written: int, sk
         "failed": totals.get("failed", {}), "filtered": totals.get("filtered", {}),
         "duplicates": totals.get("duplicates", 0), "capped": totals.get("capped", 0), "kept": totals.get("kept", 0),
         "kept_by_category": dict(sorted(totals.get("kept_by_category", {}).items())),
-        "ok_by_declared_type": dict(sorted(totals.get("ok_by_declared_type", {}).items())),  # issue 14
+        "ok_by_declared_type": dict(sorted(totals.get("ok_by_declared_type", {}).items())),  # how often servers declare the wrong type
         **info,
         "seconds": {"stage1": round(t1 - t0, 3), "stage2": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
     }

@@ -1,4 +1,5 @@
-"""Feature precompute job: curated shards in, feature shards out (the data contract: pipelines/features/schema.py).
+"""Feature precompute job: curated shards in, feature shards out, each under its explicit pyarrow schema
+(curate_schema.CURATED_SCHEMA in; features/schema.feature_schema, sized by the preset, out).
 
     python pipelines/precompute.py --config configs/precompute/tiny.yaml [--set precompute.variants=4]
 

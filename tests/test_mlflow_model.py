@@ -224,3 +224,22 @@ def test_distillation_tags_say_what_the_student_is_and_where_it_came_from():
     assert tags["vosr.data_version"] == "0123456789ab" and tags["vosr.method"] == cfg.distill.method
     assert tags["vosr.inference_steps"] == cfg.distill.onestep_steps and "secret" not in tags["vosr.data"]
     assert cfg.distill_job.register_alias == "champion"
+
+
+def test_models_uri_downloads_from_the_given_registry_not_the_process_default(registry, tmp_path):
+    """A Ray job's process has no MLflow URI of its own (MLflow's default is a sqlite file in the job's working
+    directory): a models:/ URI resolved with an explicit registry must download from that registry."""
+    import mlflow
+
+    from vosr.model_uri import resolve
+
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    mlflow.set_tracking_uri(elsewhere)
+    mlflow.set_registry_uri(elsewhere)
+    try:
+        folder = resolve(f"models:/{NAME}/{registry['version']}", tracking_uri=registry["tracking"],
+                         registry_uri=registry["tracking"], cache_root=tmp_path / "cache")
+    finally:
+        mlflow.set_tracking_uri(registry["tracking"])
+        mlflow.set_registry_uri(registry["tracking"])
+    assert (folder / "model.safetensors").read_bytes() == (Path(registry["folder"]) / "model.safetensors").read_bytes()

@@ -4,7 +4,7 @@ Driver side: `training_datasets(cfg)` opens the materialised feature shards (aft
 against the config, pipelines/features/schema.check_compatible) or builds the online dataset
 (pipelines/features/online.py), and splits rows by a hash of their image id into train and held-out validation
 (data.holdout_fraction; every variant of an image lands on the same side).
-Mixing (train.mix_shards, issue 16): shards are written sorted by (id, variant), one per curated source unit,
+Mixing (train.mix_shards, docs/mixing.md): shards are written sorted by (id, variant), one per curated source unit,
 so reading them in order gives one-source batches with an image's variants side by side. The training rows are
 read as the shards' row groups in a seeded order that changes every epoch, a block drawing on MIX_GROUP_UNITS
 shards with its rows spread by variant, then pass each worker's shuffle buffer of train.shuffle_buffer samples

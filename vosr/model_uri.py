@@ -297,7 +297,8 @@ def _resolve_mlflow(uri: str, ctx: ResolveContext) -> Path:
     try:
         if uri.startswith("models:/"):
             name, ref, sub = parse_models_uri(uri)
-            version = _model_version(MlflowClient(tracking_uri=tracking, registry_uri=registry), name, ref)
+            client = MlflowClient(tracking_uri=tracking, registry_uri=registry)
+            version = _model_version(client, name, ref)
             fixed = f"models:/{name}/{version}" + (f"/{sub}" if sub else "")
             dst = ctx.cache / "mlflow" / _slug(name) / f"v{version}-{_short_hash(registry, sub)}"
             source = {"uri": uri, "resolved": fixed, "name": name, "version": version,
@@ -311,7 +312,12 @@ def _resolve_mlflow(uri: str, ctx: ResolveContext) -> Path:
             return hit
 
         def download(tmp: Path) -> None:
-            download_artifacts(artifact_uri=fixed, dst_path=str(tmp), tracking_uri=tracking, registry_uri=registry)
+            target = fixed
+            if uri.startswith("models:/"):
+                # the version's artifact location, asked of this registry: MLflow's models:/ download consults the
+                # process-wide registry URI instead (in a Ray job: a sqlite file in the job's working directory)
+                target = client.get_model_version_download_uri(name, version).rstrip("/") + (f"/{sub}" if sub else "")
+            download_artifacts(artifact_uri=target, dst_path=str(tmp), tracking_uri=tracking)
 
         return _fill_cache(dst, source, download)
     except ModelNotFoundError:

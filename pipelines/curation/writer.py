@@ -41,7 +41,7 @@ def ledger_counts(ledger: pa.Table) -> dict:
 
 def declared_types(ledger: pa.Table) -> dict:
     """Images that decoded, counted by the Content-Type their server declared (media type only; "none" for files
-    and answers without one): how often the declared type was wrong (issue 14)."""
+    and answers without one): how often the declared type was wrong (a count the curate summary reports)."""
     if "declared_type" not in ledger.column_names:
         return {}
     ok = pa.compute.equal(ledger["reason"], "ok")

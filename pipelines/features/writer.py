@@ -1,4 +1,4 @@
-"""Feature shards written inside Ray tasks: no row byte reaches the driver.
+"""Feature shards written inside Ray tasks: no row byte reaches the driver (docs/scale.md s5).
 
 Two task kinds, both run on the cluster:
 

@@ -1,7 +1,7 @@
 """The balance stage's k-means fit as it was before the scalable one (pipelines/curation/balance.kmeans_fit): a
 seeded k-means++ initialisation over the whole sample (one pass per centre) and Lloyd iterations with the full
 n x k float64 distance matrix, at most 30. Kept only as the quality reference the new fit is compared with
-(tests/test_curate_balance.py, benchmarks/bench_memory.py --section kmeans)."""
+(tests/test_curate_memory.py, benchmarks/bench_memory.py --section kmeans)."""
 
 from __future__ import annotations
 

@@ -128,19 +128,43 @@ def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | 
     return build(root, merged)
 
 
-def read_yaml(path: str | Path | None) -> dict[str, Any]:
-    """The mapping of a YAML config file ({} for None)."""
-    import yaml
+# A config file may extend another: a top-level `base: FILE` names the file whose mapping is read first (its own
+# `base` too, recursively); this file's values then go over it, mapping by mapping (a list or scalar replaces the
+# base's). FILE is relative to the folder of the file that names it (or absolute), so a chain resolves the same from
+# any working directory, inside a checkout that `ray job submit --working-dir` uploaded as well. The shipped
+# configs/cluster/*.yaml extend the recipes of configs/<stage>/<preset>.yaml this way.
+BASE_KEY = "base"
+BASE_DOC = (f"  {BASE_KEY}: str (a file's own key, read before everything else)\n"
+            "      Config file this one extends: read first (recursively), then this file's values go over it, "
+            "mapping by mapping; relative to the folder of the file that names it.")
 
+
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    """The mapping of a YAML config file ({} for None), its `base:` chain resolved (see BASE_KEY)."""
     if not path:
         return {}
-    p = Path(path)
+    return _read_chain(Path(path), ())
+
+
+def _read_chain(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    import yaml
+
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        named = f" (the {BASE_KEY} of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {p}{named}")
+    here = p.resolve()
+    if here in chain:
+        raise ConfigError(f"{BASE_KEY} cycle: {' -> '.join(str(c) for c in (*chain, here))}")
     loaded = yaml.safe_load(p.read_text()) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{p}: a configuration file must hold a mapping at the top level")
-    return loaded
+    if BASE_KEY not in loaded:
+        return loaded
+    base = loaded.pop(BASE_KEY)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{p}: {BASE_KEY} must be the path of a config file, not {base!r}")
+    target = Path(base).expanduser()
+    return _merge(_read_chain(target if target.is_absolute() else here.parent / target, (*chain, here)), loaded)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **kw: Any) -> Any:
@@ -163,7 +187,7 @@ def explain_config(section: str | None = None, *, root: type = MethodConfig,
         if dataclasses.is_dataclass(tp):
             return "\n".join([f"[{section}]  {f.metadata['doc']}", *explain(tp, section, getattr(cfg, section))])
         return "\n".join(explain(root, "", cfg)[:1])
-    return "\n".join(explain(root, "", cfg))
+    return "\n".join([BASE_DOC, *explain(root, "", cfg)])
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
