@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.curation import dedup, lsh
+from tests.helpers.curation import brute_force_pairs
 
 
 def corpus(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -46,7 +47,7 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("k", [0, 3, 6, 8])
 def test_search_is_exact_on_planted_identical_and_skewed_hashes(k):
     h = corpus(1500, k, seed=k)
-    brute = lsh.brute_force_pairs(h, k)
+    brute = brute_force_pairs(h, k)
     assert lsh.lsh_pairs_local(h, k) == brute
     # every r gives the same pairs (pigeonhole holds for any number of blocks per key)
     uniq, first, counts, inv = lsh.group_identical(h)
@@ -152,7 +153,7 @@ def test_ray_form_finds_the_same_groups(ray_local):
     keys = _keys(len(h))
     rows = pa.table({"key": keys, "phash": h})
     blocks = [ray_local.put(rows.slice(s, 500)) for s in range(0, len(h), 500)]
-    brute = np.array(sorted(lsh.brute_force_pairs(h, k))).T
+    brute = np.array(sorted(brute_force_pairs(h, k))).T
     root = components(len(h), brute[0], brute[1])
     members = {}
     for x in range(len(h)):

@@ -16,6 +16,7 @@ from jobkit.config import config_from_dict
 from jobkit.memprobe import rss_bytes
 from pipelines import curate
 from pipelines.curation import balance, dedup, lsh
+from tests.helpers.curation import brute_force_pairs
 from tests.helpers.kmeans_reference import kmeans_fit_reference
 from tests.test_curate_dedup import _keys, components, corpus
 
@@ -55,7 +56,7 @@ def test_search_tasks_read_only_their_own_partition_and_find_the_same_groups(ray
     k = 6
     h = corpus(3000, k, seed=11)
     keys = _keys(len(h))
-    brute = np.array(sorted(lsh.brute_force_pairs(h, k))).T
+    brute = np.array(sorted(brute_force_pairs(h, k))).T
     root = components(len(h), brute[0], brute[1])
     members: dict = {}
     for x in range(len(h)):

@@ -54,13 +54,6 @@ def block_spec(m: int) -> list[tuple[int, int]]:
     return out
 
 
-def band_spec(k: int) -> list[tuple[int, int]]:
-    """The k+1 single bands of the plain pigeonhole (r = 1); kept for the docs and tests."""
-    if not 0 <= k <= 63:
-        raise ValueError(f"hamming radius k={k} must be in 0..63")
-    return block_spec(k + 1)
-
-
 def _subsets(m: int, size: int) -> np.ndarray:
     """Every `size`-subset of m blocks as a bit mask (int64), vectorised."""
     cur, last = np.zeros(1, np.int64), np.full(1, -1)
@@ -493,18 +486,3 @@ def lsh_pairs_local(hashes, k: int, cap: int = 1 << 30) -> set[tuple[int, int]]:
     for a, b in zip(i.tolist(), j.tolist()):
         out.update((min(x, y), max(x, y)) for x in group[a] for y in group[b])
     return out
-
-
-def brute_force_pairs(hashes, k: int, chunk: int = 2048) -> set[tuple[int, int]]:
-    """All index pairs within distance k by exhaustive comparison (vectorised popcount in chunks)."""
-    u = as_u64(hashes)
-    n = len(u)
-    found: set[tuple[int, int]] = set()
-    for s in range(0, n, chunk):
-        block = u[s:s + chunk]
-        d = popcount(block[:, None] ^ u[None, :])
-        i, j = np.nonzero(d <= k)
-        i = i + s
-        keep = i < j
-        found.update(zip(i[keep].tolist(), j[keep].tolist()))
-    return found
