@@ -258,6 +258,17 @@ def block_value(u: np.ndarray, blocks) -> np.ndarray:
     return part
 
 
+def split_spans(u: np.ndarray, split) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The values' order by their split-block value (stable, so ascending indices stay ascending within a part)
+    and the [start, end) span of each part in that order."""
+    part = block_value(u, split)
+    if len(part) and part.max() < (1 << 16) - 2:
+        part = part.astype(np.uint16)  # a radix sort
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
+    return order, [(int(bounds[p]), int(bounds[p + 1])) for p in range(len(bounds) - 1)]
+
+
 def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None, tables=None,
                n_plan: int | None = None, part_size: int = 1 << 16):
     """All pairs (i < j) of distinct values u within distance k (exact), over all tables (or the given ones).
@@ -271,14 +282,9 @@ def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None
     ob = orow = 0
     for split, group in split_groups(tables, n, part_size):
         if split:
-            part = block_value(u, split)
-            if len(part) and part.max() < (1 << 16) - 2:
-                part = part.astype(np.uint16)  # a radix sort
-            order = np.argsort(part, kind="stable")
-            bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
+            order, spans = split_spans(u, split)
             uo = u[order]
             co = counts[order] if counts is not None else None
-            spans = [(int(bounds[p]), int(bounds[p + 1])) for p in range(len(bounds) - 1)]
         else:
             order, uo, co, spans = None, u, counts, [(0, n)]
         for blocks in group:
@@ -426,15 +432,9 @@ def near_forest(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = Non
     ob = orow = nv = 0
     for split, group in split_groups(tables, n, part_size):
         if split:
-            part = block_value(u, split)
-            if len(part) and part.max() < (1 << 16) - 2:
-                part = part.astype(np.uint16)  # a radix sort
-            order = np.argsort(part, kind="stable")
-            bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
-            del part
+            order, spans = split_spans(u, split)
             uo = u[order]
             co = counts[order] if counts is not None else None
-            spans = [(int(bounds[p]), int(bounds[p + 1])) for p in range(len(bounds) - 1)]
         else:
             order, uo, co, spans = np.arange(n), u, counts, [(0, n)]
         for blocks in group:
