@@ -9,17 +9,21 @@ PYTEST_ARGS ?=
 setup:
 	@bash scripts/setup.sh
 
+# ruff, then the dead-code check (vulture, ~2 s; settings and paths in pyproject.toml [tool.vulture])
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/vulture
 
 test: setup
 	@bash scripts/setup-test-deps.sh
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/vulture
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 test-fast: setup
 	@bash scripts/setup-test-deps.sh
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/vulture
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests/unit tests/integration
 
 demo: setup

@@ -10,7 +10,7 @@ bytes per row (the corpus must not show up in any process's peak), and the preco
 
 Sections (each prints its own lines; --only picks some; all run by default):
 
-progress           precompute's progress line over N finished shards (pipelines/precompute.ShardTotals, one
+progress           precompute's progress line over N finished shards (pipelines/features/job.ShardTotals, one
                    add + line per shard) at each --progress-shards, seconds per shard (flat = linear), and the sum
                    the line made before (over every written shard for every finished one) for comparison.
 training-plan      the training driver's read plan of one epoch (training/data.mixed_shards_datasource and its
@@ -25,7 +25,7 @@ training-read      a read task of training's feature reads (training/data.py mix
                    largest task peak per size, its slope in bytes per corpus row, and the peak against
                    train.read_block_mb at each --read-targets-mib (and the stated read_task_peak_bound).
                    --compare-root: the same with another checkout's code (before: a block of 16 row groups).
-merge              one precompute merge task (pipelines/feature_writer.merge_parts, real part files) for shards of
+merge              one precompute merge task (pipelines/features/writer.merge_parts, real part files) for shards of
                    --merge-rows rows at --merge-group-rows rows per output row group; peak RSS above the RSS before
                    it, against merge_peak_bound, slope in bytes per shard row.
 precompute-driver  the real precompute job (benchmarks/bench_scale_precompute.py, tiny preset, K=1, bicubic) at
@@ -83,7 +83,7 @@ def _previous_progress(stats: list[dict]) -> float:
 
 
 def bench_progress(sizes: list[int], previous_max: int = 20000) -> dict:
-    from pipelines.precompute import ShardTotals
+    from pipelines.features.job import ShardTotals
 
     out = {}
     for n in sizes:
@@ -157,7 +157,7 @@ def make_feature_shards(folder: Path, rows: int, group_rows: int, sem_tokens: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines import feature_schema as fsch
+    from pipelines.features import schema as fsch
 
     schema = fsch.feature_schema((4, 64, 64), (sem_tokens, 768), "bfloat16")
     rng = np.random.default_rng(seed)
@@ -281,7 +281,7 @@ def bench_training_plan(sizes: list[int], group_rows: int, row_bytes: int) -> di
 MERGE_PROBE = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from pipelines import feature_writer as fw
+from pipelines.features import writer as fw
 settings = json.loads(sys.argv[2]); parts = json.loads(sys.argv[3]); rows = int(sys.argv[4])
 import pyarrow.parquet as pq
 settings["schema"] = pq.read_schema(parts[0]).remove(pq.read_schema(parts[0]).get_field_index("error"))
@@ -306,7 +306,7 @@ def bench_merge(sizes: list[int], group_rows: int, sem_tokens: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines import feature_writer as fw
+    from pipelines.features import writer as fw
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-mem-merge-") as tmp:

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from photos import photo_paths  # noqa: E402  (benchmarks/photos.py)
 
 from jobkit.config import config_from_dict, load_config  # noqa: E402
-from pipelines import feature_schema as fsch  # noqa: E402
 from pipelines.curate_schema import CURATED_SCHEMA  # noqa: E402
+from pipelines.features import schema as fsch  # noqa: E402
 
 
 def write_curated(root: Path, n: int, per_shard: int) -> int:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from jobkit.ray_env import init_ray
-    from pipelines.precompute import run
+    from pipelines.features.job import run
 
     with tempfile.TemporaryDirectory() as tmp:
         curated = Path(args.input) if args.input else Path(tmp) / "curated"

@@ -4,7 +4,7 @@
         [--degrade bicubic] [--per-shard 500] [--cpus 2] [--compare-root /work/main]
 
 Target: the driver's peak RSS stays flat (within 10%) from 2k to 20k rows, because no row byte reaches
-the driver (pipelines/feature_writer.py). Each size runs the real job (`pipelines.precompute.run`, tiny preset,
+the driver (pipelines/features/writer.py). Each size runs the real job (`pipelines.features.job.run`, tiny preset,
 local Ray with --cpus CPUs) in a fresh child process that samples its own RSS (/proc/self/status, every 20 ms)
 from just before the run to its end; Ray's start-up is outside the timer. Input: synthetic curated shards of
 distinct 64x64 PNGs (smooth random fields; --per-shard rows per curated shard, so the number of shards grows with
@@ -76,7 +76,7 @@ def child(args) -> None:
     sys.path.insert(0, args.code_root)
     from jobkit.config import load_config
     from jobkit.ray_env import init_ray
-    from pipelines.precompute import run
+    from pipelines.features.job import run
 
     cfg = load_config(Path(args.code_root) / "configs/precompute/tiny.yaml", [
         f"precompute.input={args.input}", f"precompute.output={args.output}",

@@ -31,7 +31,7 @@ def write_features(cfg, out: Path, rows: int) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from pipelines import feature_schema as fsch
+    from pipelines.features import schema as fsch
     from vosr.encoders import build_autoencoder, build_semantic_encoder
 
     g = torch.Generator().manual_seed(0)
@@ -62,7 +62,7 @@ def plain_loop(cfg, features: Path, steps: int, log_every: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from pipelines.feature_schema import decode_feature_rows
+    from pipelines.features.schema import decode_feature_rows
     from training.data import is_holdout
     from vosr.ema import EMA
     from vosr.flow import training_loss

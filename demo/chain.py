@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobkit import jobs
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs" / "demo"
 HOLDOUT_LIST = ROOT / "demo" / "holdout.txt"
 PHOTO_DIR = ROOT / "assets" / "photos"
-STAGES = ["curate", "precompute", "pretrain", "distill", "evaluate", "serve"]
-MODULES = {"curate": "pipelines.curate", "precompute": "pipelines.precompute", "pretrain": "training.pretrain",
-           "distill": "training.distill", "evaluate": "inference.evaluate", "serve": "inference.serve"}
+STAGES = [job.name for job in jobs.chain()]  # the main chain of the job table (jobkit/jobs.py)
 
 
 def log(msg: str) -> None:
@@ -93,8 +92,8 @@ class Chain:
     # -- running one job ------------------------------------------------------------------------------------
     def command(self, stage: str, sets: list[str] | None = None, config: str | None = None,
                 extra_args: list[str] | None = None) -> list[str]:
-        cfg = config or f"configs/demo/{stage}.yaml"
-        cmd = [sys.executable, "-m", MODULES[stage], "--config", cfg, *(extra_args or [])]
+        cfg = config or jobs.JOBS[stage].demo_config
+        cmd = [sys.executable, "-m", jobs.JOBS[stage].module, "--config", cfg, *(extra_args or [])]
         for s in [*self.base_sets(), *(sets or []), *self.extra_sets]:
             cmd += ["--set", s]
         return cmd
@@ -199,7 +198,7 @@ def record_in_mlflow(chain: Chain, stage: str, res: StageResult, artifacts: list
     from jobkit.config import load_config
     from jobkit.tracking import log_job_run
 
-    cfg = load_config(CONFIG_DIR / f"{stage}.yaml", [*chain.base_sets(), f"run.output_root={chain.out}"])
+    cfg = load_config(ROOT / jobs.JOBS[stage].demo_config, [*chain.base_sets(), f"run.output_root={chain.out}"])
     metrics: dict[str, float] = {"stage_seconds": res.seconds}
     for row in res.summary.get("rows", []):
         for k, v in (row.get("metrics") or {}).items():
@@ -230,8 +229,8 @@ def make_request_image(out: Path, name: str, size: int = 256, scale: int = 4) ->
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    stages = "\n".join(f"  {i}. {name:<11} python -m {MODULES[name]} --config configs/demo/{name}.yaml"
-                       for i, name in enumerate(STAGES, 1))
+    stages = "\n".join(f"  {i}. {job.name:<11} python -m {job.module} --config {job.demo_config}"
+                       for i, job in enumerate(jobs.chain(), 1))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=f"Stages, top to bottom (each one a job of its own):\n{stages}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

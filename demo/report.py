@@ -23,9 +23,9 @@ from typing import Any
 
 import jinja2
 
-ROOT = Path(__file__).resolve().parents[1]
+from jobkit.jobs import chain
 
-STAGE_ORDER = ["curate", "precompute", "pretrain", "distill", "evaluate", "serve"]
+STAGE_ORDER = [job.name for job in chain()]  # the main chain of the job table (jobkit/jobs.py)
 
 
 # The report's text: plain strings and marked spans, laid out as markdown (to_markdown) or HTML (to_html).

@@ -1,14 +1,16 @@
 """The inference jobs' configuration sections: `serve` (inference/serve/) and `eval` (inference/evaluate.py).
-The upscaler's own section, `inference`, is the method library's (vosr/config/inference.py). jobkit/config.py puts
-every section under the one root."""
+The upscaler's own section, `inference`, is the method library's (vosr/config/inference.py). Each is registered
+with @config_section (jobkit/jobs.py); jobkit/config.py puts every registered section under the one root."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobkit.jobs import config_section
 from vosr.config import option
 
 
+@config_section("serve", "Ray Serve application.")
 @dataclass
 class ServeConfig:
     host: str = option("127.0.0.1", "HTTP host of Ray Serve (loopback by default).")
@@ -74,6 +76,7 @@ class ServeConfig:
     route_prefix: str = option("/", "Route prefix of the application.")
 
 
+@config_section("eval", "Evaluation runner.")
 @dataclass
 class EvalConfig:
     hr_dir: str = option("", "Folder of HR images, or a benchmark folder as published: HR/ + LR/, test_HR/ + "

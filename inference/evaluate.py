@@ -33,7 +33,6 @@ from typing import Any
 
 from vosr.imageio import IMAGE_SUFFIXES  # the one list of decoded formats
 
-ROOT = Path(__file__).resolve().parents[1]
 # Table 1 column order of the paper: (column title, metric key, higher is better, full-reference)
 TABLE_COLUMNS = [
     ("PSNR↑", "psnr", True), ("SSIM↑", "ssim", True), ("LPIPS↓", "lpips", False),
@@ -585,7 +584,7 @@ def plan_stages(cfg, images: int) -> list:
     metrics; its result lists grow by a few numbers per image, whatever the corpus (images of the benchmark
     folder, not of the training corpus)."""
     from jobkit.plan import Proc, Stage, gib
-    from pipelines.feature_stages import ENCODER_WEIGHT_BYTES
+    from pipelines.features.stages import ENCODER_WEIGHT_BYTES
     from vosr.model import count_parameters
 
     counts = count_parameters(cfg)

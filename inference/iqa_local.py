@@ -33,7 +33,6 @@ KNOWN_FILES: dict[str, tuple[str, ...]] = {
     "stlpips": ("alex_shift_tolerant.pth",),
     "niqe": ("niqe_pris_params.npz", "niqe_modelparameters.mat"),
 }
-FULL_REFERENCE_LOCAL = {"stlpips"}
 # file types pyiqa's own implementation loads (create_metric(..., pretrained_model_path=...)); used first when the
 # iqa extra is installed, with this module as the fallback
 PYIQA_LOADS: dict[str, tuple[str, ...]] = {"stlpips": (".pth",), "niqe": (".mat",)}
@@ -151,7 +150,6 @@ def _build_stlpips():
 
 class STLPIPSMetric:
     name = "stlpips"
-    full_reference = True
 
     def __init__(self, path: Path, device: str = "cpu"):
         import torch
@@ -241,7 +239,6 @@ def _block_features(block: np.ndarray) -> list[float]:
 
 class NIQEMetric:
     name = "niqe"
-    full_reference = False
 
     def __init__(self, path: Path, device: str = "cpu"):
         if path.suffix == ".npz":

@@ -35,7 +35,6 @@ from pathlib import Path
 from vosr.choices import COLOR_FIXES, MODES
 from vosr.imageio import IMAGE_SUFFIXES  # the one list of decoded formats
 
-ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 

@@ -8,8 +8,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from jobkit.config import Config, ConfigError, load_config
+from jobkit.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from jobkit.config import Config
 
 # Ray's job supervisor sets this in the environment of every `ray job submit` entrypoint (the job's runtime_env
 # and metadata as JSON; ray/_private/runtime_env/constants.py, Ray 2.60). Nothing else sets it.

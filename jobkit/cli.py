@@ -4,7 +4,7 @@
     vosr curate --config configs/curate/local.yaml          (the same as python -m pipelines.curate ...)
 
 A job command runs the job module's main() with the rest of the command line, exactly as
-`python -m <module>` or `ray job submit -- python <module path>` would.
+`python -m <module>` or `ray job submit -- python <module path>` would. The jobs are the table of jobkit/jobs.py.
 """
 
 from __future__ import annotations
@@ -14,21 +14,7 @@ import importlib
 import json
 import sys
 
-# name -> (module whose main(argv) runs it, one-line purpose)
-JOBS: dict[str, tuple[str, str]] = {
-    "curate": ("pipelines.curate", "crawl or ingest images, filter, dedupe and balance them into curated Parquet shards"),
-    "precompute": ("pipelines.precompute", "degrade and encode curated shards into feature shards (latents + semantic tokens)"),
-    "pretrain": ("training.pretrain", "train the multi-step teacher on Ray Train"),
-    "distill": ("training.distill", "distil the teacher into the one-step student and register it in MLflow"),
-    "evaluate": ("inference.evaluate", "score bicubic, peers, the student and the teacher on a paired benchmark"),
-    "serve": ("inference.serve", "serve the upscaler over HTTP with Ray Serve"),
-    "upscale": ("inference.upscale", "upscale image files or folders on this machine"),
-    "export": ("training.export", "export a sharded (FSDP) checkpoint to the folder serving and the registry read"),
-    "import": ("inference.import_released", "import a model released by the VOSR authors (folder or hf:// URI) as a checkpoint folder"),
-    "demo": ("demo.chain", "run the whole chain on the embedded tiny preset on this machine (make demo)"),
-    "plan": ("jobkit.plan", "a job's cost at a corpus size: peak memory per process, storage, CPU/GPU-hours; "
-                            "fails when a bound exceeds the nodes"),
-}
+from jobkit.jobs import JOBS, chain, submitted
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -66,8 +52,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 def run_job(name: str, rest: list[str]) -> int:
     """Run job `name` with its own command line `rest` (its --help, its exit code)."""
-    module, _ = JOBS[name]
-    main = importlib.import_module(module).main
+    main = importlib.import_module(JOBS[name].module).main
     prog = sys.argv[0]
     sys.argv[0] = f"vosr {name}"  # argparse's prog in the job's usage line
     try:
@@ -76,8 +61,20 @@ def run_job(name: str, rest: list[str]) -> int:
         sys.argv[0] = prog
 
 
+def chain_on_a_cluster() -> str:
+    """The main chain as it runs on a cluster (README.md "On a cluster" adds the addresses and the --set lines)."""
+    lines = ["the main chain on a cluster, in order (`vosr demo` runs it on this machine with configs/demo/):"]
+    for job in chain():
+        if job in submitted():
+            run = f"ray job submit --working-dir . -- python {job.script} --config {job.cluster_config}"
+        else:  # the endpoint: a Ray Serve application (the app object of its module)
+            run = f"VOSR_CONFIG={job.cluster_config} serve run --working-dir . {job.module}:app"
+        lines.append(f"  {job.name:<11} {run}")
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vosr", description=__doc__,
+    p = argparse.ArgumentParser(prog="vosr", description=__doc__, epilog=chain_on_a_cluster(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="<command>")
     c = sub.add_parser("config", help="print the resolved config, or --explain every key")
@@ -91,8 +88,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--config", default=None)
     q.add_argument("--set", action="append", default=[])
     q.set_defaults(func=_cmd_params)
-    for name, (module, purpose) in JOBS.items():
-        sub.add_parser(name, help=f"{purpose} ({module})", add_help=False)
+    for job in JOBS.values():
+        sub.add_parser(job.name, help=f"{job.purpose} ({job.module})", add_help=False)
     return p
 
 

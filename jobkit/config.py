@@ -1,11 +1,12 @@
 """The one configuration every job loads: the method's sections (vosr/config: model, autoencoder, semantic, flow,
-distill, degrade, data, inference) plus the jobs' own, each declared beside its job:
+distill, degrade, data, inference), `run` (here: naming, seed, Ray and MLflow, every job has them) and the jobs' own
+sections, each declared beside its job with @config_section (jobkit/jobs.py):
 
-    run                  naming, seed, Ray and MLflow (here: every job has them)
     curate, precompute   pipelines/config.py
     train, distill_job   training/config.py
     serve, eval          inference/config.py
 
+`Config` is built from the job table (jobkit/jobs.py) on first use, so this module imports no job package.
 `load_config(path, overrides)` reads a YAML file (with the files it extends by `base:`, vosr/config/root.py) and
 `--set section.key=value` overrides into `Config`; `vosr config --explain` documents every key.
 """
@@ -13,20 +14,20 @@ distill, degrade, data, inference) plus the jobs' own, each declared beside its 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference.config import EvalConfig, ServeConfig
-from pipelines.config import CurateConfig, PrecomputeConfig
-from training.config import DistillTrainConfig, TrainConfig
+from jobkit.jobs import job_sections
 from vosr.config import PRESETS as METHOD_PRESETS
 from vosr.config import ConfigError, MethodConfig, option, read_yaml, redact, save_config, to_dict
 from vosr.config import config_from_dict as _method_config_from_dict
 from vosr.config import explain_config as _method_explain_config
 
-__all__ = ["PRESETS", "Config", "ConfigError", "config_from_dict", "explain_config", "load_config", "redact",
-           "save_config", "to_dict"]
+__all__ = ["PRESETS", "ConfigError", "config_from_dict", "config_root", "explain_config", "load_config",
+           "redact", "save_config", "to_dict"]
 
 
 @dataclass
@@ -73,27 +74,34 @@ PRESETS: dict[str, dict[str, Any]] = {name: {**copy.deepcopy(sections), **copy.d
                                       for name, sections in METHOD_PRESETS.items()}
 
 
-@dataclass
-class Config(MethodConfig):
-    run: RunConfig = option(RunConfig(), "Run naming, seed, Ray and MLflow.")
-    curate: CurateConfig = option(CurateConfig(), "Curation job (pipelines/curate.py).")
-    precompute: PrecomputeConfig = option(PrecomputeConfig(), "Feature precompute job (pipelines/precompute.py).")
-    train: TrainConfig = option(TrainConfig(), "Training jobs (training/pretrain.py, training/distill.py).")
-    distill_job: DistillTrainConfig = option(DistillTrainConfig(), "Distillation job specifics.")
-    serve: ServeConfig = option(ServeConfig(), "Ray Serve application.")
-    eval: EvalConfig = option(EvalConfig(), "Evaluation runner.")
+@functools.cache
+def config_root() -> type:
+    """The root dataclass `Config`: the method's sections, `run`, then every job's registered sections in the job
+    table's order."""
+    fields = [("run", RunConfig, option(RunConfig(), "Run naming, seed, Ray and MLflow."))]
+    fields += [(s.name, s.cls, option(s.cls(), s.doc)) for s in job_sections()]
+    root = dataclasses.make_dataclass("Config", fields, bases=(MethodConfig,))
+    root.__module__ = __name__  # pickled by reference as jobkit.config.Config (module __getattr__ below)
+    root.__doc__ = "Every section of a job's configuration (jobkit/config.py)."
+    return root
 
 
-def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def __getattr__(name: str) -> Any:
+    if name == "Config":
+        return config_root()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def config_from_dict(data: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Preset, then `data`, then `section.key=value` overrides; validated against the whole schema."""
-    return _method_config_from_dict(data, overrides, root=Config, presets=PRESETS)
+    return _method_config_from_dict(data, overrides, root=config_root(), presets=PRESETS)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Load a YAML config file (or only the preset defaults when `path` is None) plus overrides."""
     return config_from_dict(read_yaml(path), overrides)
 
 
 def explain_config(section: str | None = None) -> str:
     """Documentation of every key of every section with its default (tiny preset defaults shown)."""
-    return _method_explain_config(section, root=Config, presets=PRESETS)
+    return _method_explain_config(section, root=config_root(), presets=PRESETS)

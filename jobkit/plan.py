@@ -6,7 +6,7 @@
 For each stage of the job: the stated peak memory of the driver and of each task / actor kind, the storage
 bytes the stage writes, and its CPU- and GPU-hours. Every number comes from the module that owns the stage: each
 job module has `plan_stages(cfg, images) -> list[Stage]`, built from the same bound functions its code passes to
-Ray as `memory=` (e.g. pipelines/feature_writer.merge_peak_bound, training/data.read_task_peak_bound) and from
+Ray as `memory=` (e.g. pipelines/features/writer.merge_peak_bound, training/data.read_task_peak_bound) and from
 constants measured by the benchmarks (named next to each constant). docs/scale.md explains every line.
 
 The nodes come from the config (run.head_memory_gb / run.worker_memory_gb / run.gpu_worker_memory_gb, when
@@ -27,19 +27,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobkit.jobs import JOBS, job_for_sections, planned
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
 GiB = 2**30
 # Sustained GPU throughput assumed for GPU-hours: 40% MFU of 989 TFLOP/s dense bf16 (H100/H200 SXM; docs/scale.md s0)
 GPU_EFFECTIVE_FLOPS = 0.4 * 989e12
-
-# job -> module with plan_stages(cfg, images)
-JOB_PLANS = {"curate": "pipelines.curate", "precompute": "pipelines.precompute", "pretrain": "training.job",
-             "distill": "training.job", "evaluate": "inference.evaluate", "serve": "inference.serve.plan"}
-# a config's job, from the sections its file sets (first match)
-JOB_BY_SECTION = (("curate", "curate"), ("precompute", "precompute"), ("distill_job", "distill"),
-                  ("train", "pretrain"), ("serve", "serve"), ("eval", "evaluate"))
-
 
 @dataclass
 class Proc:
@@ -161,17 +155,19 @@ def nodes_for(cfg, config_path: Path | None, manifest: Path | None = None) -> No
 # --- the plan ------------------------------------------------------------------------------------------------------
 
 def job_of(raw: dict) -> str:
-    for section, job in JOB_BY_SECTION:
-        if section in raw:
-            return job
-    raise PlanError(f"cannot tell the job from the config's sections {sorted(raw)}; pass --job "
-                    f"({', '.join(JOB_PLANS)})")
+    """The job a config file is for, from the sections it sets (jobkit/jobs.py job_for_sections)."""
+    found = job_for_sections(raw)
+    if found is None:
+        raise PlanError(f"cannot tell the job from the config's sections {sorted(raw)}; pass --job "
+                        f"({', '.join(j.name for j in planned())})")
+    return found.name
 
 
 def plan_stages(job: str, cfg, images: int) -> list[Stage]:
-    if job not in JOB_PLANS:
-        raise PlanError(f"unknown job {job!r}; known: {', '.join(JOB_PLANS)}")
-    module = importlib.import_module(JOB_PLANS[job])
+    known = [j.name for j in planned()]
+    if job not in known:
+        raise PlanError(f"unknown job {job!r}; known: {', '.join(known)}")
+    module = importlib.import_module(JOBS[job].plan)
     return module.plan_stages(cfg, int(images), job) if job in ("pretrain", "distill") else \
         module.plan_stages(cfg, int(images))
 
@@ -297,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="the job's YAML config")
     ap.add_argument("--images", type=float, default=100_000_000, help="kept images of the corpus (default 100M)")
-    ap.add_argument("--job", default=None, choices=sorted(JOB_PLANS), help="default: from the config's sections")
+    ap.add_argument("--job", default=None, choices=sorted(j.name for j in planned()),
+                    help="default: from the config's sections")
     ap.add_argument("--manifest", default=None, help="KubeRay manifest declaring the nodes (default: the one in "
                                                      "infra/k8s that runs this config)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")

@@ -51,10 +51,13 @@ def point_mlflow(tracking_uri: str, registry_uri: str = "") -> None:
     import mlflow
 
     saved = {name: os.environ.get(name) for name in _URI_VARIABLES}
+    registry = registry_uri or saved["MLFLOW_REGISTRY_URI"] or ""
     try:
         mlflow.set_tracking_uri(tracking_uri)
-        if registry_uri:
-            mlflow.set_registry_uri(registry_uri)
+        # a registry equal to the tracking URI is MLflow's own default: "" lets it follow the tracking URI, and
+        # clears a registry an earlier job of this process set (MLflow clients without an explicit registry
+        # would otherwise keep registering there)
+        mlflow.set_registry_uri(registry if registry and registry != tracking_uri else "")
     finally:
         for name, value in saved.items():
             if value is None:

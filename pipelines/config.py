@@ -1,11 +1,13 @@
 """The data jobs' configuration sections: `curate` (pipelines/curate.py: crawl, filter, dedupe, balance) and
-`precompute` (pipelines/precompute.py). Job settings live beside their jobs; jobkit/config.py puts every section
-under one root with the method's sections (vosr/config)."""
+`precompute` (pipelines/precompute.py). Job settings live beside their jobs, each section registered with
+@config_section (jobkit/jobs.py); jobkit/config.py puts every registered section under one root with the method's
+sections (vosr/config)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobkit.jobs import config_section
 from vosr.config import option
 
 
@@ -127,6 +129,7 @@ class ColumnsConfig:
                                  "null there. Strings are cut at 4,096 characters.")
 
 
+@config_section("curate", "Curation job (pipelines/curate.py).")
 @dataclass
 class CurateConfig:
     sources: list[str] = option([], "Inputs, any mix of: URL lists (.txt one URL per line with an optional TAB and "
@@ -144,7 +147,6 @@ class CurateConfig:
     output: str = option("outputs/curated", "Output folder or s3:// prefix for the curated Parquet shards.")
     rows_per_shard: int = option(256, "Rows per input block = per output shard (a tar shard is one block whatever "
                                  "its size).", ge=1)
-    num_shards_hint: int = option(0, "Input partitioning hint (0 = automatic).", ge=0)
     crawl: CrawlConfig = option(CrawlConfig(), "HTTP crawl.")
     filters: FilterConfig = option(FilterConfig(), "Quality filters.")
     dedup: DedupConfig = option(DedupConfig(), "Exact and perceptual dedup.")
@@ -174,6 +176,7 @@ class CurateConfig:
                                 "failures are final.")
 
 
+@config_section("precompute", "Feature precompute job (pipelines/precompute.py).")
 @dataclass
 class PrecomputeConfig:
     input: str = option("outputs/curated", "Curated output root (folder or s3:// prefix) whose shards/ are read.")
@@ -192,7 +195,7 @@ class PrecomputeConfig:
     num_cpus_per_degrade: float = option(1.0, "CPUs per decode+crop+degrade task.", gt=0)
     rows_per_shard: int = option(64, "Rows per Parquet row group of a feature shard (not rows per shard: one "
                                  "feature shard per curated shard keeps resumption deterministic). The unit of "
-                                 "memory downstream: a merge task holds ~10 row groups (feature_writer."
+                                 "memory downstream: a merge task holds ~10 row groups (features.writer."
                                  "merge_peak_bound: ~1 GiB at 64 rows of 1.56 MiB, vosr-0.5b / 512 px) and "
                                  "training reads mix row groups of many shards per block (train.read_block_mb).",
                                  ge=1)

@@ -44,7 +44,6 @@ from pipelines.curation.stage1 import ledger_uri, run_unit, scan_stage1, stage1_
 from pipelines.curation.tars import tar_unit_peak_bytes
 from vosr import storage
 
-ROOT = Path(__file__).resolve().parents[1]
 LISTING_DIR = "_listing"  # listing manifests and re-chunked URL lists (pipelines/curation/listing.py, sources.py)
 STAGE1_COLUMNS = ["unit", "row", "reason", "id", "width", "height", "gradient", "sha256", "phash",
                   "list_category", "embedding", "fidelity", "native_scale"]
@@ -209,17 +208,13 @@ def stage_dedup(meta, ccfg) -> tuple[Any, dict]:
 
 
 def _star_decisions(batch: pa.Table) -> pa.Table:
-    a, b = batch["a"], batch["b"]
+    a, b = dedup.key_fields(batch["a"]), dedup.key_fields(batch["b"])
     n = batch.num_rows
-
-    def part(col, start, stop):
-        return pc.utf8_slice_codeunits(col, start, stop)
     return pa.table({
-        "unit": part(a, dedup._UNIT_AT, dedup._ROW_AT),
-        "row": pc.cast(part(a, dedup._ROW_AT, dedup._KEY_LEN), pa.int32()),
-        "kind": pa.array([writer.KIND_DECISION] * n, pa.int8()), "id": part(a, dedup._ID_AT, dedup._UNIT_AT),
+        "unit": a["unit"], "row": a["row"],
+        "kind": pa.array([writer.KIND_DECISION] * n, pa.int8()), "id": a["id"],
         "category": pa.nulls(n, pa.string()), "category_source": pa.nulls(n, pa.string()),
-        "duplicate_of": part(b, dedup._ID_AT, dedup._UNIT_AT),
+        "duplicate_of": b["id"],
         "drop_reason": pa.array(["duplicate"] * n, pa.string()), "ledger_gen": pa.nulls(n, pa.int32()),
     }, schema=writer.DECISION_SCHEMA)
 

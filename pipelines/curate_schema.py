@@ -39,13 +39,12 @@ curate.columns.metadata, as one JSON object per row (null when none are carried)
 (analysis.native_scale) to both; `sharpness` is null unless curate.filters.min_sharpness is on (it is computed only
 for that filter).
 
-Readers use `read_kept(uri)` (Ray Data) or `read_kept_table(uri)` (pyarrow), or filter with `KEPT_FILTER`.
+Readers use `read_kept(uri)` (a Ray Dataset of the kept rows).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from vosr import storage
 
@@ -106,8 +105,6 @@ STAGE1_SCHEMA = pa.schema(
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
 
-KEPT_FILTER = pc.field("kept") == pa.scalar(True)
-
 SHARDS_DIR = "shards"
 STAGE1_DIR = "_stage1"
 SUMMARY_FILE = "summary.json"
@@ -150,24 +147,6 @@ def check_schema(schema: pa.Schema) -> None:
     missing = [f.name for f in CURATED_SCHEMA if f.name not in schema.names]
     if missing:
         raise ValueError(f"curated shard lacks columns {missing}")
-
-
-def read_kept_table(uri: str, endpoint_url: str = "", columns: list[str] | None = None) -> pa.Table:
-    """All kept rows of a curate output root as one pyarrow table (small data / tests; no Ray)."""
-    import pyarrow.parquet as pq
-
-    tables = []
-    for f in shard_files(uri, endpoint_url):
-        fs, path = _reader_fs(f, endpoint_url)
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        check_schema(pf.schema_arrow)
-        t = pf.read(columns=None)
-        t = t.filter(pc.equal(t["kept"], True))
-        tables.append(t.select(columns) if columns else t)
-    if not tables:
-        schema = CURATED_SCHEMA if not columns else pa.schema([CURATED_SCHEMA.field(c) for c in columns])
-        return schema.empty_table()
-    return pa.concat_tables(tables)
 
 
 def read_kept(uri: str, endpoint_url: str = "", columns: list[str] | None = None):

@@ -82,6 +82,8 @@ def mlflow_environment_restored():
     calls mlflow.set_tracking_uri / set_experiment itself (MLflow writes those into os.environ) must not point the
     next test's jobs at its store."""
     yield
+    if "mlflow" in sys.modules:  # and no process-wide registry left behind: clients would register there
+        sys.modules["mlflow"].set_registry_uri("")
     for name, value in _MLFLOW_AT_START.items():
         if value is None:
             os.environ.pop(name, None)

@@ -1,18 +1,21 @@
 """The training jobs' configuration sections: `train` (training/pretrain.py, training/distill.py) and
-`distill_job` (the distillation job's own keys). jobkit/config.py puts them under the one root."""
+`distill_job` (the distillation job's own keys), registered with @config_section (jobkit/jobs.py); jobkit/config.py
+puts them under the one root."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobkit.jobs import config_section
 from vosr.config import option
 
 
+@config_section("train", "Training jobs (training/pretrain.py, training/distill.py).")
 @dataclass
 class TrainConfig:
     features: str = option("outputs/features", "Feature shards to train on (unused when train.online).")
     online: bool = option(False, "Degrade and encode the curated shards of precompute.input inside the data "
-                          "pipeline (pipelines/online.py) instead of reading feature shards.")
+                          "pipeline (pipelines/features/online.py) instead of reading feature shards.")
     storage_path: str = option("outputs/checkpoints", "Ray Train RunConfig storage (folder or s3://).")
     steps: int = option(200, "Optimiser steps (paper: 400K per stage).", ge=1)
     batch_size: int = option(8, "Global batch size (split across workers; paper: 256 at 512 px).", ge=1)
@@ -64,6 +67,7 @@ class TrainConfig:
                               "do not re-read the shards; leave off for large feature sets.")
 
 
+@config_section("distill_job", "Distillation job specifics.")
 @dataclass
 class DistillTrainConfig:
     teacher: str = option("", "Teacher checkpoint folder (its EMA weights are used).")

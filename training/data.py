@@ -1,8 +1,8 @@
 """Training data: feature shards (or the online dataset) -> held-out split -> per-worker batch streams.
 
 Driver side: `training_datasets(cfg)` opens the materialised feature shards (after checking their metadata file
-against the config, pipelines/feature_schema.check_compatible) or builds the online dataset
-(pipelines/online.py), and splits rows by a hash of their image id into train and held-out validation
+against the config, pipelines/features/schema.check_compatible) or builds the online dataset
+(pipelines/features/online.py), and splits rows by a hash of their image id into train and held-out validation
 (data.holdout_fraction; every variant of an image lands on the same side).
 Mixing (train.mix_shards, docs/mixing.md): shards are written sorted by (id, variant), one per curated source unit,
 so reading them in order gives one-source batches with an image's variants side by side. The training rows are
@@ -112,7 +112,7 @@ def read_task_peak_bound(target_bytes: int, block_bytes: int | None = None) -> i
 
 def feature_row_bytes(schema: pa.Schema) -> int:
     """In-memory bytes of one feature row (the tensor columns plus a little per other column)."""
-    from pipelines.feature_writer import schema_row_bytes
+    from pipelines.features.writer import schema_row_bytes
 
     return max(1, schema_row_bytes(schema))
 
@@ -340,11 +340,11 @@ def open_features(cfg: Any, mix: bool = False):
     drawing on many shards (mixed_shards_datasource; cached: mix_tables, planned once)."""
     tc = cfg.train
     if tc.online:  # reads the curated shards of precompute.input and encodes on the fly
-        from pipelines.online import online_dataset, online_metadata
+        from pipelines.features.online import online_dataset, online_metadata
 
         return online_dataset(cfg), {"mode": "online", "metadata": online_metadata(cfg)}
-    from pipelines.feature_schema import check_compatible, read_metadata
-    from pipelines.feature_writer import shard_files
+    from pipelines.features.schema import check_compatible, read_metadata
+    from pipelines.features.writer import shard_files
     from vosr import storage
 
     meta = read_metadata(tc.features, tc.s3_endpoint_url)
@@ -372,7 +372,7 @@ def training_datasets(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
     keep_train = _SplitFilter(frac, keep_holdout=False)
     keep_val = _SplitFilter(frac, keep_holdout=True, first_variant_only=True)
     if cfg.train.online:  # split the curated images before they are decoded, degraded and encoded
-        from pipelines.online import online_dataset, online_metadata
+        from pipelines.features.online import online_dataset, online_metadata
 
         info = {"mode": "online", "metadata": online_metadata(cfg)}
         return (online_dataset(cfg, keep_rows=keep_train), online_dataset(cfg, variants=[0], keep_rows=keep_val),
@@ -406,7 +406,7 @@ def decode_batch(batch: pa.Table | dict, device, meta: dict | None = None) -> di
     """Feature rows -> {"hq", "lq", "sem": float32 tensors on `device`, "ids": list[str]}."""
     import torch
 
-    from pipelines.feature_schema import decode_feature_rows
+    from pipelines.features.schema import decode_feature_rows
 
     rows = decode_feature_rows(batch, meta)
     return {"hq": rows["hr_latent"].to(device=device, dtype=torch.float32),

@@ -47,16 +47,6 @@ def grad_norm_value(norm: torch.Tensor) -> float:
     return float(_full(norm))
 
 
-@torch.no_grad()
-def update_ema(ema, model: nn.Module) -> None:
-    """vosr.ema.EMA step from a sharded model, gathering each parameter (every rank keeps a full EMA copy).
-    Kept for reference and tests; the training loop uses ShardedEMA, which does not communicate per step."""
-    src = {name: _full(p.detach()) for name, p in model.named_parameters()}
-    for name, p_ema in ema.module.named_parameters():
-        p_ema.lerp_(src[name].to(p_ema.device, p_ema.dtype), 1.0 - ema.decay)
-    ema.num_updates += 1
-
-
 class ShardedEMA:
     """The EMA of a fully_shard-ed model kept as each rank's local shards, updated every optimiser step with one
     torch._foreach_lerp_ over the local shards (no communication: the same p_ema <- d p_ema + (1 - d) p per

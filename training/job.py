@@ -21,7 +21,6 @@ from typing import Any
 
 from vosr import storage
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_INFO = "_vosr_run.json"
 SUMMARY = "summary.json"
 
@@ -316,8 +315,8 @@ def trainer_host_peak_bytes(cfg: Any, row_bytes: int, params: int, teacher_param
 def plan_stages(cfg: Any, images: int, job: str = "pretrain") -> list:
     """`vosr plan` entries of a training job (pretrain or distill) reading the features of `images` images."""
     from jobkit.plan import GPU_EFFECTIVE_FLOPS, Proc, Stage, ceil_div, gib
-    from pipelines.feature_schema import schema_for_config
-    from pipelines.feature_writer import schema_row_bytes
+    from pipelines.features.schema import schema_for_config
+    from pipelines.features.writer import schema_row_bytes
     from training.data import read_task_peak_bound
     from vosr.model import count_parameters
 

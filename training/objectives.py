@@ -60,11 +60,6 @@ class PretrainObjective:
         return sample_multistep(model, lq, sem, steps=f.steps, schedule=f.schedule,
                                 guidance_scale=f.guidance_scale, weak_strength=f.weak_strength, noise=noise)
 
-    def sampler_params(self) -> dict[str, Any]:
-        f = self.cfg.flow
-        return {"sampler": "multistep", "steps": f.steps, "guidance_scale": f.guidance_scale,
-                "weak_strength": f.weak_strength}
-
 
 class DistillObjective:
     name = "distill"
@@ -115,9 +110,6 @@ class DistillObjective:
         from vosr.flow import sample_fewstep
 
         return sample_fewstep(model, lq, sem, steps=self.cfg.distill.onestep_steps, noise=noise)
-
-    def sampler_params(self) -> dict[str, Any]:
-        return {"sampler": "fewstep", "steps": self.cfg.distill.onestep_steps}
 
 
 OBJECTIVES = {"pretrain": PretrainObjective, "distill": DistillObjective}

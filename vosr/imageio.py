@@ -231,12 +231,6 @@ def _source_info(img: Image.Image, kind: str, data: bytes) -> SourceInfo:
     return info
 
 
-def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
-    """(format, width, height) from the header only; raises ImageDecodeError like decode_image."""
-    img = _open_checked(data, max_pixels)
-    return (img.format or "unknown").lower(), img.size[0], img.size[1]
-
-
 def decode_image(data: bytes, max_pixels: int, *, with_format: bool = False) -> Any:
     """Decode untrusted bytes into an RGB image (EXIF orientation applied).
 

@@ -110,15 +110,6 @@ def gaussian_weights(size: int, dtype: torch.dtype = torch.float32,
     return torch.outer(w, w).to(dtype=dtype, device=device)
 
 
-def covers(grid: TileGrid, latent_h: int, latent_w: int) -> bool:
-    """True when every latent position lies in at least one tile."""
-    hit = torch.zeros(latent_h, latent_w, dtype=torch.bool)
-    for t in grid.tiles:
-        ys, xs = t.latent_slice()
-        hit[ys, xs] = True
-    return bool(hit.all())
-
-
 class TiledVelocity:
     """A whole-image velocity function built from per-tile velocity functions, blended at every call.
 

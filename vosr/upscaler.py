@@ -630,8 +630,3 @@ def _from_batch(x: torch.Tensor, kinds: list[tuple], counts: list[int], quantize
             res = res.to(device)
             out.append(res[0] if single else res)
     return out
-
-
-def load_upscaler(checkpoint: str, cfg=None, device: str | None = None) -> Upscaler:
-    """A checkpoint folder; other URIs: Upscaler.from_pretrained (vosr.model_uri)."""
-    return Upscaler(checkpoint, cfg, device=device)

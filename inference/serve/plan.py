@@ -8,7 +8,7 @@ def plan_stages(cfg, images: int) -> list:
     hold (max_ongoing_requests x max_body_bytes) and one batch of the largest images at work (decoded input and x4
     float32 output, twice). `images` (the corpus) does not enter: a replica's unit of work is one batch."""
     from jobkit.plan import Proc, Stage, gib
-    from pipelines.feature_stages import ENCODER_WEIGHT_BYTES
+    from pipelines.features.stages import ENCODER_WEIGHT_BYTES
     from vosr.model import count_parameters
 
     sc = cfg.serve

@@ -45,7 +45,6 @@ class FetchResult:
     detail: str = ""
     status: int = 0
     attempts: int = 0
-    final_url: str = ""
     content_type: str = ""  # as the server declared it; recorded, never trusted (the bytes are sniffed)
 
 
@@ -283,7 +282,7 @@ class Crawler:
         except BlockedAddressError as exc:
             raise _Failure("blocked_address", str(exc)) from exc
 
-    async def _one_attempt(self, session: aiohttp.ClientSession, url: str) -> tuple[bytes, int, str, str]:
+    async def _one_attempt(self, session: aiohttp.ClientSession, url: str) -> tuple[bytes, int, str]:
         cfg = self.cfg
         hops = 0
         while True:
@@ -327,7 +326,7 @@ class Crawler:
                                 raise _Failure("oversize", f"body > {cfg.max_bytes} bytes", status)
                             if len(buf) - len(chunk) < 1 << 16 <= len(buf) and _text_body(buf):
                                 break  # an HTML / JSON / XML page: its start is enough to refuse it
-                        return bytes(buf), status, url, ctype
+                        return bytes(buf), status, ctype
                 except _Failure as f:
                     f.host = host
                     if f.retry_after is not None and f.status in (429, 503):  # before the gate lets the next in
@@ -357,9 +356,8 @@ class Crawler:
         while True:
             attempts += 1
             try:
-                data, status, final, ctype = await self._one_attempt(session, url)
-                return FetchResult(url, "ok", data, status=status, attempts=attempts, final_url=final,
-                                   content_type=ctype)
+                data, status, ctype = await self._one_attempt(session, url)
+                return FetchResult(url, "ok", data, status=status, attempts=attempts, content_type=ctype)
             except _Failure as f:
                 if not _retryable(f.reason) or attempts > cfg.retries:
                     return FetchResult(url, f.reason, None, f.detail, f.status, attempts)
@@ -485,11 +483,3 @@ def iter_fetch(urls: list[str], crawl_cfg, shared_gates=None) -> Iterator[tuple[
         thread.join(timeout=30)
         if not thread.is_alive():
             loop.close()
-
-
-def fetch_urls(urls: list[str], crawl_cfg, shared_gates=None) -> list[FetchResult]:
-    """Fetch a list of URLs (blocking); results in input order, one per URL."""
-    out: list[FetchResult | None] = [None] * len(urls)
-    for i, res in iter_fetch(urls, crawl_cfg, shared_gates):
-        out[i] = res
-    return out  # type: ignore[return-value]

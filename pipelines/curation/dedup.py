@@ -99,16 +99,14 @@ def node_key(width: int, height: int, fidelity: float, native_scale: float, rid:
     return key
 
 
-def key_id(key: str) -> str:
-    return key[_ID_AT:_UNIT_AT]
+def key_fields(keys) -> dict[str, pa.ChunkedArray | pa.Array]:
+    """The image id, block (unit) and row that node keys name, from an Arrow string array of keys (node_key)."""
 
+    def part(start: int, stop: int):
+        return pc.utf8_slice_codeunits(keys, start, stop)
 
-def key_unit(key: str) -> str:
-    return key[_UNIT_AT:_ROW_AT]
-
-
-def key_row(key: str) -> int:
-    return int(key[_ROW_AT:_KEY_LEN])
+    return {"id": part(_ID_AT, _UNIT_AT), "unit": part(_UNIT_AT, _ROW_AT),
+            "row": pc.cast(part(_ROW_AT, _KEY_LEN), pa.int32())}
 
 
 def add_node_keys(batch: pa.Table, unit_order: dict[str, int] | None = None) -> pa.Table:

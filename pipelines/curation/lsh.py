@@ -54,13 +54,6 @@ def block_spec(m: int) -> list[tuple[int, int]]:
     return out
 
 
-def band_spec(k: int) -> list[tuple[int, int]]:
-    """The k+1 single bands of the plain pigeonhole (r = 1); kept for the docs and tests."""
-    if not 0 <= k <= 63:
-        raise ValueError(f"hamming radius k={k} must be in 0..63")
-    return block_spec(k + 1)
-
-
 def _subsets(m: int, size: int) -> np.ndarray:
     """Every `size`-subset of m blocks as a bit mask (int64), vectorised."""
     cur, last = np.zeros(1, np.int64), np.full(1, -1)
@@ -265,6 +258,17 @@ def block_value(u: np.ndarray, blocks) -> np.ndarray:
     return part
 
 
+def split_spans(u: np.ndarray, split) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The values' order by their split-block value (stable, so ascending indices stay ascending within a part)
+    and the [start, end) span of each part in that order."""
+    part = block_value(u, split)
+    if len(part) and part.max() < (1 << 16) - 2:
+        part = part.astype(np.uint16)  # a radix sort
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
+    return order, [(int(bounds[p]), int(bounds[p + 1])) for p in range(len(bounds) - 1)]
+
+
 def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None, tables=None,
                n_plan: int | None = None, part_size: int = 1 << 16):
     """All pairs (i < j) of distinct values u within distance k (exact), over all tables (or the given ones).
@@ -278,14 +282,9 @@ def near_pairs(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = None
     ob = orow = 0
     for split, group in split_groups(tables, n, part_size):
         if split:
-            part = block_value(u, split)
-            if len(part) and part.max() < (1 << 16) - 2:
-                part = part.astype(np.uint16)  # a radix sort
-            order = np.argsort(part, kind="stable")
-            bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
+            order, spans = split_spans(u, split)
             uo = u[order]
             co = counts[order] if counts is not None else None
-            spans = [(int(bounds[p]), int(bounds[p + 1])) for p in range(len(bounds) - 1)]
         else:
             order, uo, co, spans = None, u, counts, [(0, n)]
         for blocks in group:
@@ -433,15 +432,9 @@ def near_forest(u: np.ndarray, k: int, cap: int, counts: np.ndarray | None = Non
     ob = orow = nv = 0
     for split, group in split_groups(tables, n, part_size):
         if split:
-            part = block_value(u, split)
-            if len(part) and part.max() < (1 << 16) - 2:
-                part = part.astype(np.uint16)  # a radix sort
-            order = np.argsort(part, kind="stable")
-            bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
-            del part
+            order, spans = split_spans(u, split)
             uo = u[order]
             co = counts[order] if counts is not None else None
-            spans = [(int(bounds[p]), int(bounds[p + 1])) for p in range(len(bounds) - 1)]
         else:
             order, uo, co, spans = np.arange(n), u, counts, [(0, n)]
         for blocks in group:
@@ -493,18 +486,3 @@ def lsh_pairs_local(hashes, k: int, cap: int = 1 << 30) -> set[tuple[int, int]]:
     for a, b in zip(i.tolist(), j.tolist()):
         out.update((min(x, y), max(x, y)) for x in group[a] for y in group[b])
     return out
-
-
-def brute_force_pairs(hashes, k: int, chunk: int = 2048) -> set[tuple[int, int]]:
-    """All index pairs within distance k by exhaustive comparison (vectorised popcount in chunks)."""
-    u = as_u64(hashes)
-    n = len(u)
-    found: set[tuple[int, int]] = set()
-    for s in range(0, n, chunk):
-        block = u[s:s + chunk]
-        d = popcount(block[:, None] ^ u[None, :])
-        i, j = np.nonzero(d <= k)
-        i = i + s
-        keep = i < j
-        found.update(zip(i[keep].tolist(), j[keep].tolist()))
-    return found

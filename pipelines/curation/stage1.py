@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -299,12 +298,6 @@ def retry_unit(unit: Unit, key: str, current_uri: str, ccfg, sink: LedgerWriter,
     reasons = [r for r, row in zip(small["reason"].to_pylist(), small["row"].to_pylist()) if row not in old]
     stats = ledger_stats(key, reasons + sink.reasons[:len(old)], time.perf_counter() - t0)
     return stats, len(old), changed
-
-
-def table_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
 
 
 def run_unit(unit: Unit, key: str, ccfg, gen: int = -1, gates=None) -> dict:

@@ -29,7 +29,6 @@ from pipelines.curation.sources import Item, Unit, _cat, metadata_json
 from vosr import storage
 from vosr.imageio import IMAGE_SUFFIXES
 
-TAR_REASONS = ("tar_missing", "tar_truncated", "tar_corrupt", "no_image_member")
 SMALL_MEMBER_MAX_BYTES = 1 << 20      # a json/txt/cls member larger than this is skipped unread
 SMALL_FIELDS = ("json", "txt", "cls")
 TAR_READ_BLOCK = 8 << 20              # S3: bytes fetched per ranged read (fsspec readahead cache)

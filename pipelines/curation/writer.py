@@ -6,7 +6,6 @@ counts as stale); both are rewritten by the next run and never accepted (see cur
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections import Counter
@@ -203,8 +202,3 @@ def write_unit_shard(group: pa.Table, output: str, endpoint_url: str, fingerprin
     text = json.dumps(stats, indent=1)
     storage.write_bytes_atomic(stats_uri, text.encode(), endpoint_url)  # the commit marker, last
     return pa.table({"unit": [unit], "skipped": [False], "stats": [text]}, schema=RESULT_SCHEMA)
-
-
-def read_parquet_bytes(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
-

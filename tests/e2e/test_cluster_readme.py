@@ -50,14 +50,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from jobkit.jobs import submitted
 from pipelines.curate_schema import CURATED_SCHEMA
 from tests.helpers.http_fixture import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 BEGIN, END = "<!-- cluster-begin -->", "<!-- cluster-end -->"
-JOBS = {"curate": "pipelines/curate.py", "precompute": "pipelines/precompute.py", "pretrain": "training/pretrain.py",
-        "distill": "training/distill.py", "evaluate": "inference/evaluate.py"}
+JOBS = {job.name: job.script for job in submitted()}  # curate -> ... -> evaluate (jobkit/jobs.py)
 SETTINGS = ("HEAD", "DATA", "URLS", "HR", "MLFLOW")
 # small enough for ~2 minutes on 2 CPUs; the demo's stages after the jobs keep their evaluation images (report)
 DEMO_TINY = ["data.resolution=32", "semantic.input_size=32", "model.hidden_size=32", "model.depth=1",

@@ -2,7 +2,7 @@
 
 Each photo is cropped (vosr.degrade.random_crop), degraded (vosr.degrade.degrade, per-image seeds) and encoded
 with vosr.features.encode_views (pixel codec + tiny ViT), then written in the feature-shard schema of
-pipelines/feature_schema.py with its `_vosr_features.json`, exactly the layout pipelines/precompute.py writes.
+pipelines/features/schema.py with its `_vosr_features.json`, exactly the layout pipelines/precompute.py writes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from PIL import Image
 
 
 def make_feature_shards(cfg, photos: list[Path], out: Path, rows_per_shard: int = 4, variants: int = 1) -> Path:
-    from pipelines import feature_schema as fsch
+    from pipelines.features import schema as fsch
     from vosr.degrade import degrade, random_crop
     from vosr.encoders import build_autoencoder, build_semantic_encoder
     from vosr.features import encode_views

@@ -16,6 +16,7 @@ from jobkit.config import config_from_dict
 from jobkit.memprobe import rss_bytes
 from pipelines import curate
 from pipelines.curation import balance, dedup, lsh
+from tests.helpers.curation import brute_force_pairs
 from tests.helpers.dedup import _keys, components, corpus
 from tests.helpers.kmeans_reference import kmeans_fit_reference
 
@@ -55,7 +56,7 @@ def test_search_tasks_read_only_their_own_partition_and_find_the_same_groups(ray
     k = 6
     h = corpus(3000, k, seed=11)
     keys = _keys(len(h))
-    brute = np.array(sorted(lsh.brute_force_pairs(h, k))).T
+    brute = np.array(sorted(brute_force_pairs(h, k))).T
     root = components(len(h), brute[0], brute[1])
     members: dict = {}
     for x in range(len(h)):
@@ -230,7 +231,7 @@ def test_ray_form_finds_the_same_groups(ray_local):
     keys = _keys(len(h))
     rows = pa.table({"key": keys, "phash": h})
     blocks = [ray_local.put(rows.slice(s, 500)) for s in range(0, len(h), 500)]
-    brute = np.array(sorted(lsh.brute_force_pairs(h, k))).T
+    brute = np.array(sorted(brute_force_pairs(h, k))).T
     root = components(len(h), brute[0], brute[1])
     members = {}
     for x in range(len(h)):

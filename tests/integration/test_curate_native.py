@@ -119,7 +119,8 @@ def test_representative_rule_native_pixels_then_fidelity_then_input_order():
     first = _key(1000, 800, 100.0, 1.0, "f" * 32, "b" * 24, row=7, order=2)
     assert first < _key(1000, 800, 100.0, 1.0, "0" * 32, "a" * 24, row=0, order=3)
     assert first < _key(1000, 800, 100.0, 1.0, "0" * 32, "b" * 24, row=8, order=2)
-    assert dedup.key_id(first) == "f" * 32 and dedup.key_unit(first) == "b" * 24 and dedup.key_row(first) == 7
+    fields = {k: v[0].as_py() for k, v in dedup.key_fields(pa.array([first])).items()}
+    assert fields == {"id": "f" * 32, "unit": "b" * 24, "row": 7}
     # a missing or sub-native estimate counts as native
     assert _key(1000, 800, 100.0, None) == _key(1000, 800, 100.0, 0.5) == _key(1000, 800, 100.0, 1.0)
 

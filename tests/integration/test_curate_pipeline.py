@@ -13,7 +13,8 @@ import pytest
 from jobkit.config import config_from_dict
 from jobkit.faults import FaultInjected
 from pipelines import curate
-from pipelines.curate_schema import CURATED_SCHEMA, read_kept, read_kept_table, shard_files
+from pipelines.curate_schema import CURATED_SCHEMA, read_kept, shard_files
+from tests.helpers.curation import read_kept_table
 from tests.helpers.http_fixture import encode, http_site  # noqa: F401 - pytest fixture
 from tests.helpers.s3_fixture import s3  # noqa: F401 - pytest fixture
 from vosr import storage

@@ -14,8 +14,9 @@ from PIL import Image
 
 from jobkit.config import config_from_dict, load_config
 from pipelines import curate
-from pipelines.curate_schema import read_kept_table, shard_files
+from pipelines.curate_schema import shard_files
 from pipelines.curation.sources import plan_units
+from tests.helpers.curation import read_kept_table
 from tests.helpers.http_fixture import http_server
 from tests.helpers.s3_fixture import s3  # noqa: F401 - pytest fixture
 
@@ -94,7 +95,7 @@ def test_a_lost_domain_gate_fails_the_block_not_its_urls(env, photos):
     """When the crawl-wide gate cannot be reached (its actor gone, as on a lost node), the block's crawl raises
     GateUnavailable (curate retries the block) instead of writing every waiting URL off as a fetch error."""
     from pipelines.curation import politeness
-    from pipelines.curation.crawl import fetch_urls
+    from tests.helpers.curation import fetch_urls
 
     ccfg = config_from_dict({"curate": {"crawl": {"allow_hosts": ["127.0.0.1"], "timeout_s": 5.0}}}).curate
     with http_server(photos[:1]) as site:

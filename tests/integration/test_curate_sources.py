@@ -277,7 +277,8 @@ def test_folders_are_listed_by_ray_tasks_into_manifests_and_the_driver_holds_no_
 def test_tar_source_on_s3_killed_mid_way_resumes_to_the_same_output(env, photos, tmp_path):
     from jobkit.faults import FaultInjected
     from pipelines import curate
-    from pipelines.curate_schema import read_kept_table, shard_files
+    from pipelines.curate_schema import shard_files
+    from tests.helpers.curation import read_kept_table
 
     s3site = env
     imgs = _small_photos(photos, tmp_path / "img")

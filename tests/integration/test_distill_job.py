@@ -22,7 +22,7 @@ TEACHER_STEPS = 150
 
 
 def _rows(features: Path):
-    from pipelines.feature_schema import decode_feature_rows
+    from pipelines.features.schema import decode_feature_rows
 
     table = pa.concat_tables([pq.read_table(p) for p in sorted((features / "shards").glob("*.parquet"))])
     rows = decode_feature_rows(table)

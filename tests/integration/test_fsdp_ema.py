@@ -1,6 +1,6 @@
 """training/fsdp.ShardedEMA: on a 2-process gloo group without Ray, the EMA kept as
 local shards and updated with torch._foreach ops gives, once gathered, exactly the EMA that gathers every
-parameter every step (training/fsdp.update_ema), also for parameters whose first dimension does not split evenly."""
+parameter every step (update_ema below), also for parameters whose first dimension does not split evenly."""
 
 from __future__ import annotations
 
@@ -17,12 +17,23 @@ import vosr.ema  # noqa: F401
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@torch.no_grad()
+def update_ema(ema, model) -> None:
+    """The reference: a vosr.ema.EMA step from a sharded model that gathers every parameter (every rank keeps a full
+    EMA copy), the per-step communication ShardedEMA avoids."""
+    src = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+           for name, p in model.named_parameters()}
+    for name, p_ema in ema.module.named_parameters():
+        p_ema.lerp_(src[name].to(p_ema.device, p_ema.dtype), 1.0 - ema.decay)
+    ema.num_updates += 1
+
+
 def _worker(rank: int, world: int, rdzv: str, out: str) -> None:
     sys.path.insert(0, str(ROOT))
     import torch.distributed as dist
     from torch import nn
 
-    from training.fsdp import ShardedEMA, shard, update_ema
+    from training.fsdp import ShardedEMA, shard
     from vosr.ema import EMA
 
     torch.set_num_threads(1)

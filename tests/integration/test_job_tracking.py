@@ -48,6 +48,10 @@ def test_two_jobs_in_one_process_each_log_into_their_own_store(tmp_path, monkeyp
     for name, (cfg, run_id) in ids.items():
         assert resolve_tracking_uri(cfg) == f"sqlite:///{(tmp_path / name).resolve() / 'mlflow.db'}"
         assert MlflowClient(tracking_uri=resolve_tracking_uri(cfg)).get_run(run_id).info.run_name == f"{name}-serve"
+    # no registry of the last job is left process-wide: MLflow's registry follows its tracking URI again
+    import mlflow
+
+    assert mlflow.get_registry_uri() == mlflow.get_tracking_uri() == resolve_tracking_uri(ids["second"][0])
     # the user's own setting is kept, and used
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'user.db'}")
     cfg = load_config(None, [f"run.output_root={tmp_path / 'third'}", "run.name=third"])

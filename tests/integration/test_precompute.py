@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from jobkit.config import config_from_dict
-from pipelines import feature_schema as fsch
 from pipelines.curate_schema import CURATED_SCHEMA
+from pipelines.features import schema as fsch
 from tests.helpers.s3_fixture import s3_server
 from vosr import storage
 
@@ -119,13 +119,13 @@ def materialised(s3, ray_local, curated, tmp_path_factory):
     completion. (s3 starts before Ray so the workers inherit its test credentials.) Both runs under DriverGuard,
     with the plan's row counting in tasks (one shard per task)."""
     from jobkit.faults import FaultInjected
-    from pipelines.precompute import run
+    from pipelines.features.job import run
 
     local = tmp_path_factory.mktemp("run")
     out, ep = s3.uri("features"), s3.endpoint_url
     with pytest.MonkeyPatch.context() as mp:
         guard = DriverGuard(mp)
-        mp.setattr("pipelines.precompute.PLAN_FILES_PER_TASK", 1)  # plan counts kept rows in Ray tasks too
+        mp.setattr("pipelines.features.job.PLAN_FILES_PER_TASK", 1)  # plan counts kept rows in Ray tasks too
         with pytest.raises(FaultInjected):
             run(_cfg(curated[0], out, local, ep, fail_after_shards=1), log=lambda s: None)
         interrupted = {"keys": s3.keys("features/shards/"), "first": _read(out, ep, "part-00000.parquet"),
@@ -190,7 +190,7 @@ def test_rows_match_direct_library_computation(materialised, curated):
 
 
 def test_online_equals_materialised(materialised, ray_local):
-    from pipelines.online import online_dataset, online_metadata
+    from pipelines.features.online import online_dataset, online_metadata
 
     cfg, out, _, _, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
@@ -212,7 +212,7 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
     """The killed run left exactly one complete shard (plus its stats) and no partial object; the re-run skipped
     it, wrote the other and left the first untouched; all rows equal the direct library computation (test above)
     and the online mode."""
-    from pipelines.precompute import run
+    from pipelines.features.job import run
 
     cfg, out, summary, _, interrupted, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
@@ -227,7 +227,7 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
 def test_no_row_batch_reaches_the_driver(materialised, s3):
     """Rows stay out of the driver: during both runs the driver iterated only the part summaries (shard, part uri, rows), a few
     hundred bytes each; it never took, listed or converted rows. The transient parts were removed at the end."""
-    from pipelines.feature_writer import PART_SUMMARY_SCHEMA, SHARDS_DIR
+    from pipelines.features.writer import PART_SUMMARY_SCHEMA, SHARDS_DIR
 
     assert SHARDS_DIR == fsch.SHARDS_DIR  # the torch-free writer module repeats the constant
     *_, interrupted, _, guard = materialised
@@ -242,7 +242,7 @@ def test_task_written_shards_equal_driver_side_assembly(materialised, curated, o
     """The shards written by tasks equal the previous driver-side path, recomputed here without Ray: the same
     stage functions over each curated shard, all rows concatenated, failed rows counted and dropped, sorted by
     (id, variant), cast to the schema."""
-    from pipelines.feature_stages import Encoder, make_pairs
+    from pipelines.features.stages import Encoder, make_pairs
 
     cfg, out, _, _, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
@@ -302,7 +302,7 @@ def test_mlflow_run_logged(materialised):
 
 
 def test_mismatched_features_are_refused(materialised, curated):
-    from pipelines.precompute import ensure_metadata, run
+    from pipelines.features.job import ensure_metadata, run
 
     cfg, out, _, _, _, _, _ = materialised
     ep = cfg.precompute.s3_endpoint_url
@@ -351,7 +351,7 @@ def test_writer_tasks_parts_then_merge(tmp_path):
     """The two writing tasks without Ray: parts per source shard with content-derived names (a retried task
     rewrites the same file), then the merge sorts, counts failed rows, writes stats + shard, removes the parts
     (stale ones of a killed run too)."""
-    from pipelines import feature_writer as fw
+    from pipelines.features import writer as fw
 
     out = str(tmp_path / "features")
     cfg = config_from_dict({"preset": "tiny", "precompute": {"output": out}})

@@ -111,7 +111,7 @@ def _feature_blocks(images: int, variants: int, per_block: int) -> list[pa.Table
     """Feature-schema rows whose hr_latent holds the row number, sorted by (id, variant) as shards are."""
     import torch
 
-    from pipelines.feature_schema import feature_schema, tensor_to_arrow
+    from pipelines.features.schema import feature_schema, tensor_to_arrow
 
     n = images * variants
     idx = torch.arange(n, dtype=torch.float32)

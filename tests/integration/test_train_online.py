@@ -1,5 +1,5 @@
 """Teacher pretraining in online mode on real local Ray (2 Ray Train workers): the training job reads curated
-Parquet shards and degrades + encodes them inside its Ray Data pipeline (pipelines/online.py), writing no feature
+Parquet shards and degrades + encodes them inside its Ray Data pipeline (pipelines/features/online.py), writing no feature
 shards. That online rows equal the materialised ones for the same (image, variant, seed) is
 tests/integration/test_precompute.py::test_online_equals_materialised; this test covers the training path on top of it.
 """

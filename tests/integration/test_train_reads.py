@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from jobkit.config import config_from_dict
-from pipelines import feature_schema as fsch
-from pipelines import feature_writer as fw
+from pipelines.features import schema as fsch
+from pipelines.features import writer as fw
 
 
 def _encoded_batch(cfg, rows: list[tuple[str, int, str, str]]) -> pa.Table:
@@ -88,7 +88,7 @@ def test_training_reads_only_finished_shards_never_leftover_parts(ray_local, fea
 
 def test_precompute_consumers_list_finished_shards_only(features_with_leftover_parts):
     """The precompute plan's resume listing and the feature listing every reader uses see shards/ only."""
-    from pipelines.precompute import plan
+    from pipelines.features.job import plan
 
     cfg, out, _ = features_with_leftover_parts
     assert [f.rsplit("/", 1)[1] for f in fw.shard_files(str(out))] == ["part-00000.parquet", "part-00001.parquet"]

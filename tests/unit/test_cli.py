@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from jobkit.cli import JOBS, main
+from jobkit.cli import main
+from jobkit.jobs import JOBS
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGED = ("curate", "precompute", "pretrain", "distill", "evaluate")
@@ -20,7 +21,9 @@ def test_help_lists_every_command_with_its_purpose(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name, (module, purpose) in {**JOBS, "config": ("", "resolved config"), "params": ("", "parameter")}.items():
+    commands = {**{j.name: (j.module, j.purpose) for j in JOBS.values()},
+                "config": ("", "resolved config"), "params": ("", "parameter")}
+    for name, (module, purpose) in commands.items():
         assert f"\n    {name}" in out, name
         assert purpose.split()[0] in out and module in out, name
 
@@ -43,7 +46,7 @@ def test_the_demo_is_a_command_whose_help_lists_the_jobs_it_chains(capsys):
     assert out.startswith("usage: vosr demo ")
     stages = out.split("Stages, top to bottom")[1]
     for job in ("curate", "precompute", "pretrain", "distill", "evaluate", "serve"):
-        assert f"python -m {JOBS[job][0]} --config configs/demo/{job}.yaml" in stages, job
+        assert f"python -m {JOBS[job].module} --config configs/demo/{job}.yaml" in stages, job
 
 
 def test_the_console_script_and_the_module_give_the_same_exit_code_and_error():
@@ -83,3 +86,48 @@ def test_exit_codes_usage_2_runtime_1_with_one_error_line_and_traceback_only_wit
     assert len(err) == 1 and err[0].startswith("error: FileNotFoundError: no curated shards under")
     with pytest.raises(FileNotFoundError):  # --debug: the exception itself, with its traceback
         precompute([*base, "--debug"])
+
+
+def test_the_job_table_names_modules_scripts_configs_and_sections_that_exist(capsys):
+    """jobkit/jobs.py is the one table of jobs: every module has a main, every submitted job's script and every
+    chain stage's demo and cluster configs exist, every section a job reads is a section of the root config, and
+    a config file's sections name its job."""
+    import dataclasses
+    import importlib.util
+
+    from jobkit.config import Config
+    from jobkit.jobs import chain, job_for_sections, submitted
+    from vosr.config import read_yaml
+
+    for job in JOBS.values():
+        assert importlib.util.find_spec(job.module) is not None, job
+    assert [j.name for j in chain()] == ["curate", "precompute", "pretrain", "distill", "evaluate", "serve"]
+    assert [j.name for j in submitted()] == ["curate", "precompute", "pretrain", "distill", "evaluate"]
+    for job in submitted():
+        assert (ROOT / job.script).is_file(), job.script
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for job in chain():
+        assert (ROOT / job.demo_config).is_file() and (ROOT / job.cluster_config).is_file(), job
+        assert set(job.sections) <= fields, job
+        for path in (job.demo_config, job.cluster_config):
+            assert job_for_sections(read_yaml(ROOT / path)) is job, path
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "python pipelines/precompute.py --config configs/cluster/precompute.yaml" in out
+    assert "VOSR_CONFIG=configs/cluster/serve.yaml serve run --working-dir . inference.serve:app" in out
+
+
+def test_the_registries_fail_on_an_unknown_name_listing_the_known_ones():
+    from jobkit.jobs import SECTIONS, Registry, RegistryError, config_section
+
+    with pytest.raises(KeyError) as exc:
+        JOBS["precompte"]
+    assert str(exc.value) == ("unknown job 'precompte'; known: curate, precompute, pretrain, distill, evaluate, serve, "
+                              "upscale, export, import, demo, plan")
+    with pytest.raises(RegistryError, match="registered twice"):
+        config_section("curate", "a second curate section")(type("Other", (), {}))
+    assert SECTIONS["curate"].cls.__name__ == "CurateConfig"
+    empty = Registry("widget")
+    with pytest.raises(RegistryError, match="unknown widget 'x'; known: none"):
+        empty["x"]

@@ -15,8 +15,9 @@ import pytest
 from jobkit.config import config_from_dict
 from pipelines.curate_schema import STAGE1_SCHEMA, shard_files
 from pipelines.curation import writer
-from pipelines.curation.crawl import _Policy, address_allowed, fetch_urls
+from pipelines.curation.crawl import _Policy, address_allowed
 from pipelines.curation.stage1 import ledger_uri
+from tests.helpers.curation import fetch_urls
 from tests.helpers.http_fixture import free_port, http_server
 from vosr import storage
 

@@ -9,13 +9,14 @@ import pyarrow as pa
 import pytest
 
 from pipelines.curation import dedup, lsh
+from tests.helpers.curation import brute_force_pairs
 from tests.helpers.dedup import _keys, components, corpus
 
 
 @pytest.mark.parametrize("k", [0, 3, 6, 8])
 def test_search_is_exact_on_planted_identical_and_skewed_hashes(k):
     h = corpus(1500, k, seed=k)
-    brute = lsh.brute_force_pairs(h, k)
+    brute = brute_force_pairs(h, k)
     assert lsh.lsh_pairs_local(h, k) == brute
     # every r gives the same pairs (pigeonhole holds for any number of blocks per key)
     uniq, first, counts, inv = lsh.group_identical(h)

@@ -18,7 +18,7 @@ from PIL import Image
 from jobkit.config import config_from_dict
 from pipelines.curation import dedup
 from pipelines.curation.analysis import Rejected, analyse, native_scale, native_sharpness
-from pipelines.curation.crawl import fetch_urls
+from tests.helpers.curation import fetch_urls
 from tests.helpers.http_fixture import encode, http_server
 from vosr.imageio import ALLOWED_FORMATS, IMAGE_SUFFIXES, ImageDecodeError, decode_image, jpeg_quality, sniff
 

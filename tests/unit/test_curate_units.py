@@ -16,8 +16,9 @@ from PIL import Image
 from jobkit.config import config_from_dict
 from pipelines.curation import dedup, lsh
 from pipelines.curation.analysis import Rejected, analyse, hash_to_int64
-from pipelines.curation.crawl import address_allowed, fetch_urls, parse_retry_after
+from pipelines.curation.crawl import address_allowed, parse_retry_after
 from pipelines.curation.sources import plan_units, read_items
+from tests.helpers.curation import brute_force_pairs, fetch_urls
 from tests.helpers.http_fixture import bomb_png_header_only, bomb_png_real, encode, http_server
 from vosr.imageio import ImageDecodeError, decode_image, image_to_tensor, tensor_to_image
 
@@ -93,7 +94,7 @@ def test_hash_to_int64_roundtrip_sign():
 
 def test_band_spec_covers_64_bits_with_k_plus_1_bands():
     for k in (0, 3, 6, 10, 31):
-        spec = lsh.band_spec(k)
+        spec = lsh.block_spec(k + 1)  # the plain pigeonhole: k + 1 single bands
         assert len(spec) == k + 1 and sum(w for _, w in spec) == 64
         assert [s for s, _ in spec] == list(np.cumsum([0] + [w for _, w in spec])[:-1])
 
@@ -108,7 +109,7 @@ def test_lsh_finds_exactly_the_brute_force_pairs():
         near.append((base[i].view(np.uint64) ^ mask).view(np.int64))
     h = np.concatenate([base, np.asarray(near, dtype=np.int64)])
     for k in (4, 8):
-        brute = lsh.brute_force_pairs(h, k)
+        brute = brute_force_pairs(h, k)
         assert lsh.lsh_pairs_local(h, k) == brute
         # the per-table path the Ray tasks run (each table alone, on the distinct values)
         uniq, first, counts, inverse = lsh.group_identical(h)
@@ -166,7 +167,8 @@ def test_node_keys_sort_best_first():
     assert min(big, small, big_enlarged, big_jpeg) == big
     assert min(big_jpeg, small) == big_jpeg  # native pixels first
     assert min(big_enlarged, big_jpeg) == big_jpeg  # never raw pixels
-    assert dedup.key_id(big) == "b" * 32 and dedup.key_unit(big) == "u" * 24 and dedup.key_row(big) == 5
+    fields = {k: v[0].as_py() for k, v in dedup.key_fields(pa.array([big])).items()}
+    assert fields == {"id": "b" * 32, "unit": "u" * 24, "row": 5}
 
 
 # ------------------------------------------------------------------ sources

@@ -1,8 +1,9 @@
-"""The streaming shard merge (pipelines/feature_writer.merge_parts): same bytes as the in-memory assembly, and a
+"""The streaming shard merge (pipelines/features/writer.merge_parts): same bytes as the in-memory assembly, and a
 peak bounded by a few output row groups whatever the shard's size (the merge task's memory at the real presets' row sizes)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import feature_writer as fw
+from pipelines.features import writer as fw
 
 ROOT = Path(__file__).resolve().parents[2]
 ROW_FLOATS = 32 * 1024  # 64 KiB of float16 per row: the feature bytes dominate, as at the real presets
@@ -34,6 +36,29 @@ def _part(ids, variants, errors, seed0: int) -> pa.Table:
     return pa.table({"id": ids, "variant": pa.array(variants, pa.int32()),
                      "seed": pa.array(range(seed0, seed0 + n), pa.int64()), "hr_latent": lat, "sem": sem,
                      "error": errors})
+
+
+def assemble_shard(parts: list[pa.Table], schema: pa.Schema) -> tuple[pa.Table, dict[str, int]]:
+    """The reference the streaming merge must equal: all rows of one shard in memory -> (sorted table of the good
+    rows in the shard schema, failed rows by reason)."""
+    failed: dict[str, int] = {}
+    if not parts:
+        return schema.empty_table(), failed
+    table = pa.concat_tables([p.select(schema.names + ["error"]) for p in parts])
+    for e in table.column("error").to_pylist():
+        if e:
+            failed[e] = failed.get(e, 0) + 1
+    table = table.filter(pc.equal(table.column("error"), ""))
+    table = table.sort_by([("id", "ascending"), ("variant", "ascending")])
+    return table.drop_columns(["error"]).cast(schema), failed
+
+
+def parquet_bytes(table: pa.Table, settings: dict) -> bytes:
+    """The shard file of a whole table written in memory in one go: the layout the streaming merge reproduces."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=settings["compression"], use_dictionary=settings["dictionary"],
+                   write_statistics=["id", "variant", "seed"], row_group_size=settings["row_group_size"])
+    return buf.getvalue()
 
 
 def test_streamed_merge_equals_in_memory_assembly_and_stays_under_its_bound(tmp_path):
@@ -60,7 +85,7 @@ def test_streamed_merge_equals_in_memory_assembly_and_stays_under_its_bound(tmp_
     assert shard_bytes > 4 * bound  # the shard is much larger than the bound: holding it would fail below
 
     # the merge in a fresh process: its Arrow pool's lifetime peak is the merge's own
-    code = ("import json, sys; import pyarrow as pa; from pipelines import feature_writer as fw; "
+    code = ("import json, sys; import pyarrow as pa; from pipelines.features import writer as fw; "
             "from tests.unit.test_feature_merge import _schema; a = json.loads(sys.argv[1]); a[0]['schema'] = _schema(); "
             "s = fw.finalize_shard(*a); print(json.dumps([s, pa.default_memory_pool().max_memory()]))")
     plain = {k: v for k, v in settings.items() if k != "schema"}
@@ -71,8 +96,8 @@ def test_streamed_merge_equals_in_memory_assembly_and_stays_under_its_bound(tmp_
     print(f"merge peak {peak} B, bound {bound} B, shard {shard_bytes} B")
     assert 0 < peak <= bound, (peak, bound, shard_bytes)
 
-    table, failed = fw.assemble_shard(parts, settings["schema"])
-    want = fw.parquet_bytes(table, settings)
+    table, failed = assemble_shard(parts, settings["schema"])
+    want = parquet_bytes(table, settings)
     got = (tmp_path / "features" / "shards" / "part-00007.parquet").read_bytes()
     assert got == want  # byte for byte: rows, order, row groups
     assert pq.ParquetFile(tmp_path / "features" / "shards" / "part-00007.parquet").metadata.num_row_groups == \
@@ -91,5 +116,5 @@ def test_merge_of_no_rows_writes_an_empty_shard(tmp_path):
                 "dictionary": ["id"], "row_group_size": G}
     stats = fw.finalize_shard(settings, "part-00000.parquet", [])
     got = (tmp_path / "f" / "shards" / "part-00000.parquet").read_bytes()
-    assert got == fw.parquet_bytes(_schema().empty_table(), settings)
+    assert got == parquet_bytes(_schema().empty_table(), settings)
     assert stats["rows"] == 0 and stats["images"] == 0 and stats["failed_rows_by_reason"] == {}

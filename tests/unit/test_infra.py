@@ -12,14 +12,14 @@ import pytest
 import yaml
 
 from jobkit.config import PRESETS, load_config
+from jobkit.jobs import JOBS
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 MANIFESTS = sorted((INFRA / "k8s").glob("*.yaml"))
 IMAGE_ROOT = "/opt/vosr"  # WORKDIR of infra/Dockerfile: where the repository lives inside the image
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-REQUIRED_JOBS = {"curate": "pipelines/curate.py", "precompute": "pipelines/precompute.py",
-                 "pretrain": "training/pretrain.py", "distill": "training/distill.py"}
+REQUIRED_JOBS = {name: JOBS[name].script for name in ("curate", "precompute", "pretrain", "distill")}
 
 
 def _load(path: Path) -> dict:

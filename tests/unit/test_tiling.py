@@ -11,12 +11,20 @@ import torch.nn.functional as F
 from vosr import flow
 from vosr.tiling import (
     TiledVelocity,
-    covers,
     gaussian_weights,
     reflect_pad,
     tile_grid,
     tile_starts,
 )
+
+
+def covers(grid, latent_h: int, latent_w: int) -> bool:
+    """True when every latent position lies in at least one tile."""
+    hit = torch.zeros(latent_h, latent_w, dtype=torch.bool)
+    for t in grid.tiles:
+        ys, xs = t.latent_slice()
+        hit[ys, xs] = True
+    return bool(hit.all())
 
 
 def test_tile_starts_append_the_edge_tile():

@@ -51,7 +51,3 @@ def compile_dit(model: nn.Module, *, dynamic: bool | None = None, backend: Any =
     for module in targets:
         module.compile(fullgraph=True, dynamic=dynamic, backend=backend, mode=mode)
     return model
-
-
-def is_compiled(model: nn.Module) -> bool:
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())

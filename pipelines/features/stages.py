@@ -1,5 +1,6 @@
-"""The stages shared by the materialised precompute (pipelines/precompute.py) and the online dataset
-(pipelines/online.py): the same functions in the same order, so both give equal rows for equal (id, variant, seed).
+"""The stages shared by the materialised precompute (pipelines/features/job.py) and the online dataset
+(pipelines/features/online.py): the same functions in the same order, so both give equal rows for equal
+(id, variant, seed).
 
     read_curated       curated kept rows (id, image bytes) as a Ray Dataset, with the path of their shard
     make_pairs         CPU task: decode -> per variant: seeded crop -> seeded degradation -> uint8 HR/LR pairs
@@ -16,7 +17,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from pipelines.feature_schema import schema_for_config, tensor_to_arrow
+from pipelines.features.schema import schema_for_config, tensor_to_arrow
 from vosr import storage
 
 CURATED_COLUMNS = ["id", "image"]  # plus "kept"
@@ -215,7 +216,7 @@ def encoder_peak_bytes(batch_rows: int, resolution: int, row_bytes_out: int, wei
 def degrade_and_encode(ds, cfg, variants: list[int]):
     """The shared middle of both modes: make_pairs as CPU tasks, then the encoder actor pool."""
     from jobkit.ray_env import memory_reservation
-    from pipelines.feature_writer import schema_row_bytes
+    from pipelines.features.writer import schema_row_bytes
 
     pc = cfg.precompute
     cfg_dict = cfg.to_dict()

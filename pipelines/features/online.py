@@ -1,25 +1,27 @@
 """Online mode: the precompute stages as a streaming Ray Dataset that training consumes; nothing is written.
 
-    ds = online_dataset(cfg)                       # rows with the feature-shard schema (pipelines/feature_schema.py)
+    ds = online_dataset(cfg)                       # rows with the feature-shard schema (pipelines/features/schema.py)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=B):
         tensors = decode_feature_rows(batch, online_metadata(cfg))
 
-Same stage functions as pipelines/precompute.py (read_curated -> make_pairs -> Encoder), so for the same ids,
-variants and global seed both modes give identical degraded bytes and equal encodings (docs/method.md s0). A training
-loop that wants fresh degradations every epoch passes `variants=range(e * K, (e + 1) * K)`.
+Same stage functions as the precompute job (pipelines/features/stages.py: read_curated -> make_pairs -> Encoder),
+so for the same ids, variants and global seed both modes give identical degraded bytes and equal encodings
+(docs/method.md s0). A training loop that wants fresh degradations every epoch passes
+`variants=range(e * K, (e + 1) * K)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from pipelines import curate_schema, feature_schema
-from pipelines.feature_stages import degrade_and_encode, read_curated, strip_helpers
+from pipelines import curate_schema
+from pipelines.features import schema as feature_schema
+from pipelines.features.stages import degrade_and_encode, read_curated, strip_helpers
 
 
 def online_metadata(cfg) -> dict:
     """What `_vosr_features.json` would say for this config (shapes, dtype, encoder identities)."""
-    from pipelines.precompute import encoder_identities
+    from pipelines.features.job import encoder_identities
 
     ae_id, sem_id = encoder_identities(cfg)
     return feature_schema.build_metadata(cfg, ae_id, sem_id)

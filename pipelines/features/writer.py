@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from vosr import storage
 
-SHARDS_DIR = "shards"  # = pipelines.feature_schema.SHARDS_DIR (not imported here: that module imports torch)
+SHARDS_DIR = "shards"  # = pipelines.features.schema.SHARDS_DIR (not imported here: that module imports torch)
 PARTS_DIR = "_parts"
 # Part files hold row groups of 1/PART_GROUP_DIVISOR of the shard's row group: reading a Parquet row group of
 # fixed-size lists of 16-bit values transiently takes up to ~8x its bytes (uint16 is stored as INT32 and cast back;
@@ -115,7 +115,7 @@ def count_kept(files: list[str], endpoint_url: str = "") -> dict[str, int]:
 
 def writer_settings(cfg) -> dict:
     """What the writing tasks need from the config, as plain values (plus the shard schema)."""
-    from pipelines.feature_schema import schema_for_config
+    from pipelines.features.schema import schema_for_config
 
     pc_ = cfg.precompute
     # Dictionary pages only where values repeat: ids/params, and the pixel codec's 8-bit-level latents. On dense
@@ -124,14 +124,6 @@ def writer_settings(cfg) -> dict:
     return {"output": pc_.output, "endpoint_url": pc_.s3_endpoint_url, "schema": schema_for_config(cfg),
             "compression": None if pc_.compression == "none" else pc_.compression, "dictionary": dict_cols,
             "row_group_size": max(1, int(pc_.rows_per_shard))}
-
-
-def parquet_bytes(table: pa.Table, settings: dict) -> bytes:
-    """The shard file of a whole table in memory (the reference layout the streaming merge reproduces)."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression=settings["compression"], use_dictionary=settings["dictionary"],
-                   write_statistics=["id", "variant", "seed"], row_group_size=settings["row_group_size"])
-    return buf.getvalue()
 
 
 def _column_bytes_md(md) -> dict[str, int]:
@@ -148,21 +140,6 @@ def _column_bytes_md(md) -> dict[str, int]:
 def column_bytes(data: bytes) -> dict[str, int]:
     """Compressed bytes per column of a Parquet file (sum over row groups)."""
     return _column_bytes_md(pq.ParquetFile(io.BytesIO(data)).metadata)
-
-
-def assemble_shard(parts: list[pa.Table], schema: pa.Schema) -> tuple[pa.Table, dict[str, int]]:
-    """All rows of one shard in memory -> (sorted table of the good rows in the shard schema, failed rows by
-    reason). The reference the streaming merge (`merge_parts`) must equal; used by tests and small callers."""
-    failed: dict[str, int] = {}
-    if not parts:
-        return schema.empty_table(), failed
-    table = pa.concat_tables([p.select(schema.names + ["error"]) for p in parts])
-    for e in table.column("error").to_pylist():
-        if e:
-            failed[e] = failed.get(e, 0) + 1
-    table = table.filter(pc.equal(table.column("error"), ""))
-    table = table.sort_by([("id", "ascending"), ("variant", "ascending")])
-    return table.drop_columns(["error"]).cast(schema), failed
 
 
 class _Sink:
@@ -287,8 +264,8 @@ def schema_row_bytes(schema: pa.Schema) -> int:
 def merge_parts(settings: dict, name: str, part_uris: list[str]) -> dict:
     """Stream one shard's parts into the final shard, one output row group at a time: the keys of every row are
     read first (sort by (id, variant), count and drop failed rows), then each output row group's rows are
-    gathered from the parts' row groups and written by one ParquetWriter. Rows, order and row groups equal
-    `parquet_bytes(assemble_shard(...))` (tests check it); the peak is `merge_peak_bound`, not the shard's size.
+    gathered from the parts' row groups and written by one ParquetWriter. The file is byte for byte the one a
+    single write of all good rows, sorted, would give (tests/unit/test_feature_merge.py checks it); the peak is `merge_peak_bound`, not the shard's size.
     Stats are written before the shard appears (its presence marks completion)."""
     import uuid
 
