@@ -7,8 +7,9 @@ evaluate` with `--storage` on the same S3 data: held-out photos on S3, its evalu
 the model cache, the endpoint's smoke test, the report) run on what the chain left, from the jobs' summaries.
 
 The commands come from the README (the indented code blocks between <!-- cluster-begin --> and
-<!-- cluster-end -->) and run one after the other in one bash session, so `source`, `export` and variables carry
-over as when pasted. What the test changes, and only this:
+<!-- cluster-end -->, read by tests/helpers/readme.py; their shape is checked without running them in
+tests/unit/test_readme_cluster_section.py) and run one after the other in one bash session, so `source`, `export`
+and variables carry over as when pasted. What the test changes, and only this:
 
 - the settings the README asks the reader to fill in (HEAD, DATA, URLS, HR, MLFLOW) get loopback values: DATA
   and HR on the moto S3 server, URLS a URL list (on S3) of the demo's photo site (demo/photo_server.py, 8 photos);
@@ -50,14 +51,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobkit.jobs import submitted
 from pipelines.curate_schema import CURATED_SCHEMA
 from tests.helpers.http_fixture import free_port
+from tests.helpers.readme import job_of, readme_commands
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
-BEGIN, END = "<!-- cluster-begin -->", "<!-- cluster-end -->"
-JOBS = {job.name: job.script for job in submitted()}  # curate -> ... -> evaluate (jobkit/jobs.py)
 SETTINGS = ("HEAD", "DATA", "URLS", "HR", "MLFLOW")
 # small enough for ~2 minutes on 2 CPUs; the demo's stages after the jobs keep their evaluation images (report)
 DEMO_TINY = ["data.resolution=32", "semantic.input_size=32", "model.hidden_size=32", "model.depth=1",
@@ -69,54 +67,6 @@ N_PHOTOS = 8
 CLEANER_WARNING = "Failed to query Ray Train Controller actor state"
 PROGRESS = re.compile(r"\[(pretrain|distill)\] step (\d+)/(\d+) \(([\d.]+)%\) \| loss ([\d.]+) \| ([\d.]+) samples/s "
                       r"\| ETA (\d+:\d\d:\d\d) \| last checkpoint: (step \d+|none yet)")
-
-
-# --- the README section -------------------------------------------------------------------------------------------
-
-def readme_commands(text: str | None = None) -> list[str]:
-    """The section's indented code lines, one command per entry (backslash continuations kept, as bash reads them)."""
-    text = README.read_text() if text is None else text
-    assert text.count(BEGIN) == 1 and text.count(END) == 1, f"README.md needs one {BEGIN} ... {END} section"
-    section = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
-    commands, current = [], ""
-    for line in section.splitlines():
-        if line.startswith("    "):
-            current = f"{current}\n{line[4:]}" if current else line[4:]
-            if not current.rstrip().endswith("\\"):
-                commands.append(current)
-                current = ""
-        elif line.strip():
-            assert not current, f"a command ends with a backslash before prose: {current!r}"
-    return commands
-
-
-def job_of(cmd: str) -> str | None:
-    if not cmd.startswith("ray job submit"):
-        return None
-    found = [name for name, script in JOBS.items() if f" python {script} " in cmd.replace("\n", " ") + " "]
-    assert len(found) == 1, cmd
-    return found[0]
-
-
-def test_readme_section_submits_every_job_with_its_cluster_config():
-    """Cheap shape check (no Ray): every job is submitted once, with its cluster config, to an explicit address,
-    with the working dir, the tracking server and absolute/S3 paths for what it writes."""
-    cmds = readme_commands()
-    jobs = [j for j in map(job_of, cmds) if j]
-    assert jobs == list(JOBS), jobs
-    for cmd in cmds:
-        if (job := job_of(cmd)) is None:
-            continue
-        flat = " ".join(cmd.replace("\\\n", " ").split())
-        assert flat.startswith("ray job submit --address http://$HEAD:8265 --working-dir . -- python "), flat
-        assert f"--config configs/cluster/{job}.yaml" in flat
-        assert "--set run.mlflow.tracking_uri=$MLFLOW" in flat and "run.mlflow.artifact_location=$DATA/" in flat
-    text = " ".join(cmds)
-    for needed in ("source .venv/bin/activate", "export RAY_AUTH_MODE=token", "ray get-auth-token --generate",
-                   "ray start --head", "ray start --address $HEAD:6379", "serve start --address $HEAD:6379",
-                   "inference.serve:app", "curl "):
-        assert needed in text, f"the README's cluster section lacks {needed!r}"
-    assert "ray stop" not in text  # prose only: a test must never run it
 
 
 # --- a persistent bash session -------------------------------------------------------------------------------------
@@ -487,37 +437,3 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
 def under(keys: list[str], prefix: str, suffix: str = "") -> list[str]:
     """The S3 keys of the chain's data root (DATA = s3://<bucket>/cluster) under `prefix`, ending with `suffix`."""
     return [k for k in keys if k.startswith(f"cluster/{prefix}") and k.endswith(suffix)]
-
-
-def test_submitted_job_refuses_relative_output_paths(monkeypatch, capsys):
-    """Unit check (no Ray) of the rule the README states: under `ray job submit` (Ray's job supervisor sets
-    RAY_JOB_CONFIG_JSON_ENV_VAR), relative paths a job writes to are refused, naming the key; relative paths it
-    only reads, and every path of a job run directly, are left alone."""
-    from jobkit.args import SUBMITTED_JOB_ENV, parse_job_args, submitted_working_dir
-
-    argv = ["--set", "curate.output=rel/curated", "--set", "curate.sources=[assets/urls.txt]",
-            "--set", "run.mlflow.tracking_uri=http://127.0.0.1:5000"]
-    monkeypatch.delenv(SUBMITTED_JOB_ENV, raising=False)
-    assert submitted_working_dir() is None
-    cfg, _ = parse_job_args("t", argv, writes=["curate.output"])  # run directly: unchanged behaviour
-    assert cfg.curate.output == "rel/curated"
-
-    monkeypatch.setenv(SUBMITTED_JOB_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"},
-                                                     "metadata": {}}))
-    assert submitted_working_dir() == "gcs://_ray_pkg_x.zip"
-    with pytest.raises(SystemExit) as exc:
-        parse_job_args("t", argv, writes=["curate.output"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "curate.output='rel/curated' is a relative path" in err and "ray job submit" in err
-    assert "curate.sources" not in err  # read, not written: resolved in the submitted checkout
-    # MLflow's files land under run.output_root unless both the server and the artifact location are given
-    assert "run.output_root='outputs' is a relative path" in err
-
-    ok = ["--set", "curate.output=s3://b/curated", "--set", "run.mlflow.tracking_uri=http://127.0.0.1:5000",
-          "--set", "run.mlflow.artifact_location=/shared/mlartifacts"]
-    cfg, _ = parse_job_args("t", ok, writes=["curate.output"])
-    assert cfg.curate.output == "s3://b/curated"
-    cfg, _ = parse_job_args("t", ["--set", "curate.output=/abs/curated", "--set", "run.output_root=/abs"],
-                            writes=["curate.output"])
-    assert cfg.run.output_root == "/abs"
