@@ -3,6 +3,7 @@ tests/e2e; tests/conftest.py describes them), one pytest process per tier, as `m
 integration) and `make test` (all three) run them.
 
     .venv/bin/python benchmarks/suite_tiers.py [--tiers unit integration e2e] [--root .] [--top 8] [--json out.json]
+        [--pytest-args "-k 'not slowest'"]
     .venv/bin/python benchmarks/suite_tiers.py --root /path/to/older/checkout   # a checkout without tiers, see below
 
 Prints, per tier: the tests run and their outcome, pytest's own wall seconds for the tier (collection included), the
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -34,10 +36,12 @@ SUMMARY = re.compile(r"^=*\s*(.*?) in ([\d.]+)s")
 OUTCOME = re.compile(r"(\d+) (passed|failed|error|errors|skipped|deselected|xfailed|xpassed)")
 
 
-def run_pytest(root: Path, python: str, paths: list[str]) -> tuple[float, dict[str, float], dict[str, int], str]:
+def run_pytest(root: Path, python: str, paths: list[str], extra: list[str]) -> tuple[float, dict[str, float],
+                                                                                  dict[str, int], str]:
     """(pytest's wall seconds, seconds per test id (setup + call + teardown), outcome counts, last lines)."""
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", "--durations-min=0", *paths]
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", "--durations-min=0", *extra,
+           *paths]
     print(f"$ (cd {root} && {' '.join(cmd)})", flush=True)
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
@@ -82,21 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moved", nargs="*", default=["test_demo_s3.py=e2e"], metavar="FILE=TIER",
                    help="tier of a file a flat (older) checkout has and this one no longer does")
     p.add_argument("--json", default="", help="also write the figures (per test seconds included) here")
+    p.add_argument("--pytest-args", default="", help="more pytest arguments, one string (e.g. a --deselect)")
     args = p.parse_args(argv)
     root = Path(args.root).resolve()
+    extra = shlex.split(args.pytest_args)
     load_before = os.getloadavg()
     print(f"{os.cpu_count()} CPUs; load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     rows: dict[str, dict] = {}
     if (root / "tests" / "unit").is_dir():
         for tier in args.tiers:
-            wall, per_test, outcomes, tail = run_pytest(root, args.python, [f"tests/{tier}"])
+            wall, per_test, outcomes, tail = run_pytest(root, args.python, [f"tests/{tier}"], extra)
             print(tail, flush=True)
             rows[tier] = {"wall_s": wall, "tests": sum(v for k, v in outcomes.items() if k != "deselected"),
                           "outcomes": outcomes, "sum_s": sum(per_test.values()),
                           "slowest": sorted(per_test.items(), key=lambda kv: -kv[1]), "per_test": per_test}
     else:
         tiers = tier_map(dict(m.split("=", 1) for m in args.moved))
-        wall, per_test, outcomes, tail = run_pytest(root, args.python, ["tests"])
+        wall, per_test, outcomes, tail = run_pytest(root, args.python, ["tests"], extra)
         print(tail, flush=True)
         print(f"one run of the whole flat suite: {wall:.1f} s wall, {outcomes}")
         split: dict[str, dict[str, float]] = {t: {} for t in (*args.tiers, "unplaced")}
