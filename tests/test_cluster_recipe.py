@@ -1,4 +1,4 @@
-"""The shipped cluster configs and manifests against the paper's training recipe (Table 5, issue 16 item 3).
+"""The shipped cluster configs and manifests against the paper's training recipe (Table 5).
 
 Table 5 (paper, "Training recipe for VOSR"):      PT 256px    PT 512px    Distill to One-step
   learning rate                                    1.0e-4      5.0e-5      2.0e-5

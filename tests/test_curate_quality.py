@@ -119,7 +119,7 @@ def test_lossless_original_beats_its_reencodes_at_equal_size(photos):
 
 
 def test_every_original_represents_its_reencodes_and_mislabelled_copies(photos):
-    """Issue 14 target 2 on real photos: the original wins its group against lossy re-encodes (no finer than the
+    """On real photos: the original wins its group against lossy re-encodes (no finer than the
     original itself: a JPEG re-saved at a higher quality setting cannot be told apart from its tables) and
     copies whose name or container lies about the content."""
     k = config_from_dict({}).curate.dedup.hamming

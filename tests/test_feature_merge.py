@@ -1,5 +1,5 @@
 """The streaming shard merge (pipelines/features/writer.merge_parts): same bytes as the in-memory assembly, and a
-peak bounded by a few output row groups whatever the shard's size (issue 13: merge-task memory at real presets)."""
+peak bounded by a few output row groups whatever the shard's size (merge-task memory at real presets)."""
 
 from __future__ import annotations
 

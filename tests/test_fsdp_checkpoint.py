@@ -1,4 +1,4 @@
-"""Sharded FSDP checkpoints (issue 16 item 4; training/fsdp.save_sharded / load_sharded, vosr/sharded.py) on
+"""Sharded FSDP checkpoints (training/fsdp.save_sharded / load_sharded, vosr/sharded.py) on
 2-3 process gloo groups without Ray.
 
 Two ranks train a small model under FSDP2 for a few AdamW steps and save with torch.distributed.checkpoint, each

@@ -1,4 +1,4 @@
-"""training/fsdp.ShardedEMA (issue 16 item 4, EMA part): on a 2-process gloo group without Ray, the EMA kept as
+"""training/fsdp.ShardedEMA: on a 2-process gloo group without Ray, the EMA kept as
 local shards and updated with torch._foreach ops gives, once gathered, exactly the EMA that gathers every
 parameter every step (update_ema below), also for parameters whose first dimension does not split evenly."""
 

@@ -1,6 +1,6 @@
-"""Full-scale details (issue 16): the fp32 residual stream under bf16 autocast and DINOv2's own position-embedding
+"""Full-scale details: the fp32 residual stream under bf16 autocast and DINOv2's own position-embedding
 interpolation, each checked against an independent computation; plus unit checks of details that were right but
-unguarded (issue 16 item 7)."""
+unguarded."""
 
 from __future__ import annotations
 

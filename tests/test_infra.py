@@ -224,7 +224,7 @@ def test_cluster_launcher_config():
     images = {_load(p)["spec"].get("rayClusterSpec", _load(p)["spec"].get("rayClusterConfig"))
               ["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] for p in MANIFESTS}
     assert {cfg["docker"]["image"]} == images, "launcher and KubeRay run the same image"
-    # Ray 2.60 token authentication (issue 19): every node starts with it and gets the token made before `ray up`
+    # Ray 2.60 token authentication: every node starts with it and gets the token made before `ray up`
     for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
         assert "RAY_AUTH_MODE=token" in cmd and "ray start" in cmd, cmd
     assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"

@@ -226,7 +226,7 @@ def test_fault_mid_run_then_resume_gives_same_shards(materialised, curated):
 
 
 def test_no_row_batch_reaches_the_driver(materialised, s3):
-    """Issue 13.3: during both runs the driver iterated only the part summaries (shard, part uri, rows), a few
+    """Driver memory: during both runs the driver iterated only the part summaries (shard, part uri, rows), a few
     hundred bytes each; it never took, listed or converted rows. The transient parts were removed at the end."""
     from pipelines.features.writer import PART_SUMMARY_SCHEMA, SHARDS_DIR
 

@@ -1,4 +1,4 @@
-"""demo/report.py (issue 17): the two fidelity checks with their numbers instead of the bicubic bar, the
+"""demo/report.py: the two fidelity checks with their numbers instead of the bicubic bar, the
 perception-distortion position of bicubic, peer and VOSR rows, and the grid with the peers' column."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Secrets (issue 15): one redaction for every place a config goes, keys never from argv, no public bind without a
+"""Secrets: one redaction for every place a config goes, keys never from argv, no public bind without a
 key. No Ray: real MLflow (sqlite), real checkpoint files, the real `vosr config` command."""
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def test_200_concurrent_requests_without_errors(service, photos):
     assert max(int(b) for b in batches) > 1, batches                   # requests were really batched
 
 
-# --- issue 15: cost model, streaming limits, timeouts, queue, keys, errors -------------------------------------
+# --- cost model, streaming limits, timeouts, queue, keys, errors -------------------------------------
 
 def test_keys_from_the_environment_and_from_a_file(service, small):
     url = f"{service['url']}/upscale"

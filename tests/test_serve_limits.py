@@ -1,4 +1,4 @@
-"""The endpoint's limits without Ray (issue 15): the cost plan against the real tile geometry and the Upscaler, and
+"""The endpoint's limits without Ray: the cost plan against the real tile geometry and the Upscaler, and
 the streaming body reader on a real starlette Request fed by an ASGI receive channel."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def test_tile_count_matches_the_grid_and_overlap_is_at_most_half(lh, lw, tile, o
 
 
 def test_the_issue_attack_is_bounded():
-    # issue 15: tile=64 px with an 8192 px overlap on a 128 px image (tiny preset, f = 4): tiles stepped by one
+    # tile=64 px with an 8192 px overlap on a 128 px image (tiny preset, f = 4): tiles stepped by one
     # latent before (a 113 x 113 grid); the half-tile cap leaves 15 x 15 and the cost check refuses even that
     n, lt = tile_count(128, 128, 64, 8192, 4)
     assert (n, lt) == (225, 16)

@@ -1,4 +1,4 @@
-"""Mixed batches (issue 16 item 1): without Ray, the variant spread, the per-epoch row-group plan, the cached mix
+"""Mixed batches: without Ray, the variant spread, the per-epoch row-group plan, the cached mix
 and the worker's shuffle buffer (spread_batches: same-image pairs per batch at or below random sampling); with one
 module Ray, BatchStream's epochs and resume and the streamed datasource over real Parquet shards.
 benchmarks/bench_mixing.py measures the batches against random sampling at 2x and 8x the buffer."""

@@ -1,4 +1,4 @@
-"""Progress a person can follow (issue 16 item 6): the progress line's format. The jobs' logs themselves (one line
+"""Progress a person can follow: the progress line's format. The jobs' logs themselves (one line
 per train.log_every steps, none of Ray Train's placement-group cleaner warnings on the demo's dashboard-less Ray)
 are checked on the demo chain's stage logs: tests/test_demo_s3.py::check_progress_logs."""
 
