@@ -307,7 +307,7 @@ def fit_centres(meta, ccfg, seed: int) -> tuple[Any, int]:
     refs = sample.to_arrow_refs()
     dim = ray.get(dedup._submit(_embedding_dim, tuple(refs), memory=0))
     k = min(bcfg.num_clusters, want)
-    cpus = min(bcfg.kmeans_num_cpus, dedup.node_caps()[1] or bcfg.kmeans_num_cpus)
+    cpus = min(bcfg.kmeans_num_cpus, dedup.node_caps(fresh=True)[1] or bcfg.kmeans_num_cpus)
     task = dedup._submit(_kmeans_task, (want, k, seed, max(1, int(cpus)), *refs),
                          memory=balance.kmeans_peak_bytes(want, dim, k), num_cpus=cpus)
     centres = ray.get(task)

@@ -413,12 +413,13 @@ def _remote(fn):
     return r
 
 
-def node_caps() -> tuple[int, float]:
-    """(largest memory resource, most CPUs) of an alive node (read at most every 30 s)."""
+def node_caps(fresh: bool = False) -> tuple[int, float]:
+    """(largest memory resource, most CPUs) of an alive node (read at most every 5 s, or now when `fresh`: a
+    request sized from a node that has since been lost would wait forever as infeasible)."""
     import ray
 
     now = time.monotonic()
-    if now - _NODE_CAPS[0] > 30:
+    if fresh or now - _NODE_CAPS[0] > 5:
         alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         _NODE_CAPS[:] = [now, int(max((r.get("memory", 0) for r in alive), default=0)),
                          float(max((r.get("CPU", 0) for r in alive), default=0))]

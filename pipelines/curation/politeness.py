@@ -121,6 +121,9 @@ class GateUnavailable(RuntimeError):
 RETRY_FULL_S = 0.05
 # Leases given back while no call is in flight ride on the next call, sent at the latest this long after.
 RELEASE_FLUSH_S = 0.005
+# A gate actor that is restarting (its node was lost; the actors restart without limit) is asked again for this
+# long, with backoff from 0.2 s to 5 s, before the block gives up with GateUnavailable.
+GATE_RESTART_WAIT_S = 90.0
 
 
 class _GateClient:
@@ -160,10 +163,8 @@ class _GateClient:
         asyncio.ensure_future(self._call(asks, releases))
 
     async def _call(self, asks: list[tuple[str, asyncio.Future]], releases: list[tuple[str, int]]) -> None:
-        g = self.gates
         try:
-            answers = await self.actor.grant.remote([h for h, _ in asks], releases, g.rps, g.concurrency,
-                                                    g.lease_s)
+            answers = await self._grant([h for h, _ in asks], releases)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the gate is the block's, not the URL's
             hosts = sorted({h for h, _ in asks})[:3]
             err = GateUnavailable(f"domain gate for {', '.join(map(repr, hosts)) or 'releases'} unreachable: "
@@ -183,6 +184,24 @@ class _GateClient:
         finally:
             self.busy = False
             self._send()
+
+    async def _grant(self, hosts: list[str], releases: list[tuple[str, int]]):
+        """The actor's answer; while the actor is restarting on another node (ActorUnavailableError), asked again
+        with backoff for up to GATE_RESTART_WAIT_S. A restarted actor starts with no leases out, so the
+        releases resent to it are harmless."""
+        from ray.exceptions import ActorUnavailableError
+
+        g = self.gates
+        deadline = time.monotonic() + GATE_RESTART_WAIT_S
+        pause = 0.2
+        while True:
+            try:
+                return await self.actor.grant.remote(hosts, releases, g.rps, g.concurrency, g.lease_s)
+            except ActorUnavailableError:
+                if time.monotonic() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(5.0, 2 * pause)
 
     def _again(self, host: str, fut: asyncio.Future) -> None:
         if not fut.done():
