@@ -9,7 +9,6 @@ step with continuous step numbers.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MB = 2**20
 # Ray Train's controller polls workers (and registers reported checkpoints) this often; the worker loop waits for
 # each checkpoint's registration, so a short interval keeps the pretraining test quick
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 pytestmark = pytest.mark.own_ray  # a cluster of its own (tests/conftest.py)
 
 

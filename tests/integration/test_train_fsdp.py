@@ -12,13 +12,11 @@ activation-checkpointed (train.activation_checkpointing=1), as a large preset wo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice the failed worker sooner
 
 
 def test_fsdp_checkpoints_sharded_and_resumes_the_optimizer(ray_local, photos, tmp_path):

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.mlflow_server import MLFLOW_SERVER_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)  # the moto server accepts any key; workers inherit this environment
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice finished/failed workers sooner
-
-
 
 
 def pick_photos(photos, fraction: float, n_train: int, n_val: int) -> list[Path]:
@@ -104,7 +103,8 @@ def mlflow_server(tmp_path):
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
                              "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                              "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **MLFLOW_SERVER_ENV}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(url + "/health", proc, timeout=120)
