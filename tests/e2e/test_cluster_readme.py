@@ -53,6 +53,7 @@ import pytest
 
 from pipelines.curate_schema import CURATED_SCHEMA
 from tests.helpers.http_fixture import free_port
+from tests.helpers.mlflow_server import MLFLOW_SERVER_ENV
 from tests.helpers.readme import job_of, readme_commands
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,7 +266,7 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
     mlflow_proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
-         str(tmp_path / "mlflow-artifacts"), "--workers", "1"],
+         str(tmp_path / "mlflow-artifacts"), "--workers", "1"], env={**os.environ, **MLFLOW_SERVER_ENV},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     shell = None
     timings: dict[str, float] = {}
