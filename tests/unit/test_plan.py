@@ -62,12 +62,14 @@ def test_nodes_come_from_the_manifest_that_runs_the_config():
 
 
 def test_python_m_jobkit_plan_is_the_same_command():
-    r = subprocess.run([sys.executable, "-m", "jobkit.plan", "--config", "configs/cluster/pretrain.yaml",
-                        "--images", "1e6"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # a training config with a declared GPU also gets the per-GPU memory plan of one step, which fits (the tiny model:
+    # the full-size plan of configs/cluster/pretrain.yaml is tests/unit/test_memory_plan.py's, in-process)
+    r = subprocess.run([sys.executable, "-m", "jobkit.plan", "--config", "configs/train/tiny.yaml",
+                        "--set", "train.gpu_memory_gib=8", "--images", "1e6"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "(job pretrain) at 1,000,000 images" in r.stdout and "trainer (host)" in r.stdout
-    # a training recipe with a declared GPU also gets the per-GPU memory plan of one step, which fits
-    assert "GPU memory plan: pretrain, vosr-0.5b at 512 px" in r.stdout and "80 GiB declared" in r.stdout
+    assert "GPU memory plan: pretrain, tiny at 64 px" in r.stdout and "8 GiB declared" in r.stdout
     bad = subprocess.run([sys.executable, "-m", "jobkit.plan", "--config", "configs/cluster/pretrain.yaml",
                           "--job", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nope" in bad.stderr
