@@ -4,9 +4,13 @@ The tiers are folders; each test gets the marker of its folder here (pytest -m u
 
     tests/unit         pure functions and small models: no Ray, no MLflow store, no S3 server, no server or job in a
                        subprocess (an in-process loopback HTTP site is fine); seconds each
-    tests/integration  real components: the session's local Ray, Ray Data / Train / Serve, MLflow, the moto S3
-                       server, HTTP servers, headless Chromium, torch.distributed process groups, torch.compile
-    tests/e2e          the full chains: the README's cluster section run as written, a two-node Ray cluster
+    tests/integration  real components, seconds to tens of seconds each: the session's local Ray, Ray Data and
+                       Serve, MLflow, the moto S3 server, HTTP servers, headless Chromium, torch.distributed
+                       process groups, torch.compile
+    tests/e2e          whole jobs as a user runs them, and their failures: every Ray Train fit (pretrain, FSDP,
+                       online, distill), curate runs killed or failing and run again, the Serve app losing its
+                       model replica or redeployed under load, the README's cluster section run as written, a
+                       two-node Ray cluster
 
 `make test-fast` runs unit + integration, `make test` (CI) all three. A test file outside these folders is an error.
 

@@ -1,14 +1,14 @@
 """Curation inputs as people have them: LAION / DataComp / img2dataset Parquet lists with their own column names and
 declared sizes (rows the filters would reject are decided without a request), WebDataset tar shards (written by the
 webdataset package's own TarWriter and, img2dataset-style, by tarfile) from a folder and from the moto S3 server,
-damaged shards, listing off the driver, bounded URL-list reads, and a killed tar-source job resumed."""
+damaged shards, listing off the driver, bounded URL-list reads. A killed tar-source job resumed:
+tests/e2e/test_curate_tar_resume.py."""
 
 from __future__ import annotations
 
 import io
 import json
 import tarfile
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -35,7 +35,7 @@ def _cfg(out, **kw):
     return config_from_dict({"curate": {"output": str(out), "filters": FILTERS, "crawl": CRAWL, **kw}}).curate
 
 
-def _small_photos(photos, folder, n=4, side=160) -> list:
+def small_photos(photos, folder, n=4, side=160) -> list:
     """n distinct small JPEGs cut from the real photos (fast to analyse), as files."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -63,7 +63,7 @@ def _run_all(units, cfg, prefix="k") -> list[dict]:
 # ------------------------------------------------------------------ URL lists as they come
 
 def test_laion_and_datacomp_lists_decide_listed_sizes_without_a_request(photos, tmp_path):
-    imgs = _small_photos(photos, tmp_path / "img")
+    imgs = small_photos(photos, tmp_path / "img")
     sizes = {f.name: Image.open(f).size for f in imgs}
     with http_server(imgs) as site:
         def url(i, name):
@@ -160,7 +160,7 @@ def _i2d_shard(path, samples):
                 tf.addfile(info, io.BytesIO(data))
 
 
-def _make_shards(folder, imgs) -> dict:
+def make_shards(folder, imgs) -> dict:
     """Three shards in `folder`: a webdataset one, an img2dataset one with a non-image sample and a member that
     is not an image, and a truncated one; returns the expected reason per source."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,8 +188,8 @@ def _make_shards(folder, imgs) -> dict:
 
 
 def test_tar_shards_from_a_folder_stream_with_counted_reasons(photos, tmp_path):
-    imgs = _small_photos(photos, tmp_path / "img")
-    expected = _make_shards(tmp_path / "shards", imgs)
+    imgs = small_photos(photos, tmp_path / "img")
+    expected = make_shards(tmp_path / "shards", imgs)
     (tmp_path / "shards" / "b-00001.parquet").write_bytes(b"img2dataset's status table: not a URL list")
     (tmp_path / "shards" / "junk.tar").write_bytes(b"\x89PNG" + b"x" * 2000)  # not a tar at all
     expected[str(tmp_path / "shards" / "junk.tar")] = "tar_corrupt"
@@ -214,8 +214,8 @@ def test_tar_shards_from_a_folder_stream_with_counted_reasons(photos, tmp_path):
 
 
 def test_tar_shards_from_s3_with_a_brace_pattern_and_a_missing_shard(s3, photos, tmp_path):  # noqa: F811
-    imgs = _small_photos(photos, tmp_path / "img")
-    _make_shards(tmp_path / "shards", imgs)
+    imgs = small_photos(photos, tmp_path / "img")
+    make_shards(tmp_path / "shards", imgs)
     for name in ("a-00000.tar", "b-00001.tar"):
         s3.put_file(tmp_path / "shards" / name, f"wds/{name}")
     s3.put_file(tmp_path / "shards" / "a-00000.tar", "wds/00000.tar")
@@ -272,59 +272,6 @@ def test_folders_are_listed_by_ray_tasks_into_manifests_and_the_driver_holds_no_
           f"{per_file:.1f} B per file")
     assert per_file < 10, peaks
     assert listing.listing_peak_bytes(units=len(units), manifests=len(units), subdirs=3) < 64 * 1024
-
-
-def test_tar_source_on_s3_killed_mid_way_resumes_to_the_same_output(env, photos, tmp_path):
-    from jobkit.faults import FaultInjected
-    from pipelines import curate
-    from pipelines.curate_schema import shard_files
-    from tests.helpers.curation import read_kept_table
-
-    s3site = env
-    imgs = _small_photos(photos, tmp_path / "img")
-    expected = _make_shards(tmp_path / "shards", imgs)
-    for name in ("a-00000.tar", "b-00001.tar", "c-00002.tar"):
-        s3site.put_file(tmp_path / "shards" / name, f"job/in/{name}")
-    s3site.put_file(imgs[3], "job/in/loose/small3.jpg")
-    section = {"sources": [s3site.uri("job/in")], "rows_per_shard": 8, "s3_endpoint_url": s3site.endpoint_url,
-               "filters": FILTERS, "crawl": CRAWL, "columns": {"metadata": ["caption"]},
-               "balance": {"enabled": False}}
-
-    def run(out, **kw):
-        return curate.run(config_from_dict({"run": {"output_root": str(tmp_path / "root"), "seed": 3},
-                                            "curate": {**section, "output": s3site.uri(out), **kw}}))
-    ref = run("job/ref")
-    assert ref["blocks"] == 4 and ref["seen"] == len(expected) + 1
-    assert ref["failed"] == {"no_image_member": 2, "not_image_html": 1, "tar_truncated": 1}
-    assert ref["duplicates"] == 2  # the truncated shard's two samples are the first shard's images again
-    with pytest.raises(FaultInjected):
-        run("job/resumed", fail_after_blocks=1)
-    # the job stopped after one block; the blocks already started finish on their own (all four, in flight)
-    deadline = time.monotonic() + 120
-    while True:
-        ledgers = [k for k in s3site.keys("job/resumed/_stage1/") if k.endswith(".parquet")]
-        if len(ledgers) == 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert len(ledgers) == 4
-    # then what a kill inside a shard leaves: no ledger for it, its partial ledger under a temporary name, and
-    # the attempt marker (stage1.py)
-    victim = next(k for k in ledgers if "b-00001.tar" in
-                  str(pq.read_table(s3site.fs.open(f"{s3site.bucket}/{k}"), columns=["source"])["source"]))
-    s3site.client.delete_object(Bucket=s3site.bucket, Key=victim)
-    s3site.put_bytes(b"PAR1 partial", victim + ".tmp-killed")
-    s3site.put_bytes(b"1", victim[:-len(".parquet")] + ".attempt")
-    done = run("job/resumed")
-    assert done["stage1_blocks_run"] == 1 and done["stage1_blocks_skipped"] == 3
-    assert not [k for k in s3site.keys("job/resumed/_stage1/") if ".tmp-" in k or k.endswith(".attempt")]
-    cols = ["id", "source", "kept", "duplicate_of", "category", "drop_reason", "sha256", "metadata"]
-    a = read_kept_table(s3site.uri("job/ref"), s3site.endpoint_url, cols)
-    b = read_kept_table(s3site.uri("job/resumed"), s3site.endpoint_url, cols)
-    assert a.sort_by("id").to_pylist() == b.sort_by("id").to_pylist() and a.num_rows == ref["kept"]
-    assert len(shard_files(s3site.uri("job/resumed"), s3site.endpoint_url)) == 4
-    caps = {json.loads(r["metadata"])["caption"] for r in a.to_pylist() if r["metadata"]}
-    assert caps >= {"cap 000010000"}
-    assert s3site.keys("job/ref/_listing/files/")      # the loose image was listed into a manifest
 
 
 def _rchar() -> int:

@@ -215,7 +215,7 @@ def test_mlflow_uris_follow_the_config_then_mlflow_environment(tmp_path, monkeyp
 
 def test_distillation_tags_say_what_the_student_is_and_where_it_came_from():
     """The tags training/distill.py puts on the version it registers (the full job:
-    tests/integration/test_distill_job.py)."""
+    tests/e2e/test_distill_job.py)."""
     from jobkit.config import load_config
     from training.registry import version_tags
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.integration.test_train_job import pick_photos
+from tests.e2e.test_train_job import pick_photos
 
 ROOT = Path(__file__).resolve().parents[2]
 TEACHER_STEPS = 150
