@@ -16,7 +16,8 @@ The tiers are folders; each test gets the marker of its folder here (pytest -m u
 
 Ray: one capped local Ray for the whole session (`ray_local`), started when a test first asks for it; each test
 module joins it as a Ray job of its own (SharedRay). A test that needs a Ray of its own (a multi-node cluster, Ray's
-own start-up) is marked `own_ray`: it disconnects from the shared one and runs after the other tests of its tier.
+own start-up) is marked `own_ray`: the shared one is shut down before it (a later test gets a new one), and it runs
+after the other tests of its tier.
 Never `ray stop`.
 """
 
@@ -175,7 +176,14 @@ def ray_local():
 def pytest_runtest_setup(item):
     """Before any fixture of a test that uses `ray_local` (its module's fixtures included): the shared Ray runs and
     the driver is connected to it as this module's job."""
-    if "ray_local" in item.fixturenames:
+    if item.get_closest_marker("own_ray") is not None:
+        # A Ray started in this process (ray.init without an address, as jobkit.ray_env.init_ray does) switches
+        # the process to token authentication for good (Ray sets RAY_AUTH_MODE=token and keeps the token
+        # in-process). Joining the shared head afterwards, started before without it, fails: the head destroys
+        # the joining job's actors as if their owner had died (the e2e tier's first curate run lost its crawl
+        # gates so). So the shared head ends before such a test; a later test that asks for it gets a new one.
+        SHARED_RAY.stop()
+    elif "ray_local" in item.fixturenames:
         SHARED_RAY.ensure(Path(item.path))
 
 
