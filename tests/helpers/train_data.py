@@ -59,3 +59,24 @@ def make_feature_shards(cfg, photos: list[Path], out: Path, rows_per_shard: int 
         pq.write_table(table, shards / f"part-{i // rows_per_shard:05d}.parquet")
     fsch.write_metadata(str(out), fsch.build_metadata(cfg, ae.identity(), sem.identity()))
     return out
+
+
+def encoded_batch(cfg, rows: list[tuple[str, int, str, str]]) -> pa.Table:
+    """What the precompute Encoder hands the feature writer (pipelines/features/writer.py write_parts): the feature
+    columns of `cfg`'s schema plus its `src` and `error` helper columns, for (id, variant, src, error) rows; row i's
+    latents and tokens are filled with i (the LR latent with -i)."""
+    from pipelines.features import schema as fsch
+
+    n = len(rows)
+    lat, sem = fsch.latent_shape(cfg), fsch.sem_shape(cfg)
+    vals = torch.arange(n, dtype=torch.float32)
+    t = pa.table({"id": [r[0] for r in rows], "variant": pa.array([r[1] for r in rows], pa.int32()),
+                  "seed": pa.array(range(n), pa.int64()),
+                  "crop_box": pa.array([[0, 0, 64, 64]] * n, pa.list_(pa.int32(), 4)),
+                  "image_size": pa.array([[64, 64]] * n, pa.list_(pa.int32(), 2)),
+                  "hr_latent": fsch.tensor_to_arrow(vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
+                  "lr_latent": fsch.tensor_to_arrow(-vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
+                  "sem_tokens": fsch.tensor_to_arrow(vals.view(n, 1, 1).expand(n, *sem), "float16"),
+                  "degrade_params": ["{}"] * n}, schema=fsch.schema_for_config(cfg))
+    t = t.append_column("src", pa.array([r[2] for r in rows], pa.string()))
+    return t.append_column("error", pa.array([r[3] for r in rows], pa.string()))

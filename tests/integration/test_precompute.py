@@ -19,6 +19,7 @@ from jobkit.config import config_from_dict
 from pipelines.curate_schema import CURATED_SCHEMA
 from pipelines.features import schema as fsch
 from tests.helpers.s3_fixture import s3_server
+from tests.helpers.train_data import encoded_batch
 from vosr import storage
 
 K = 2
@@ -328,25 +329,6 @@ def test_mismatched_features_are_refused(materialised, curated):
         run(cfg.replace(precompute=dataclasses.replace(cfg.precompute, mode="online")))
 
 
-def _encoded_batch(cfg, rows: list[tuple[str, int, str, str]]) -> pa.Table:
-    """An Encoder-shaped batch (feature schema + src/error helper columns) of (id, variant, src, error) rows."""
-    schema = fsch.schema_for_config(cfg)
-    n = len(rows)
-    lat, sem = fsch.latent_shape(cfg), fsch.sem_shape(cfg)
-    vals = torch.arange(n, dtype=torch.float32)
-    cols = {"id": [r[0] for r in rows], "variant": pa.array([r[1] for r in rows], pa.int32()),
-            "seed": pa.array(range(n), pa.int64()),
-            "crop_box": pa.array([[0, 0, 64, 64]] * n, pa.list_(pa.int32(), 4)),
-            "image_size": pa.array([[64, 64]] * n, pa.list_(pa.int32(), 2)),
-            "hr_latent": fsch.tensor_to_arrow(vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
-            "lr_latent": fsch.tensor_to_arrow(-vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
-            "sem_tokens": fsch.tensor_to_arrow(vals.view(n, 1, 1).expand(n, *sem), "float16"),
-            "degrade_params": ["{}"] * n}
-    t = pa.table(cols, schema=schema)
-    t = t.append_column("src", pa.array([r[2] for r in rows], pa.string()))
-    return t.append_column("error", pa.array([r[3] for r in rows], pa.string()))
-
-
 def test_writer_tasks_parts_then_merge(tmp_path):
     """The two writing tasks without Ray: parts per source shard with content-derived names (a retried task
     rewrites the same file), then the merge sorts, counts failed rows, writes stats + shard, removes the parts
@@ -355,10 +337,10 @@ def test_writer_tasks_parts_then_merge(tmp_path):
 
     out = str(tmp_path / "features")
     cfg = config_from_dict({"preset": "tiny", "precompute": {"output": out}})
-    b1 = _encoded_batch(cfg, [("b", 1, "x/curated/shards/part-00001.parquet", ""),
+    b1 = encoded_batch(cfg, [("b", 1, "x/curated/shards/part-00001.parquet", ""),
                               ("a", 0, "x/curated/shards/part-00000.parquet", ""),
                               ("c", 0, "x/curated/shards/part-00001.parquet", "decode:not_image")])
-    b2 = _encoded_batch(cfg, [("b", 0, "x/curated/shards/part-00001.parquet", "")])
+    b2 = encoded_batch(cfg, [("b", 0, "x/curated/shards/part-00001.parquet", "")])
     s1 = fw.write_parts(b1, out)
     assert s1.schema == fw.PART_SUMMARY_SCHEMA and s1.column("shard").to_pylist() == ["part-00000.parquet",
                                                                                       "part-00001.parquet"]

@@ -9,28 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from jobkit.config import config_from_dict
 from pipelines.features import schema as fsch
 from pipelines.features import writer as fw
-
-
-def _encoded_batch(cfg, rows: list[tuple[str, int, str, str]]) -> pa.Table:
-    """What the precompute Encoder hands write_parts: feature columns plus its `src` and `error` helper columns."""
-    n = len(rows)
-    lat, sem = fsch.latent_shape(cfg), fsch.sem_shape(cfg)
-    vals = torch.arange(n, dtype=torch.float32)
-    t = pa.table({"id": [r[0] for r in rows], "variant": pa.array([r[1] for r in rows], pa.int32()),
-                  "seed": pa.array(range(n), pa.int64()),
-                  "crop_box": pa.array([[0, 0, 64, 64]] * n, pa.list_(pa.int32(), 4)),
-                  "image_size": pa.array([[64, 64]] * n, pa.list_(pa.int32(), 2)),
-                  "hr_latent": fsch.tensor_to_arrow(vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
-                  "lr_latent": fsch.tensor_to_arrow(-vals.view(n, 1, 1, 1).expand(n, *lat), "float16"),
-                  "sem_tokens": fsch.tensor_to_arrow(vals.view(n, 1, 1).expand(n, *sem), "float16"),
-                  "degrade_params": ["{}"] * n}, schema=fsch.schema_for_config(cfg))
-    t = t.append_column("src", pa.array([r[2] for r in rows], pa.string()))
-    return t.append_column("error", pa.array([r[3] for r in rows], pa.string()))
+from tests.helpers.train_data import encoded_batch
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +31,11 @@ def features_with_leftover_parts(tmp_path_factory):
     rows = {s: [(f"s{s}i{i}", v, src.format(s), "") for i in range(6) for v in range(2)] for s in range(3)}
     settings = fw.writer_settings(cfg)
     for s in (0, 1):  # finished shards
-        summary = fw.write_parts(_encoded_batch(cfg, rows[s]), str(out), row_group_size=4)
+        summary = fw.write_parts(encoded_batch(cfg, rows[s]), str(out), row_group_size=4)
         fw.finalize_shard(settings, f"part-{s:05d}.parquet", summary.column("part").to_pylist())
     # leftovers: shard 2 in flight, and shard 1 parts written again by a retried task of a killed run
-    fw.write_parts(_encoded_batch(cfg, rows[2] + [("s2bad", 0, src.format(2), "decode:not_image")]), str(out))
-    fw.write_parts(_encoded_batch(cfg, rows[1][:5]), str(out))
+    fw.write_parts(encoded_batch(cfg, rows[2] + [("s2bad", 0, src.format(2), "decode:not_image")]), str(out))
+    fw.write_parts(encoded_batch(cfg, rows[1][:5]), str(out))
     fsch.write_metadata(str(out), fsch.build_metadata(cfg, build_autoencoder(cfg.autoencoder).identity(),
                                                       build_semantic_encoder(cfg.semantic).identity()))
     assert len(list((out / "_parts").rglob("*.parquet"))) == 2

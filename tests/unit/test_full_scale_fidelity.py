@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jobkit.config import config_from_dict
+from tests.helpers.models import randomise
 from vosr.model import build_dit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,20 +29,11 @@ def _inputs(b=2, h=8, w=8, seed=0):
             torch.randn(b, 64, 64, generator=g))
 
 
-def _randomise(module, seed, names=("final_layer",), std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            if any(n.startswith(k) for k in names):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
-
-
 # --- item 2: fp32 residual stream under bf16 autocast ---------------------------------------------------------------
 
 def test_blocks_keep_a_float32_residual_stream_under_bf16_autocast():
     torch.manual_seed(0)
-    m = _randomise(build_dit(_cfg()), 1).eval()
+    m = randomise(build_dit(_cfg()), 1).eval()
     z, t, lq, sem = _inputs()
     seen = []
     hooks = [b.register_forward_hook(lambda mod, args, out: seen.append(out.dtype)) for b in m.blocks]
@@ -64,7 +56,7 @@ def test_bf16_residual_stream_would_drift_further_than_the_fp32_one():
     """What the fix buys, measured: forcing the block outputs to bf16 (the old behaviour) moves the output
     further from fp32 than the fp32 residual stream does."""
     torch.manual_seed(0)
-    m = _randomise(build_dit(_cfg()), 1).eval()
+    m = randomise(build_dit(_cfg()), 1).eval()
     z, t, lq, sem = _inputs(seed=3)
     with torch.no_grad():
         ref = m(z, t, lq, sem).float()
@@ -181,9 +173,9 @@ def _distill_setup(method):
 
     cfg = config_from_dict({"preset": "tiny", "distill": {"method": method}})
     torch.manual_seed(0)
-    teacher = _randomise(build_dit(cfg), 2).eval()
+    teacher = randomise(build_dit(cfg), 2).eval()
     torch.manual_seed(1)
-    student = _randomise(distill.student_from_teacher(teacher, cfg), 3, names=("final_layer", "r_embedder"),
+    student = randomise(distill.student_from_teacher(teacher, cfg), 3, names=("final_layer", "r_embedder"),
                          std=0.05).eval()
     g = torch.Generator().manual_seed(4)
     hq, lq = torch.randn(3, 48, 8, 8, generator=g), torch.randn(3, 48, 8, 8, generator=g)
@@ -275,7 +267,7 @@ def test_init_from_resets_the_ema_to_the_loaded_weights(tmp_path):
 
     cfg = config_from_dict({"preset": "tiny"})
     torch.manual_seed(1)
-    src = _randomise(build_dit(cfg), 7)
+    src = randomise(build_dit(cfg), 7)
     save_checkpoint(str(tmp_path / "stage1"), cfg, src, ema=src)
     objective = PretrainObjective(cfg, torch.device("cpu"))
     torch.manual_seed(2)

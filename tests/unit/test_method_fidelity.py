@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from jobkit.config import config_from_dict
+from tests.helpers.models import randomise
 from vosr import distill, flow
 from vosr.model import build_dit
 
@@ -29,16 +30,6 @@ def _cfg(**over):
     data = {"preset": "tiny"}
     data.update(over)
     return config_from_dict(data)
-
-
-def _randomise(module: torch.nn.Module, seed: int, names=("final_layer",), std: float = 0.05):
-    """Give zero-initialised parts random values so outputs depend on the whole network."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            if any(n.startswith(k) for k in names):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def _inputs(b=2, h=8, w=8, seed=0, c=48, n_sem=64, d_sem=64):
@@ -157,7 +148,7 @@ def test_block_update_sequence_and_adaln_chunk_order():
 
 
 def test_final_layer_is_modulated_by_c_not_c0():
-    m = _randomise(build_dit(_cfg(), student=True), 6, names=("final_layer", "r_embedder"))
+    m = randomise(build_dit(_cfg(), student=True), 6, names=("final_layer", "r_embedder"))
     z, t, lq, sem = _inputs()
     r = t * 0.3
     seen = {}
@@ -177,7 +168,7 @@ def test_final_layer_is_modulated_by_c_not_c0():
 
 def test_r_embedding_is_gap_scaled_embedding_of_r_and_student_equals_teacher_on_diagonal():
     cfg = _cfg()
-    teacher = _randomise(build_dit(cfg), 7)
+    teacher = randomise(build_dit(cfg), 7)
     student = distill.student_from_teacher(teacher, cfg)
     assert student.is_student and set(student.state_dict()) - set(teacher.state_dict()) == {
         k for k in student.state_dict() if k.startswith("r_embedder.")}
@@ -279,8 +270,8 @@ def test_weak_strength_is_drawn_once_per_batch_uniformly():
 
 def test_training_loss_is_plain_mse_of_the_model_on_the_mixed_inputs():
     cfg = _cfg()
-    m = _randomise(build_dit(cfg), 8, std=0.5)
-    _randomise(m, 9, names=("t_embedder", "t_block"), std=0.3)  # make the output depend strongly on t
+    m = randomise(build_dit(cfg), 8, std=0.5)
+    randomise(m, 9, names=("t_embedder", "t_block"), std=0.3)  # make the output depend strongly on t
     z, _, lq, sem = _inputs(b=6, h=4, w=4, seed=3)
     hq = z
     loss, st = flow.training_loss(m, hq, lq, sem, cfg.flow, torch.Generator().manual_seed(9))
@@ -311,7 +302,7 @@ def test_timesteps_and_euler_direction():
 def test_multistep_guidance_branches_and_formula():
     cfg = _cfg()
     assert cfg.flow.weak_strength == 0.15 and cfg.flow.steps == 25 and cfg.flow.guidance_scale == 0.5
-    rec = Recorder(_randomise(build_dit(cfg), 9))
+    rec = Recorder(randomise(build_dit(cfg), 9))
     _, _, lq, sem = _inputs(h=4, w=4, seed=4)
     noise = torch.randn(lq.shape, generator=torch.Generator().manual_seed(5))
     s = -0.5
@@ -336,7 +327,7 @@ def test_multistep_guidance_branches_and_formula():
 
 def test_one_step_sampler_is_z1_minus_f_at_t1_r0_without_cfg():
     cfg = _cfg()
-    student = _randomise(distill.student_from_teacher(_randomise(build_dit(cfg), 10), cfg), 11,
+    student = randomise(distill.student_from_teacher(randomise(build_dit(cfg), 10), cfg), 11,
                          names=("r_embedder",), std=0.1)
     rec = Recorder(student)
     _, _, lq, sem = _inputs(h=4, w=4, seed=6)
@@ -371,9 +362,9 @@ def test_distill_defaults():
 
 def _distill_setup(cfg_ratio=0.5):
     cfg = _cfg(flow={"cfg_ratio": cfg_ratio}, model={"depth": 2})
-    teacher = _randomise(build_dit(cfg), 12)
-    student = _randomise(distill.student_from_teacher(teacher, cfg), 13, names=("final_layer",), std=0.05)
-    _randomise(student, 14, names=("r_embedder",), std=0.3)  # r must matter: u (r < t) far from f (r = t)
+    teacher = randomise(build_dit(cfg), 12)
+    student = randomise(distill.student_from_teacher(teacher, cfg), 13, names=("final_layer",), std=0.05)
+    randomise(student, 14, names=("r_embedder",), std=0.3)  # r must matter: u (r < t) far from f (r = t)
     hq, _, lq, sem = _inputs(b=8, h=4, w=4, seed=8)
     return cfg, teacher, student, hq, lq, sem
 
