@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` (main job on the embedded tiny preset) and `make test` (what CI runs).
 # `make test-fast`: the unit and integration tiers only (tests/conftest.py describes the tiers), for the inner loop.
+# Each tier runs in a pytest process of its own (scripts/test-tiers.sh).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -18,13 +19,13 @@ test: setup
 	@bash scripts/setup-test-deps.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/vulture
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	PYTEST_ARGS="$(PYTEST_ARGS)" VENV=$(VENV) bash scripts/test-tiers.sh unit integration e2e
 
 test-fast: setup
 	@bash scripts/setup-test-deps.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/vulture
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests/unit tests/integration
+	PYTEST_ARGS="$(PYTEST_ARGS)" VENV=$(VENV) bash scripts/test-tiers.sh unit integration
 
 demo: setup
 	$(PY) -m demo $(DEMO_ARGS)
