@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import sys
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIERS = ("unit", "integration", "e2e")
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.suite_tiers import TIERS, tier_map  # noqa: E402 - the tiers and file -> tier map suite_tiers uses
 
 
 def count_file(path: Path) -> int:
@@ -28,11 +31,6 @@ def count_file(path: Path) -> int:
                 node.func.attr in ("raises", "warns") and getattr(node.func.value, "id", "") == "pytest":
             n += 1
     return n
-
-
-def tier_of_name(moved: dict[str, str]) -> dict[str, str]:
-    found = {p.name: p.parent.name for t in TIERS for p in (ROOT / "tests" / t).glob("test_*.py")}
-    return {**found, **moved}
 
 
 def count(root: Path, tiers: dict[str, str]) -> dict[str, tuple[str, int]]:
@@ -62,7 +60,7 @@ def main() -> int:
     ap.add_argument("--moved", nargs="*", default=["test_demo_s3.py=e2e"], metavar="FILE=TIER")
     ap.add_argument("--files", action="store_true", help="print every file's count")
     args = ap.parse_args()
-    tiers = tier_of_name(dict(m.split("=", 1) for m in args.moved))
+    tiers = tier_map(dict(m.split("=", 1) for m in args.moved))
     roots = [Path(args.root).resolve()] + ([Path(args.compare).resolve()] if args.compare else [])
     counts = [count(r, tiers) for r in roots]
     order = [*TIERS, "helpers", "?"]
