@@ -61,7 +61,7 @@ def run_pytest(root: Path, python: str, paths: list[str], extra: list[str]) -> t
     return wall, dict(per_test), outcomes, "\n".join(proc.stdout.splitlines()[-15:])
 
 
-REFERENCE_LOOP = ("import time\nt = time.perf_counter()\ns = 0\nfor i in range(5_000_000):\n    s += i\n"
+REFERENCE_CODE = ("import time\nt = time.perf_counter()\ns = 0\nfor i in range(5_000_000):\n    s += i\n"
                   "u = time.perf_counter()\nx = [{'a': i, 'b': str(i)} for i in range(2_000_000)]\n"
                   "print(u - t, time.perf_counter() - u)")
 
@@ -72,7 +72,7 @@ def machine_reference(python: str) -> dict[str, float]:
     pays first)."""
     loop, alloc, imports = [], [], []
     for _ in range(3):
-        out = subprocess.run([python, "-c", REFERENCE_LOOP], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([python, "-c", REFERENCE_CODE], capture_output=True, text=True, check=True).stdout
         loop.append(float(out.split()[0]))
         alloc.append(float(out.split()[1]))
         t0 = time.monotonic()
