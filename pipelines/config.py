@@ -51,7 +51,8 @@ class FilterConfig:
                                 "pipelines/curation/analysis.py) is above this: an enlarged thumbnail teaches a "
                                 "super-resolution model that blur is the high-resolution truth. The estimate is the "
                                 "scale below which the image is interpolation-smooth (structure function of its "
-                                "pixels) or its nearest-neighbour pixel grid. Default from "
+                                "pixels; at most 2 where it has pixel-scale detail such as sensor noise) or its "
+                                "nearest-neighbour pixel grid. Default from "
                                 "benchmarks/bench_sharpness.py on the 44 dev photos: see docs/curation-quality.md "
                                 "for the shares rejected per factor and filter. 0 turns it off.", ge=0)
     min_sharpness: float = option(-100.0, "Optional second upscaling filter, off by default (-100 or lower: off, and "

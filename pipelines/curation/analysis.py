@@ -108,7 +108,14 @@ def grey_entropy(grey: np.ndarray) -> float:
 #    the steps found elsewhere (so blocking is not taken for a grid), or where they hold GRID_JPEG_EDGES of
 #    everything (constant blocks: a grid of 8 or 16 pixels). Steps look like detail to the structure function,
 #    hence this second measurement.
-# native_scale is the larger of the two, at most SCALE_MAX; below SCALE_NATIVE_BELOW it is 1.0 (the spread of sharp
+#  - pixel-scale detail. Some native photos are soft over most of their area (cloud, rain, motion blur, shallow
+#    focus) and their structure function above 2 px is that of a 3x enlargement; but their sensor noise and grain
+#    are independent from pixel to pixel, which an enlargement by 3x or more cannot have (an interpolation is smooth
+#    below its factor, and a JPEG encoder's error is smooth inside each 8 x 8 block). Where the local exponent
+#    between lags 1 and 2 is below SCALE_DETAIL (over pixel pairs inside one block for a JPEG file, so that its
+#    block edges are not taken for detail), the smoothness scale is capped at SCALE_DETAIL_CAP. The cap is below
+#    the default max_upscale: such an image is kept, and ranks as at most a 2x enlargement.
+# native_scale is the larger of the smoothness scale and the grid period, at most SCALE_MAX; below SCALE_NATIVE_BELOW it is 1.0 (the spread of sharp
 # native photos). Constants chosen on benchmarks/bench_sharpness.py (44 dev photos, their downscales and JPEG
 # re-encodes, their 1.5x-16x enlargements with four filters, with and without JPEG re-encoding).
 SCALE_LAGS = (1, 2, 3, 4, 5, 6, 7)
@@ -122,6 +129,8 @@ SCALE_GAIN = 0.91                           # makes the median estimate of 4x bi
 SCALE_NOISE = 2 * 1.45 / 12                 # D(t) of 8-bit rounding: RGB values and the grey conversion rounded
 SCALE_MAX = 64.0
 SCALE_NATIVE_BELOW = 1.25                   # estimates below this are reported as 1.0 (native)
+SCALE_DETAIL = 1.76                         # exponent between lags 1 and 2 below which there is pixel-scale detail
+SCALE_DETAIL_CAP = 2.0                      # the smoothness scale of an image with pixel-scale detail is at most this
 GRID_PROMINENCE = 2.0
 GRID_SHARE = 0.3
 GRID_JPEG_EDGES = 0.9
@@ -147,6 +156,28 @@ def structure_function(grey: np.ndarray, lags, stride: int = 1,
             col_prof = np.abs(a).mean(axis=0)
             row_prof = np.abs(b).mean(axis=0)
     return out, col_prof, row_prof
+
+
+def pixel_detail_exponent(grey: np.ndarray, d12: np.ndarray, stride: int, lines: int, jpeg: bool) -> float:
+    """Local exponent of the structure function between lags 1 and 2 (8-bit rounding noise subtracted): about 2
+    where the image is smooth at the pixel scale, lower where it has pixel-scale detail. `d12`: D(1), D(2) over all
+    pairs (structure_function, same sampling); for a JPEG file (`jpeg`) they are taken again over the pairs inside one
+    8 x 8 block (`grey` starts on the block grid), since the encoder's block edges are steps at the pixel scale."""
+    if jpeg:
+        h, w = grey.shape
+        rows = grey[::max(stride, -(-h // lines))].astype(np.float32)
+        cols = np.ascontiguousarray(grey[:, ::max(stride, -(-w // lines))].T, dtype=np.float32)
+        d12 = np.empty(2)
+        for i, t in enumerate((1, 2)):
+            total = 0.0
+            for m in (rows, cols):
+                a = m[:, t:] - m[:, :-t]
+                start = np.arange(a.shape[1])
+                a = a[:, start // JPEG_BLOCK == (start + t) // JPEG_BLOCK]  # both pixels in one block
+                total += 0.5 * float(np.einsum("ij,ij->", a, a)) / max(1, a.size)
+            d12[i] = total
+    d = np.maximum(np.asarray(d12[:2], dtype=np.float64) - SCALE_NOISE, 1e-9)
+    return float(np.log2(d[1] / d[0]))
 
 
 def smooth_scale(d: np.ndarray, lags, noise: float) -> float | None:
@@ -218,8 +249,11 @@ def native_scale(img: Image.Image, jpeg: bool = False, palette: bool = False, st
             t2 = smooth_scale(d2, SCALE_COARSE_LAGS, 2 / 12)  # the reduced copy is rounded to 8 bits again
             if t2 is not None:
                 t = max(last, SCALE_REDUCE * t2)
+    smooth = SCALE_GAIN * t
+    if smooth > SCALE_DETAIL_CAP and pixel_detail_exponent(grey, d, stride, SCALE_LINES, jpeg) < SCALE_DETAIL:
+        smooth = SCALE_DETAIL_CAP
     grid = float(np.sqrt(grid_period(cols, jpeg) * grid_period(rows, jpeg)))
-    scale = max(SCALE_GAIN * t, grid)
+    scale = max(smooth, grid)
     return 1.0 if scale < SCALE_NATIVE_BELOW else float(min(SCALE_MAX, scale))
 
 

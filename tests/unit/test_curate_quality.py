@@ -12,11 +12,12 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from jobkit.config import config_from_dict
-from pipelines.curation import dedup
+from pipelines.curation import analysis, dedup
 from pipelines.curation.analysis import Rejected, analyse, native_scale, native_sharpness
 from tests.helpers.curation import fetch_urls
 from tests.helpers.http_fixture import encode, http_server
@@ -63,6 +64,36 @@ def test_default_threshold_keeps_originals_and_rejects_upscaled_copies(photos):
     with pytest.raises(Rejected) as e:
         analyse(encode(_upscaled(big, 4, Image.Resampling.BICUBIC)), sharp)
     assert e.value.reason == "low_sharpness"
+
+
+def test_a_soft_photo_with_pixel_scale_detail_is_kept_and_its_enlargements_are_not(photos, monkeypatch):
+    """opencv_basketball1 (motion blur; in the dev set and in assets/photos) is smooth above 2 px like a 3x
+    enlargement; its pixel-scale detail keeps it, while its own 3x enlargements, with or without JPEG, are rejected."""
+    img = _rgb(next(p for p in photos if p.name == "opencv_basketball1.png"))
+    thr = DEFAULT.max_upscale
+    as_jpeg = decode_image(encode(img, "JPEG", quality=90), 10**9)
+    assert native_scale(img) <= thr and native_scale(as_jpeg, jpeg=True) <= thr
+    with monkeypatch.context() as m:  # without the pixel-scale test it scores as an enlargement
+        m.setattr(analysis, "SCALE_DETAIL", 0.0)
+        assert native_scale(img) > thr and native_scale(as_jpeg, jpeg=True) > thr
+    for method in (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS):
+        up = _upscaled(img, 3, method)
+        assert native_scale(up) > thr, method
+        assert native_scale(decode_image(encode(up, "JPEG", quality=75), 10**9), jpeg=True) > thr, method
+
+
+def test_jpeg_block_edges_are_not_taken_for_pixel_scale_detail(photos):
+    """A JPEG re-encode of a 3x enlargement has steps at its 8 x 8 block edges; inside the blocks it stays smooth, so
+    the exponent over in-block pairs is higher than over all pairs, and above SCALE_DETAIL."""
+    for path in photos[::6][:6]:
+        img = _rgb(path)
+        img = img.crop((0, 0, min(img.width, 1024), min(img.height, 1024)))
+        up = _upscaled(img, 3, Image.Resampling.BILINEAR)
+        grey = np.asarray(decode_image(encode(up, "JPEG", quality=75), 10**9).convert("L"))
+        d, _, _ = analysis.structure_function(grey, analysis.SCALE_LAGS, analysis.SCALE_STRIDE, analysis.SCALE_LINES)
+        inside, across = (analysis.pixel_detail_exponent(grey, d, analysis.SCALE_STRIDE, analysis.SCALE_LINES, jpeg)
+                          for jpeg in (True, False))
+        assert across < inside and inside > analysis.SCALE_DETAIL, (path.name, across, inside)
 
 
 def test_paper_recipe_defaults():
