@@ -1,6 +1,6 @@
 """The test suite's time per tier: pytest with --durations=0 on each tier folder (tests/unit, tests/integration,
-tests/e2e; tests/conftest.py describes them), one pytest process per tier, as `make test-fast` (unit +
-integration) and `make test` (all three) run them.
+tests/e2e; tests/conftest.py describes them), one pytest process per tier with the tier's own arguments (the unit
+tier's xdist workers), as `make test-fast` (unit + integration) and `make test` (all three) run them.
 
     .venv/bin/python benchmarks/suite_tiers.py [--tiers unit integration e2e] [--root .] [--top 8] [--json out.json]
         [--pytest-args "-k 'not slowest'"]
@@ -59,6 +59,16 @@ def run_pytest(root: Path, python: str, paths: list[str], extra: list[str]) -> t
             wall = float(m.group(2))
             outcomes = {kind: int(n) for n, kind in OUTCOME.findall(m.group(1))}
     return wall, dict(per_test), outcomes, "\n".join(proc.stdout.splitlines()[-15:])
+
+
+def tier_args(root: Path, tier: str) -> list[str]:
+    """The tier's own pytest arguments as `make test` gives them (scripts/test-tiers.sh --args; e.g. the unit tier's
+    xdist workers); none for a checkout whose script has no such arguments."""
+    script = root / "scripts" / "test-tiers.sh"
+    if not script.is_file() or "--args" not in script.read_text():
+        return []
+    out = subprocess.run(["bash", str(script), "--args", tier], capture_output=True, text=True, check=True).stdout
+    return shlex.split(out)
 
 
 REFERENCE_CODE = ("import time\nt = time.perf_counter()\ns = 0\nfor i in range(5_000_000):\n    s += i\n"
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if (root / "tests" / "unit").is_dir():
         for tier in args.tiers:
             cpu0 = cpu_times()
-            wall, per_test, outcomes, tail = run_pytest(root, args.python, [f"tests/{tier}"], extra)
+            wall, per_test, outcomes, tail = run_pytest(root, args.python, [f"tests/{tier}"],
+                                                        [*tier_args(root, tier), *extra])
             print(tail, flush=True)
             rows[tier] = {"wall_s": wall, "tests": sum(v for k, v in outcomes.items() if k != "deselected"),
                           "outcomes": outcomes, "sum_s": sum(per_test.values()),

@@ -4,16 +4,33 @@
 # Ray to token authentication for good) never reach the next tier, and one tier's failure does not stop the others.
 # Exits non-zero when any tier failed. Extra pytest arguments: PYTEST_ARGS.
 #   bash scripts/test-tiers.sh unit integration e2e
+#   bash scripts/test-tiers.sh --args unit     # print the tier's own pytest arguments (benchmarks/suite_tiers.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${VENV:-.venv}/bin/python"
+
+# The tier's own pytest arguments. The unit tier (no Ray, no servers: one pytest process keeps one of the two cores
+# idle, 46% busy) runs on pytest-xdist workers, one per core up to 4: 149 s -> 82 s on the 2-core machine. The
+# integration and e2e tiers stay in one process: each xdist worker would start a Ray of its own, and Ray's own
+# actors (Ray Train's placement-group cleaner) join "the latest cluster" when a machine runs several, which failed
+# the README chain when e2e ran on two workers.
+tier_args() {
+    case "$1" in
+        unit) echo "-n auto --maxprocesses 4" ;;
+        *) echo "" ;;
+    esac
+}
+if [ "${1:-}" = "--args" ]; then
+    tier_args "${2:?tier}"
+    exit 0
+fi
 status=0
 summary=()
 for tier in "$@"; do
     echo "=== tests/$tier"
     start=$(date +%s)
-    # shellcheck disable=SC2086  # PYTEST_ARGS is split into arguments on purpose
-    "$PY" -m pytest -q ${PYTEST_ARGS:-} "tests/$tier"
+    # shellcheck disable=SC2086,SC2046  # the tier's arguments and PYTEST_ARGS are split into arguments on purpose
+    "$PY" -m pytest -q $(tier_args "$tier") ${PYTEST_ARGS:-} "tests/$tier"
     rc=$?
     summary+=("tests/$tier: exit $rc in $(( $(date +%s) - start )) s")
     [ "$rc" -eq 0 ] || status=1
