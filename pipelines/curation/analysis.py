@@ -137,14 +137,21 @@ GRID_JPEG_EDGES = 0.9
 JPEG_BLOCK = 8
 
 
+def sampled_lines(grey: np.ndarray, stride: int, lines: int) -> tuple[np.ndarray, np.ndarray]:
+    """(every `stride`-th row, every `stride`-th column as a row), as float32; at most `lines` of each when given
+    (the stride grows for large images)."""
+    h, w = grey.shape
+    rows = grey[::max(stride, -(-h // lines) if lines else 1)].astype(np.float32)
+    cols = np.ascontiguousarray(grey[:, ::max(stride, -(-w // lines) if lines else 1)].T, dtype=np.float32)
+    return rows, cols
+
+
 def structure_function(grey: np.ndarray, lags, stride: int = 1,
                        lines: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(D(t) for each lag, mean |horizontal difference| per column, mean |vertical difference| per row), over every
     `stride`-th row (for horizontal pairs) and column (for vertical pairs), and at most `lines` rows and columns when
     given (the stride grows for large images); the profiles come from the first lag."""
-    h, w = grey.shape
-    rows = grey[::max(stride, -(-h // lines) if lines else 1)].astype(np.float32)
-    cols = np.ascontiguousarray(grey[:, ::max(stride, -(-w // lines) if lines else 1)].T, dtype=np.float32)
+    rows, cols = sampled_lines(grey, stride, lines)
     out = np.empty(len(lags))
     col_prof = row_prof = np.zeros(0)
     for i, t in enumerate(lags):
@@ -164,9 +171,7 @@ def pixel_detail_exponent(grey: np.ndarray, d12: np.ndarray, stride: int, lines:
     pairs (structure_function, same sampling); for a JPEG file (`jpeg`) they are taken again over the pairs inside one
     8 x 8 block (`grey` starts on the block grid), since the encoder's block edges are steps at the pixel scale."""
     if jpeg:
-        h, w = grey.shape
-        rows = grey[::max(stride, -(-h // lines))].astype(np.float32)
-        cols = np.ascontiguousarray(grey[:, ::max(stride, -(-w // lines))].T, dtype=np.float32)
+        rows, cols = sampled_lines(grey, stride, lines)
         d12 = np.empty(2)
         for i, t in enumerate((1, 2)):
             total = 0.0
