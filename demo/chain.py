@@ -165,7 +165,7 @@ def start_local_ray(num_cpus: int, object_store_mb: int) -> str:
     from jobkit.ray_env import start_local_ray as start
 
     # address="local": always a new Ray of our own, never another Ray that happens to run on this machine. Its
-    # jobs (started after this, with this environment) give their workers the quiet hook (jobkit/ray_env.py).
+    # training jobs (started after this, with this environment) give their workers the quiet hook (jobkit/ray_env.py).
     start(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20,
           log_to_driver=False)
     return ray.get_runtime_context().gcs_address
@@ -281,7 +281,7 @@ def job_environment(args) -> tuple[dict[str, str], str]:
     t0 = time.time()
     ray_address = start_local_ray(args.num_cpus, args.object_store_mb)
     env["RAY_ADDRESS"] = ray_address
-    env[DASHBOARDLESS_ENV] = "1"  # the jobs joining this dashboard-less Ray quiet their workers (ray_env.py)
+    env[DASHBOARDLESS_ENV] = "1"  # the training jobs joining this dashboard-less Ray quiet their workers (ray_env.py)
     # A new local Ray enables token authentication in this process's environment; the jobs need the same mode to
     # join it (the token itself is read from the default token file).
     for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):

@@ -17,8 +17,8 @@ The tiers are folders; each test gets the marker of its folder here (pytest -m u
 Ray: one capped local Ray for the whole session (`ray_local`), started when a test first asks for it; each test
 module joins it as a Ray job of its own (SharedRay). A test that needs a Ray of its own (a multi-node cluster, Ray's
 own start-up) is marked `own_ray`: the shared one is shut down before it (a later test gets a new one), and it runs
-after the other tests of its tier.
-Never `ray stop`.
+after the other tests of its tier. A module whose tests run Ray Train fits on the shared Ray is marked `ray_train`
+(it joins with a training job's runtime_env). Never `ray stop`.
 """
 
 from __future__ import annotations
@@ -108,10 +108,12 @@ class SharedRay:
     """The session's local Ray: one head node (2 CPUs, a capped object store, no dashboard) started once, which each
     test module joins as a Ray job of its own (`ray.init(address=...)`, a few seconds instead of a new Ray). A job's
     worker processes end with it, so what a module's tasks leave in their processes (MLflow's URIs and experiment,
-    environment variables, imported state) never reaches the next module's tasks, as with a Ray per module. The jobs
-    run with the quiet hook of jobkit.ray_env (as every dashboard-less local Ray of the project), workers that import
-    this checkout and the moto server's test credentials (tests/helpers/s3_fixture.py: any moto server accepts them,
-    so the workers reach whichever one a test starts, also one started after the head)."""
+    environment variables, imported state) never reaches the next module's tasks, as with a Ray per module. Every
+    worker gets this checkout on its PYTHONPATH and the moto server's test credentials (tests/helpers/s3_fixture.py:
+    any moto server accepts them, so the workers reach whichever one a test starts, also one started after the
+    head) from the head's own environment; a module marked `ray_train` (its tests run Ray Train fits) joins with the
+    quiet hook of a training job (jobkit.ray_env.local_runtime_env), any other with no runtime_env, as the
+    project's jobs do on a local Ray (a runtime_env costs every worker start an extra Ray import)."""
 
     def __init__(self) -> None:
         self.cluster = None
@@ -125,7 +127,7 @@ class SharedRay:
         return (self.cluster is not None and ray.is_initialized()
                 and ray.get_runtime_context().gcs_address == self.cluster.address)
 
-    def ensure(self, module: Path | None = None):
+    def ensure(self, module: Path | None = None, ray_train: bool = False):
         """The shared Ray, connected as `module`'s job: the head is started when there is none (or it died), and
         the driver joins it again when it is not connected (a test shut it down, or started a Ray of its own) or
         connected as another module's job."""
@@ -138,15 +140,15 @@ class SharedRay:
             if ray.is_initialized():
                 ray.shutdown()
             self.cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 2, "object_store_memory": 300 * 2**20, "include_dashboard": False})
+                "num_cpus": 2, "object_store_memory": 300 * 2**20, "include_dashboard": False,
+                "env_vars": {"PYTHONPATH": str(ROOT), **S3_TEST_ENV}})
             self.module = None
             self.starts += 1
         if self.connected() and (module is None or module == self.module):
             return ray
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(address=self.cluster.address,
-                 runtime_env=local_runtime_env({"PYTHONPATH": str(ROOT), **S3_TEST_ENV}))
+        ray.init(address=self.cluster.address, runtime_env=local_runtime_env(ray_train))
         self.module = module
         self.jobs += 1
         return ray
@@ -184,7 +186,7 @@ def pytest_runtest_setup(item):
         # gates so). So the shared head ends before such a test; a later test that asks for it gets a new one.
         SHARED_RAY.stop()
     elif "ray_local" in item.fixturenames:
-        SHARED_RAY.ensure(Path(item.path))
+        SHARED_RAY.ensure(Path(item.path), ray_train=item.get_closest_marker("ray_train") is not None)
 
 
 @pytest.hookimpl(hookwrapper=True)

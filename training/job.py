@@ -69,7 +69,7 @@ def finished_summary(paths: RunPaths) -> dict[str, Any] | None:
 def connect(cfg: Any) -> None:
     from jobkit.ray_env import init_ray
 
-    init_ray(cfg)
+    init_ray(cfg, ray_train=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # keeps job logs readable

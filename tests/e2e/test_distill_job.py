@@ -16,6 +16,7 @@ import torch
 from tests.e2e.test_train_job import pick_photos
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray_train  # Ray Train fits on the shared Ray (tests/conftest.py)
 TEACHER_STEPS = 150
 
 

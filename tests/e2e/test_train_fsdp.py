@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray_train  # Ray Train fits on the shared Ray (tests/conftest.py)
 
 
 def test_fsdp_checkpoints_sharded_and_resumes_the_optimizer(ray_local, photos, tmp_path):

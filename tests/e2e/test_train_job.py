@@ -22,6 +22,7 @@ import pytest
 from tests.helpers.mlflow_server import MLFLOW_SERVER_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray_train  # Ray Train fits on the shared Ray (tests/conftest.py)
 for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)  # the moto server accepts any key; workers inherit this environment

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray_train  # Ray Train fits on the shared Ray (tests/conftest.py)
 FRACTION = 0.25  # data.holdout_fraction
 
 
