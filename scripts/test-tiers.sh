@@ -9,14 +9,20 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${VENV:-.venv}/bin/python"
 
-# The tier's own pytest arguments. The unit tier (no Ray, no servers: one pytest process keeps one of the two cores
-# idle, 46% busy) runs on pytest-xdist workers, one per core up to 4: 149 s -> 82 s on the 2-core machine. The
-# integration and e2e tiers stay in one process: each xdist worker would start a Ray of its own, and Ray's own
-# actors (Ray Train's placement-group cleaner) join "the latest cluster" when a machine runs several, which failed
-# the README chain when e2e ran on two workers.
+# The tier's own pytest arguments, measured on the 2-core machine:
+# - unit (no Ray, no servers: one pytest process keeps one of the two cores idle, 46% busy): pytest-xdist workers,
+#   one per core up to 4: 149 s -> 82 s.
+# - e2e (whole jobs: 68% busy in one process, waiting on process starts, fault detection and servers): two xdist
+#   workers, each test file whole on one worker (--dist loadfile: module fixtures) in file order, so the README
+#   chain, the longest, starts first: 784 s -> 590 s. Each worker's Rays keep to its own RAY_TMPDIR
+#   (tests/conftest.py), so Ray's "latest cluster" lookups stay within the worker's clusters.
+# - integration stays in one process: on two workers (255 s -> 195 s) the politeness test, which times requests
+#   as the loopback server receives them, saw 10 starts in one second against a limit of 9 under the other
+#   worker's load.
 tier_args() {
     case "$1" in
         unit) echo "-n auto --maxprocesses 4" ;;
+        e2e) echo "-n auto --maxprocesses 2 --dist loadfile --no-loadscope-reorder" ;;
         *) echo "" ;;
     esac
 }

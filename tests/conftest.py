@@ -12,7 +12,9 @@ The tiers are folders; each test gets the marker of its folder here (pytest -m u
                        model replica or redeployed under load, the README's cluster section run as written, a
                        two-node Ray cluster
 
-`make test-fast` runs unit + integration, `make test` (CI) all three. A test file outside these folders is an error.
+`make test-fast` runs unit + integration, `make test` (CI) all three, each tier in a pytest process of its own with
+the arguments scripts/test-tiers.sh gives it (unit and e2e on pytest-xdist workers, each with its own Rays). A test
+file outside these folders is an error.
 
 Ray: one capped local Ray for the whole session (`ray_local`), started when a test first asks for it; each test
 module joins it as a Ray job of its own (SharedRay). A test that needs a Ray of its own (a multi-node cluster, Ray's
@@ -24,7 +26,9 @@ after the other tests of its tier. A module whose tests run Ray Train fits on th
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s by default: the tests' tiny fits (a few steps each) notice a
 # finished or failed worker group sooner at 0.5 s. Set before any Ray starts, so every Ray of the session has it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Each pytest process (each xdist worker too) keeps its Rays to a temporary folder of its own. A Ray process that
+# looks for "its" cluster without an address (Ray Train's placement-group cleaner asks the State API so) reads the
+# "latest cluster" file in Ray's default folder, $RAY_TMPDIR/ray/ray_current_cluster, which a cluster started by
+# ray.cluster_utils or `ray start` writes: with one shared /tmp/ray, two processes' Rays answer for each other.
+# Short (Ray's socket paths must stay under 107 bytes); removed at the end of a session that passed.
+RAY_TMPDIR = tempfile.mkdtemp(prefix="vosr-t-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = RAY_TMPDIR
 
 from tests.helpers.s3_fixture import TEST_ENV as S3_TEST_ENV  # noqa: E402 - needs ROOT on sys.path
 
@@ -71,6 +82,13 @@ def pytest_collection_modifyitems(session, config, items):
     # stable: file and test order kept in a tier, except that the tests with a Ray of their own come last in theirs,
     # so that the shared Ray is started once per tier
     items.sort(key=lambda item: (TIERS.index(tier_of(item.path)), item.get_closest_marker("own_ray") is not None))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's Ray folder goes when every test passed (Ray's logs stay for a failure)."""
+    if exitstatus == 0:
+        SHARED_RAY.stop()
+        shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
 
 
 def pytest_collection_finish(session):

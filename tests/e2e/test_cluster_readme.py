@@ -249,8 +249,12 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
         im.convert("RGB").crop((0, 0, 128, 128)).resize((32, 32), Image.Resampling.BICUBIC).save(request)
 
     ports = {"gcs": free_port(), "dashboard": free_port(), "serve": free_port()}
-    # Ray's socket paths under --temp-dir must stay under 107 bytes: pytest's tmp_path is too deep
-    temp_dir = Path(tempfile.mkdtemp(prefix="vosr-ray-", dir="/tmp"))
+    # Ray's socket paths under --temp-dir must stay under 107 bytes: pytest's tmp_path is too deep. The head's
+    # folder is Ray's default one of the shell (RAY_TMPDIR/ray): the "latest cluster" file `ray start` writes there
+    # is where the cluster's processes that look for it without an address (Ray Train's placement-group cleaner)
+    # read it, so they find this cluster and not another Ray running on the machine.
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="vosr-ray-", dir="/tmp"))
+    temp_dir = ray_tmpdir / "ray"
     worker_temp_dir = Path(tempfile.mkdtemp(prefix="vosr-ray-w-", dir="/tmp"))
     home = tmp_path / "home"
     home.mkdir()
@@ -282,7 +286,7 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
 
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "VIRTUAL_ENV", "PYTHONPATH", "VOSR_"))}
-            env.update({"HOME": str(home), "AWS_ENDPOINT_URL": s3.endpoint_url,
+            env.update({"HOME": str(home), "RAY_TMPDIR": str(ray_tmpdir), "AWS_ENDPOINT_URL": s3.endpoint_url,
                         "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url, "RAY_USAGE_STATS_ENABLED": "0",
                         "MPLCONFIGDIR": str(tmp_path / "mpl")})
             # s3_server() put the moto credentials in os.environ: the shell exports them before `ray start`
@@ -404,7 +408,7 @@ def test_readme_cluster_section_runs_verbatim(tmp_path):
             shell.stop()
         _stop_group(mlflow_proc)
         if ended:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            shutil.rmtree(ray_tmpdir, ignore_errors=True)
             shutil.rmtree(worker_temp_dir, ignore_errors=True)
         else:
             print(f"Ray's logs are kept in {temp_dir} and {worker_temp_dir}")
