@@ -15,8 +15,13 @@ from vosr.config import option
 class ServeConfig:
     host: str = option("127.0.0.1", "HTTP host of Ray Serve (loopback by default).")
     port: int = option(8000, "HTTP port of Ray Serve.", ge=1, le=65535)
-    max_batch_size: int = option(8, "@serve.batch max batch size (1 = no batching).", ge=1)
-    batch_wait_timeout_s: float = option(0.05, "@serve.batch wait timeout.", ge=0)
+    max_batch_size: int = option(8, "Most requests one model replica runs together (inference/serve/batching.py; "
+                                 "1 = no batching). Batching pays where one image leaves the device idle (a GPU); "
+                                 "on a CPU the model is compute-bound and a batch costs the same CPU per image "
+                                 "or more (benchmarks/bench_serve.py).", ge=1)
+    batch_wait_timeout_s: float = option(0.05, "Seconds a request that finds the model idle waits for others to "
+                                         "join its batch; requests that queued while a batch ran never wait.",
+                                         ge=0)
     min_replicas: int = option(1, "Autoscaling minimum model replicas (2 or more: a request held by a replica that dies is "
                               "served by another at once instead of waiting for a replacement).", ge=0)
     max_replicas: int = option(1, "Autoscaling maximum model replicas.", ge=1)
