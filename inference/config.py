@@ -17,8 +17,8 @@ class ServeConfig:
     port: int = option(8000, "HTTP port of Ray Serve.", ge=1, le=65535)
     max_batch_size: int = option(8, "Most requests one model replica runs together (inference/serve/batching.py; "
                                  "1 = no batching). Batching pays where one image leaves the device idle (a GPU); "
-                                 "on a CPU the model is compute-bound and a batch costs the same CPU per image "
-                                 "or more (benchmarks/bench_serve.py).", ge=1)
+                                 "on a CPU only for small images, whose fixed per-call cost it shares (tiny model "
+                                 "alone, batch 8 vs 1: 1.44x at 32 px, 0.96x at 64 px; benchmarks/bench_serve.py).", ge=1)
     batch_wait_timeout_s: float = option(0.05, "Seconds a request that finds the model idle waits for others to "
                                          "join its batch; requests that queued while a batch ran never wait.",
                                          ge=0)
